@@ -1,0 +1,1 @@
+"""ONNX reference backend (onnxruntime). Planned in the ONNX backend issue."""

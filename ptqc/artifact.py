@@ -1,0 +1,180 @@
+"""Compiled artifacts: a directory a user can evaluate, inspect, diff and export.
+
+    OUT/config.json, tokenizer files, ...   copied from the input model (never modified)
+    OUT/model.safetensors                   every tensor the graph reads, under its HF name
+                                            (quantized: int8 codes + .weight_scale/.weight_zero_point);
+                                            sharded with an index above --shard-size
+    OUT/graph.json                          the ptqc graph (see ptqc.ir.graph_to_json)
+    OUT/ptqc.json                           the manifest: versions, source, passes and options,
+                                            per-module quantization parameters, timing
+    OUT/dumps/                              graph dumps requested with --dump-after
+
+Writes go to a temporary sibling directory that is renamed into place at the end, so a failed
+compile never leaves a half-written OUT.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ptqc.errors import PtqcError
+from ptqc.ir import QModel, graph_from_json, graph_to_json
+from ptqc.model import WeightStore, other_files, parse_dtype, weight_files
+
+MANIFEST = "ptqc.json"
+GRAPH = "graph.json"
+FORMAT_VERSION = 1
+
+
+def is_artifact(path) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+def check_output(out, force: bool) -> None:
+    """Refuse an existing output directory unless --force (before any work is done)."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise PtqcError(f"output directory {out} already exists; pass --force to overwrite it or choose another -o")
+    if out.exists() and not out.is_dir():
+        raise PtqcError(f"output path {out} exists and is not a directory")
+
+
+class AtomicDir:
+    """Context manager giving a temp dir that replaces ``out`` on success and vanishes on failure."""
+
+    def __init__(self, out, force: bool = False):
+        self.out = Path(out)
+        self.force = force
+
+    def __enter__(self) -> Path:
+        check_output(self.out, self.force)
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return False
+        old = None
+        if self.out.exists():
+            old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
+            self.out.rename(old)
+        self.tmp.rename(self.out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return False
+
+
+def _save_weights(qm: QModel, tmp: Path, shard_bytes: int) -> dict:
+    from safetensors.torch import save_file
+
+    names = sorted(set(qm.weight_names()))
+    shards: list[list[str]] = [[]]
+    size = 0
+    for n in names:
+        shape, dtype = qm.store.spec(n)
+        nbytes = torch.Size(shape).numel() * dtype.itemsize
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(n)
+        size += nbytes
+    files = []
+    weight_map = {}
+    total = 0
+    for i, group in enumerate(shards):
+        fname = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        tensors = {n: qm.store[n].contiguous() for n in group}
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+        save_file(tensors, str(tmp / fname), metadata={"format": "pt", "producer": "ptqc"})
+        qm.store.release(group)
+        del tensors
+        files.append(fname)
+        weight_map.update({n: fname for n in group})
+    if len(shards) > 1:
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    return {"files": files, "tensors": len(names), "bytes": total}
+
+
+def save(qm: QModel, out, *, force: bool = False, extra: dict | None = None, dumps: dict | None = None,
+         shard_bytes: int = 2 << 30) -> Path:
+    """Write ``qm`` as an artifact directory (atomically)."""
+    from ptqc import __version__
+
+    src = Path(qm.source) if qm.source else None
+    with AtomicDir(out, force) as tmp:
+        if src is not None and src.is_dir():
+            shutil.copy2(src / "config.json", tmp / "config.json")
+            for f in other_files(src):
+                if f.name not in (MANIFEST, GRAPH):
+                    shutil.copy2(f, tmp / f.name)
+        else:
+            qm.config.to_json_file(str(tmp / "config.json"))
+        weights = _save_weights(qm, tmp, shard_bytes)
+        (tmp / GRAPH).write_text(json.dumps(graph_to_json(qm.graph)))
+        manifest = {
+            "ptqc_version": __version__,
+            "format_version": FORMAT_VERSION,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "source": {"path": qm.source, "model_type": getattr(qm.config, "model_type", None),
+                       "architectures": getattr(qm.config, "architectures", None)},
+            "dtype": str(qm.dtype).removeprefix("torch."),
+            "properties": sorted(qm.properties),
+            "passes": qm.history,
+            "quant": qm.quant,
+            "weights": weights,
+            "torch_version": torch.__version__,
+            **(extra or {}),
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
+        if dumps:
+            (tmp / "dumps").mkdir()
+            for name, text in dumps.items():
+                (tmp / "dumps" / name).write_text(text)
+    return Path(out)
+
+
+def read_manifest(path) -> dict:
+    p = Path(path) / MANIFEST
+    try:
+        return json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise PtqcError(f"cannot read artifact manifest {p}: {e}") from None
+
+
+def load(path, trust_remote_code: bool = False) -> QModel:
+    """Load an artifact back into a QModel (weights read lazily)."""
+    from ptqc.model import load_config
+
+    path = Path(path)
+    manifest = read_manifest(path)
+    if manifest.get("format_version", 0) > FORMAT_VERSION:
+        raise PtqcError(f"{path} was written by a newer ptqc (format {manifest['format_version']}); upgrade ptqc")
+    config = load_config(path, trust_remote_code)
+    try:
+        graph = graph_from_json(json.loads((path / GRAPH).read_text()))
+    except (OSError, json.JSONDecodeError) as e:
+        raise PtqcError(f"cannot read {path / GRAPH}: {e}") from None
+    dtype = parse_dtype(manifest["dtype"])
+    store = WeightStore(weight_files(path), dtype=dtype)
+    store.cast = False  # artifact tensors are stored exactly as compiled
+    return QModel(graph=graph, store=store, config=config, dtype=dtype, source=str(path.resolve()),
+                  properties=set(manifest.get("properties", [])), history=list(manifest.get("passes", [])),
+                  quant=dict(manifest.get("quant", {})))
+
+
+def load_any(path, dtype: str = "float32", trust_remote_code: bool = False) -> QModel:
+    """An artifact directory (has ptqc.json) or a Hugging Face model directory."""
+    from ptqc import frontend
+
+    if is_artifact(path):
+        return load(path, trust_remote_code)
+    return frontend.load(path, dtype, trust_remote_code)

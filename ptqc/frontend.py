@@ -1,0 +1,356 @@
+"""Frontend: Hugging Face model directory -> canonical ptqc graph.
+
+1. build the transformers model on the meta device (buffers real) and ``torch.export`` it
+   (non-strict, ``use_cache=False``, dynamic batch and sequence);
+2. turn weight placeholders into ``get_attr`` nodes named by their Hugging Face names;
+3. canonicalize with a table of small rewrite rules (:data:`RULES`): aten.linear -> ptqc.linear,
+   pow/mean/rsqrt/mul -> ptqc.rms_norm, repeat_kv + SDPA -> ptqc.attention, no-op casts dropped;
+4. annotate every node with its module path, decoder layer and role (:data:`ROLE_TABLE`).
+
+No code here names an architecture: anything with the common decoder-only layout works.
+"""
+from __future__ import annotations
+
+import re
+import warnings
+from pathlib import Path
+
+import torch
+import torch.fx as fx
+
+from ptqc import ops
+from ptqc.errors import PtqcError
+from ptqc.ir import QModel, info, is_op, propagate
+from ptqc.model import WeightStore, build_meta_model, load_config, parse_dtype, weight_files
+
+aten = torch.ops.aten
+
+# Module leaf name -> role. The only architecture knowledge in ptqc; extend it for new layouts.
+ROLE_TABLE = {
+    "q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o",
+    "wq": "q", "wk": "k", "wv": "v", "wo": "o",
+    "gate_proj": "gate", "up_proj": "up", "down_proj": "down",
+    "w1": "gate", "w3": "up", "w2": "down",
+    "lm_head": "lm_head", "embed_tokens": "embed", "tok_embeddings": "embed",
+    "input_layernorm": "input_norm", "attention_norm": "input_norm",
+    "post_attention_layernorm": "post_attention_norm", "ffn_norm": "post_attention_norm",
+    "self_attn": "attention", "attention": "attention",
+}
+FINAL_NORM_NAMES = ("norm", "final_layernorm", "ln_f")
+_LAYER_RE = re.compile(r"\.(\d+)(?:\.|$)")
+
+
+# ---- export ----------------------------------------------------------------------------------
+def export(model, seq_max: int):
+    ids = torch.zeros((2, 16), dtype=torch.long, device="meta")
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    seq = torch.export.Dim("seq", min=2, max=max(seq_max, 17))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # pytree deprecations inside torch.export
+            ep = torch.export.export(model, (ids,), kwargs={"use_cache": False},
+                                     dynamic_shapes={"input_ids": {0: batch, 1: seq}, "use_cache": None},
+                                     strict=False)
+            ep = ep.run_decompositions({})  # inline higher-order ops, keep linear/sdpa
+    except Exception as e:  # noqa: BLE001
+        raise PtqcError(f"torch.export could not trace {type(model).__name__}: {str(e).splitlines()[0]}") from None
+    return ep
+
+
+def to_ptqc_graph(ep) -> fx.Graph:
+    """Copy the exported graph, turning parameter/buffer/constant inputs into get_attr nodes."""
+    sig = ep.graph_signature
+    weights = {**sig.inputs_to_parameters, **sig.inputs_to_buffers,
+               **getattr(sig, "inputs_to_lifted_tensor_constants", {})}
+    g = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    user_inputs = [s.arg.name for s in sig.input_specs if s.kind.name == "USER_INPUT"]
+    for n in ep.graph.nodes:
+        if n.op == "placeholder":
+            if n.name in weights:
+                env[n] = g.get_attr(weights[n.name])
+            elif n.name == user_inputs[0]:
+                env[n] = g.placeholder("input_ids")
+            else:
+                continue  # use_cache and other non-tensor flags
+            env[n].meta.update(n.meta)
+        elif n.op == "output":
+            g.output(env[n.args[0][0]])  # logits
+        else:
+            env[n] = g.node_copy(n, lambda a: env[a])
+    g.eliminate_dead_code()
+    return g
+
+
+# ---- canonicalization rules ------------------------------------------------------------------
+def _replace(node: fx.Node, target, args, kwargs=None) -> fx.Node:
+    with node.graph.inserting_before(node):
+        new = node.graph.call_function(target, args, kwargs or {})
+    new.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")})
+    node.replace_all_uses_with(new)
+    node.graph.erase_node(node)
+    return new
+
+
+def _dtype(n) -> torch.dtype | None:
+    v = n.meta.get("val") if isinstance(n, fx.Node) else None
+    return getattr(v, "dtype", None)
+
+
+def _strip_casts(n):
+    while isinstance(n, fx.Node) and n.op == "call_function" and n.target in (aten._to_copy.default, aten.to.dtype):
+        n = n.args[0]
+    return n
+
+
+def rule_drop_noops(node: fx.Node) -> bool:
+    """Drop metadata asserts, aliases and casts to the dtype the value already has."""
+    if node.target in (aten._assert_tensor_metadata.default,):
+        node.graph.erase_node(node)
+        return True
+    if node.target in (aten.alias.default, aten.lift_fresh_copy.default):
+        node.replace_all_uses_with(node.args[0])
+        node.graph.erase_node(node)
+        return True
+    if node.target == aten._to_copy.default and set(node.kwargs) <= {"dtype", "layout", "device"}:
+        src = node.args[0]
+        if _dtype(src) is not None and _dtype(src) == _dtype(node) and "device" not in node.kwargs:
+            node.replace_all_uses_with(src)
+            node.graph.erase_node(node)
+            return True
+    return False
+
+
+def rule_linear(node: fx.Node) -> bool:
+    if node.target != aten.linear.default:
+        return False
+    x, w, *b = node.args
+    _replace(node, ops.LINEAR, (x, w, b[0] if b else None))
+    return True
+
+
+def rule_rms_norm(node: fx.Node) -> bool:
+    """w * cast(x * rsqrt(mean(x^2, -1) + eps))  ->  ptqc.rms_norm(x, w, eps)
+    and Gemma's cast(x * rsqrt(...) * (1 + w)) -> ptqc.rms_norm(x, w, eps, offset=1)."""
+    def normalized(y):
+        """If y is x * rsqrt(mean(x**2, -1, keepdim) + eps), return (x, eps)."""
+        y = _strip_casts(y)
+        if not is_op(y, aten.mul.Tensor):
+            return None
+        for a, r in (y.args, y.args[::-1]):
+            if not (isinstance(r, fx.Node) and is_op(r, aten.rsqrt.default)):
+                continue
+            add = r.args[0]
+            if not (is_op(add, aten.add.Tensor) and isinstance(add.args[1], float)):
+                continue
+            mean = add.args[0]
+            if not (is_op(mean, aten.mean.dim) and list(mean.args[1]) in ([-1],) and mean.args[2:3] == (True,)):
+                continue
+            pw = mean.args[0]
+            if not (is_op(pw, aten.pow.Tensor_Scalar) and pw.args[1] == 2):
+                continue
+            if _strip_casts(pw.args[0]) is _strip_casts(a):
+                return _strip_casts(a), add.args[1]
+        return None
+
+    if node.target == aten.mul.Tensor:  # Llama form: weight * normalized
+        for w, y in (node.args, node.args[::-1]):
+            if isinstance(w, fx.Node) and w.op == "get_attr":
+                hit = normalized(y)
+                if hit:
+                    _replace(node, ops.RMS_NORM, (hit[0], w, hit[1]))
+                    return True
+    if node.target in (aten._to_copy.default,) or node.target == aten.mul.Tensor:  # Gemma form
+        m = node.args[0] if node.target == aten._to_copy.default else node
+        if is_op(m, aten.mul.Tensor):
+            for y, s in (m.args, m.args[::-1]):
+                s = _strip_casts(s)
+                if is_op(s, aten.add.Tensor) and isinstance(s.args[1], (int, float)):
+                    w = _strip_casts(s.args[0])
+                    hit = normalized(y) if isinstance(w, fx.Node) and w.op == "get_attr" else None
+                    if hit:
+                        _replace(node, ops.RMS_NORM, (hit[0], w, hit[1], float(s.args[1])))
+                        return True
+    return False
+
+
+_REPEAT_OPS = (aten.expand.default, aten.unsqueeze.default, aten.reshape.default, aten.view.default,
+               aten.clone.default, aten._unsafe_view.default)
+
+
+def _strip_repeat_kv(k: fx.Node) -> fx.Node:
+    """k = reshape(expand(k0[:, :, None], [B, Hkv, n_rep, S, D]), [B, H, S, D]) -> k0."""
+    cur, seen_expand = k, False
+    while isinstance(cur, fx.Node) and cur.op == "call_function" and cur.target in _REPEAT_OPS:
+        seen_expand |= cur.target == aten.expand.default
+        cur = cur.args[0]
+    v0, v = (cur.meta.get("val") if isinstance(cur, fx.Node) else None), k.meta.get("val")
+    if seen_expand and v0 is not None and v is not None and v0.dim() == 4 and v.dim() == 4:
+        return cur
+    return k
+
+
+def rule_attention(node: fx.Node) -> bool:
+    """SDPA (with the model's causal mask, GQA repeat_kv) -> ptqc.attention(q, k, v, scale)."""
+    if node.target != aten.scaled_dot_product_attention.default:
+        return False
+    q, k, v, *rest = node.args
+    kw = dict(node.kwargs)
+    names = ("attn_mask", "dropout_p", "is_causal")
+    kw.update({n: a for n, a in zip(names, rest)})
+    if kw.get("dropout_p", 0.0):
+        raise PtqcError("attention dropout is on in the traced model; ptqc traces models in eval mode only")
+    head_dim = q.meta["val"].shape[-1]
+    scale = kw.get("scale") or 1.0 / float(head_dim) ** 0.5
+    new = _replace(node, ops.ATTENTION, (q, _strip_repeat_kv(k), _strip_repeat_kv(v), float(scale)),
+                   {"causal": True, "window": -1})
+    new.meta["sdpa"] = {"had_mask": kw.get("attn_mask") is not None or bool(kw.get("is_causal"))}
+    return True
+
+
+# The canonicalization table: each rule looks at one node and rewrites it in place.
+RULES = (rule_drop_noops, rule_linear, rule_rms_norm, rule_attention)
+
+
+def canonicalize(g: fx.Graph) -> None:
+    for rule in RULES:
+        for node in list(g.nodes):
+            if node.op == "call_function" and node.graph is g and node in g.nodes:
+                rule(node)
+        g.eliminate_dead_code()
+    g.lint()
+
+
+# ---- annotation ------------------------------------------------------------------------------
+def _module_path(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    return path.removeprefix("L['self'].").removeprefix("L__self__.")
+
+
+def _role_of(path: str) -> str | None:
+    leaf = path.rsplit(".", 1)[-1]
+    if leaf in ROLE_TABLE:
+        return ROLE_TABLE[leaf]
+    if leaf in FINAL_NORM_NAMES and not _LAYER_RE.search(path):
+        return "final_norm"
+    return None
+
+
+def untie(g: fx.Graph, tied: dict[str, set[str]]) -> None:
+    """Give each user of a tied weight (embedding and lm_head) a get_attr with its own name,
+    so quantizing lm_head never touches the embedding; the store aliases the names."""
+    for n in list(g.nodes):
+        if n.op != "call_function":
+            continue
+        idx = 0 if n.target == aten.embedding.default else 1
+        if n.target not in (aten.embedding.default, ops.LINEAR, ops.RMS_NORM):
+            continue
+        w = n.args[idx]
+        own = f"{_module_path(n)}.weight"
+        if isinstance(w, fx.Node) and w.op == "get_attr" and w.target != own and own in tied.get(w.target, ()):
+            with g.inserting_before(n):
+                mine = g.get_attr(own)
+            args = list(n.args)
+            args[idx] = mine
+            n.args = tuple(args)
+    g.eliminate_dead_code()
+
+
+def annotate(g: fx.Graph, config) -> None:
+    layer_types = getattr(config, "layer_types", None)
+    window = getattr(config, "sliding_window", None)
+    for n in g.nodes:
+        if n.op != "call_function":
+            continue
+        path = _module_path(n)
+        # Weighted ops are named by their weight (robust even without module stacks).
+        if n.target in (ops.LINEAR, ops.RMS_NORM) or n.target == aten.embedding.default:
+            w = n.args[1] if n.target != aten.embedding.default else n.args[0]
+            if isinstance(w, fx.Node) and w.op == "get_attr":
+                path = w.target.rsplit(".", 1)[0]
+        m = _LAYER_RE.search(path)
+        meta = info(n)
+        meta["module"] = path
+        meta["layer"] = int(m.group(1)) if m else None
+        role = _role_of(path) if n.target in (ops.LINEAR, ops.RMS_NORM, aten.embedding.default) else None
+        if n.target == ops.ATTENTION:
+            role = "attention"
+            i = meta["layer"]
+            if layer_types is not None and i is not None and i < len(layer_types):
+                sliding = layer_types[i] == "sliding_attention"
+            else:
+                sliding = bool(window) and getattr(config, "use_sliding_window", True)
+            if sliding and window:
+                n.kwargs = {**n.kwargs, "window": int(window)}
+        elif n.target == ops.LINEAR and role is None and path.endswith("lm_head"):
+            role = "lm_head"
+        meta["role"] = role
+    for n in g.nodes:
+        n.meta.pop("val", None)
+        n.meta.pop("tensor_meta", None)
+        n.meta.pop("nn_module_stack", None)
+        n.meta.pop("stack_trace", None)
+        n.meta.pop("source_fn_stack", None)
+        n.meta.pop("original_aten", None)
+        n.meta.pop("from_node", None)
+        n.meta.pop("seq_nr", None)
+        n.meta.pop("torch_fn", None)
+        n.meta.pop("sdpa", None)
+
+
+def check_canonical(g: fx.Graph) -> None:
+    """Every linear and attention must have been canonicalized; say what was not."""
+    left = {str(n.target) for n in g.nodes if n.op == "call_function"
+            and n.target in (aten.linear.default, aten.scaled_dot_product_attention.default,
+                             aten.matmul.default, aten.bmm.default, aten.mm.default)}
+    if left:
+        raise PtqcError(f"could not canonicalize this architecture (left: {', '.join(sorted(left))}); "
+                        "it may use an attention or projection layout ptqc does not know yet")
+    if not any(is_op(n, ops.LINEAR) for n in g.nodes):
+        raise PtqcError("no linear layers found in the traced model")
+
+
+# ---- entry point -----------------------------------------------------------------------------
+def load(model_dir, dtype: str | torch.dtype = "float32", trust_remote_code: bool = False) -> QModel:
+    """Trace a Hugging Face causal LM directory into a canonical :class:`QModel`.
+
+    Weights are not read: they stay in the safetensors files until a pass or a run needs them."""
+    path = Path(model_dir)
+    config = load_config(path, trust_remote_code)
+    dt = parse_dtype(dtype) if isinstance(dtype, str) else dtype
+    files = weight_files(path)
+    model = build_meta_model(config, dt, trust_remote_code)
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers() if b.device.type != "meta"}
+    by_param: dict[int, set[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        by_param.setdefault(id(p), set()).add(name)
+    tied = {name: group for group in by_param.values() if len(group) > 1 for name in group}
+    model.to("meta")
+    seq_max = getattr(config, "max_position_embeddings", 4096) or 4096
+    ep = export(model, seq_max)
+    del model
+    g = to_ptqc_graph(ep)
+    canonicalize(g)
+    check_canonical(g)
+    untie(g, tied)
+    annotate(g, config)
+    for n in g.nodes:  # arange(..., device=meta) from the meta trace: run on CPU by default
+        if n.op == "call_function" and "device" in n.kwargs:
+            n.kwargs = {**n.kwargs, "device": torch.device("cpu")}
+    store = WeightStore(files, dt)
+    for name, b in buffers.items():
+        if name not in files:
+            store.overlay[name] = b
+    for n in g.nodes:
+        if n.op == "get_attr" and n.target not in store:
+            src = [t for t in sorted(tied.get(n.target, ())) if t in files]
+            if not src:
+                raise PtqcError(f"weight {n.target!r} is missing from the checkpoint in {path}")
+            store.aliases[n.target] = src[0]
+    qm = QModel(graph=g, store=store, config=config, dtype=dt, source=str(path.resolve()),
+                properties={"canonical"})
+    propagate(g, store)
+    return qm

@@ -1,0 +1,109 @@
+"""Views of a ptqc graph for people: a node table, JSON, Graphviz DOT, per-op counts."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import torch.fx as fx
+
+from ptqc.ir import QModel
+from ptqc.pipeline import _short
+
+
+def _quant_str(n: fx.Node) -> str:
+    q = n.meta.get("ptqc", {}).get("quant", {})
+    parts = []
+    for k, v in q.items():
+        g = {0: "ch", -1: "tensor"}.get(v.get("group"), f"g{v.get('group')}")
+        parts.append(f"{k[0]}:int{v.get('bits')} {g} {'sym' if v.get('sym') else 'asym'} ({v.get('method', '')})")
+    return "; ".join(parts)
+
+
+def rows(qm: QModel, layer=None, op=None, role=None, include_attrs=False) -> list[dict]:
+    out = []
+    for n in qm.graph.nodes:
+        if n.op in ("get_attr",) and not include_attrs:
+            continue
+        m = n.meta.get("ptqc", {})
+        opname = _short(n.target) if n.op == "call_function" else n.op
+        if layer is not None and m.get("layer") != layer:
+            continue
+        if op is not None and op not in opname:
+            continue
+        if role is not None and m.get("role") != role:
+            continue
+        out.append({
+            "name": n.name, "op": opname, "module": m.get("module", ""), "layer": m.get("layer"),
+            "role": m.get("role"), "shape": n.meta.get("shape"), "dtype": n.meta.get("dtype"),
+            "quant": m.get("quant", {}), "inputs": [a.name for a in n.all_input_nodes],
+        })
+    return out
+
+
+def op_counts(qm: QModel, per_layer: bool = False):
+    if not per_layer:
+        return dict(Counter(_short(n.target) for n in qm.graph.nodes if n.op == "call_function").most_common())
+    by: dict = {}
+    for n in qm.graph.nodes:
+        if n.op == "call_function":
+            layer = n.meta.get("ptqc", {}).get("layer")
+            by.setdefault(layer, Counter())[_short(n.target)] += 1
+    return by
+
+
+def _shape(s) -> str:
+    return "[" + ", ".join(map(str, s)) + "]" if s is not None else ""
+
+
+def text_table(qm: QModel, rs: list[dict]) -> str:
+    cols = ["name", "op", "module", "layer", "role", "shape", "dtype", "quant"]
+    table = [[r["name"], r["op"], r["module"], "" if r["layer"] is None else str(r["layer"]), r["role"] or "",
+              _shape(r["shape"]), r["dtype"] or "", _quant_str(next(n for n in qm.graph.nodes if n.name == r["name"]))]
+             for r in rs]
+    widths = [max([len(c)] + [len(row[i]) for row in table]) for i, c in enumerate(cols)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths)).rstrip()]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in table]
+    return "\n".join(lines)
+
+
+def quant_table(qm: QModel) -> str:
+    if not qm.quant:
+        return "no quantized modules"
+    lines = []
+    for mod, q in qm.quant.items():
+        for kind, p in q.items():
+            extra = {k: v for k, v in p.items() if k not in ("method", "bits", "group", "sym")}
+            g = {0: "per-channel", -1: "per-tensor"}.get(p.get("group"), f"group {p.get('group')}")
+            lines.append(f"{mod:45s} {kind:7s} {p.get('method', ''):8s} int{p.get('bits')} {g:12s} "
+                         f"{'sym' if p.get('sym') else 'asym'}  {json.dumps(extra)}")
+    return "\n".join(lines)
+
+
+def dot(qm: QModel, rs: list[dict]) -> str:
+    keep = {r["name"] for r in rs}
+    lines = ["digraph ptqc {", "  rankdir=TB; node [shape=box, fontsize=10];"]
+    for r in rs:
+        label = f"{r['name']}\\n{r['op']}" + (f"\\n{r['module']}" if r["module"] else "")
+        q = _quant_str(next(n for n in qm.graph.nodes if n.name == r["name"]))
+        color = ', style=filled, fillcolor="#ffe0b0"' if q else ""
+        lines.append(f'  "{r["name"]}" [label="{label}"{color}];')
+        for i in r["inputs"]:
+            if i in keep:
+                lines.append(f'  "{i}" -> "{r["name"]}";')
+    lines.append("}")
+    return "\n".join(lines)
+
+
+def render(qm: QModel, fmt: str = "text", layer=None, op=None, role=None) -> str:
+    rs = rows(qm, layer, op, role)
+    if fmt == "json":
+        return json.dumps({"nodes": rs, "op_counts": op_counts(qm), "quant": qm.quant,
+                           "properties": sorted(qm.properties)}, indent=1)
+    if fmt == "dot":
+        return dot(qm, rs)
+    counts = op_counts(qm)
+    return "\n".join([
+        text_table(qm, rs), "",
+        "op counts: " + ", ".join(f"{k}={v}" for k, v in counts.items()),
+        f"properties: {', '.join(sorted(qm.properties))}", "",
+        "quantized modules:", quant_table(qm)])

@@ -1,0 +1,226 @@
+"""Loading a Hugging Face causal LM directory without holding the model in memory.
+
+The model is built on the meta device (only its non-persistent buffers, e.g. rotary
+``inv_freq``, are real) and traced from there; weights stay in the safetensors files and are
+read tensor by tensor through a :class:`WeightStore`. The input directory is only ever read.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from ptqc.errors import PtqcError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Files of a model directory that are weights (not copied into artifacts as "other files").
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise PtqcError(f"unknown dtype {name!r}; use one of: {', '.join(DTYPES)}") from None
+
+
+def load_config(model_dir: str | os.PathLike, trust_remote_code: bool = False):
+    """Read and validate ``config.json`` of a local model directory."""
+    path = Path(model_dir)
+    if not path.exists():
+        raise PtqcError(f"model directory {path} does not exist")
+    if not path.is_dir():
+        raise PtqcError(f"{path} is not a directory; pass a Hugging Face model directory")
+    if not any(path.iterdir()):
+        raise PtqcError(f"model directory {path} is empty")
+    if not (path / "config.json").is_file():
+        raise PtqcError(f"{path} has no config.json; pass a Hugging Face model directory")
+    try:
+        raw = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise PtqcError(f"cannot read {path / 'config.json'}: {e}") from None
+    if "auto_map" in raw and not trust_remote_code:
+        raise PtqcError(f"{path} uses custom (remote) code {raw.get('architectures')}; "
+                        "rerun with --trust-remote-code if you trust it")
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    mtype = raw.get("model_type")
+    if "auto_map" not in raw and mtype not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise PtqcError(f"unsupported architecture: model_type {mtype!r} is not a causal LM known to "
+                        f"transformers (architectures {raw.get('architectures')})")
+    try:
+        return AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except Exception as e:  # noqa: BLE001 - transformers raises many types for bad configs
+        raise PtqcError(f"cannot load config of {path}: {str(e).splitlines()[0]}") from None
+
+
+def weight_files(model_dir: Path) -> dict[str, Path]:
+    """Map every tensor name to the safetensors file holding it (single file or sharded index)."""
+    from safetensors import safe_open
+
+    index = sorted(model_dir.glob("*.safetensors.index.json"))
+    files: dict[str, Path] = {}
+    if index:
+        try:
+            wmap = json.loads(index[0].read_text())["weight_map"]
+        except (OSError, KeyError, json.JSONDecodeError) as e:
+            raise PtqcError(f"cannot read the index {index[0]}: {e}") from None
+        for name, fname in wmap.items():
+            f = model_dir / fname
+            if not f.is_file():
+                raise PtqcError(f"{index[0].name} names {fname}, which is missing from {model_dir}")
+            files[name] = f
+        return files
+    shards = sorted(model_dir.glob("*.safetensors"))
+    if not shards:
+        other = [p.name for p in model_dir.iterdir() if p.suffix in (".bin", ".pt", ".pth")]
+        hint = f" (found {', '.join(other)}: convert it to safetensors first)" if other else ""
+        raise PtqcError(f"no *.safetensors weights in {model_dir}{hint}")
+    for f in shards:
+        with safe_open(str(f), "pt") as sf:
+            for name in sf.keys():
+                files[name] = f
+    return files
+
+
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
+class WeightStore:
+    """Tensors by name: read lazily from safetensors files, with an in-memory overlay.
+
+    Passes read weights with ``store[name]`` and write new or changed tensors with
+    ``store[name] = t``; the source files are never written. ``release()`` drops cached
+    file tensors, so a caller streaming decoder layers keeps only one layer in memory.
+    Float tensors read from files are cast to ``dtype``.
+    """
+
+    def __init__(self, files: dict[str, Path] | None = None, dtype: torch.dtype = torch.float32,
+                 aliases: dict[str, str] | None = None, cache: bool = True):
+        self.files = dict(files or {})
+        self.dtype = dtype
+        self.aliases = dict(aliases or {})
+        self.cache = cache
+        self.cast = True  # cast float tensors from files to `dtype` (False for artifacts)
+        self.overlay: dict[str, torch.Tensor] = {}
+        self._cache: dict[str, torch.Tensor] = {}
+        self._handles: dict[Path, object] = {}
+
+    def _resolve(self, name: str) -> str:
+        return self.aliases.get(name, name) if name not in self.overlay else name
+
+    def __contains__(self, name: str) -> bool:
+        n = self._resolve(name)
+        return n in self.overlay or n in self.files
+
+    def names(self) -> list[str]:
+        return sorted(set(self.files) | set(self.overlay) | set(self.aliases))
+
+    def _handle(self, path: Path):
+        from safetensors import safe_open
+
+        h = self._handles.get(path)
+        if h is None:
+            h = self._handles[path] = safe_open(str(path), "pt")
+        return h
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        n = self._resolve(name)
+        if n in self.overlay:
+            return self.overlay[n]
+        if n in self._cache:
+            return self._cache[n]
+        if n not in self.files:
+            raise PtqcError(f"weight {name!r} is missing from the checkpoint")
+        t = self._handle(self.files[n]).get_tensor(n)
+        if self.cast and t.is_floating_point() and t.dtype != self.dtype:
+            t = t.to(self.dtype)
+        if self.cache:
+            self._cache[n] = t
+        return t
+
+    def spec(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+        """Shape and dtype of a tensor without reading its data."""
+        n = self._resolve(name)
+        if n in self.overlay:
+            t = self.overlay[n]
+            return tuple(t.shape), t.dtype
+        if n in self._cache:
+            t = self._cache[n]
+            return tuple(t.shape), t.dtype
+        if n not in self.files:
+            raise PtqcError(f"weight {name!r} is missing from the checkpoint")
+        sl = self._handle(self.files[n]).get_slice(n)
+        dtype = _ST_DTYPES[sl.get_dtype()]
+        if self.cast and dtype.is_floating_point:
+            dtype = self.dtype
+        return tuple(sl.get_shape()), dtype
+
+    def __setitem__(self, name: str, t: torch.Tensor) -> None:
+        self.aliases.pop(name, None)  # writing a tied weight unties it
+        self.overlay[name] = t
+
+    def __delitem__(self, name: str) -> None:
+        self.overlay.pop(name, None)
+        self._cache.pop(name, None)
+        self.aliases.pop(name, None)
+        self.files.pop(name, None)
+
+    def release(self, names=None) -> None:
+        """Drop cached file tensors (all, or the given names); overlay tensors are kept."""
+        if names is None:
+            self._cache.clear()
+        else:
+            for n in names:
+                self._cache.pop(self._resolve(n), None)
+
+    def materialize(self, names) -> dict[str, torch.Tensor]:
+        return {n: self[n] for n in names}
+
+
+@contextlib.contextmanager
+def params_on_meta():
+    """Construct modules with parameters on the meta device but real buffers (like
+    accelerate's ``init_empty_weights(include_buffers=False)``): no weight memory, no init cost."""
+    original = torch.nn.Module.register_parameter
+
+    def register(module, name, param):
+        original(module, name, param)
+        if param is not None and param.device.type != "meta":
+            p = module._parameters[name]
+            module._parameters[name] = torch.nn.Parameter(p.to("meta"), requires_grad=p.requires_grad)
+
+    torch.nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = original
+
+
+def build_meta_model(config, dtype: torch.dtype, trust_remote_code: bool = False):
+    """The transformers model with meta parameters and real buffers, in eval mode, SDPA attention."""
+    from transformers import AutoModelForCausalLM
+
+    with params_on_meta():
+        try:
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                     attn_implementation="sdpa")
+        except ValueError as e:
+            if "sdpa" not in str(e).lower():
+                raise
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    return model.eval()
+
+
+def other_files(model_dir: Path) -> list[Path]:
+    """Non-weight files of a model directory (tokenizer, generation config, remote code...)."""
+    return [p for p in sorted(model_dir.iterdir())
+            if p.is_file() and not p.name.endswith(WEIGHT_SUFFIXES)
+            and not p.name.endswith(".safetensors.index.json") and p.name != "config.json"]

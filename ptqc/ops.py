@@ -1,0 +1,93 @@
+"""The ptqc operator dialect.
+
+Canonical graphs use these ops instead of decomposed aten patterns, so passes match one node
+(`ptqc.rms_norm`) instead of a pow/mean/rsqrt/mul chain. Each op has a CPU reference kernel
+(the numerics every backend is diffed against) and a fake kernel, so a ptqc graph runs,
+propagates shapes and re-exports with ``torch.export``.
+
+    linear(x, w, b)                          y = x @ w.T + b
+    rms_norm(x, w, eps, offset)              Llama/Qwen2 RMSNorm (offset=1 is Gemma's (1 + w))
+    attention(q, k, v, scale, causal, window) softmax(q k^T * scale + mask) v, GQA by head groups
+    dequantize_weight(codes, scale, zp, group, dtype)   integer weight codes -> float weight
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ptqc import quant
+
+lib = "ptqc"
+
+
+@torch.library.custom_op("ptqc::linear", mutates_args=())
+def linear(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None) -> torch.Tensor:
+    return F.linear(x, w, b)
+
+
+@linear.register_fake
+def _(x, w, b=None):
+    return x.new_empty((*x.shape[:-1], w.shape[0]))
+
+
+@torch.library.custom_op("ptqc::rms_norm", mutates_args=())
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
+    dtype = x.dtype
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    if offset == 0.0:  # Llama, Qwen2, Mistral: w * normed.to(input dtype)
+        return w * h.to(dtype)
+    return (h * (offset + w.float())).to(dtype)  # Gemma: computed in float32, then cast
+
+
+@rms_norm.register_fake
+def _(x, w, eps, offset=0.0):
+    dtype = torch.promote_types(x.dtype, w.dtype) if offset == 0.0 else x.dtype
+    return x.new_empty(x.shape, dtype=dtype)
+
+
+def causal_mask(q_len: int, k_len: int, window: int, device) -> torch.Tensor:
+    """Boolean mask (True = attend): causal, optionally limited to the last `window` keys."""
+    i = torch.arange(q_len, device=device)[:, None] + (k_len - q_len)
+    j = torch.arange(k_len, device=device)[None, :]
+    mask = j <= i
+    if window > 0:
+        mask &= j > i - window
+    return mask
+
+
+@torch.library.custom_op("ptqc::attention", mutates_args=())
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+              causal: bool = True, window: int = -1) -> torch.Tensor:
+    """q: [B, H, S, D]; k, v: [B, Hkv, S, D] with H a multiple of Hkv (grouped-query attention)."""
+    n_rep = q.shape[1] // k.shape[1]
+    if n_rep > 1:
+        k = k.repeat_interleave(n_rep, dim=1)
+        v = v.repeat_interleave(n_rep, dim=1)
+    mask = causal_mask(q.shape[2], k.shape[2], window, q.device) if causal else None
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+@attention.register_fake
+def _(q, k, v, scale, causal=True, window=-1):
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+@torch.library.custom_op("ptqc::dequantize_weight", mutates_args=())
+def dequantize_weight(codes: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torch.Tensor],
+                      group_size: int, dtype: torch.dtype) -> torch.Tensor:
+    return quant.dequantize(codes, scale, zero_point, group_size).to(dtype)
+
+
+@dequantize_weight.register_fake
+def _(codes, scale, zero_point, group_size, dtype):
+    return codes.new_empty(codes.shape, dtype=dtype)
+
+
+# The ops a pass may find in a canonical graph, by short name.
+LINEAR = torch.ops.ptqc.linear.default
+RMS_NORM = torch.ops.ptqc.rms_norm.default
+ATTENTION = torch.ops.ptqc.attention.default
+DEQUANTIZE_WEIGHT = torch.ops.ptqc.dequantize_weight.default

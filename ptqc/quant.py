@@ -1,0 +1,136 @@
+"""The one quantizer definition of ptqc.
+
+Every quantized tensor in ptqc (weights by RTN/GPTQ/AWQ..., activations, KV cache) is
+described by a :class:`QuantSpec` and goes through the functions below; fake-quant, the Ascend
+emulation and the ONNX lowering all call them, so a number means the same thing everywhere.
+
+Conventions
+-----------
+* Grouping is along the **last dimension**. ``group_size > 0``: groups of that many elements;
+  ``group_size == 0``: one group per row (per output channel for a weight ``[out, in]``, per
+  token for an activation ``[..., hidden]``); ``group_size == -1``: the whole tensor.
+  ``scale`` (and ``zero_point``) have shape ``x.shape[:-1] + (n_groups,)`` (all ones for
+  per-tensor).
+* Codes are **signed** integers in ``[qmin, qmax] = [-2^(b-1), 2^(b-1) - 1]``, stored as int8.
+* Symmetric: ``scale = amax / qmax``, ``q = clamp(round(x / scale), qmin, qmax)``,
+  ``x' = q * scale``; no zero point.
+* Asymmetric: the range ``[min(x, 0), max(x, 0)]`` maps onto ``[qmin, qmax]``:
+  ``scale = (max - min) / (2^b - 1)``, ``zero_point = clamp(qmin - round(min / scale))``,
+  ``q = clamp(round(x / scale) + zero_point, qmin, qmax)``, ``x' = (q - zero_point) * scale``.
+  (Ascend's ``antiquant_offset`` / msModelSlim's ``weight_offset`` is ``-zero_point``.)
+* ``clip_ratio`` shrinks the range before the scale is computed (clip search tunes it).
+* Rounding is round-half-to-even (``torch.round``, ONNX ``Round``), and quantization divides
+  by the scale (``x / scale``), never multiplies by its reciprocal: the two differ in the
+  last bit, and every backend must agree.
+* All arithmetic is float32; scales are float32, zero points int8.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ptqc.errors import PtqcError
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    bits: int = 8
+    group_size: int = 0  # >0 group, 0 per row (channel / token), -1 per tensor
+    symmetric: bool = True
+    clip_ratio: float = 1.0
+
+    def __post_init__(self):
+        if not 1 <= self.bits <= 8:
+            raise PtqcError(f"bits={self.bits} is outside 1..8 (ptqc stores codes as int8)")
+        if self.group_size < -1:
+            raise PtqcError(f"group size {self.group_size} is invalid: use a positive size, 0 (per channel) or -1 (per tensor)")
+        if not 0.0 < self.clip_ratio <= 1.0:
+            raise PtqcError(f"clip_ratio={self.clip_ratio} must be in (0, 1]")
+        if self.symmetric and self.bits == 1:
+            raise PtqcError("1-bit symmetric quantization has no levels; use asymmetric or a binarization pass")
+
+    @property
+    def qmin(self) -> int:
+        return -(1 << (self.bits - 1))
+
+    @property
+    def qmax(self) -> int:
+        return (1 << (self.bits - 1)) - 1
+
+    def check_fits(self, n: int, what: str = "tensor") -> None:
+        """Refuse a group size that does not divide the last dimension (lists the valid ones)."""
+        g = self.group_size
+        if g > 0 and n % g:
+            valid = [d for d in (32, 64, 128, 256, 512, 1024) if n % d == 0]
+            raise PtqcError(
+                f"group size {g} does not divide the input dimension {n} of {what}; "
+                f"valid group sizes: {', '.join(map(str, valid)) or 'none of 32..1024'}, or 0 for per channel")
+
+    def describe(self) -> str:
+        g = {0: "per-channel", -1: "per-tensor"}.get(self.group_size, f"g{self.group_size}")
+        return f"int{self.bits} {g} {'sym' if self.symmetric else 'asym'}"
+
+
+def _grouped(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """View ``x`` as ``[..., n_groups, g]`` (float32)."""
+    x = x.float()
+    if group_size == -1:
+        return x.reshape(*([1] * (x.dim() - 1)), 1, -1)
+    g = x.shape[-1] if group_size == 0 else group_size
+    return x.reshape(*x.shape[:-1], x.shape[-1] // g, g)
+
+
+def _ungrouped(xg: torch.Tensor, shape) -> torch.Tensor:
+    return xg.reshape(shape)
+
+
+def compute_qparams(x: torch.Tensor, spec: QuantSpec, *, xmin: torch.Tensor | None = None,
+                    xmax: torch.Tensor | None = None):
+    """Scale and zero point (None when symmetric) for ``x`` under ``spec``.
+
+    ``xmin``/``xmax`` (shape of the result) override the observed range, e.g. from a
+    calibration observer; otherwise the range is the min/max of each group of ``x``.
+    """
+    spec.check_fits(x.shape[-1])
+    if xmin is None or xmax is None:
+        xg = _grouped(x, spec.group_size)
+        xmin, xmax = xg.amin(-1), xg.amax(-1)
+    xmin = xmin.float() * spec.clip_ratio
+    xmax = xmax.float() * spec.clip_ratio
+    if spec.symmetric:
+        amax = torch.maximum(xmin.abs(), xmax.abs())
+        scale = amax / spec.qmax
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        return scale, None
+    xmin = torch.clamp(xmin, max=0.0)
+    xmax = torch.clamp(xmax, min=0.0)
+    scale = (xmax - xmin) / float((1 << spec.bits) - 1)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    zero_point = torch.clamp(spec.qmin - torch.round(xmin / scale), spec.qmin, spec.qmax)
+    return scale, zero_point.to(torch.int8)
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, spec: QuantSpec) -> torch.Tensor:
+    """Integer codes (int8 tensor, values in ``[qmin, qmax]``) of ``x``."""
+    xg = _grouped(x, spec.group_size)
+    q = torch.round(xg / scale.unsqueeze(-1))
+    if zero_point is not None:
+        q = q + zero_point.float().unsqueeze(-1)
+    q = torch.clamp(q, spec.qmin, spec.qmax)
+    return _ungrouped(q, x.shape).to(torch.int8)
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
+               group_size: int) -> torch.Tensor:
+    """Float32 values of integer codes: ``(q - zero_point) * scale``."""
+    qg = _grouped(codes, group_size)
+    if zero_point is not None:
+        qg = qg - zero_point.float().unsqueeze(-1)
+    return _ungrouped(qg * scale.unsqueeze(-1), codes.shape)
+
+
+def fake_quantize(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """quantize + dequantize in one call, in ``x``'s dtype."""
+    scale, zp = compute_qparams(x, spec)
+    return dequantize(quantize(x, scale, zp, spec), scale, zp, spec.group_size).to(x.dtype)

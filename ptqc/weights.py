@@ -1,0 +1,86 @@
+"""Replacing a linear's float weight with quantized codes: the one rewrite every weight pass ends with.
+
+After ``set_quantized_weight`` the graph reads::
+
+    w_q  = get_attr  model.layers.0.mlp.down_proj.weight             (int8 codes)
+    w_s  = get_attr  model.layers.0.mlp.down_proj.weight_scale       (float32 [out, groups])
+    w_zp = get_attr  model.layers.0.mlp.down_proj.weight_zero_point  (int8, asymmetric only)
+    w    = ptqc.dequantize_weight(w_q, w_s, w_zp, group, dtype)
+    y    = ptqc.linear(x, w, b)
+
+so ``ptqc inspect`` shows where weights are dequantized, and the artifact keeps the Hugging Face
+names (codes under ``.weight``, as in the Ascend export format).
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from ptqc import ops, quant
+from ptqc.errors import PtqcError
+from ptqc.ir import QModel, info, is_op
+from ptqc.pipeline import match_module
+
+
+def select_linears(qm: QModel, include=("*",), exclude=("lm_head",)) -> list[fx.Node]:
+    """Float linears whose module path or role matches ``include`` and not ``exclude``."""
+    out = []
+    for n in qm.linears():
+        m = info(n)
+        if not match_module(m["module"], m.get("role"), include) or match_module(m["module"], m.get("role"), exclude):
+            continue
+        if is_quantized(n):
+            continue
+        out.append(n)
+    return out
+
+
+def is_quantized(linear: fx.Node) -> bool:
+    return is_op(linear.args[1], ops.DEQUANTIZE_WEIGHT)
+
+
+def weight_of(qm: QModel, linear: fx.Node) -> torch.Tensor:
+    """The float weight [out, in] of a (not yet quantized) linear."""
+    w = linear.args[1]
+    if not (isinstance(w, fx.Node) and w.op == "get_attr"):
+        raise PtqcError(f"{info(linear).get('module')}: weight is not a plain tensor (already transformed?)")
+    return qm.store[w.target]
+
+
+def set_weight(qm: QModel, linear: fx.Node, w: torch.Tensor) -> None:
+    """Write a new float weight for a linear (e.g. after folding scales into it)."""
+    qm.store[linear.args[1].target] = w.to(qm.dtype)
+
+
+def set_quantized_weight(qm: QModel, linear: fx.Node, spec: quant.QuantSpec, codes: torch.Tensor,
+                         scale: torch.Tensor, zero_point: torch.Tensor | None, method: str,
+                         record: dict | None = None) -> fx.Node:
+    """Store codes/scales under the linear's HF names and insert the dequantize node."""
+    w_node = linear.args[1]
+    name = w_node.target
+    base = name.removesuffix(".weight")
+    g = qm.graph
+    qm.store[name] = codes.to(torch.int8).contiguous()
+    qm.store[f"{base}.weight_scale"] = scale.float().contiguous()
+    if zero_point is not None:
+        qm.store[f"{base}.weight_zero_point"] = zero_point.to(torch.int8).contiguous()
+    meta = info(linear)
+    with g.inserting_before(linear):
+        s_node = g.get_attr(f"{base}.weight_scale")
+        z_node = g.get_attr(f"{base}.weight_zero_point") if zero_point is not None else None
+        dq = g.call_function(ops.DEQUANTIZE_WEIGHT, (w_node, s_node, z_node, spec.group_size, qm.dtype))
+    info(dq).update({"module": meta["module"], "layer": meta["layer"], "role": "weight_dequant"})
+    linear.args = (linear.args[0], dq, *linear.args[2:])
+    q = {"method": method, "bits": spec.bits, "group": spec.group_size, "sym": spec.symmetric}
+    meta.setdefault("quant", {})["weight"] = q
+    qm.quant.setdefault(meta["module"], {})["weight"] = {**q, "scale_shape": list(scale.shape), **(record or {})}
+    return dq
+
+
+def dequantized_weight(qm: QModel, linear: fx.Node) -> torch.Tensor:
+    """The float weight a linear computes with, quantized or not."""
+    w = linear.args[1]
+    if is_op(w, ops.DEQUANTIZE_WEIGHT):
+        codes, s, z = (qm.store[a.target] if isinstance(a, fx.Node) else None for a in w.args[:3])
+        return quant.dequantize(codes, s, z, w.args[3]).to(w.args[4])
+    return qm.store[w.target]

@@ -1,0 +1,108 @@
+#!/usr/bin/env python
+"""Make a random-weight tiny causal LM directory (config, safetensors, tokenizer) in seconds.
+
+Used by the tests: every supported architecture gets the same treatment, so no test depends on
+a downloaded model. The tokenizer is a byte-level BPE trained on a few lines of text.
+
+    python tools/make_tiny_model.py --arch qwen2 -o /tmp/tiny-qwen2 [--layers 2] [--shards 2]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+ARCHS = ("llama", "qwen2", "mistral")
+
+
+def make_tokenizer(out: Path, vocab_size: int) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    text = [f"def f{i}(x): return x * {i} + {i * i}  # the quick brown fox" for i in range(200)]
+    tok.train_from_iterator(text, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    fast.save_pretrained(str(out))
+
+
+def make_config(arch: str, layers: int, hidden: int, intermediate: int, heads: int, kv_heads: int,
+                vocab: int, tie: bool, sliding_window: int | None):
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    common = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
+                  num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                  max_position_embeddings=512, tie_word_embeddings=tie, bos_token_id=0, eos_token_id=0)
+    if arch == "llama":
+        return LlamaConfig(**common)
+    if arch == "qwen2":
+        return Qwen2Config(**common)
+    if arch == "mistral":
+        return MistralConfig(**common, sliding_window=sliding_window)
+    raise SystemExit(f"unknown arch {arch}; choose from {', '.join(ARCHS)}")
+
+
+def make_model(out, arch: str = "qwen2", layers: int = 2, hidden: int = 128, intermediate: int = 256,
+               heads: int = 4, kv_heads: int = 2, vocab: int = 0, tie: bool = False, shards: int = 1,
+               dtype: str = "float32", seed: int = 0, sliding_window: int | None = None) -> Path:
+    """Write a random tiny model to `out` and return its path."""
+    from transformers import AutoModelForCausalLM
+
+    out = Path(out)
+    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=out.parent if out.parent.exists() else None))
+    make_tokenizer(tmp, 300)
+    from transformers import AutoTokenizer
+    vocab = vocab or len(AutoTokenizer.from_pretrained(str(tmp)))
+    cfg = make_config(arch, layers, hidden, intermediate, heads, kv_heads, vocab, tie, sliding_window)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():  # larger-than-default init so random models have visible activations
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.5 / p.shape[1] ** 0.5 * 4)
+            elif "norm" in name:
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            else:
+                p.normal_(0, 0.02)
+    model.to(getattr(torch, dtype))
+    max_shard = None
+    if shards > 1:
+        total = sum(p.numel() * p.element_size() for p in model.parameters())
+        max_shard = f"{max(1, total // shards // 1000 + 1)}KB"
+    model.save_pretrained(str(tmp), safe_serialization=True, **({"max_shard_size": max_shard} if max_shard else {}))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("-o", "--out", required=True)
+    ap.add_argument("--arch", default="qwen2", choices=ARCHS)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--hidden", type=int, default=128)
+    ap.add_argument("--intermediate", type=int, default=256)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--kv-heads", type=int, default=2)
+    ap.add_argument("--tie", action="store_true")
+    ap.add_argument("--shards", type=int, default=1)
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--sliding-window", type=int, default=None)
+    a = ap.parse_args(argv)
+    p = make_model(a.out, a.arch, a.layers, a.hidden, a.intermediate, a.heads, a.kv_heads, 0, a.tie,
+                   a.shards, a.dtype, a.seed, a.sliding_window)
+    print(json.dumps({"out": str(p), "files": sorted(x.name for x in p.iterdir())}))
+
+
+if __name__ == "__main__":
+    main()
