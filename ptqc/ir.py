@@ -79,6 +79,18 @@ class QModel:
     def weight_names(self) -> list[str]:
         return [n.target for n in self.graph.nodes if n.op == "get_attr"]
 
+    def clone(self) -> "QModel":
+        """An independent copy: new graph and metadata; weights shared until a pass writes one."""
+        import copy
+
+        store = copy.copy(self.store)
+        store.overlay = dict(self.store.overlay)
+        store.aliases = dict(self.store.aliases)
+        store._cache = self.store._cache  # read-only file tensors may be shared
+        return QModel(graph=graph_from_json(graph_to_json(self.graph)), store=store, config=self.config,
+                      dtype=self.dtype, source=self.source, properties=set(self.properties),
+                      history=copy.deepcopy(self.history), quant=copy.deepcopy(self.quant))
+
     # ---- execution ---------------------------------------------------------------------------
     def __call__(self, input_ids: torch.Tensor, **kw) -> torch.Tensor:
         return execute(self.graph, self.store, {"input_ids": input_ids}, **kw)

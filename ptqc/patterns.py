@@ -1,0 +1,102 @@
+"""Finding structure in a ptqc graph: the matching helpers passes share.
+
+Passes ask structural questions ("which linears read this norm's output?", "which linears share
+one input?", "which linear produces what o_proj reads?"). Answers come from a networkx view of
+the graph in which shape-only ops (view, reshape, transpose, casts...) are transparent.
+
+    norm_groups(qm)        [(rms_norm node, [linears it feeds])]      e.g. input_norm -> q, k, v
+    shared_input_groups(qm)[(producer node, [linears reading it])]    q/k/v, gate/up share inputs
+    producer_linear(qm, n) the linear whose output reaches n's input through shape ops only,
+                           or through attention's value path (v_proj -> o_proj)
+"""
+from __future__ import annotations
+
+import networkx as nx
+import torch
+import torch.fx as fx
+
+from ptqc import ops
+from ptqc.ir import QModel, is_op
+
+aten = torch.ops.aten
+
+# Ops that only move or relabel data: a per-channel scale passes through them unchanged.
+TRANSPARENT = {
+    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.transpose.int,
+    aten.permute.default, aten.clone.default, aten.contiguous.default, aten._to_copy.default,
+    aten.unsqueeze.default, aten.squeeze.dim, aten.expand.default,
+}
+
+
+def to_networkx(qm: QModel) -> nx.DiGraph:
+    """Data-flow graph: one vertex per node name, with op/role/layer attributes."""
+    g = nx.DiGraph()
+    for n in qm.graph.nodes:
+        m = n.meta.get("ptqc", {})
+        g.add_node(n.name, op=str(n.target) if n.op == "call_function" else n.op,
+                   role=m.get("role"), layer=m.get("layer"), node=n)
+        for a in n.all_input_nodes:
+            g.add_edge(a.name, n.name)
+    return g
+
+
+def activation_input(linear: fx.Node) -> fx.Node:
+    """The node whose value a linear reads, looking through shape-only ops."""
+    return skip_transparent(linear.args[0])
+
+
+def skip_transparent(n: fx.Node) -> fx.Node:
+    while is_transparent(n):
+        n = n.args[0]
+    return n
+
+
+def is_transparent(n) -> bool:
+    return isinstance(n, fx.Node) and n.op == "call_function" and n.target in TRANSPARENT
+
+
+def consumers(n: fx.Node, through_transparent: bool = True) -> list[fx.Node]:
+    """Non-transparent users of n (looking through shape-only ops)."""
+    out, stack = [], list(n.users)
+    while stack:
+        u = stack.pop()
+        if through_transparent and is_transparent(u):
+            stack.extend(u.users)
+        else:
+            out.append(u)
+    return list(dict.fromkeys(out))
+
+
+def shared_input_groups(qm: QModel) -> list[tuple[fx.Node, list[fx.Node]]]:
+    """Linears grouped by the (non-transparent) node they read, in graph order."""
+    groups: dict[fx.Node, list[fx.Node]] = {}
+    for lin in qm.linears():
+        groups.setdefault(activation_input(lin), []).append(lin)
+    return list(groups.items())
+
+
+def norm_groups(qm: QModel) -> list[tuple[fx.Node, list[fx.Node]]]:
+    """(rms_norm, linears fed only through shape ops) for every norm that feeds linears."""
+    return [(src, lins) for src, lins in shared_input_groups(qm) if is_op(src, ops.RMS_NORM)]
+
+
+def producer_linear(qm: QModel, linear: fx.Node) -> fx.Node | None:
+    """The linear that (per channel) produces what ``linear`` reads: through shape ops, or
+    through attention's value path (o_proj reads attention(q, k, v): its channels are v's)."""
+    src = activation_input(linear)
+    if is_op(src, ops.LINEAR):
+        return src
+    if is_op(src, ops.ATTENTION):
+        v = skip_transparent(src.args[2])
+        return v if is_op(v, ops.LINEAR) else None
+    if is_op(src, aten.mul.Tensor):  # gated MLP: act(gate(x)) * up(x) -> down reads up's channels
+        for a in src.args:
+            a = skip_transparent(a) if isinstance(a, fx.Node) else a
+            if is_op(a, ops.LINEAR):
+                return a
+    return None
+
+
+def layer_subgraph(qm: QModel, layer: int) -> list[fx.Node]:
+    """All call nodes of one decoder layer, in graph order."""
+    return [n for n in qm.graph.nodes if n.op == "call_function" and n.meta.get("ptqc", {}).get("layer") == layer]
