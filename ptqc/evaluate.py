@@ -74,7 +74,8 @@ def first_nonfinite(qm: QModel, ids: torch.Tensor, device=None) -> str:
         pass
 
     def hook(node, val):
-        if isinstance(val, torch.Tensor) and val.is_floating_point() and not torch.isfinite(val).all():
+        if (node.op == "call_function" and isinstance(val, torch.Tensor) and val.is_floating_point()
+                and not torch.isfinite(val).all()):
             found.append(node)
             raise _Stop
 
