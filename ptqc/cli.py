@@ -99,7 +99,7 @@ def compile(model, out, pipeline_str, recipe, plugins, dtype, device, trust_remo
     pm = pipeline.PassManager(passes, dump_after=dump_after, dump=dump)
     _log(quiet, f"tracing {model} ({dtype})")
     t1 = time.perf_counter()
-    qm = frontend.load(model, dtype, trust_remote_code)
+    qm = frontend.load(model, dtype, trust_remote_code, progress=not quiet)
     trace_s = time.perf_counter() - t1
     if "canonical" in dump_after or "all" in dump_after:
         dumps["00-canonical.txt"] = inspect.render(qm)

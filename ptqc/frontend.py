@@ -314,14 +314,20 @@ def check_canonical(g: fx.Graph) -> None:
 
 
 # ---- entry point -----------------------------------------------------------------------------
-def load(model_dir, dtype: str | torch.dtype = "float32", trust_remote_code: bool = False) -> QModel:
+def load(model_dir, dtype: str | torch.dtype = "float32", trust_remote_code: bool = False,
+         progress: bool = False) -> QModel:
     """Trace a Hugging Face causal LM directory into a canonical :class:`QModel`.
 
     Weights are not read: they stay in the safetensors files until a pass or a run needs them."""
+    from tqdm.auto import tqdm
+
     path = Path(model_dir)
     config = load_config(path, trust_remote_code)
     dt = parse_dtype(dtype) if isinstance(dtype, str) else dtype
     files = weight_files(path)
+    bar = tqdm(total=4, desc="trace", disable=not progress, leave=False,
+               bar_format="{desc}: {n}/{total} {postfix} [{elapsed}]")
+    bar.set_postfix_str("build on meta")
     model = build_meta_model(config, dt, trust_remote_code)
     buffers = {n: b.detach().clone() for n, b in model.named_buffers() if b.device.type != "meta"}
     by_param: dict[int, set[str]] = {}
@@ -330,8 +336,12 @@ def load(model_dir, dtype: str | torch.dtype = "float32", trust_remote_code: boo
     tied = {name: group for group in by_param.values() if len(group) > 1 for name in group}
     model.to("meta")
     seq_max = getattr(config, "max_position_embeddings", 4096) or 4096
+    bar.update()
+    bar.set_postfix_str("torch.export")
     ep = export(model, seq_max)
     del model
+    bar.update()
+    bar.set_postfix_str("canonicalize")
     g = to_ptqc_graph(ep)
     canonicalize(g)
     check_canonical(g)
@@ -352,5 +362,9 @@ def load(model_dir, dtype: str | torch.dtype = "float32", trust_remote_code: boo
             store.aliases[n.target] = src[0]
     qm = QModel(graph=g, store=store, config=config, dtype=dt, source=str(path.resolve()),
                 properties={"canonical"})
+    bar.update()
+    bar.set_postfix_str("shapes")
     propagate(g, store)
+    bar.update()
+    bar.close()
     return qm

@@ -84,9 +84,8 @@ class QModel:
         import copy
 
         store = copy.copy(self.store)
-        store.overlay = dict(self.store.overlay)
-        store.aliases = dict(self.store.aliases)
-        store._cache = self.store._cache  # read-only file tensors may be shared
+        for attr in ("overlay", "aliases", "files", "_cache"):  # new dicts; the tensors are shared
+            setattr(store, attr, dict(getattr(self.store, attr)))
         return QModel(graph=graph_from_json(graph_to_json(self.graph)), store=store, config=self.config,
                       dtype=self.dtype, source=self.source, properties=set(self.properties),
                       history=copy.deepcopy(self.history), quant=copy.deepcopy(self.quant))

@@ -99,7 +99,8 @@ class WeightStore:
     Passes read weights with ``store[name]`` and write new or changed tensors with
     ``store[name] = t``; the source files are never written. ``release()`` drops cached
     file tensors, so a caller streaming decoder layers keeps only one layer in memory.
-    Float tensors read from files are cast to ``dtype``.
+    Float tensors read from files are cast to ``dtype``. Never modify a tensor from the store
+    in place (clones of a QModel share tensors): compute a new one and assign it.
     """
 
     def __init__(self, files: dict[str, Path] | None = None, dtype: torch.dtype = torch.float32,
