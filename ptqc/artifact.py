@@ -56,6 +56,9 @@ class AtomicDir:
         check_output(self.out, self.force)
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        self.tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700; the artifact is an ordinary directory
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb):

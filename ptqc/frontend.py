@@ -215,7 +215,7 @@ RULES = (rule_drop_noops, rule_linear, rule_rms_norm, rule_attention)
 def canonicalize(g: fx.Graph) -> None:
     for rule in RULES:
         for node in list(g.nodes):
-            if node.op == "call_function" and node.graph is g and node in g.nodes:
+            if node.op == "call_function" and not getattr(node, "_erased", False):
                 rule(node)
         g.eliminate_dead_code()
     g.lint()

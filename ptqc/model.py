@@ -166,6 +166,7 @@ class WeightStore:
 
     def __setitem__(self, name: str, t: torch.Tensor) -> None:
         self.aliases.pop(name, None)  # writing a tied weight unties it
+        self._cache.pop(name, None)  # the file version is superseded: free it
         self.overlay[name] = t
 
     def __delitem__(self, name: str) -> None:

@@ -96,6 +96,7 @@ def main(argv=None):
         if f.is_file() and not (tmp / f.name).exists() and not f.name.endswith((".safetensors", ".index.json")):
             shutil.copy2(f, tmp / f.name)
     (tmp / "outliers.json").write_text(json.dumps({"source": str(src), **rec}, indent=1))
+    tmp.chmod(0o755)  # mkdtemp makes 0700
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

@@ -78,6 +78,7 @@ def make_model(out, arch: str = "qwen2", layers: int = 2, hidden: int = 128, int
         total = sum(p.numel() * p.element_size() for p in model.parameters())
         max_shard = f"{max(1, total // shards // 1000 + 1)}KB"
     model.save_pretrained(str(tmp), safe_serialization=True, **({"max_shard_size": max_shard} if max_shard else {}))
+    tmp.chmod(0o755)  # mkdtemp makes 0700
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
