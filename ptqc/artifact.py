@@ -78,7 +78,9 @@ class AtomicDir:
 def _save_weights(qm: QModel, tmp: Path, shard_bytes: int) -> dict:
     from safetensors.torch import save_file
 
-    names = sorted(set(qm.weight_names()))
+    used = set(qm.weight_names())
+    aliases = {n: qm.store.aliases[n] for n in used if n in qm.store.aliases}  # tied: save once
+    names = sorted((used - set(aliases)) | set(aliases.values()))
     shards: list[list[str]] = [[]]
     size = 0
     for n in names:
@@ -104,7 +106,7 @@ def _save_weights(qm: QModel, tmp: Path, shard_bytes: int) -> dict:
     if len(shards) > 1:
         (tmp / "model.safetensors.index.json").write_text(json.dumps(
             {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
-    return {"files": files, "tensors": len(names), "bytes": total}
+    return {"files": files, "tensors": len(names), "bytes": total, "aliases": aliases}
 
 
 def save(qm: QModel, out, *, force: bool = False, extra: dict | None = None, dumps: dict | None = None,
@@ -169,6 +171,7 @@ def load(path, trust_remote_code: bool = False) -> QModel:
     dtype = parse_dtype(manifest["dtype"])
     store = WeightStore(weight_files(path), dtype=dtype)
     store.cast = False  # artifact tensors are stored exactly as compiled
+    store.aliases.update(manifest.get("weights", {}).get("aliases", {}))
     return QModel(graph=graph, store=store, config=config, dtype=dtype, source=str(path.resolve()),
                   properties=set(manifest.get("properties", [])), history=list(manifest.get("passes", [])),
                   quant=dict(manifest.get("quant", {})))

@@ -38,6 +38,17 @@ def test_artifact_round_trip_is_exact(loaded, ids, tmp_path, shard_bytes):
     assert back.store["model.layers.0.mlp.up_proj.weight"].dtype == torch.int8
 
 
+def test_tied_float_lm_head_saved_once(loaded, ids, tmp_path):
+    qm = _compile(loaded("llama"), "rtn:bits=4,group=64")  # lm_head stays float and tied
+    out = artifact.save(qm, tmp_path / "o")
+    from safetensors import safe_open
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert "model.embed_tokens.weight" in f.keys() and "lm_head.weight" not in f.keys()
+    back = artifact.load(out)
+    x = ids(2, 11)
+    assert torch.equal(back(x), qm(x))
+
+
 def test_bf16_artifact_keeps_float32_scales(loaded, ids, tmp_path):
     qm = _compile(loaded("qwen2", "bfloat16"), "rtn:bits=4,group=64")
     back = artifact.load(artifact.save(qm, tmp_path / "o"))
