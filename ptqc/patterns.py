@@ -55,18 +55,6 @@ def is_transparent(n) -> bool:
     return isinstance(n, fx.Node) and n.op == "call_function" and n.target in TRANSPARENT
 
 
-def consumers(n: fx.Node, through_transparent: bool = True) -> list[fx.Node]:
-    """Non-transparent users of n (looking through shape-only ops)."""
-    out, stack = [], list(n.users)
-    while stack:
-        u = stack.pop()
-        if through_transparent and is_transparent(u):
-            stack.extend(u.users)
-        else:
-            out.append(u)
-    return list(dict.fromkeys(out))
-
-
 def shared_input_groups(qm: QModel) -> list[tuple[fx.Node, list[fx.Node]]]:
     """Linears grouped by the (non-transparent) node they read, in graph order."""
     groups: dict[fx.Node, list[fx.Node]] = {}

@@ -23,7 +23,6 @@ import argparse
 import json
 import math
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -74,6 +73,8 @@ def main(argv=None):
 
     from transformers import AutoModelForCausalLM
 
+    from ptqc.artifact import AtomicDir
+
     src, out = Path(a.model), Path(a.out)
     if out.exists() and not a.force:
         raise SystemExit(f"error: {out} exists; pass --force to overwrite")
@@ -90,16 +91,12 @@ def main(argv=None):
     if rel > 1e-4:
         raise SystemExit(f"error: transform changed the logits (relative {rel:.2e} > 1e-4); not written")
     rec["logits_rel_change"] = rel
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent if out.parent.exists() else None))
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    for f in src.iterdir():  # tokenizer, eval/calib text...; weights and configs were just written
-        if f.is_file() and not (tmp / f.name).exists() and not f.name.endswith((".safetensors", ".index.json")):
-            shutil.copy2(f, tmp / f.name)
-    (tmp / "outliers.json").write_text(json.dumps({"source": str(src), **rec}, indent=1))
-    tmp.chmod(0o755)  # mkdtemp makes 0700
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    with AtomicDir(out, force=a.force) as tmp:  # written in full or not at all
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        for f in src.iterdir():  # tokenizer, eval/calib text...; weights and configs were just written
+            if f.is_file() and not (tmp / f.name).exists() and not f.name.endswith((".safetensors", ".index.json")):
+                shutil.copy2(f, tmp / f.name)
+        (tmp / "outliers.json").write_text(json.dumps({"source": str(src), **rec}, indent=1))
     print(json.dumps({"out": str(out), "logits_rel_change": rel, "norm_channels": rec["norm_channels"]}))
 
 

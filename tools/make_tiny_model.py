@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -56,32 +54,30 @@ def make_model(out, arch: str = "qwen2", layers: int = 2, hidden: int = 128, int
     """Write a random tiny model to `out` and return its path."""
     from transformers import AutoModelForCausalLM
 
+    from ptqc.artifact import AtomicDir
+
     out = Path(out)
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=out.parent if out.parent.exists() else None))
-    make_tokenizer(tmp, 300)
-    from transformers import AutoTokenizer
-    vocab = vocab or len(AutoTokenizer.from_pretrained(str(tmp)))
-    cfg = make_config(arch, layers, hidden, intermediate, heads, kv_heads, vocab, tie, sliding_window)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg).eval()
-    with torch.no_grad():  # larger-than-default init so random models have visible activations
-        for name, p in model.named_parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.5 / p.shape[1] ** 0.5 * 4)
-            elif "norm" in name:
-                p.copy_(1 + 0.1 * torch.randn_like(p))
-            else:
-                p.normal_(0, 0.02)
-    model.to(getattr(torch, dtype))
-    max_shard = None
-    if shards > 1:
-        total = sum(p.numel() * p.element_size() for p in model.parameters())
-        max_shard = f"{max(1, total // shards // 1000 + 1)}KB"
-    model.save_pretrained(str(tmp), safe_serialization=True, **({"max_shard_size": max_shard} if max_shard else {}))
-    tmp.chmod(0o755)  # mkdtemp makes 0700
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    with AtomicDir(out, force=True) as tmp:  # replaces out in one rename
+        make_tokenizer(tmp, 300)
+        from transformers import AutoTokenizer
+        vocab = vocab or len(AutoTokenizer.from_pretrained(str(tmp)))
+        cfg = make_config(arch, layers, hidden, intermediate, heads, kv_heads, vocab, tie, sliding_window)
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(cfg).eval()
+        with torch.no_grad():  # larger-than-default init so random models have visible activations
+            for name, p in model.named_parameters():
+                if p.dim() == 2:
+                    p.normal_(0, 0.5 / p.shape[1] ** 0.5 * 4)
+                elif "norm" in name:
+                    p.copy_(1 + 0.1 * torch.randn_like(p))
+                else:
+                    p.normal_(0, 0.02)
+        model.to(getattr(torch, dtype))
+        max_shard = None
+        if shards > 1:
+            total = sum(p.numel() * p.element_size() for p in model.parameters())
+            max_shard = f"{max(1, total // shards // 1000 + 1)}KB"
+        model.save_pretrained(str(tmp), safe_serialization=True, **({"max_shard_size": max_shard} if max_shard else {}))
     return out
 
 
