@@ -25,7 +25,7 @@ import torch
 
 from ptqc.errors import PtqcError
 from ptqc.ir import QModel, graph_from_json, graph_to_json
-from ptqc.model import WeightStore, other_files, parse_dtype, weight_files
+from ptqc.model import WeightStore, other_files, parse_dtype, weight_files, write_safetensors
 
 MANIFEST = "ptqc.json"
 GRAPH = "graph.json"
@@ -76,8 +76,7 @@ class AtomicDir:
 
 
 def _save_weights(qm: QModel, tmp: Path, shard_bytes: int) -> dict:
-    from safetensors.torch import save_file
-
+    """Write the weights the graph reads, one tensor at a time (never the whole model)."""
     used = set(qm.weight_names())
     aliases = {n: qm.store.aliases[n] for n in used if n in qm.store.aliases}  # tied: save once
     names = sorted((used - set(aliases)) | set(aliases.values()))
@@ -94,13 +93,17 @@ def _save_weights(qm: QModel, tmp: Path, shard_bytes: int) -> dict:
     files = []
     weight_map = {}
     total = 0
+
+    def get(n):
+        t = qm.store[n]
+        if n not in qm.store.overlay:
+            qm.store.release([n])
+        return t
+
     for i, group in enumerate(shards):
         fname = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        tensors = {n: qm.store[n].contiguous() for n in group}
-        total += sum(t.numel() * t.element_size() for t in tensors.values())
-        save_file(tensors, str(tmp / fname), metadata={"format": "pt", "producer": "ptqc"})
-        qm.store.release(group)
-        del tensors
+        total += write_safetensors(tmp / fname, group, qm.store.spec, get,
+                                   metadata={"format": "pt", "producer": "ptqc"})
         files.append(fname)
         weight_map.update({n: fname for n in group})
     if len(shards) > 1:

@@ -90,25 +90,59 @@ def first_nonfinite(qm: QModel, ids: torch.Tensor, device=None) -> str:
     return f"node {n.name} ({m.get('module') or '?'}, layer {m.get('layer')})"
 
 
+def _chunk_windows(qm: QModel, seqlen: int, budget_bytes: int) -> int:
+    """How many windows fit the activation budget (hidden states of a window, ~4 live copies)."""
+    hidden = getattr(qm.config, "hidden_size", 4096)
+    per_window = seqlen * hidden * 4 * 4
+    return max(1, budget_bytes // per_window)
+
+
 @torch.no_grad()
 def perplexity(qm: QModel, ids: torch.Tensor, seqlen: int, *, batch_size: int = 8, device=None,
-               max_windows: int | None = None, progress=None) -> dict:
-    """PPL of ``qm`` on token ids (1-D) with non-overlapping windows."""
+               max_windows: int | None = None, progress=None, activation_budget: int = 1 << 30) -> dict:
+    """PPL of ``qm`` on token ids (1-D) with non-overlapping windows.
+
+    Runs layer by layer (:class:`ptqc.calib.LayerRunner`) over chunks of windows, so memory is
+    one decoder layer of weights plus the chunk's hidden states (``activation_budget``), never
+    the whole model; the numbers equal a plain full forward (tested)."""
+    from ptqc.calib import LayerRunner
+
     w = windows(ids, seqlen)
     if max_windows:
         w = w[:max_windows]
     nll, count = 0.0, 0
-    batches = list(torch.split(w, batch_size))
-    it = progress(batches, desc="ppl", unit="batch") if progress else batches
-    for b in it:
-        b = b.to(device) if device else b
-        logits = qm(b, device=device).float()
-        if not torch.isfinite(logits).all():
-            where = first_nonfinite(qm, b[:1], device)
+    chunk = max(batch_size, _chunk_windows(qm, seqlen, activation_budget) // batch_size * batch_size)
+    chunks = list(torch.split(w, chunk))
+    n_layers = None
+    bar = progress(total=len(chunks) * (qm.num_layers + 2), desc="ppl", unit="segment") if progress else None
+    for c in chunks:
+        batches = list(torch.split(c, batch_size))
+        runner = LayerRunner(qm, batches, device=device)
+        keys = list(runner.segments())
+        n_layers = len(keys) - 2
+        bad: list[int] = []
+
+        def score(b, logits):
+            nonlocal nll, count
+            logits = logits.float()
+            if not torch.isfinite(logits).all():
+                bad.append(b)
+                return
+            t = batches[b].to(logits.device)
+            nll += F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), t[:, 1:].reshape(-1),
+                                   reduction="sum").item()
+            count += t[:, 1:].numel()
+
+        for k in keys:
+            runner.run(k, on_output=score if k == "suffix" else None)
+            if bar is not None:
+                bar.update(1)
+        if bad:
+            where = first_nonfinite(qm, batches[bad[0]][:1].to(device) if device else batches[bad[0]][:1], device)
+            qm.store.release()
             raise CollapseError(f"collapse: non-finite logits; activations first became non-finite at {where}")
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), b[:, 1:].reshape(-1), reduction="sum")
-        nll += loss.item()
-        count += b[:, 1:].numel()
+    if bar is not None:
+        bar.close()
     mean = nll / count
     return {"ppl": math.exp(mean) if mean < 700 else float("inf"), "nll": mean, "windows": int(w.shape[0]),
-            "seqlen": seqlen, "tokens": count}
+            "seqlen": seqlen, "tokens": count, "layers": n_layers}

@@ -84,7 +84,7 @@ class QModel:
         import copy
 
         store = copy.copy(self.store)
-        for attr in ("overlay", "aliases", "files", "_cache"):  # new dicts; the tensors are shared
+        for attr in ("overlay", "aliases", "files", "_cache", "written"):  # new dicts; the tensors are shared
             setattr(store, attr, dict(getattr(self.store, attr)))
         return QModel(graph=graph_from_json(graph_to_json(self.graph)), store=store, config=self.config,
                       dtype=self.dtype, source=self.source, properties=set(self.properties),

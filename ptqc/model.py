@@ -7,8 +7,11 @@ read tensor by tensor through a :class:`WeightStore`. The input directory is onl
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
+import math
 import os
+import struct
 from pathlib import Path
 
 import torch
@@ -61,8 +64,6 @@ def load_config(model_dir: str | os.PathLike, trust_remote_code: bool = False):
 
 def weight_files(model_dir: Path) -> dict[str, Path]:
     """Map every tensor name to the safetensors file holding it (single file or sharded index)."""
-    from safetensors import safe_open
-
     index = sorted(model_dir.glob("*.safetensors.index.json"))
     files: dict[str, Path] = {}
     if index:
@@ -82,15 +83,84 @@ def weight_files(model_dir: Path) -> dict[str, Path]:
         hint = f" (found {', '.join(other)}: convert it to safetensors first)" if other else ""
         raise PtqcError(f"no *.safetensors weights in {model_dir}{hint}")
     for f in shards:
-        with safe_open(str(f), "pt") as sf:
-            for name in sf.keys():
-                files[name] = f
+        for name in SafetensorsFile(f).keys():
+            files[name] = f
     return files
 
 
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
               "BOOL": torch.bool}
+_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+
+
+class SafetensorsFile:
+    """Reads single tensors from a safetensors file with plain ``read()`` calls.
+
+    Not ``mmap``: pages of a mapped file that were touched stay in the process's resident set
+    until unmapped, so streaming a 30 GB checkpoint through one mapping would look (and, under
+    memory pressure, behave) like holding it all. A read copies exactly one tensor."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        try:
+            with open(self.path, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(n))
+        except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise PtqcError(f"{self.path} is not a readable safetensors file: {e}") from None
+        self.metadata = header.pop("__metadata__", {}) or {}
+        self.entries: dict[str, dict] = header
+        self.base = 8 + n
+
+    def keys(self):
+        return self.entries.keys()
+
+    def spec(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+        e = self.entries[name]
+        return tuple(e["shape"]), _ST_DTYPES[e["dtype"]]
+
+    def read(self, name: str) -> torch.Tensor:
+        e = self.entries[name]
+        start, end = e["data_offsets"]
+        buf = torch.empty(end - start, dtype=torch.uint8)
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(self.base + start)
+            view, got = memoryview(buf.numpy()), 0
+            while got < len(view):
+                k = f.readinto(view[got:])
+                if not k:
+                    raise PtqcError(f"{self.path} is truncated (tensor {name})")
+                got += k
+        return buf.view(_ST_DTYPES[e["dtype"]]).reshape(e["shape"])
+
+
+def write_safetensors(path: Path, names: list[str], spec, get, metadata: dict | None = None) -> int:
+    """Write tensors one at a time (the file layout is computed from ``spec(name) -> (shape,
+    dtype)`` first), so writing a checkpoint holds one tensor in memory. Returns bytes written."""
+    header: dict = {"__metadata__": {k: str(v) for k, v in (metadata or {}).items()}} if metadata else {}
+    off = 0
+    for n in names:
+        shape, dtype = spec(n)
+        nbytes = math.prod(shape) * dtype.itemsize
+        header[n] = {"dtype": _ST_NAMES[dtype], "shape": list(shape), "data_offsets": [off, off + nbytes]}
+        off += nbytes
+    h = json.dumps(header, separators=(",", ":")).encode()
+    h += b" " * (-len(h) % 8)  # the data section starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(h)))
+        f.write(h)
+        for n in names:
+            t = get(n)
+            shape, dtype = spec(n)
+            if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
+                raise PtqcError(f"tensor {n} is {tuple(t.shape)} {t.dtype}, expected {tuple(shape)} {dtype}")
+            if t.numel():
+                f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return off
+
+
+_SPILLS = itertools.count()
 
 
 class WeightStore:
@@ -101,6 +171,10 @@ class WeightStore:
     file tensors, so a caller streaming decoder layers keeps only one layer in memory.
     Float tensors read from files are cast to ``dtype``. Never modify a tensor from the store
     in place (clones of a QModel share tensors): compute a new one and assign it.
+
+    Offloading: with ``offload_dir`` set, once the overlay (tensors written by passes) holds more
+    than ``offload_bytes`` it is written to a safetensors file there and read back lazily, so a
+    pass that quantizes a model larger than RAM never holds all its outputs.
     """
 
     def __init__(self, files: dict[str, Path] | None = None, dtype: torch.dtype = torch.float32,
@@ -112,7 +186,11 @@ class WeightStore:
         self.cast = True  # cast float tensors from files to `dtype` (False for artifacts)
         self.overlay: dict[str, torch.Tensor] = {}
         self._cache: dict[str, torch.Tensor] = {}
-        self._handles: dict[Path, object] = {}
+        self._handles: dict[Path, SafetensorsFile] = {}
+        self.offload_dir: Path | None = None
+        self.offload_bytes = 256 << 20
+        self._overlay_bytes = 0
+        self.written: dict[str, int] = {}  # name -> number of writes (what a pass changed)
 
     def _resolve(self, name: str) -> str:
         return self.aliases.get(name, name) if name not in self.overlay else name
@@ -124,12 +202,10 @@ class WeightStore:
     def names(self) -> list[str]:
         return sorted(set(self.files) | set(self.overlay) | set(self.aliases))
 
-    def _handle(self, path: Path):
-        from safetensors import safe_open
-
+    def _handle(self, path: Path) -> SafetensorsFile:
         h = self._handles.get(path)
         if h is None:
-            h = self._handles[path] = safe_open(str(path), "pt")
+            h = self._handles[path] = SafetensorsFile(path)
         return h
 
     def __getitem__(self, name: str) -> torch.Tensor:
@@ -140,12 +216,15 @@ class WeightStore:
             return self._cache[n]
         if n not in self.files:
             raise PtqcError(f"weight {name!r} is missing from the checkpoint")
-        t = self._handle(self.files[n]).get_tensor(n)
-        if self.cast and t.is_floating_point() and t.dtype != self.dtype:
+        t = self._handle(self.files[n]).read(n)
+        if self.cast and t.is_floating_point() and t.dtype != self.dtype and not self._is_spilled(n):
             t = t.to(self.dtype)
         if self.cache:
             self._cache[n] = t
         return t
+
+    def _is_spilled(self, n: str) -> bool:
+        return self.offload_dir is not None and self.files.get(n, Path()).parent == self.offload_dir
 
     def spec(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
         """Shape and dtype of a tensor without reading its data."""
@@ -158,19 +237,41 @@ class WeightStore:
             return tuple(t.shape), t.dtype
         if n not in self.files:
             raise PtqcError(f"weight {name!r} is missing from the checkpoint")
-        sl = self._handle(self.files[n]).get_slice(n)
-        dtype = _ST_DTYPES[sl.get_dtype()]
-        if self.cast and dtype.is_floating_point:
+        shape, dtype = self._handle(self.files[n]).spec(n)
+        if self.cast and dtype.is_floating_point and not self._is_spilled(n):
             dtype = self.dtype
-        return tuple(sl.get_shape()), dtype
+        return shape, dtype
 
     def __setitem__(self, name: str, t: torch.Tensor) -> None:
         self.aliases.pop(name, None)  # writing a tied weight unties it
         self._cache.pop(name, None)  # the file version is superseded: free it
+        old = self.overlay.get(name)
+        if old is not None:
+            self._overlay_bytes -= old.numel() * old.element_size()
         self.overlay[name] = t
+        self.written[name] = self.written.get(name, 0) + 1
+        self._overlay_bytes += t.numel() * t.element_size()
+        if self.offload_dir is not None and self._overlay_bytes > self.offload_bytes:
+            self.offload()
+
+    def offload(self) -> None:
+        """Move every overlay tensor to a new file in ``offload_dir`` (read back lazily)."""
+        if self.offload_dir is None or not self.overlay:
+            return
+        self.offload_dir.mkdir(parents=True, exist_ok=True)
+        path = self.offload_dir / f"offload-{os.getpid()}-{next(_SPILLS):05d}.safetensors"
+        names = sorted(self.overlay)
+        write_safetensors(path, names, lambda n: (tuple(self.overlay[n].shape), self.overlay[n].dtype),
+                          lambda n: self.overlay[n])
+        for n in names:
+            self.files[n] = path
+        self.overlay.clear()
+        self._overlay_bytes = 0
 
     def __delitem__(self, name: str) -> None:
-        self.overlay.pop(name, None)
+        t = self.overlay.pop(name, None)
+        if t is not None:
+            self._overlay_bytes -= t.numel() * t.element_size()
         self._cache.pop(name, None)
         self.aliases.pop(name, None)
         self.files.pop(name, None)

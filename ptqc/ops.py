@@ -62,6 +62,9 @@ def causal_mask(q_len: int, k_len: int, window: int, device) -> torch.Tensor:
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
               causal: bool = True, window: int = -1) -> torch.Tensor:
     """q: [B, H, S, D]; k, v: [B, Hkv, S, D] with H a multiple of Hkv (grouped-query attention)."""
+    if causal and window <= 0 and q.shape[2] == k.shape[2]:  # the common case: SDPA's causal kernel
+        return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, scale=scale,
+                                              enable_gqa=q.shape[1] != k.shape[1])
     n_rep = q.shape[1] // k.shape[1]
     if n_rep > 1:
         k = k.repeat_interleave(n_rep, dim=1)

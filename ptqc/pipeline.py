@@ -57,12 +57,65 @@ class PassResult:
 
 
 @dataclass
+class CalibConfig:
+    """Where calibration tokens come from (``--calib`` and friends)."""
+    path: str | None = None  # text / JSONL / Parquet or Arrow dir; None: the model's calib.txt or eval.txt
+    samples: int = 128
+    seqlen: int = 512
+    seed: int = 0
+    field: str = "text"
+    batch_size: int = 8
+
+
+def calib_config(recipe: dict | None = None, **cli) -> CalibConfig:
+    """Calibration settings: command-line values override the recipe's ``calib:`` section."""
+    raw = dict(recipe or {})
+    if not isinstance(raw, dict):
+        raise PtqcError("recipe 'calib:' must be a mapping (path, samples, seqlen, seed, field, batch_size)")
+    raw.update({k: v for k, v in cli.items() if v is not None})
+    known = {f.name: f.type for f in dataclasses.fields(CalibConfig)}
+    bad = sorted(set(raw) - set(known))
+    if bad:
+        raise PtqcError(f"unknown calibration setting {bad[0]!r}; valid: {', '.join(known)}")
+    cfg = CalibConfig(**{k: (str(v) if k == "path" else v) for k, v in raw.items()})
+    for k in ("samples", "seqlen", "batch_size"):
+        if not isinstance(getattr(cfg, k), int) or getattr(cfg, k) < 1:
+            raise PtqcError(f"calibration {k}={getattr(cfg, k)!r} must be a positive integer")
+    if cfg.seqlen < 2:
+        raise PtqcError("calibration seqlen must be at least 2")
+    return cfg
+
+
+@dataclass
 class PassContext:
-    """What a pass may use besides the graph: device, calibration data, progress settings."""
+    """What a pass may use besides the graph: device, calibration data, progress settings.
+
+    ``calib`` is a :class:`CalibConfig` or directly a ``[samples, seqlen]`` tensor of token ids."""
     device: str = "cpu"
     quiet: bool = False
-    calib: Any = None  # calibration token batches (see ptqc.calibration)
+    calib: Any = None
     log: list = field(default_factory=list)
+    _ids: Any = None
+
+    @property
+    def calib_batch_size(self) -> int:
+        return self.calib.batch_size if isinstance(self.calib, CalibConfig) else 8
+
+    def calibration_ids(self, qm):
+        """The calibration token windows [samples, seqlen] (tokenized once, cached)."""
+        import torch
+
+        if isinstance(self.calib, torch.Tensor):
+            return self.calib
+        if self._ids is None:
+            from ptqc import data, evaluate
+
+            cfg = self.calib or CalibConfig()
+            path = cfg.path or data.default_calib(qm.source, qm)
+            tok = evaluate.load_tokenizer(qm.source)
+            self._ids = data.calibration_batches(tok, path, cfg.samples, cfg.seqlen, seed=cfg.seed,
+                                                 text_field=cfg.field)
+        return self._ids
 
     def progress(self, iterable, **kw):
         from tqdm.auto import tqdm
@@ -379,7 +432,7 @@ def lint(qm) -> None:
 
 def _snapshot(qm) -> tuple[Counter, dict]:
     ops_count = Counter(_short(n.target) for n in qm.graph.nodes if n.op == "call_function")
-    weights = {n.target: id(qm.store.overlay.get(n.target)) for n in qm.graph.nodes if n.op == "get_attr"}
+    weights = {n.target: qm.store.written.get(n.target, 0) for n in qm.graph.nodes if n.op == "get_attr"}
     return ops_count, weights
 
 

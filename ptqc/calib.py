@@ -1,0 +1,264 @@
+"""Layer-by-layer execution: calibration, evaluation and diagnostics on bounded memory.
+
+The graph is cut into **segments**: ``prefix`` (embedding, rotary tables), one per decoder
+layer, and ``suffix`` (final norm, lm_head). A :class:`LayerRunner` pushes every calibration
+batch through one segment at a time and keeps, per batch, only the values later segments read
+(the residual stream, rotary tables, symbolic sizes). A segment's weights are read from the
+safetensors files when it runs and released after it, so running a model needs one decoder
+layer of weights plus the activations of the calibration set, never the whole model.
+
+:func:`calibrate` is the loop every calibrated pass uses::
+
+    def observe(layer):           # which statistics this pass needs in this layer
+        return {lin: {"h": Hessian()} for lin in qm.linears(layer=layer)}
+
+    def apply(layer, stats):      # quantize the layer from them (may rewrite the graph)
+        for lin, obs in stats.items(): ...
+
+    calibrate(qm, ctx, observe, apply, propagate="quantized")
+
+For each layer: run the layer on its inputs with the observers attached, call ``apply``, then
+compute the layer's outputs (the next layer's inputs) either from the quantized layer
+(``propagate="quantized"``, the GPTQ convention: later layers see and compensate earlier
+errors) or from the float layer (``"float"``: the outputs of the observation run are kept).
+Non-finite activations stop with the layer and module named.
+
+How nodes are assigned to segments: a node's ``meta["ptqc"]["layer"]`` decides; nodes
+computed only from weights (e.g. ``dequantize_weight``) go with their first user; other
+unannotated nodes go to the prefix before the first layer, the suffix after the last, and to
+the preceding layer in between.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+import torch.fx as fx
+
+from ptqc import ops
+from ptqc.errors import PtqcError
+from ptqc.ir import QModel
+
+
+@dataclass
+class Segment:
+    key: str  # "prefix", "layer.3", "suffix"
+    layer: int | None
+    nodes: list[fx.Node]  # call_function nodes (and the output node for the suffix) in order
+    weights: list[str] = field(default_factory=list)  # tensor names it reads
+    consts: set[str] = field(default_factory=set)  # nodes computed from weights only (once per run)
+    keep: set[str] = field(default_factory=set)  # values (own or earlier) needed after it
+
+
+def _is_const(n: fx.Node, const: set[str]) -> bool:
+    return n.op == "call_function" and all(a.op == "get_attr" or a.name in const for a in n.all_input_nodes)
+
+
+def split(graph: fx.Graph) -> list[Segment]:
+    """Cut the graph into prefix / layer 0..L-1 / suffix segments (see module doc)."""
+    nodes = list(graph.nodes)
+    layer_of = {n.name: n.meta.get("ptqc", {}).get("layer") for n in nodes}
+    pos = [i for i, n in enumerate(nodes) if layer_of[n.name] is not None and n.op == "call_function"]
+    if not pos:
+        raise PtqcError("the graph has no decoder layers (no node carries a layer index)")
+    first, last = pos[0], pos[-1]
+    const: set[str] = set()
+    for n in nodes:
+        if _is_const(n, const):
+            const.add(n.name)
+    seg_of: dict[str, str] = {}
+    current = "prefix"
+    for i, n in enumerate(nodes):
+        if n.op != "call_function" or n.name in const:
+            continue
+        lay = layer_of[n.name]
+        if lay is not None:
+            current = f"layer.{lay}"
+        elif i < first:
+            current = "prefix"
+        elif i > last:
+            current = "suffix"
+        seg_of[n.name] = current
+    for n in reversed(nodes):  # weight-only nodes run where they are first used
+        if n.name in const:
+            users = [u for u in n.users if u.op == "call_function"]
+            seg_of[n.name] = seg_of.get(users[0].name, "suffix") if users else "suffix"
+    order = ["prefix", *(f"layer.{i}" for i in range(max(layer_of[nodes[p].name] for p in pos) + 1)), "suffix"]
+    rank = {k: i for i, k in enumerate(order)}
+    segs = {k: Segment(k, int(k.split(".")[1]) if k.startswith("layer.") else None, []) for k in order}
+    for n in nodes:
+        if n.op == "call_function":
+            segs[seg_of[n.name]].nodes.append(n)
+        elif n.op == "output":
+            segs["suffix"].nodes.append(n)
+    # values each segment must keep for later ones
+    last_reader: dict[str, int] = {}
+    for k in order:
+        for n in segs[k].nodes:
+            if n.name in const:
+                segs[k].consts.add(n.name)
+            for a in n.all_input_nodes:
+                if a.op == "get_attr":
+                    if a.target not in segs[k].weights:
+                        segs[k].weights.append(a.target)
+                    continue
+                src = rank.get(seg_of.get(a.name, "prefix"), 0)
+                if src > rank[k]:
+                    raise PtqcError(f"node {n.name} ({k}) reads {a.name}, computed later in {order[src]}")
+                last_reader[a.name] = max(last_reader.get(a.name, -1), rank[k])
+    for k in order:
+        segs[k].keep = {name for name, r in last_reader.items()
+                        if r > rank[k] and rank.get(seg_of.get(name, "prefix"), 0) <= rank[k]}
+    return [segs[k] for k in order]
+
+
+Hook = Callable[[fx.Node, tuple, object, int], None]  # (node, input values, output, batch index)
+
+
+class LayerRunner:
+    """Runs a QModel segment by segment over a fixed set of token batches.
+
+    ``state[b]`` holds, for batch ``b``, the values that later segments read. ``run(key)``
+    executes one segment for all batches: with ``commit=True`` its results replace the
+    state (the model advances one segment), with ``commit=False`` the state is untouched (an
+    observation run). ``overrides`` maps tensor names to replacement tensors for this run.
+    """
+
+    def __init__(self, qm: QModel, batches: list[torch.Tensor], device=None, check_finite: bool = True):
+        self.qm = qm
+        self.device = torch.device(device) if device is not None else None
+        ph = [n for n in qm.graph.nodes if n.op == "placeholder"]
+        if len(ph) != 1:
+            raise PtqcError(f"expected one graph input (input_ids), found {len(ph)}")
+        self.state = [{ph[0].name: b.to(self.device) if self.device else b} for b in batches]
+        self.check_finite = check_finite
+        self.done: list[str] = []  # committed segments, in order
+
+    def segments(self) -> dict[str, Segment]:
+        return {s.key: s for s in split(self.qm.graph)}
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.segments()) - 2
+
+    def _weight(self, name: str, overrides: dict | None):
+        t = overrides[name] if overrides and name in overrides else self.qm.store[name]
+        return t.to(self.device) if self.device is not None else t
+
+    def run(self, key: str, *, commit: bool = True, hook: Hook | None = None, observers: dict | None = None,
+            overrides: dict | None = None, batches: Iterator[int] | None = None,
+            on_output: Callable[[int, object], None] | None = None) -> None:
+        """Execute segment ``key`` on every batch (or the given batch indices)."""
+        seg = self.segments()[key]
+        consts: dict[str, object] = {}  # weights and weight-only nodes: computed once per run
+        last_use: dict[str, fx.Node] = {}
+        for n in seg.nodes:
+            for a in n.all_input_nodes:
+                last_use[a.name] = n
+        obs_by_name = {n.name: o for n, o in (observers or {}).items()}
+        idx = range(len(self.state)) if batches is None else batches
+        for b in idx:
+            env = dict(self.state[b])
+            out = self._run_nodes(seg, env, consts, last_use, overrides, hook, obs_by_name, b)
+            if on_output is not None and out is not None:
+                on_output(b, out)
+            if commit:
+                self.state[b] = {k: env[k] for k in seg.keep if k in env}
+        if commit:
+            self.done.append(key)
+        self.qm.store.release(seg.weights)
+
+    def _run_nodes(self, seg, env, consts, last_use, overrides, hook, obs_by_name, b):
+        def val(a: fx.Node):
+            if a.op == "get_attr":
+                if a.name not in consts:
+                    consts[a.name] = self._weight(a.target, overrides)
+                return consts[a.name]
+            if a.name in consts:
+                return consts[a.name]
+            try:
+                return env[a.name]
+            except KeyError:
+                raise PtqcError(f"segment {seg.key}: value {a.name} is not available (run the earlier "
+                                "segments first)") from None
+
+        for n in seg.nodes:
+            if n.op == "output":
+                return fx.node.map_arg(n.args[0], val)
+            if n.name in seg.consts and n.name in consts:
+                continue
+            args = fx.node.map_arg(n.args, val)
+            kwargs = fx.node.map_arg(n.kwargs, val)
+            if self.device is not None and "device" in kwargs:
+                kwargs = {**kwargs, "device": self.device}
+            y = n.target(*args, **kwargs)
+            if n.name in seg.consts:
+                consts[n.name] = y
+            else:
+                env[n.name] = y
+            obs = obs_by_name.get(n.name)
+            if obs:
+                for o in obs.values():
+                    x = args[0] if o.where == "input" else y
+                    if self.check_finite and not torch.isfinite(x).all():
+                        m = n.meta.get("ptqc", {})
+                        raise PtqcError(f"non-finite (NaN/Inf) activation at the {o.where} of {m.get('module')} "
+                                        f"(layer {m.get('layer')}, node {n.name}) during calibration; check the "
+                                        "model in float (ptqc eval) and the passes before this one")
+                    o.update(x)
+            if hook is not None:
+                hook(n, args, y, b)
+            for a in n.all_input_nodes:
+                if last_use.get(a.name) is n and a.name not in seg.keep and a.name in env:
+                    del env[a.name]
+        return None
+
+    # ---- conveniences --------------------------------------------------------------------------
+    def run_prefix(self) -> None:
+        self.run("prefix")
+
+    def run_layer(self, i: int, **kw) -> None:
+        self.run(f"layer.{i}", **kw)
+
+    def run_suffix(self, on_output: Callable[[int, object], None], **kw) -> None:
+        self.run("suffix", on_output=on_output, **kw)
+
+    def layer_inputs(self, i: int) -> list[dict]:
+        """The state entering layer i (valid after layers < i were committed)."""
+        return self.state
+
+
+def calibration_batches(ids: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    return list(torch.split(ids, batch_size)) if ids.ndim == 2 else [ids[None]]
+
+
+def calibrate(qm: QModel, ctx, observe: Callable[[int], dict], apply: Callable[[int, dict], None], *,
+              propagate: str = "quantized", layers=None, desc: str = "calibrate") -> dict:
+    """The layer-by-layer calibration loop (see module doc). Returns a small summary."""
+    if propagate not in ("quantized", "float"):
+        raise PtqcError(f"propagate={propagate!r}: use 'quantized' or 'float'")
+    ids = ctx.calibration_ids(qm)
+    runner = LayerRunner(qm, calibration_batches(ids, ctx.calib_batch_size), device=ctx.device)
+    runner.run_prefix()
+    n = runner.num_layers
+    wanted = set(range(n) if layers is None else layers)
+    for i in ctx.progress(range(n), desc=desc, unit="layer"):
+        obs = observe(i) if i in wanted else None
+        if not obs:
+            runner.run_layer(i)
+            continue
+        runner.run_layer(i, observers=obs, commit=propagate == "float")
+        apply(i, obs)
+        if propagate == "quantized":
+            runner.run_layer(i)
+        qm.store.release()
+    return {"layers": len(wanted & set(range(n))), "samples": int(ids.shape[0]),
+            "tokens": int(ids.numel()), "propagate": propagate}
+
+
+def linear_nodes(seg: Segment) -> list[fx.Node]:
+    return [n for n in seg.nodes if n.op == "call_function" and n.target == ops.LINEAR]
+
+
+__all__ = ["Segment", "split", "LayerRunner", "calibrate", "calibration_batches", "linear_nodes"]
