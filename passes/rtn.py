@@ -22,6 +22,8 @@ class RTN(Pass):
     Codes are signed int8 in [-2^(b-1), 2^(b-1)-1]; asymmetric adds an int8 zero point per group.
     `include`/`exclude` take module patterns (full path, suffix such as `down_proj` or
     `layers.0.*`, or a role such as `lm_head`), separated by `|`; lm_head is kept float by default.
+    Recipes can set per-module options (`overrides:`) and a `sensitive` pass before it can keep
+    layers at higher precision.
     """
 
     name = "rtn"
@@ -46,13 +48,17 @@ class RTN(Pass):
 
     def run(self, qm, ctx) -> PassResult:
         o = self.options
-        spec = quant.QuantSpec(o.bits, o.group, o.sym, o.clip)
-        linears = select_linears(qm, o.include, o.exclude)
-        for n in linears:  # check every shape before changing anything
-            spec.check_fits(qm.store.spec(n.args[1].target)[0][1],
-                            n.meta["ptqc"]["module"])
+        plan = []  # (linear, spec): per-module options from recipe overrides / the precision plan
+        for n in select_linears(qm, o.include, o.exclude):
+            mo = self.options_for(qm, n)
+            if mo is None:
+                continue
+            spec = quant.QuantSpec(mo.bits, mo.group, mo.sym, mo.clip)
+            spec.check_fits(qm.store.spec(n.args[1].target)[0][1], n.meta["ptqc"]["module"])
+            plan.append((n, spec))  # every shape is checked before anything changes
         err_sum = 0.0
-        for n in ctx.progress(linears, desc="rtn", unit="linear"):
+        schemes = {}
+        for n, spec in ctx.progress(plan, desc="rtn", unit="linear"):
             w = weight_of(qm, n).float()
             scale, zp = quant.compute_qparams(w, spec)
             codes = quant.quantize(w, scale, zp, spec)
@@ -60,6 +66,7 @@ class RTN(Pass):
             rel = ((deq - w).norm() / w.norm().clamp_min(1e-12)).item()
             err_sum += rel
             set_quantized_weight(qm, n, spec, codes, scale, zp, "rtn", {"rel_error": round(rel, 6)})
-        return PassResult(changed=bool(linears), summary={
-            "linears": len(linears), "scheme": spec.describe(),
-            "mean_rel_weight_error": round(err_sum / max(len(linears), 1), 6)})
+            schemes[spec.describe()] = schemes.get(spec.describe(), 0) + 1
+        return PassResult(changed=bool(plan), summary={
+            "linears": len(plan), "schemes": schemes,
+            "mean_rel_weight_error": round(err_sum / max(len(plan), 1), 6)})

@@ -138,6 +138,7 @@ def save(qm: QModel, out, *, force: bool = False, extra: dict | None = None, dum
             "properties": sorted(qm.properties),
             "passes": qm.history,
             "quant": qm.quant,
+            "plan": qm.plan,
             "weights": weights,
             "torch_version": torch.__version__,
             **(extra or {}),
@@ -177,7 +178,7 @@ def load(path, trust_remote_code: bool = False) -> QModel:
     store.aliases.update(manifest.get("weights", {}).get("aliases", {}))
     return QModel(graph=graph, store=store, config=config, dtype=dtype, source=str(path.resolve()),
                   properties=set(manifest.get("properties", [])), history=list(manifest.get("passes", [])),
-                  quant=dict(manifest.get("quant", {})))
+                  quant=dict(manifest.get("quant", {})), plan=dict(manifest.get("plan", {})))
 
 
 def load_any(path, dtype: str = "float32", trust_remote_code: bool = False) -> QModel:

@@ -314,20 +314,13 @@ def check_canonical(g: fx.Graph) -> None:
 
 
 # ---- entry point -----------------------------------------------------------------------------
-def load(model_dir, dtype: str | torch.dtype = "float32", trust_remote_code: bool = False,
-         progress: bool = False) -> QModel:
-    """Trace a Hugging Face causal LM directory into a canonical :class:`QModel`.
+def trace(path: Path, config, dt: torch.dtype, trust_remote_code: bool, bar=None):
+    """Export + canonicalize + annotate: (graph, real buffers, tied parameter groups)."""
+    def step(msg):
+        if bar is not None:
+            bar.update()
+            bar.set_postfix_str(msg)
 
-    Weights are not read: they stay in the safetensors files until a pass or a run needs them."""
-    from tqdm.auto import tqdm
-
-    path = Path(model_dir)
-    config = load_config(path, trust_remote_code)
-    dt = parse_dtype(dtype) if isinstance(dtype, str) else dtype
-    files = weight_files(path)
-    bar = tqdm(total=4, desc="trace", disable=not progress, leave=False,
-               bar_format="{desc}: {n}/{total} {postfix} [{elapsed}]")
-    bar.set_postfix_str("build on meta")
     model = build_meta_model(config, dt, trust_remote_code)
     buffers = {n: b.detach().clone() for n, b in model.named_buffers() if b.device.type != "meta"}
     by_param: dict[int, set[str]] = {}
@@ -336,12 +329,10 @@ def load(model_dir, dtype: str | torch.dtype = "float32", trust_remote_code: boo
     tied = {name: group for group in by_param.values() if len(group) > 1 for name in group}
     model.to("meta")
     seq_max = getattr(config, "max_position_embeddings", 4096) or 4096
-    bar.update()
-    bar.set_postfix_str("torch.export")
+    step("torch.export")
     ep = export(model, seq_max)
     del model
-    bar.update()
-    bar.set_postfix_str("canonicalize")
+    step("canonicalize")
     g = to_ptqc_graph(ep)
     canonicalize(g)
     check_canonical(g)
@@ -350,6 +341,86 @@ def load(model_dir, dtype: str | torch.dtype = "float32", trust_remote_code: boo
     for n in g.nodes:  # arange(..., device=meta) from the meta trace: run on CPU by default
         if n.op == "call_function" and "device" in n.kwargs:
             n.kwargs = {**n.kwargs, "device": torch.device("cpu")}
+    return g, buffers, tied
+
+
+def _trace_in_child(path: Path, dtype: torch.dtype, trust_remote_code: bool):
+    """Run :func:`trace` in a child process and read its result back. torch.export leaves a few
+    hundred MB of caches and generated code behind in the process that ran it; a compile that
+    streams a large model should not carry that."""
+    import json
+    import subprocess
+    import sys
+    import tempfile
+
+    from safetensors.torch import load_file
+
+    from ptqc.ir import graph_from_json
+
+    with tempfile.TemporaryDirectory(prefix="ptqc-trace-") as tmp:
+        cmd = [sys.executable, "-m", "ptqc.frontend", str(path), str(dtype).removeprefix("torch."), tmp]
+        if trust_remote_code:
+            cmd.append("--trust-remote-code")
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+            msg = lines[-1].removeprefix("error: ") if lines else f"exit status {r.returncode}"
+            raise PtqcError(msg if r.returncode == 2 else f"tracing {path} failed in the child process: {msg}")
+        t = Path(tmp)
+        g = graph_from_json(json.loads((t / "graph.json").read_text()))
+        buffers = load_file(str(t / "buffers.safetensors")) if (t / "buffers.safetensors").exists() else {}
+        tied = {k: set(v) for k, v in json.loads((t / "tied.json").read_text()).items()}
+    return g, buffers, tied
+
+
+def _child_main(argv) -> None:
+    import json
+    import sys
+
+    from safetensors.torch import save_file
+
+    from ptqc.ir import graph_to_json
+
+    path, dtype, out = Path(argv[0]), parse_dtype(argv[1]), Path(argv[2])
+    trc = "--trust-remote-code" in argv
+    try:
+        g, buffers, tied = trace(path, load_config(path, trc), dtype, trc)
+    except PtqcError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    (out / "graph.json").write_text(json.dumps(graph_to_json(g)))
+    if buffers:
+        save_file({k: v.contiguous() for k, v in buffers.items()}, str(out / "buffers.safetensors"))
+    (out / "tied.json").write_text(json.dumps({k: sorted(v) for k, v in tied.items()}))
+
+
+ISOLATE_BYTES = 1 << 30  # trace in a child process for checkpoints larger than this (isolate="auto")
+
+
+def load(model_dir, dtype: str | torch.dtype = "float32", trust_remote_code: bool = False,
+         progress: bool = False, isolate: bool | str = False) -> QModel:
+    """Trace a Hugging Face causal LM directory into a canonical :class:`QModel`.
+
+    Weights are not read: they stay in the safetensors files until a pass or a run needs them.
+    ``isolate=True`` traces in a child process (``"auto"``: for checkpoints over 1 GiB), so
+    the tracer's memory is returned to the system before any weight is read."""
+    from tqdm.auto import tqdm
+
+    path = Path(model_dir)
+    config = load_config(path, trust_remote_code)
+    dt = parse_dtype(dtype) if isinstance(dtype, str) else dtype
+    files = weight_files(path)
+    if isolate == "auto":
+        isolate = sum(f.stat().st_size for f in set(files.values())) > ISOLATE_BYTES
+    bar = tqdm(total=4, desc="trace", disable=not progress, leave=False,
+               bar_format="{desc}: {n}/{total} {postfix} [{elapsed}]")
+    bar.set_postfix_str("build on meta")
+    if isolate:
+        bar.set_postfix_str("export in a child process")
+        g, buffers, tied = _trace_in_child(path, dt, trust_remote_code)
+        bar.update(2)
+    else:
+        g, buffers, tied = trace(path, config, dt, trust_remote_code, bar)
     store = WeightStore(files, dt)
     for name, b in buffers.items():
         if name not in files:
@@ -368,3 +439,9 @@ def load(model_dir, dtype: str | torch.dtype = "float32", trust_remote_code: boo
     bar.update()
     bar.close()
     return qm
+
+
+if __name__ == "__main__":  # the child of load(isolate=True)
+    import sys
+
+    _child_main(sys.argv[1:])

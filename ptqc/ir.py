@@ -54,6 +54,7 @@ class QModel:
     properties: set = field(default_factory=set)
     history: list = field(default_factory=list)  # one record per pass run
     quant: dict = field(default_factory=dict)  # module path -> quantization parameters (manifest)
+    plan: dict = field(default_factory=dict)  # module path -> option overrides / {"skip": True} (mixed precision)
 
     # ---- queries -----------------------------------------------------------------------------
     def nodes(self, op=None, role=None, layer=None) -> Iterator[fx.Node]:
@@ -88,7 +89,7 @@ class QModel:
             setattr(store, attr, dict(getattr(self.store, attr)))
         return QModel(graph=graph_from_json(graph_to_json(self.graph)), store=store, config=self.config,
                       dtype=self.dtype, source=self.source, properties=set(self.properties),
-                      history=copy.deepcopy(self.history), quant=copy.deepcopy(self.quant))
+                      history=copy.deepcopy(self.history), quant=copy.deepcopy(self.quant), plan=copy.deepcopy(self.plan))
 
     # ---- execution ---------------------------------------------------------------------------
     def __call__(self, input_ids: torch.Tensor, **kw) -> torch.Tensor:

@@ -156,7 +156,8 @@ def write_safetensors(path: Path, names: list[str], spec, get, metadata: dict | 
             if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
                 raise PtqcError(f"tensor {n} is {tuple(t.shape)} {t.dtype}, expected {tuple(shape)} {dtype}")
             if t.numel():
-                f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+                f.write(memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
+            del t  # before reading the next one: never two large tensors at once
     return off
 
 

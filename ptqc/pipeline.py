@@ -137,7 +137,29 @@ class Pass:
     invalidates: ClassVar[frozenset] = frozenset()
 
     def __init__(self, **options):
+        overrides = options.pop("overrides", None)
         self.options = make_options(self, options)
+        self.overrides = parse_overrides(self, options, overrides)
+
+    def options_for(self, qm, node) -> Any:
+        """This pass's options for one module: the base options, then the model's precision plan
+        (``qm.plan``, e.g. from the ``sensitive`` pass), then the recipe's ``overrides`` (last
+        match wins). None means: leave this module alone (``skip: true`` / kept in float)."""
+        m = node.meta.get("ptqc", {}) if hasattr(node, "meta") else {"module": node}
+        module, role = m.get("module", ""), m.get("role")
+        fields = {f.name for f in dataclasses.fields(self.options)}
+        changes: dict = {}
+        plan = (getattr(qm, "plan", None) or {}).get(module)
+        if plan:
+            if plan.get("skip"):
+                return None
+            changes.update({k: v for k, v in plan.items() if k in fields})
+        for pattern, ov in self.overrides:
+            if match_module(module, role, [pattern]):
+                if ov is None:
+                    return None
+                changes.update(ov)
+        return dataclasses.replace(self.options, **changes) if changes else self.options
 
     def run(self, qm, ctx: PassContext) -> PassResult:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -245,6 +267,42 @@ def _fmt(v) -> str:
     if isinstance(v, list):
         return "|".join(map(str, v))
     return str(v)
+
+
+def parse_overrides(p: Pass, base: dict, raw) -> list[tuple[str, dict | None]]:
+    """Per-module option overrides of a recipe entry, checked now (typed, validated)::
+
+        overrides:                         # a mapping: pattern -> options, or "skip"
+          "layers.0.*": {bits: 8}
+          down_proj: {group: 64, damp: 0.1}
+          lm_head: skip
+        overrides:                         # or a list with "match:"
+          - {match: "layers.3[12].*", lr: 1.0e-3, epochs: 20}
+    """
+    if raw is None:
+        return []
+    where = f"pass {p.name} overrides"
+    items = []
+    if isinstance(raw, dict):
+        items = list(raw.items())
+    elif isinstance(raw, list):
+        for e in raw:
+            if not isinstance(e, dict) or "match" not in e:
+                raise PtqcError(f"{where}: each list entry needs 'match: PATTERN' (got {e!r})")
+            e = dict(e)
+            items.append((str(e.pop("match")), e))
+    else:
+        raise PtqcError(f"{where}: give a mapping pattern -> options (or a list of {{match: ..., ...}})")
+    out = []
+    for pattern, ov in items:
+        if ov in ("skip", "float") or (isinstance(ov, dict) and (ov.get("skip") or ov.get("float"))):
+            out.append((str(pattern), None))
+            continue
+        if not isinstance(ov, dict):
+            raise PtqcError(f"{where}: {pattern!r} must map to options or 'skip' (got {ov!r})")
+        merged = make_options(p, {**base, **ov})  # typed and validated like the pass's own options
+        out.append((str(pattern), {k: getattr(merged, k) for k in ov}))
+    return out
 
 
 def make_options(p: Pass | type[Pass], raw: dict):
@@ -473,6 +531,8 @@ class PassManager:
             rec = {
                 "pass": p.name,
                 "options": dataclasses.asdict(p.options),
+                **({"overrides": [[k, v if v is not None else "skip"] for k, v in p.overrides]}
+                   if getattr(p, "overrides", None) else {}),
                 "seconds": round(seconds, 4),
                 "changed": bool(result.changed),
                 "ops_delta": dict(sorted(delta.items())),

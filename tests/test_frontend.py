@@ -132,3 +132,14 @@ def test_input_model_never_modified(models, tmp_path):
     pipeline.PassManager(pipeline.parse_pipeline("rtn:bits=3,group=64")).run(qm, pipeline.PassContext(quiet=True))
     artifact.save(qm, tmp_path / "out")
     assert digest(models["qwen2"]) == before
+
+
+def test_trace_in_child_process_gives_the_same_model(models, loaded, ids):
+    from ptqc.ir import graph_to_json
+
+    ref = loaded("llama")  # tied embeddings: the alias must come back too
+    qm = frontend.load(models["llama"], isolate=True)
+    assert graph_to_json(qm.graph) == graph_to_json(ref.graph)
+    assert qm.store.aliases == ref.store.aliases
+    x = ids(2, 7)
+    assert torch.equal(qm(x), ref(x))

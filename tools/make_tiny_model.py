@@ -95,8 +95,9 @@ def main(argv=None):
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--sliding-window", type=int, default=None)
+    ap.add_argument("--vocab", type=int, default=0, help="Embedding rows (default: the tokenizer's size).")
     a = ap.parse_args(argv)
-    p = make_model(a.out, a.arch, a.layers, a.hidden, a.intermediate, a.heads, a.kv_heads, 0, a.tie,
+    p = make_model(a.out, a.arch, a.layers, a.hidden, a.intermediate, a.heads, a.kv_heads, a.vocab, a.tie,
                    a.shards, a.dtype, a.seed, a.sliding_window)
     print(json.dumps({"out": str(p), "files": sorted(x.name for x in p.iterdir())}))
 
