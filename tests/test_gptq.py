@@ -1,0 +1,98 @@
+"""GPTQ: equals RTN when there is nothing to compensate, beats it when there is, keeps the
+ordinary group layout with act_order, and fails (or falls back) clearly on a singular Hessian."""
+import importlib
+
+import pytest
+import torch
+
+from ptqc import pipeline, quant
+from ptqc.errors import PtqcError
+from ptqc.weights import dequantized_weight, is_quantized
+
+gptq = importlib.import_module("ptqc.passes.gptq")
+
+
+def _rtn(w, spec):
+    s, z = quant.compute_qparams(w, spec)
+    return quant.quantize(w, s, z, spec), s, z
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("spec", [quant.QuantSpec(4, 32, False), quant.QuantSpec(3, 0, True)])
+def test_identity_hessian_gives_exactly_rtn(act_order, spec):
+    torch.manual_seed(0)
+    w = torch.randn(24, 64)
+    codes, scale, zp, _ = gptq.gptq_quantize(w, torch.eye(64), spec, block=16, act_order=act_order)
+    rc, rs, rz = _rtn(w, spec)
+    assert torch.equal(codes, rc) and torch.equal(scale, rs)
+    assert (zp is None and rz is None) or torch.equal(zp, rz)
+
+
+def _correlated_hessian(n, tokens=2048, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(n, n, generator=g) / n ** 0.5 + torch.eye(n)
+    x = torch.randn(tokens, n, generator=g) @ mix * (1 + 5 * torch.rand(n, generator=g))  # uneven channels
+    return 2 * x.t() @ x / tokens
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("bits, group", [(4, 32), (3, 64), (2, 0)])
+def test_gptq_output_error_below_rtn(act_order, bits, group):
+    torch.manual_seed(1)
+    w, h = torch.randn(48, 128), _correlated_hessian(128)
+    spec = quant.QuantSpec(bits, group, False)
+    codes, scale, zp, _ = gptq.gptq_quantize(w, h, spec, block=32, act_order=act_order)
+    assert codes.dtype == torch.int8 and codes.min() >= spec.qmin and codes.max() <= spec.qmax
+    assert scale.shape == (48, 128 // group if group else 1)  # contiguous group layout, no g_idx
+    err = gptq.output_error(w, quant.dequantize(codes, scale, zp, group), h)
+    rc, rs, rz = _rtn(w, spec)
+    err_rtn = gptq.output_error(w, quant.dequantize(rc, rs, rz, group), h)
+    assert err < 0.8 * err_rtn, (err, err_rtn)
+
+
+def test_singular_hessian_is_reported():
+    with pytest.raises(gptq.SingularHessian, match="not positive definite"):
+        gptq.gptq_quantize(torch.randn(4, 8), -torch.eye(8), quant.QuantSpec(4, 0, True), retries=2)
+
+
+def test_dead_inputs_are_zeroed():
+    h = torch.eye(8)
+    h[2, 2] = 0
+    codes, scale, zp, _ = gptq.gptq_quantize(torch.randn(4, 8), h, quant.QuantSpec(4, 0, True))
+    assert torch.equal(codes[:, 2], torch.zeros(4, dtype=torch.int8))
+
+
+def _run(qm, text, x):
+    return pipeline.PassManager(pipeline.parse_pipeline(text)).run(qm, pipeline.PassContext(quiet=True, calib=x))
+
+
+def test_gptq_pass_beats_rtn_on_every_linear(loaded, ids):
+    qm = loaded("qwen2")
+    rec = _run(qm, "gptq:bits=3,group=32", ids(8, 32))
+    assert all(is_quantized(n) for i in range(2) for n in qm.linears(layer=i))
+    recs = [q["weight"] for m, q in qm.quant.items()]
+    assert len(recs) == 14 and all(r["method"] == "gptq" and r["err_gptq"] < r["err_rtn"] for r in recs)
+    assert rec[0]["summary"]["mean_err_gptq"] < rec[0]["summary"]["mean_err_rtn"]
+    # stored codes + scales are what the graph computes with
+    lin = qm.linears(role="down", layer=1)[0]
+    w = dequantized_weight(qm, lin)
+    assert w.shape == qm.store.spec(lin.args[1].args[0].target)[0]
+
+
+def test_gptq_singular_hessian_names_module_or_falls_back(loaded, ids, monkeypatch):
+    def boom(h, damp, retries):
+        raise gptq.SingularHessian("Hessian is not positive definite even with damp=100")
+    monkeypatch.setattr(gptq, "inverse_cholesky", boom)
+    with pytest.raises(PtqcError, match=r"model\.layers\.0\.self_attn\.q_proj.*fallback=rtn"):
+        _run(loaded("qwen2"), "gptq:bits=4,group=32", ids(2, 16))
+    qm = loaded("qwen2")
+    _run(qm, "gptq:bits=4,group=32,fallback=rtn", ids(2, 16))
+    assert {q["weight"]["method"] for q in qm.quant.values()} == {"rtn-fallback"}
+
+
+def test_gptq_options_are_checked():
+    pipeline.load_builtin_passes()
+    with pytest.raises(PtqcError, match="bits=9 is outside 2..8"):
+        pipeline.parse_pipeline("gptq:bits=9")
+    with pytest.raises(PtqcError, match="fallback is error|rtn"):
+        pipeline.parse_pipeline("gptq:fallback=maybe")
