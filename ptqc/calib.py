@@ -138,10 +138,19 @@ class LayerRunner:
             raise PtqcError(f"expected one graph input (input_ids), found {len(ph)}")
         self.state = [{ph[0].name: b.to(self.device) if self.device else b} for b in batches]
         self.check_finite = check_finite
-        self.done: list[str] = []  # committed segments, in order
+        self._frozen: dict[str, Segment] | None = None
 
     def segments(self) -> dict[str, Segment]:
+        if self._frozen is not None:
+            return self._frozen
         return {s.key: s for s in split(self.qm.graph)}
+
+    def freeze(self) -> dict[str, Segment]:
+        """Split the graph once and reuse the segments: for callers that run many segments
+        without changing the graph (evaluation, diagnostics). Passes that rewrite must not."""
+        self._frozen = None
+        self._frozen = self.segments()
+        return self._frozen
 
     @property
     def num_layers(self) -> int:
@@ -170,8 +179,6 @@ class LayerRunner:
                 on_output(b, out)
             if commit:
                 self.state[b] = {k: env[k] for k in seg.keep if k in env}
-        if commit:
-            self.done.append(key)
         self.qm.store.release(seg.weights)
 
     def _run_nodes(self, seg, env, consts, last_use, overrides, hook, obs_by_name, b):

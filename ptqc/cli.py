@@ -3,12 +3,15 @@
     ptqc compile --passes rtn:bits=4 MODEL -o OUT   trace, run passes, write an artifact
     ptqc inspect OUT                               the transformed graph
     ptqc passes [NAME]                             available passes and their options
-    ptqc eval OUT                                  perplexity
+    ptqc eval OUT                                  perplexity (--generate, --tasks t1,t2 with lm-eval)
+    ptqc generate OUT                              greedy continuations and collapse signals
+    ptqc diagnose MODEL OUT -o DIR                 per-layer / per-linear error vs the float model
 
 Errors a user can cause print one line (``error: ...``) and exit with status 2.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import sys
@@ -51,6 +54,9 @@ def _log(quiet: bool, msg: str):
 @click.version_option(package_name="ptqc")
 def main():
     """ptqc: post-training quantization compiler for LLMs (Ascend and ONNX backends)."""
+    from ptqc.model import steady_malloc
+
+    steady_malloc()
 
 
 def _load_plugins(plugins):
@@ -72,14 +78,34 @@ def _load_plugins(plugins):
 @click.option("--trust-remote-code", is_flag=True, help="Allow custom model code shipped with the model.")
 @click.option("--dump-after", multiple=True, help="Dump the graph after this pass (or 'all') into OUT/dumps/.")
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
+@click.option("--calib", type=click.Path(path_type=Path), default=None,
+              help="Calibration data: text file, JSONL, or Parquet/Arrow dataset dir (default: MODEL/calib.txt).")
+@click.option("--calib-samples", type=int, default=None, help="Number of calibration windows [128].")
+@click.option("--calib-seqlen", type=int, default=None, help="Tokens per calibration window [512].")
+@click.option("--calib-seed", type=int, default=None, help="Seed of the window sampling [0].")
+@click.option("--calib-field", default=None, help="Text field/column of JSONL or dataset data [text].")
+@click.option("--calib-batch-size", type=int, default=None, help="Windows per forward batch [8].")
+@click.option("--offload-mb", type=int, default=None,
+              help="Keep at most this many MB of pass outputs in memory; the rest goes to a temporary file "
+                   "[5% of the model, 16..1024].")
+@click.option("--report", type=click.Path(path_type=Path), default=None,
+              help="Also compare the result with the float model on the calibration data and write the "
+                   "diagnostics (as `ptqc diagnose`) into this directory.")
 @quiet_option
 @friendly
-def compile(model, out, pipeline_str, recipe, plugins, dtype, device, trust_remote_code, dump_after, force, quiet):
+def compile(model, out, pipeline_str, recipe, plugins, dtype, device, trust_remote_code, dump_after, force,
+            calib, calib_samples, calib_seqlen, calib_seed, calib_field, calib_batch_size, offload_mb, quiet,
+            report=None):
     """Trace MODEL (a Hugging Face directory), run the passes, write the artifact OUT."""
+    import shutil
+    import tempfile
+
     from ptqc import artifact, device as devices, frontend, inspect, pipeline
 
     t0 = time.perf_counter()
     artifact.check_output(out, force)
+    if report is not None:
+        artifact.check_output(report, force)
     _load_plugins(plugins)
     if pipeline_str and recipe:
         raise PtqcError("give either --passes or --recipe, not both")
@@ -99,17 +125,105 @@ def compile(model, out, pipeline_str, recipe, plugins, dtype, device, trust_remo
     pm = pipeline.PassManager(passes, dump_after=dump_after, dump=dump)
     _log(quiet, f"tracing {model} ({dtype})")
     t1 = time.perf_counter()
-    qm = frontend.load(model, dtype, trust_remote_code, progress=not quiet)
+    qm = frontend.load(model, dtype, trust_remote_code, progress=not quiet, isolate="auto")
     trace_s = time.perf_counter() - t1
     if "canonical" in dump_after or "all" in dump_after:
         dumps["00-canonical.txt"] = inspect.render(qm)
-    ctx = pipeline.PassContext(device=dev, quiet=quiet)
-    for rec in pm.run(qm, ctx):
-        _log(quiet, f"  {rec['pass']:10s} {rec['seconds']:8.2f}s  {json.dumps(rec['summary'])}")
-    artifact.save(qm, out, force=force, dumps=dumps,
-                  extra={"timing": {"trace_s": round(trace_s, 3), "total_s": round(time.perf_counter() - t0, 3)},
-                         "pipeline": [repr(p) for p in passes], "recipe": str(recipe) if recipe else None})
+    cfg = pipeline.calib_config(settings.get("calib", {}), path=calib, samples=calib_samples, seqlen=calib_seqlen,
+                                seed=calib_seed, field=calib_field, batch_size=calib_batch_size)
+    ctx = pipeline.PassContext(device=dev, quiet=quiet, calib=cfg)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    qm.store.offload_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.offload-", dir=out.parent))
+    model_bytes = sum(f.stat().st_size for f in set(qm.store.files.values()))
+    qm.store.offload_bytes = (offload_mb << 20) if offload_mb is not None else \
+        min(max(model_bytes // 20, 16 << 20), 1 << 30)
+    try:
+        for rec in pm.run(qm, ctx):
+            _log(quiet, f"  {rec['pass']:10s} {rec['seconds']:8.2f}s  {json.dumps(rec['summary'])}")
+        artifact.save(qm, out, force=force, dumps=dumps,
+                      extra={"timing": {"trace_s": round(trace_s, 3), "total_s": round(time.perf_counter() - t0, 3)},
+                             "pipeline": [repr(p) for p in passes], "recipe": str(recipe) if recipe else None,
+                             "calibration": dataclasses.asdict(cfg) if ctx._ids is not None else None})
+        if report is not None:
+            _write_diagnostics(model, qm, ctx, cfg, report, dtype, dev, trust_remote_code, force, quiet)
+    finally:
+        shutil.rmtree(qm.store.offload_dir, ignore_errors=True)
     _log(quiet, f"wrote {out} in {time.perf_counter() - t0:.1f}s")
+
+
+def _write_diagnostics(model, qm, ctx, cfg, report_dir, dtype, dev, trust_remote_code, force, quiet):
+    """compile --report: the float model (traced again from MODEL) against the compiled one."""
+    from tqdm.auto import tqdm
+
+    from ptqc import diagnose, frontend
+
+    t = time.perf_counter()
+    fp = frontend.load(model, dtype, trust_remote_code, isolate="auto")
+    ids = ctx.calibration_ids(qm)  # the data the passes calibrated on (tokenized now if none did)
+    rep = diagnose.compare(fp, qm, ids, batch_size=cfg.batch_size, device=None if dev == "cpu" else dev,
+                           progress=lambda it, **kw: tqdm(it, disable=quiet, leave=False, **kw))
+    diagnose.write_report(rep, report_dir, force=force)
+    _log(quiet, f"diagnostics: {report_dir} ({time.perf_counter() - t:.1f}s); sensitive layers: "
+                f"{', '.join(map(str, rep['sensitive_layers'])) or 'none'}")
+
+
+@main.command()
+@click.argument("fp_model", type=click.Path(path_type=Path))
+@click.argument("quantized", type=click.Path(path_type=Path))
+@click.option("-o", "--out", required=True, type=click.Path(path_type=Path),
+              help="Output directory: diagnostics.json and one PNG per metric.")
+@click.option("--calib", type=click.Path(path_type=Path), default=None,
+              help="Text file, JSONL, or Parquet/Arrow dataset dir (default: FP_MODEL/calib.txt or eval.txt).")
+@click.option("--calib-samples", type=int, default=32, show_default=True, help="Number of windows.")
+@click.option("--calib-seqlen", type=int, default=256, show_default=True, help="Tokens per window.")
+@click.option("--calib-seed", type=int, default=0, show_default=True, help="Seed of the window sampling.")
+@click.option("--calib-field", default=None, help="Text field/column of JSONL or dataset data [text].")
+@click.option("--calib-batch-size", type=int, default=8, show_default=True, help="Windows per forward batch.")
+@click.option("--k", "k", type=float, default=3.0, show_default=True,
+              help="Sensitive: local error above median + k x 1.4826 x MAD over the layers.")
+@click.option("--metric", type=click.Choice(["rel_error", "mse", "sqnr_db"]), default="rel_error",
+              show_default=True, help="The local metric the sensitivity rule ranks by.")
+@click.option("--top", type=int, default=5, show_default=True, help="Length of the worst-first rankings.")
+@click.option("--dtype", default="float32", show_default=True, help="For a Hugging Face directory.")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--trust-remote-code", is_flag=True)
+@click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of the table.")
+@quiet_option
+@friendly
+def diagnose(fp_model, quantized, out, calib, calib_samples, calib_seqlen, calib_seed, calib_field,
+             calib_batch_size, k, metric, top, dtype, device, trust_remote_code, force, as_json, quiet):
+    """Per-layer and per-linear error of QUANTIZED (an artifact) against FP_MODEL, its float model.
+
+    Both models run layer by layer on the same calibration windows (FP_MODEL's tokenizer; by
+    default 32 windows x 256 tokens of FP_MODEL/calib.txt). "local": the quantized layer on the
+    float layer's inputs (its own error); "accumulated": on the quantized model's own inputs.
+    Layers whose local error is an outlier (median + k x MAD) are reported as sensitive."""
+    from tqdm.auto import tqdm
+
+    from ptqc import artifact, device as devices, diagnose as diag, pipeline
+
+    artifact.check_output(out, force)
+    if k <= 0 or top < 1:
+        raise PtqcError("--k must be positive and --top at least 1")
+    dev = devices.resolve(device)
+    for p in (fp_model, quantized):
+        if not p.is_dir():
+            raise PtqcError(f"{p} is not a directory (give a model directory or a ptqc artifact)")
+    fp = artifact.load_any(fp_model, dtype, trust_remote_code)
+    q = artifact.load_any(quantized, dtype, trust_remote_code)
+    cfg = pipeline.calib_config(path=calib, samples=calib_samples, seqlen=calib_seqlen, seed=calib_seed,
+                                field=calib_field, batch_size=calib_batch_size)
+    ids = pipeline.PassContext(calib=cfg).calibration_ids(fp)
+    rep = diag.compare(fp, q, ids, batch_size=cfg.batch_size, device=None if dev == "cpu" else dev,
+                       progress=lambda it, **kw: tqdm(it, disable=quiet, leave=False, **kw),
+                       k=k, metric=metric, top=top)
+    diag.write_report(rep, out, force=force)
+    if as_json:
+        click.echo(json.dumps(rep, allow_nan=False))
+    else:
+        click.echo(diag.format_table(rep))
+        _log(quiet, f"wrote {out}/diagnostics.json and {', '.join(m + '.png' for m in diag.METRICS)}")
 
 
 @main.command("inspect")
@@ -177,21 +291,34 @@ def passes_cmd(name, plugins):
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--trust-remote-code", is_flag=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("--generate", "gen", is_flag=True,
+              help="Also greedy-generate from built-in prompts and exit 3 if the output has collapsed.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True,
+              help="With --generate: tokens generated per prompt.")
+@click.option("--tasks", default=None, help="lm-eval tasks, comma-separated (needs ptqc[eval], local data).")
+@click.option("--limit", type=int, default=None, help="With --tasks: at most N examples per task.")
+@click.option("--include-path", type=click.Path(path_type=Path), default=None,
+              help="With --tasks: a directory of local lm-eval task YAMLs.")
 @quiet_option
 @friendly
-def eval_cmd(path, text, seqlen, batch_size, max_windows, dtype, device, trust_remote_code, as_json, quiet):
+def eval_cmd(path, text, seqlen, batch_size, max_windows, dtype, device, trust_remote_code, as_json, gen,
+             max_new_tokens, tasks, limit, include_path, quiet):
     """Perplexity of an artifact or a model on a text (non-overlapping windows)."""
     from ptqc import artifact, device as devices, evaluate
     from ptqc.errors import CollapseError
 
     dev = devices.resolve(device)
+    if tasks:
+        from ptqc import lm_eval_adapter
+
+        lm_eval_adapter.require()  # before loading anything
     qm = artifact.load_any(path, dtype, trust_remote_code)
     text_path = text or evaluate.default_text(path, qm)
     tok = evaluate.load_tokenizer(path)
     ids = evaluate.tokenize(tok, evaluate.read_text(text_path))
     from tqdm.auto import tqdm
 
-    def progress(it, **kw):
+    def progress(it=None, **kw):
         return tqdm(it, disable=quiet, leave=False, **kw)
 
     try:
@@ -202,10 +329,68 @@ def eval_cmd(path, text, seqlen, batch_size, max_windows, dtype, device, trust_r
             click.echo(json.dumps({"collapse": str(e), "text": str(text_path)}))
         _fail(str(e), 3)
     r["text"] = str(text_path)
+    if not as_json:
+        click.echo(f"ppl {r['ppl']:.4f}  ({r['windows']} windows x {seqlen} tokens of {text_path})")
+    if gen:
+        from ptqc import generate
+
+        outs = generate.greedy(qm, tok, list(generate.DEFAULT_PROMPTS), max_new_tokens,
+                               device=None if dev == "cpu" else dev, model_dir=path)
+        r["generate"] = generate.collapse_signals(outs, tok)
+        if not as_json:
+            click.echo(f"generate: {generate.describe(r['generate'])}")
+        if r["generate"]["collapsed"]:
+            if as_json:
+                click.echo(json.dumps(r))
+            _fail("collapse: " + "; ".join(r["generate"]["reasons"]), 3)
+    if tasks:
+        try:
+            r["tasks"] = lm_eval_adapter.run_tasks(qm, tok, tasks, limit, batch_size=batch_size,
+                                                   device=None if dev == "cpu" else dev, model_dir=path,
+                                                   include_path=[include_path] if include_path else None)
+        except CollapseError as e:
+            _fail(str(e), 3)
+        if not as_json:
+            for k, v in r["tasks"].items():
+                click.echo(f"{k:40s} {v:.4f}" if isinstance(v, float) else f"{k:40s} {v}")
     if as_json:
         click.echo(json.dumps(r))
+
+
+@main.command("generate")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--prompt", "prompt_texts", multiple=True, help="A prompt (repeatable; default: built-in prompts).")
+@click.option("--prompts", "prompts_file", type=click.Path(path_type=Path), default=None,
+              help="A file with one prompt per line (replaces the built-in prompts).")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--dtype", default="float32", show_default=True, help="For a Hugging Face directory.")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--trust-remote-code", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print continuations and signals as JSON.")
+@friendly
+def generate_cmd(path, prompt_texts, prompts_file, max_new_tokens, dtype, device, trust_remote_code, as_json):
+    """Greedy continuations and collapse signals (loops, distinct-n, EOS); exit 3 if collapsed.
+
+    Every step re-runs the whole sequence (no KV cache): a check, not a server.
+    """
+    from ptqc import artifact, device as devices, evaluate, generate
+
+    dev = devices.resolve(device)
+    prompts = list(prompt_texts) + (generate.read_prompts(prompts_file) if prompts_file else [])
+    qm = artifact.load_any(path, dtype, trust_remote_code)
+    tok = evaluate.load_tokenizer(path)
+    outs = generate.greedy(qm, tok, prompts or list(generate.DEFAULT_PROMPTS), max_new_tokens,
+                           device=None if dev == "cpu" else dev, model_dir=path)
+    s = generate.collapse_signals(outs, tok)
+    if as_json:
+        keep = ("prompt", "text", "ids", "reached_eos", "finite")
+        click.echo(json.dumps({"outputs": [{k: o[k] for k in keep} for o in outs], "signals": s}))
     else:
-        click.echo(f"ppl {r['ppl']:.4f}  ({r['windows']} windows x {seqlen} tokens of {text_path})")
+        for i, o in enumerate(outs, 1):
+            click.echo(f"{i}. {o['prompt']!r} -> {o['text']!r}{'  <eos>' if o['reached_eos'] else ''}")
+        click.echo(generate.describe(s))
+    if s["collapsed"]:
+        _fail("collapse: " + "; ".join(s["reasons"]), 3)
 
 
 if __name__ == "__main__":

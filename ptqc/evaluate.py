@@ -118,7 +118,7 @@ def perplexity(qm: QModel, ids: torch.Tensor, seqlen: int, *, batch_size: int = 
     for c in chunks:
         batches = list(torch.split(c, batch_size))
         runner = LayerRunner(qm, batches, device=device)
-        keys = list(runner.segments())
+        keys = list(runner.freeze())
         n_layers = len(keys) - 2
         bad: list[int] = []
 

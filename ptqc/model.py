@@ -289,6 +289,23 @@ class WeightStore:
         return {n: self[n] for n in names}
 
 
+def steady_malloc() -> None:
+    """Fix glibc's mmap threshold (4 MiB). By default it rises after every large free, so the
+    next layers' tensors come from the heap and their memory is never given back: streaming
+    a model layer by layer would then look like holding all of it."""
+    import sys
+
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            libc = ctypes.CDLL("libc.so.6")
+            libc.mallopt(-3, 4 << 20)  # M_MMAP_THRESHOLD
+            libc.mallopt(-1, 4 << 20)  # M_TRIM_THRESHOLD
+        except (OSError, AttributeError):
+            pass
+
+
 @contextlib.contextmanager
 def params_on_meta():
     """Construct modules with parameters on the meta device but real buffers (like

@@ -19,6 +19,20 @@ def _write_text(path: Path, n_words: int, seed: int) -> None:
     path.write_text(" ".join(rnd.choice(WORDS) for _ in range(n_words)))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory):
+    """Token caches of the tests go to a temporary directory, not ~/.cache/ptqc."""
+    import os
+
+    old = os.environ.get("PTQC_CACHE")
+    os.environ["PTQC_CACHE"] = str(tmp_path_factory.mktemp("ptqc-cache"))
+    yield
+    if old is None:
+        os.environ.pop("PTQC_CACHE", None)
+    else:
+        os.environ["PTQC_CACHE"] = old
+
+
 @pytest.fixture(scope="session")
 def models(tmp_path_factory) -> dict[str, Path]:
     """Random tiny models: Qwen2 (GQA, q/k/v bias, 2 shards), Llama (MHA, tied embeddings),
