@@ -1,0 +1,219 @@
+"""awq: activation-aware weight quantization (Lin et al., 2023).
+
+A few input channels carry much larger activations than the rest; their weights matter more.
+AWQ multiplies those weight columns by a per-input-channel scale ``s`` before quantizing (so
+they get finer effective steps) and divides the activation by ``s``, folding ``1/s`` into the
+op that produces the activation, so the float model is unchanged:
+
+    input_norm  -> q, k, v      norm weight / s         q, k, v columns * s
+    post_norm   -> gate, up     norm weight / s         gate, up columns * s
+    v_proj      -> o_proj       v rows (and bias) / s   o columns * s     (only when v and o
+                                                                            have the same width;
+                                                                            with GQA it is skipped,
+                                                                            as in AutoAWQ)
+    up_proj     -> down_proj    up rows / s             down columns * s
+
+Gemma-style norms ``x * (1 + w)`` are folded as ``(1 + w) / s - 1``.
+
+Scale search, per group of linears sharing an input, on calibration samples of that input
+(float inputs, layer by layer): ``s = mean|x|^a / mean|w|^(1-a)`` (``mean|w|`` of the
+group-normalized weights), normalized by ``sqrt(max(s) min(s))``, for ``a`` in ``k/grid``,
+k = 0..grid-1; the candidate (or no scaling) with the lowest output MSE
+``||Q(W s)(x/s) - W x||^2`` wins.
+
+Clip search (``clip=true``): for every linear except q/k (attention logits are sensitive), per
+output row and group, the weight range is shrunk by ratios 1, 0.95, ... 0.5 and the ratio
+giving the lowest error of that group's partial outputs is kept; weights are clamped to it.
+
+Then (``quantize=true``, default) the weights are quantized round-to-nearest with the shared
+quantizer. With ``quantize=false`` only scales and clipping are applied, for pipelines such as
+``awq:quantize=false,gptq``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ptqc import ops, quant
+from ptqc.calib import calibrate
+from ptqc.errors import PtqcError
+from ptqc.ir import is_op
+from ptqc.observers import MeanAbs, Samples
+from ptqc.patterns import activation_input, producer_linear
+from ptqc.pipeline import Pass, PassResult, register
+from ptqc.weights import select_linears, set_quantized_weight, weight_of
+
+
+def search_scale(x: torch.Tensor, x_mean: torch.Tensor, ws: list[torch.Tensor], spec: quant.QuantSpec,
+                 grid: int) -> tuple[torch.Tensor, dict]:
+    """Best per-input-channel scale for linears ``ws`` (each [out, in]) reading ``x`` [n, in]."""
+    W = torch.cat(ws)
+    y = x @ W.t()
+    g = spec.group_size if spec.group_size > 0 else W.shape[1]
+    wg = W.abs().reshape(W.shape[0], -1, g)
+    w_mean = (wg / wg.amax(-1, keepdim=True).clamp_min(1e-12)).reshape(W.shape).mean(0)
+
+    def loss(s):
+        yq = (x / s) @ quant.fake_quantize(W * s, spec).t()
+        return (yq - y).pow(2).mean().item()
+
+    best_s, best, base = torch.ones_like(x_mean), None, None
+    base = best = loss(best_s)
+    best_a = None
+    for k in range(grid):
+        a = k / grid
+        s = (x_mean.pow(a) / w_mean.pow(1 - a).clamp_min(1e-4)).clamp_min(1e-4)
+        s = s / (s.max() * s.min()).sqrt()
+        cur = loss(s)
+        if cur < best:
+            best, best_s, best_a = cur, s, a
+    return best_s, {"alpha": best_a, "loss_before": base, "loss_after": best}
+
+
+def search_clip(x: torch.Tensor, w: torch.Tensor, spec: quant.QuantSpec, steps: int = 10, shrink: float = 0.5,
+                rows_per_batch: int = 256) -> torch.Tensor:
+    """Clamp ``w`` per (row, group) to the shrink ratio minimizing the group's output error."""
+    g = spec.group_size if spec.group_size > 0 else w.shape[1]
+    xg = x.reshape(x.shape[0], -1, g)  # [n, groups, g]
+    out = []
+    for r0 in range(0, w.shape[0], rows_per_batch):
+        wb = w[r0:r0 + rows_per_batch]
+        wg = wb.reshape(wb.shape[0], -1, g)  # [rows, groups, g]
+        ref = torch.einsum("ngc,rgc->nrg", xg, wg)
+        hi, lo = wg.amax(-1, keepdim=True), wg.amin(-1, keepdim=True)
+        best_err = torch.full(wg.shape[:2], float("inf"))
+        best = wg
+        for i in range(int(steps * shrink) + 1):
+            r = 1 - i / steps
+            cw = torch.maximum(torch.minimum(wg, hi * r), lo * r)
+            q = quant.fake_quantize(cw.reshape(wb.shape), spec).reshape(wg.shape)
+            err = (torch.einsum("ngc,rgc->nrg", xg, q) - ref).pow(2).mean(0)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best = torch.where(better[..., None], cw, best)
+        out.append(best.reshape(wb.shape))
+    return torch.cat(out)
+
+
+@register
+class AWQ(Pass):
+    """AWQ: activation-aware per-channel scales folded into the previous norm/linear, clip search, RTN.
+
+    Scales are searched on calibration samples (grid over the exponent a of mean|x|^a) and folded
+    exactly into the preceding RMSNorm (q/k/v, gate/up) or linear (v -> o, up -> down); weights are
+    then clipped and quantized (`quantize=false`: fold and clip only, e.g. before gptq).
+    """
+
+    name = "awq"
+    requires = frozenset({"canonical"})
+    provides = frozenset({"weight_quant", "awq_scaled"})
+
+    @dataclass
+    class Options:
+        bits: int = 4
+        group: int = 128
+        sym: bool = False
+        grid: int = 20
+        clip: bool = True
+        quantize: bool = True
+        samples: int = 512  # token rows per input used by the searches
+        include: list[str] = field(default_factory=lambda: ["*"])
+        exclude: list[str] = field(default_factory=lambda: ["lm_head"])
+
+        def validate(self):
+            if not 2 <= self.bits <= 8:
+                raise PtqcError(f"bits={self.bits} is outside 2..8")
+            if self.group < 0 or self.grid < 1 or self.samples < 1:
+                raise PtqcError("group must be >= 0, grid and samples >= 1")
+
+    def run(self, qm, ctx) -> PassResult:
+        o = self.options
+        spec_of = {}
+        for n in select_linears(qm, o.include, o.exclude):
+            mo = self.options_for(qm, n)
+            if mo is not None:
+                spec = quant.QuantSpec(mo.bits, mo.group, mo.sym)
+                spec.check_fits(qm.store.spec(n.args[1].target)[0][1], n.meta["ptqc"]["module"])
+                spec_of[n.name] = spec
+        # scaling groups per layer: (producer node, all linears reading its output)
+        readers: dict = {}
+        for n in qm.linears():
+            readers.setdefault(activation_input(n), []).append(n)
+        plan: dict[int, list] = {}
+        for src, lins in readers.items():
+            layer = lins[0].meta["ptqc"].get("layer")
+            if layer is None or not any(n.name in spec_of for n in lins):
+                continue
+            prev = src if is_op(src, ops.RMS_NORM) else producer_linear(qm, lins[0])
+            if prev is None or not self._foldable(qm, prev, lins):
+                continue
+            plan.setdefault(layer, []).append((prev, lins))
+        records: list[dict] = []
+
+        def observe(i):
+            return {lins[0]: {"x": Samples(max_tokens=o.samples), "mean": MeanAbs()} for _, lins in plan.get(i, [])}
+
+        def apply(i, stats):
+            xs = {}
+            for prev, lins in plan.get(i, []):
+                x, x_mean = stats[lins[0]]["x"].result().float(), stats[lins[0]]["mean"].result()
+                spec = spec_of.get(lins[0].name) or next(spec_of[n.name] for n in lins if n.name in spec_of)
+                s, rec = search_scale(x, x_mean, [weight_of(qm, n).float() for n in lins if n.name in spec_of],
+                                      spec, o.grid)
+                self._fold(qm, prev, lins, s)
+                for n in lins:
+                    xs[n.name] = x / s
+                records.append({"layer": i, "into": prev.meta["ptqc"].get("module"),
+                                "linears": [n.meta["ptqc"]["role"] for n in lins],
+                                **{k: (round(v, 8) if isinstance(v, float) else v) for k, v in rec.items()}})
+            for n in qm.linears(layer=i):
+                if n.name not in spec_of:
+                    continue
+                spec, w = spec_of[n.name], weight_of(qm, n).float()
+                if o.clip and n.name in xs and n.meta["ptqc"]["role"] not in ("q", "k"):
+                    w = search_clip(xs[n.name], w, spec)
+                    qm.store[n.args[1].target] = w.to(qm.dtype)
+                if o.quantize:
+                    scale, zp = quant.compute_qparams(w, spec)
+                    set_quantized_weight(qm, n, spec, quant.quantize(w, scale, zp, spec), scale, zp, "awq",
+                                         {"scaled": n.name in xs, "clipped": bool(o.clip and n.name in xs)})
+
+        summary = calibrate(qm, ctx, observe, apply, propagate="float", layers=sorted(plan), desc="awq")
+        if o.quantize:  # linears outside any scaling group (e.g. GQA o_proj) still get quantized
+            for n in select_linears(qm, o.include, o.exclude):
+                if n.name in spec_of:
+                    spec, w = spec_of[n.name], weight_of(qm, n).float()
+                    scale, zp = quant.compute_qparams(w, spec)
+                    set_quantized_weight(qm, n, spec, quant.quantize(w, scale, zp, spec), scale, zp, "awq",
+                                         {"scaled": False, "clipped": False})
+        gain = [r["loss_after"] / r["loss_before"] for r in records if r["loss_before"] > 0]
+        return PassResult(changed=bool(spec_of), summary={
+            **summary, "groups_scaled": len(records), "linears": len(spec_of),
+            "mean_loss_ratio": round(sum(gain) / max(len(gain), 1), 4), "scales": records})
+
+    @staticmethod
+    def _foldable(qm, prev, lins) -> bool:
+        """The fold is exact only if ``prev``'s output reaches nothing but these linears."""
+        if is_op(prev, ops.RMS_NORM):
+            return all(activation_input(u) is prev for u in prev.users if is_op(u, ops.LINEAR)) and \
+                len([u for u in prev.users if is_op(u, ops.LINEAR)]) == len(prev.users)
+        out_ch = qm.store.spec(prev.args[1].target)[0][0]
+        in_ch = qm.store.spec(lins[0].args[1].target)[0][1]
+        return out_ch == in_ch and len(lins) == 1  # v -> o without GQA, up -> down
+
+    @staticmethod
+    def _fold(qm, prev, lins, s) -> None:
+        for n in lins:
+            name = n.args[1].target
+            qm.store[name] = (qm.store[name].float() * s).to(qm.dtype)
+        w_name = prev.args[1].target
+        w = qm.store[w_name].float()
+        if is_op(prev, ops.RMS_NORM):
+            offset = prev.args[3] if len(prev.args) > 3 else prev.kwargs.get("offset", 0.0)
+            qm.store[w_name] = ((w + offset) / s - offset).to(qm.dtype)
+            return
+        qm.store[w_name] = (w / s[:, None]).to(qm.dtype)
+        b = prev.args[2] if len(prev.args) > 2 else prev.kwargs.get("b")
+        if b is not None:
+            qm.store[b.target] = (qm.store[b.target].float() / s).to(qm.dtype)

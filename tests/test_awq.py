@@ -1,0 +1,93 @@
+"""AWQ: the scale fold keeps the float model's output, clipping and scaling lower the error,
+and the pass quantizes every selected linear."""
+import importlib
+
+import pytest
+import torch
+
+from ptqc import pipeline, quant
+from ptqc.weights import is_quantized
+
+awq = importlib.import_module("ptqc.passes.awq")
+
+
+def _run(qm, text, x):
+    return pipeline.PassManager(pipeline.parse_pipeline(text)).run(qm, pipeline.PassContext(quiet=True, calib=x))
+
+
+def _outliers(qm, layer=0, channels=(3, 17), factor=64.0):
+    """Function-preserving outlier input channels (norm channel * f, weight columns / f)."""
+    for norm_role, roles in (("input_norm", ("q", "k", "v")), ("post_attention_norm", ("gate", "up"))):
+        norm = next(qm.nodes(role=norm_role, layer=layer)).args[1].target
+        g = qm.store[norm].clone()
+        g[list(channels)] *= factor
+        qm.store[norm] = g
+        for n in qm.linears(role=roles, layer=layer):
+            w = qm.store[n.args[1].target].clone()
+            w[:, list(channels)] /= factor
+            qm.store[n.args[1].target] = w
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # llama fixture is MHA (v -> o folded), qwen2 GQA
+def test_fold_is_exact_in_float(loaded, ids, arch):
+    qm = loaded(arch)
+    _outliers(qm)
+    x = ids(2, 19)
+    before = qm(x)
+    rec = _run(qm, "awq:quantize=false,clip=false,group=32", ids(4, 16))
+    after = qm(x)
+    assert (after - before).abs().max() <= 1e-5 * before.abs().max()
+    scales = rec[0]["summary"]["scales"]
+    folded_into = {r["into"].split(".")[-1] for r in scales}
+    assert {"input_layernorm", "post_attention_layernorm", "up_proj"} <= folded_into
+    assert ("v_proj" in folded_into) == (arch == "llama")
+    assert any(r["alpha"] is not None for r in scales)  # some group was actually rescaled
+    changed = [n for n in qm.linears(layer=0) if qm.store.written.get(n.args[1].target)]
+    assert changed and not any(is_quantized(n) for n in qm.linears())
+
+
+def test_fold_into_gemma_style_norm_is_exact(loaded, ids):
+    qm = loaded("llama")
+    for n in qm.nodes(role=("input_norm", "post_attention_norm")):  # same function as x * (1 + (w - 1))
+        n.args = (n.args[0], n.args[1], n.args[2], 1.0)
+        qm.store[n.args[1].target] = qm.store[n.args[1].target] - 1.0
+    _outliers(qm, factor=16.0)
+    x = ids(2, 11)
+    before = qm(x)
+    _run(qm, "awq:quantize=false,clip=false,group=32", ids(4, 16))
+    after = qm(x)
+    assert (after - before).abs().max() <= 1e-5 * before.abs().max()
+
+
+def test_awq_beats_rtn_with_outlier_channels(loaded, ids):
+    x, calib = ids(4, 24), ids(8, 32)
+    ref = loaded("llama")
+    _outliers(ref)
+    fp = ref(x)
+    errs = {}
+    for name, text in (("rtn", "rtn:bits=3,group=32"), ("awq", "awq:bits=3,group=32")):
+        qm = loaded("llama")
+        _outliers(qm)
+        _run(qm, text, calib)
+        errs[name] = (qm(x) - fp).pow(2).mean().item()
+        assert all(is_quantized(n) for n in qm.linears() if n.meta["ptqc"]["role"] != "lm_head")
+    assert errs["awq"] < 0.9 * errs["rtn"], errs
+
+
+def test_clip_search_never_increases_the_error():
+    torch.manual_seed(0)
+    w = torch.randn(16, 64)
+    w[:, 5] *= 8
+    x = torch.randn(256, 64)
+    spec = quant.QuantSpec(3, 32, False)
+    clipped = awq.search_clip(x, w, spec)
+    err = lambda v: (x @ quant.fake_quantize(v, spec).t() - x @ w.t()).pow(2).mean()  # noqa: E731
+    assert err(clipped) <= err(w) + 1e-7
+    assert not torch.equal(clipped, w)
+
+
+def test_awq_then_gptq_composes(loaded, ids):
+    qm = loaded("qwen2")
+    rec = _run(qm, "awq:quantize=false,gptq:bits=4,group=32", ids(4, 16))
+    assert {q["weight"]["method"] for q in qm.quant.values()} == {"gptq"}
+    assert rec[0]["summary"]["groups_scaled"] > 0
