@@ -57,8 +57,13 @@ def inverse_cholesky(h: torch.Tensor, damp: float, retries: int) -> tuple[torch.
 
 
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: quant.QuantSpec, *, block: int = 128,
-                  damp: float = 0.01, act_order: bool = False, retries: int = 4):
+                  damp: float = 0.01, act_order: bool = False, retries: int = 4,
+                  dxxt: torch.Tensor | None = None, alpha: float = 0.25):
     """GPTQ one weight matrix [out, in] with Hessian [in, in].
+
+    With ``dxxt`` = 2/n (X_fp - X_q) X_q^T this is GPTAQ (see passes/gptaq.py): the update
+    also pulls the weights towards the float model's outputs, through
+    P = alpha * triu_1(dXXT U^T) U with U the upper Cholesky factor of H^-1.
 
     Returns (codes int8 [out, in], scale [out, groups], zero_point or None, damp used)."""
     W = w.float().clone()
@@ -67,6 +72,9 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: quant.QuantSpec, *, bl
     dead = torch.diag(H) == 0  # inputs that were always zero: their weights don't matter
     H[dead, dead] = 1
     W[:, dead] = 0
+    if dxxt is not None:
+        dxxt = dxxt.float().clone()
+        dxxt[:, dead] = 0
     g = spec.group_size if spec.group_size > 0 else n
     static = act_order or spec.group_size == 0
     col = quant.QuantSpec(spec.bits, 0, spec.symmetric)  # one column's codes with its group's params
@@ -78,12 +86,14 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: quant.QuantSpec, *, bl
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(n, device=W.device)
     W, H = W[:, perm], H[perm][:, perm]
     Hinv, used = inverse_cholesky(H, damp, retries)
+    P = alpha * (dxxt[perm][:, perm] @ Hinv.t()).triu_(1) @ Hinv if dxxt is not None else None
     codes = torch.empty(rows, n, dtype=torch.int8, device=W.device)
     for i1 in range(0, n, block):
         i2 = min(i1 + block, n)
         W1 = W[:, i1:i2].clone()
         E1 = torch.zeros_like(W1)
         H1 = Hinv[i1:i2, i1:i2]
+        P1 = P[i1:i2, i1:i2] if P is not None else None
         for i in range(i2 - i1):
             c = i1 + i
             gi = int(perm[c]) // g
@@ -98,9 +108,12 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: quant.QuantSpec, *, bl
             q = quant.quantize(wc, s, z, col)
             codes[:, c] = q[:, 0]
             err = (wc - quant.dequantize(q, s, z, 0))[:, 0] / H1[i, i]
-            W1[:, i:] -= err[:, None] * H1[i, i:][None, :]
+            upd = err[:, None] * H1[i, i:][None, :]
+            if P1 is not None:  # GPTAQ: w (before this column's update) times P
+                upd = upd - wc * P1[i, i:][None, :]
+            W1[:, i:] -= upd
             E1[:, i] = err
-        W[:, i2:] -= E1 @ Hinv[i1:i2, i2:]
+        W[:, i2:] -= E1 @ Hinv[i1:i2, i2:] if P is None else E1 @ Hinv[i1:i2, i2:] - W1 @ P[i1:i2, i2:]
     return codes[:, torch.argsort(perm)], scale, zp, used
 
 
@@ -147,22 +160,37 @@ class GPTQ(Pass):
             if self.fallback not in ("error", "rtn") or self.propagate not in ("quantized", "float"):
                 raise PtqcError("fallback is error|rtn and propagate is quantized|float")
 
-    def run(self, qm, ctx) -> PassResult:
+    def targets(self, qm) -> tuple[dict, dict[int, list[list]]]:
+        """Per-linear options (recipe overrides / precision plan applied; shapes checked first)
+        and, per layer, the selected linears grouped by the activation they share."""
         o = self.options
-        opts = {}  # linear name -> its options (recipe overrides / precision plan applied)
+        opts = {}
         for n in select_linears(qm, o.include, o.exclude):
             mo = self.options_for(qm, n)
             if mo is not None:
                 spec = quant.QuantSpec(mo.bits, mo.group, mo.sym)
                 spec.check_fits(qm.store.spec(n.args[1].target)[0][1], n.meta["ptqc"]["module"])
                 opts[n.name] = mo
-        groups: dict[int, list[list]] = {}  # layer -> linears sharing an input
+        groups: dict[int, list[list]] = {}
         by_input: dict = {}
         for n in qm.linears():
             if n.name in opts:
                 by_input.setdefault(activation_input(n), []).append(n)
         for lins in by_input.values():
             groups.setdefault(lins[0].meta["ptqc"]["layer"], []).append(lins)
+        return opts, groups
+
+    def quantize_group(self, qm, lins, opts, h, errs, dxxt=None) -> None:
+        """Quantize linears sharing Hessian ``h``, stacking those that share options too."""
+        by_opts: dict = {}
+        for n in lins:
+            by_opts.setdefault(repr(opts[n.name]), []).append(n)
+        for same in by_opts.values():
+            self._quantize(qm, same, opts[same[0].name], h, errs, dxxt)
+
+    def run(self, qm, ctx) -> PassResult:
+        o = self.options
+        opts, groups = self.targets(qm)
         errs = {"gptq": [], "rtn": []}
 
         def observe(i):
@@ -170,12 +198,7 @@ class GPTQ(Pass):
 
         def apply(i, stats):
             for lins in groups.get(i, []):
-                h = stats[lins[0]]["h"].result()
-                by_opts: dict = {}  # stack the linears that share options too
-                for n in lins:
-                    by_opts.setdefault(repr(opts[n.name]), []).append(n)
-                for same in by_opts.values():
-                    self._quantize(qm, same, opts[same[0].name], h, errs)
+                self.quantize_group(qm, lins, opts, stats[lins[0]]["h"].result(), errs)
 
         summary = calibrate(qm, ctx, observe, apply, propagate=o.propagate, layers=sorted(groups), desc="gptq")
         k = max(len(errs["gptq"]), 1)
@@ -183,14 +206,15 @@ class GPTQ(Pass):
             **summary, "linears": len(opts),
             "mean_err_gptq": round(sum(errs["gptq"]) / k, 6), "mean_err_rtn": round(sum(errs["rtn"]) / k, 6)})
 
-    def _quantize(self, qm, lins, mo, h, errs) -> None:
+    def _quantize(self, qm, lins, mo, h, errs, dxxt=None) -> None:
         spec = quant.QuantSpec(mo.bits, mo.group, mo.sym)
         ws = [weight_of(qm, n).float() for n in lins]
         W = torch.cat(ws).to(h.device)
         try:
             codes, scale, zp, used = gptq_quantize(W, h, spec, block=mo.block, damp=mo.damp,
-                                                   act_order=mo.act_order, retries=mo.retries)
-            method = "gptq"
+                                                   act_order=mo.act_order, retries=mo.retries, dxxt=dxxt,
+                                                   alpha=getattr(mo, "alpha", 0.25))
+            method = self.name
         except SingularHessian as e:
             where = ", ".join(n.meta["ptqc"]["module"] for n in lins)
             if mo.fallback != "rtn":

@@ -162,8 +162,10 @@ class LayerRunner:
 
     def run(self, key: str, *, commit: bool = True, hook: Hook | None = None, observers: dict | None = None,
             overrides: dict | None = None, batches: Iterator[int] | None = None,
-            on_output: Callable[[int, object], None] | None = None) -> None:
-        """Execute segment ``key`` on every batch (or the given batch indices)."""
+            on_output: Callable[[int, object], None] | None = None, release: bool = True) -> None:
+        """Execute segment ``key`` on every batch (or the given batch indices). The segment's
+        weights are released afterwards unless ``release=False`` (a caller running one batch
+        at a time releases them itself with ``qm.store.release()``)."""
         seg = self.segments()[key]
         consts: dict[str, object] = {}  # weights and weight-only nodes: computed once per run
         last_use: dict[str, fx.Node] = {}
@@ -179,7 +181,8 @@ class LayerRunner:
                 on_output(b, out)
             if commit:
                 self.state[b] = {k: env[k] for k in seg.keep if k in env}
-        self.qm.store.release(seg.weights)
+        if release:
+            self.qm.store.release(seg.weights)
 
     def _run_nodes(self, seg, env, consts, last_use, overrides, hook, obs_by_name, b):
         def val(a: fx.Node):

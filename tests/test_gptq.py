@@ -96,3 +96,46 @@ def test_gptq_options_are_checked():
         pipeline.parse_pipeline("gptq:bits=9")
     with pytest.raises(PtqcError, match="fallback is error|rtn"):
         pipeline.parse_pipeline("gptq:fallback=maybe")
+
+
+def test_gptaq_term_moves_outputs_towards_the_float_model():
+    g = torch.Generator().manual_seed(3)
+    n, tokens = 64, 4096
+    x_fp = torch.randn(tokens, n, generator=g) @ (torch.eye(n) + 0.3 * torch.randn(n, n, generator=g) / n ** 0.5)
+    # inputs after earlier quantized layers: a systematic (hence compensable) distortion
+    x_q = x_fp @ (torch.eye(n) + 0.2 * torch.randn(n, n, generator=g) / n ** 0.5)
+    w = torch.randn(32, n, generator=g)
+    h = 2 * x_q.t() @ x_q / tokens
+    dxxt = 2 * (x_fp - x_q).t() @ x_q / tokens
+    spec = quant.QuantSpec(4, 32, False)
+    target = x_fp @ w.t()
+
+    def err(codes, scale, zp, _):
+        return (x_q @ quant.dequantize(codes, scale, zp, 32).t() - target).pow(2).mean().item()
+    plain = err(*gptq.gptq_quantize(w, h, spec, block=16))
+    asym = err(*gptq.gptq_quantize(w, h, spec, block=16, dxxt=dxxt, alpha=0.25))
+    assert asym < 0.95 * plain, (asym, plain)
+    assert err(*gptq.gptq_quantize(w, h, spec, block=16, dxxt=dxxt, alpha=0.0)) == plain
+
+
+def test_gptaq_pass_with_alpha_zero_is_gptq(loaded, ids):
+    x = ids(4, 16)
+    a, b = loaded("qwen2"), loaded("qwen2")
+    _run(a, "gptq:bits=3,group=32", x)
+    rec = _run(b, "gptaq:bits=3,group=32,alpha=0", x)
+    assert rec[0]["summary"]["linears"] == 14
+    for n in a.linears():
+        if is_quantized(n):
+            name = n.args[1].args[0].target
+            torch.testing.assert_close(b.store[name].float(), a.store[name].float(), atol=1, rtol=0)
+    assert {q["weight"]["method"] for q in b.quant.values()} == {"gptaq"}
+    y = ids(1, 9)
+    torch.testing.assert_close(b(y), a(y), atol=1e-3, rtol=1e-3)
+
+
+def test_gptaq_runs_and_checks_options(loaded, ids):
+    qm = loaded("llama")
+    rec = _run(qm, "gptaq:bits=2,group=32", ids(4, 16))
+    assert rec[0]["summary"]["mean_err_gptaq"] > 0
+    with pytest.raises(PtqcError, match="alpha=2.0 must be in"):
+        pipeline.parse_pipeline("gptaq:alpha=2")
