@@ -78,6 +78,7 @@ def _load_plugins(plugins):
 @click.option("--trust-remote-code", is_flag=True, help="Allow custom model code shipped with the model.")
 @click.option("--dump-after", multiple=True, help="Dump the graph after this pass (or 'all') into OUT/dumps/.")
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
+@click.option("--no-pack", is_flag=True, help="Keep one weight code per byte (no int4 packing pass at the end).")
 @click.option("--calib", type=click.Path(path_type=Path), default=None,
               help="Calibration data: text file, JSONL, or Parquet/Arrow dataset dir (default: MODEL/calib.txt).")
 @click.option("--calib-samples", type=int, default=None, help="Number of calibration windows [128].")
@@ -94,8 +95,8 @@ def _load_plugins(plugins):
 @quiet_option
 @friendly
 def compile(model, out, pipeline_str, recipe, plugins, dtype, device, trust_remote_code, dump_after, force,
-            calib, calib_samples, calib_seqlen, calib_seed, calib_field, calib_batch_size, offload_mb, quiet,
-            report=None):
+            no_pack, calib, calib_samples, calib_seqlen, calib_seed, calib_field, calib_batch_size, offload_mb,
+            quiet, report=None):
     """Trace MODEL (a Hugging Face directory), run the passes, write the artifact OUT."""
     import shutil
     import tempfile
@@ -115,6 +116,8 @@ def compile(model, out, pipeline_str, recipe, plugins, dtype, device, trust_remo
         dtype = settings.get("dtype", dtype)
     else:
         passes = pipeline.parse_pipeline(pipeline_str) if pipeline_str else []
+    if not no_pack and any("weight_quant" in p.provides for p in passes) and "pack" not in {p.name for p in passes}:
+        passes.append(pipeline.get_pass("pack")())  # real storage: <= 4-bit codes two per byte
     pipeline.check_order(passes, {"canonical"})
     dev = devices.resolve(device)
     dumps: dict[str, str] = {}

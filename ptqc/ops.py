@@ -9,6 +9,7 @@ propagates shapes and re-exports with ``torch.export``.
     rms_norm(x, w, eps, offset)              Llama/Qwen2 RMSNorm (offset=1 is Gemma's (1 + w))
     attention(q, k, v, scale, causal, window) softmax(q k^T * scale + mask) v, GQA by head groups
     dequantize_weight(codes, scale, zp, group, dtype)   integer weight codes -> float weight
+    unpack_int4(packed)                      two int4 codes per int8 byte -> int8 codes
 """
 from __future__ import annotations
 
@@ -89,8 +90,19 @@ def _(codes, scale, zero_point, group_size, dtype):
     return codes.new_empty(codes.shape, dtype=dtype)
 
 
+@torch.library.custom_op("ptqc::unpack_int4", mutates_args=())
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    return quant.unpack_int4(packed)
+
+
+@unpack_int4.register_fake
+def _(packed):
+    return packed.new_empty((*packed.shape[:-1], packed.shape[-1] * 2))
+
+
 # The ops a pass may find in a canonical graph, by short name.
 LINEAR = torch.ops.ptqc.linear.default
 RMS_NORM = torch.ops.ptqc.rms_norm.default
 ATTENTION = torch.ops.ptqc.attention.default
 DEQUANTIZE_WEIGHT = torch.ops.ptqc.dequantize_weight.default
+UNPACK_INT4 = torch.ops.ptqc.unpack_int4.default

@@ -134,3 +134,23 @@ def fake_quantize(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """quantize + dequantize in one call, in ``x``'s dtype."""
     scale, zp = compute_qparams(x, spec)
     return dequantize(quantize(x, scale, zp, spec), scale, zp, spec.group_size).to(x.dtype)
+
+
+# ---- storage ---------------------------------------------------------------------------------
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """Two signed 4-bit codes per int8 byte along the last dimension, low nibble first (the
+    msModelSlim W4A16 / Ascend layout): byte = (c[2i] & 0xF) | (c[2i+1] << 4)."""
+    if codes.shape[-1] % 2:
+        raise PtqcError(f"cannot pack {codes.shape[-1]} codes two per byte: the last dimension must be even")
+    if codes.numel() and (codes.min() < -8 or codes.max() > 7):
+        raise PtqcError("codes outside [-8, 7] do not fit in 4 bits")
+    c = codes.to(torch.int16).reshape(*codes.shape[:-1], -1, 2)
+    b = (c[..., 0] & 0xF) | ((c[..., 1] & 0xF) << 4)
+    return torch.where(b > 127, b - 256, b).to(torch.int8)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_int4`: int8 codes, last dimension doubled (sign-extended nibbles)."""
+    lo = torch.bitwise_right_shift(torch.bitwise_left_shift(packed, 4), 4)  # int8 shifts: arithmetic
+    hi = torch.bitwise_right_shift(packed, 4)
+    return torch.stack([lo, hi], -1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)

@@ -81,6 +81,8 @@ def dequantized_weight(qm: QModel, linear: fx.Node) -> torch.Tensor:
     """The float weight a linear computes with, quantized or not."""
     w = linear.args[1]
     if is_op(w, ops.DEQUANTIZE_WEIGHT):
-        codes, s, z = (qm.store[a.target] if isinstance(a, fx.Node) else None for a in w.args[:3])
+        c = w.args[0]
+        codes = quant.unpack_int4(qm.store[c.args[0].target]) if is_op(c, ops.UNPACK_INT4) else qm.store[c.target]
+        s, z = (qm.store[a.target] if isinstance(a, fx.Node) else None for a in w.args[1:3])
         return quant.dequantize(codes, s, z, w.args[3]).to(w.args[4])
     return qm.store[w.target]

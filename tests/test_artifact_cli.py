@@ -107,7 +107,7 @@ def test_cli_plugin_and_recipe(models, tmp_path):
     r = cli("compile", "--plugin", PLUGIN, "--recipe", recipe, models["llama"], "-o", tmp_path / "o", "-q")
     assert r.exit_code == 0, r.output
     man = json.loads((tmp_path / "o" / "ptqc.json").read_text())
-    assert [p["pass"] for p in man["passes"]] == ["rtn", "head8"]
+    assert [p["pass"] for p in man["passes"]] == ["rtn", "head8", "pack"]  # pack is appended after weight quantization
     assert man["quant"]["lm_head"]["weight"]["method"] == "head8"
 
 
