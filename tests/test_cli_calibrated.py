@@ -58,3 +58,19 @@ def test_calibrated_pass_without_calibration_text_is_one_line(models, tmp_path):
     assert r.exit_code == 2
     assert r.output.strip().splitlines()[-1].startswith("error: no --calib given")
     assert not (tmp_path / "o").exists()
+
+
+import pytest  # noqa: E402
+
+
+@pytest.mark.parametrize("passes", ["gptq:bits=4,group=32", "gptaq:bits=3,group=32", "awq:bits=4,group=32",
+                                    "awq:quantize=false,gptq:bits=4,group=0"])
+def test_weight_passes_end_to_end_from_the_cli(models, tmp_path, passes):
+    out = tmp_path / "out"
+    r = cli("compile", models["llama"], "-o", out, "--passes", passes, "--calib-samples", "4", "--calib-seqlen", "32",
+            "-q")
+    assert r.exit_code == 0, r.output
+    m = artifact.read_manifest(out)
+    assert m["passes"][-1]["pass"] == "pack" and len(m["quant"]) == 14
+    r = cli("eval", out, "--seqlen", "32", "--max-windows", "2", "--json", "-q")
+    assert r.exit_code == 0, r.output
