@@ -135,8 +135,10 @@ class Hessian(Observer):
 
     def update(self, x):
         x = self.rows(x).detach().to(self.dtype)
-        xtx = x.t() @ x
-        self.sum = xtx if self.sum is None else self.sum + xtx
+        if self.sum is None:
+            self.sum = x.t() @ x
+        else:
+            self.sum.addmm_(x.t(), x)  # in place: no [in, in] temporary per batch
         self.tokens += x.shape[0]
 
     def result(self) -> torch.Tensor:
