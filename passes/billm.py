@@ -52,9 +52,8 @@ from ptqc.errors import PtqcError
 from ptqc.ir import info
 from ptqc.observers import Hessian
 from ptqc.passes.gptq import SingularHessian, inverse_cholesky, output_error
-from ptqc.patterns import activation_input
 from ptqc.pipeline import Pass, PassResult, register
-from ptqc.weights import select_linears, set_weight, weight_of
+from ptqc.weights import grouped_targets, set_weight, weight_of
 
 COARSE_QUANTILES = torch.linspace(0.10, 0.90, 9)  # break-point candidates (quantiles of |w|) while k is searched
 FINE_STEP = 0.01  # then +-0.1 around the best coarse quantile in steps of 0.01
@@ -233,18 +232,7 @@ class BiLLM(Pass):
 
     def run(self, qm, ctx) -> PassResult:
         o = self.options
-        opts = {}  # linear name -> its options (recipe overrides / precision plan applied)
-        for n in select_linears(qm, o.include, o.exclude):
-            mo = self.options_for(qm, n)
-            if mo is not None:
-                opts[n.name] = mo
-        groups: dict[int, list[list]] = {}  # layer -> linears sharing an input (one Hessian)
-        by_input: dict = {}
-        for n in qm.linears():
-            if n.name in opts:
-                by_input.setdefault(activation_input(n), []).append(n)
-        for lins in by_input.values():
-            groups.setdefault(lins[0].meta["ptqc"]["layer"], []).append(lins)
+        opts, groups = grouped_targets(qm, self)
         stats_all = {"err_billm": [], "err_sign": [], "params": 0, "bases": 0.0}
 
         def observe(i):

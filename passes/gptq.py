@@ -33,9 +33,8 @@ from ptqc import quant
 from ptqc.calib import calibrate
 from ptqc.errors import PtqcError
 from ptqc.observers import Hessian
-from ptqc.patterns import activation_input
 from ptqc.pipeline import Pass, PassResult, register
-from ptqc.weights import select_linears, set_quantized_weight, weight_of
+from ptqc.weights import grouped_targets, set_quantized_weight, weight_of
 
 
 class SingularHessian(PtqcError):
@@ -161,24 +160,8 @@ class GPTQ(Pass):
                 raise PtqcError("fallback is error|rtn and propagate is quantized|float")
 
     def targets(self, qm) -> tuple[dict, dict[int, list[list]]]:
-        """Per-linear options (recipe overrides / precision plan applied; shapes checked first)
-        and, per layer, the selected linears grouped by the activation they share."""
-        o = self.options
-        opts = {}
-        for n in select_linears(qm, o.include, o.exclude):
-            mo = self.options_for(qm, n)
-            if mo is not None:
-                spec = quant.QuantSpec(mo.bits, mo.group, mo.sym)
-                spec.check_fits(qm.store.spec(n.args[1].target)[0][1], n.meta["ptqc"]["module"])
-                opts[n.name] = mo
-        groups: dict[int, list[list]] = {}
-        by_input: dict = {}
-        for n in qm.linears():
-            if n.name in opts:
-                by_input.setdefault(activation_input(n), []).append(n)
-        for lins in by_input.values():
-            groups.setdefault(lins[0].meta["ptqc"]["layer"], []).append(lins)
-        return opts, groups
+        """Per-linear options and, per layer, the linears grouped by shared input."""
+        return grouped_targets(qm, self, lambda mo: quant.QuantSpec(mo.bits, mo.group, mo.sym))
 
     def quantize_group(self, qm, lins, opts, h, errs, dxxt=None) -> None:
         """Quantize linears sharing Hessian ``h``, stacking those that share options too."""

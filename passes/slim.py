@@ -54,9 +54,8 @@ from ptqc.calib import calibrate
 from ptqc.errors import PtqcError
 from ptqc.observers import Hessian
 from ptqc.passes.gptq import SingularHessian, inverse_cholesky, output_error
-from ptqc.patterns import activation_input
 from ptqc.pipeline import Pass, PassResult, register
-from ptqc.weights import select_linears, set_quantized_weight, weight_of
+from ptqc.weights import grouped_targets, set_quantized_weight, weight_of
 
 
 # ---- one group's grid ----------------------------------------------------------------------------
@@ -245,20 +244,7 @@ class SliM(Pass):
 
     def run(self, qm, ctx) -> PassResult:
         o = self.options
-        opts = {}  # linear name -> its options (recipe overrides / precision plan applied)
-        for n in select_linears(qm, o.include, o.exclude):
-            mo = self.options_for(qm, n)
-            if mo is not None:
-                quant.QuantSpec(min(mo.bits + 1, 8), mo.group, mo.sym).check_fits(
-                    qm.store.spec(n.args[1].target)[0][1], n.meta["ptqc"]["module"])
-                opts[n.name] = mo
-        groups: dict[int, list[list]] = {}  # layer -> linears sharing an input (one Hessian)
-        by_input: dict = {}
-        for n in qm.linears():
-            if n.name in opts:
-                by_input.setdefault(activation_input(n), []).append(n)
-        for lins in by_input.values():
-            groups.setdefault(lins[0].meta["ptqc"]["layer"], []).append(lins)
+        opts, groups = grouped_targets(qm, self, lambda mo: quant.QuantSpec(min(mo.bits + 1, 8), mo.group, mo.sym))
         acc = {"err_slim": [], "err_rtn": [], "bits": {}, "params": 0, "bit_sum": 0, "mixed": 0}
 
         def observe(i):

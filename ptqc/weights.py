@@ -86,3 +86,29 @@ def dequantized_weight(qm: QModel, linear: fx.Node) -> torch.Tensor:
         s, z = (qm.store[a.target] if isinstance(a, fx.Node) else None for a in w.args[1:3])
         return quant.dequantize(codes, s, z, w.args[3]).to(w.args[4])
     return qm.store[w.target]
+
+
+def grouped_targets(qm: QModel, p, spec_of=None) -> tuple[dict, dict[int, list[list[fx.Node]]]]:
+    """What a calibrated weight pass ``p`` works on: per-linear options (``p.options_for``:
+    recipe overrides and the precision plan applied; skipped linears left out) and, per layer,
+    those linears grouped by the activation they share (q/k/v, gate/up: one Hessian each).
+    ``spec_of(options) -> QuantSpec`` lets every shape be checked before anything changes."""
+    from ptqc.patterns import activation_input
+
+    opts = {}
+    for n in select_linears(qm, p.options.include, p.options.exclude):
+        mo = p.options_for(qm, n)
+        if mo is None:
+            continue
+        if spec_of is not None:
+            spec_of(mo).check_fits(qm.store.spec(n.args[1].target)[0][1], info(n)["module"])
+        opts[n.name] = mo
+    by_input: dict = {}
+    for n in qm.linears():
+        if n.name in opts:
+            by_input.setdefault(activation_input(n), []).append(n)
+    groups: dict[int, list[list[fx.Node]]] = {}
+    for lins in by_input.values():
+        groups.setdefault(info(lins[0])["layer"], []).append(lins)
+    return opts, groups
+
