@@ -46,4 +46,4 @@ def test_tables():
     assert "error: RuntimeError: no accelerator" in t
     assert "| FP | — | 16.000 | 16.000 |" in t and "300 / 500" in t
     s = wo.gptq_summary(rows, with_llmc=True)
-    assert "| W4g128 | 16.050 | 16.060 | -0.06% | 16.200 | yes | 0.25 |" in s
+    assert "| W4g128 | 16.0500 | 16.0600 | -0.06% | 16.2000 | yes | 0.25 |" in s

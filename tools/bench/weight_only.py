@@ -339,8 +339,8 @@ def gptq_summary(rows: list[dict], with_llmc: bool) -> str:
         gap = f"{(pp / lp - 1) * 100:+.2f}%" if pp and lp else "—"
         beats = ("yes" if pp < rp else "no") if pp and rp else "—"
         ratio = f"{p['quant_s'] / lm['quant_s']:.2f}" if p.get("quant_s") and lm.get("quant_s") else "—"
-        lines.append(f"| {r['config']} | {pp and format(pp, '.3f') or '—'} | {lp and format(lp, '.3f') or '—'} "
-                     f"| {gap} | {rp and format(rp, '.3f') or '—'} | {beats} | {ratio} |")
+        lines.append(f"| {r['config']} | {pp and format(pp, '.4f') or '—'} | {lp and format(lp, '.4f') or '—'} "
+                     f"| {gap} | {rp and format(rp, '.4f') or '—'} | {beats} | {ratio} |")
         any_row = True
     return "\n".join(lines) if any_row else ""
 
