@@ -136,6 +136,47 @@ def fake_quantize(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     return dequantize(quantize(x, scale, zp, spec), scale, zp, spec.group_size).to(x.dtype)
 
 
+# ---- activations -----------------------------------------------------------------------------
+def quantize_static(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
+                    spec: QuantSpec) -> torch.Tensor:
+    """Integer codes of ``x`` with a fixed (calibrated) scale that broadcasts against ``x``:
+    shape ``[1]`` per tensor, ``[..., C]`` per channel of the last dimension (e.g. a K cache's
+    ``[heads, 1, head_dim]``). Same rounding, division and saturation as :func:`quantize`."""
+    q = torch.round(x.float() / scale.float())
+    if zero_point is not None:
+        q = q + zero_point.float()
+    return torch.clamp(q, spec.qmin, spec.qmax).to(torch.int8)
+
+
+def dequantize_static(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None) -> torch.Tensor:
+    q = codes.float()
+    if zero_point is not None:
+        q = q - zero_point.float()
+    return q * scale.float()
+
+
+def fake_quant_act(x: torch.Tensor, scale: torch.Tensor | None, zero_point: torch.Tensor | None,
+                   spec: QuantSpec) -> torch.Tensor:
+    """Activation fake-quant (float32 result). ``scale is None``: dynamic, qparams computed from
+    ``x`` itself under ``spec`` (group 0: per token, the Ascend ``npu_dynamic_quant`` rule
+    ``scale = rowmax|x| / qmax``; g > 0: per group of the last dim; -1: per tensor).
+    Otherwise static with the given broadcastable scale (:func:`quantize_static`); a static
+    scale already includes any clipping, so ``spec.clip_ratio`` only shrinks dynamic ranges."""
+    if scale is None:
+        s, zp = compute_qparams(x, spec)
+        return dequantize(quantize(x, s, zp, spec), s, zp, spec.group_size)
+    return dequantize_static(quantize_static(x, scale, zero_point, spec), scale, zero_point)
+
+
+def static_qparams(xmin: torch.Tensor, xmax: torch.Tensor, spec: QuantSpec):
+    """Scale (and zero point) from an observed range, any shape (per tensor: 0-d or [1])."""
+    xmin, xmax = xmin.float().reshape(-1, 1), xmax.float().reshape(-1, 1)
+    shape = xmin.shape[:1]
+    scale, zp = compute_qparams(torch.zeros(shape[0], 1), QuantSpec(spec.bits, 0, spec.symmetric, spec.clip_ratio),
+                                xmin=xmin[:, 0], xmax=xmax[:, 0])
+    return scale, zp
+
+
 # ---- storage ---------------------------------------------------------------------------------
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
     """Two signed 4-bit codes per int8 byte along the last dimension, low nibble first (the
