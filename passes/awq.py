@@ -42,7 +42,7 @@ from ptqc.ir import is_op
 from ptqc.observers import MeanAbs, Samples
 from ptqc.patterns import activation_input, producer_linear
 from ptqc.pipeline import Pass, PassResult, register
-from ptqc.weights import select_linears, set_quantized_weight, weight_of
+from ptqc.weights import fold_input_scale, select_linears, set_quantized_weight, weight_of
 
 
 def search_scale(x: torch.Tensor, x_mean: torch.Tensor, ws: list[torch.Tensor], spec: quant.QuantSpec,
@@ -161,7 +161,7 @@ class AWQ(Pass):
                 spec = spec_of.get(lins[0].name) or next(spec_of[n.name] for n in lins if n.name in spec_of)
                 s, rec = search_scale(x, x_mean, [weight_of(qm, n).float() for n in lins if n.name in spec_of],
                                       spec, o.grid)
-                self._fold(qm, prev, lins, s)
+                fold_input_scale(qm, prev, lins, s)
                 for n in lins:
                     xs[n.name] = x / s
                 records.append({"layer": i, "into": prev.meta["ptqc"].get("module"),
@@ -201,19 +201,3 @@ class AWQ(Pass):
         out_ch = qm.store.spec(prev.args[1].target)[0][0]
         in_ch = qm.store.spec(lins[0].args[1].target)[0][1]
         return out_ch == in_ch and len(lins) == 1  # v -> o without GQA, up -> down
-
-    @staticmethod
-    def _fold(qm, prev, lins, s) -> None:
-        for n in lins:
-            name = n.args[1].target
-            qm.store[name] = (qm.store[name].float() * s).to(qm.dtype)
-        w_name = prev.args[1].target
-        w = qm.store[w_name].float()
-        if is_op(prev, ops.RMS_NORM):
-            offset = prev.args[3] if len(prev.args) > 3 else prev.kwargs.get("offset", 0.0)
-            qm.store[w_name] = ((w + offset) / s - offset).to(qm.dtype)
-            return
-        qm.store[w_name] = (w / s[:, None]).to(qm.dtype)
-        b = prev.args[2] if len(prev.args) > 2 else prev.kwargs.get("b")
-        if b is not None:
-            qm.store[b.target] = (qm.store[b.target].float() / s).to(qm.dtype)

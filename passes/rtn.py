@@ -15,6 +15,18 @@ from ptqc.pipeline import Pass, PassResult, register
 from ptqc.weights import select_linears, set_quantized_weight, weight_of
 
 
+def quantize_linear(qm, n, spec: quant.QuantSpec, method: str = "rtn") -> float:
+    """Round-to-nearest one linear's weight with the shared quantizer; returns the relative
+    weight error ||Q(W) - W|| / ||W||. Other passes (int8, w4a4, ...) call this too."""
+    w = weight_of(qm, n).float()
+    scale, zp = quant.compute_qparams(w, spec)
+    codes = quant.quantize(w, scale, zp, spec)
+    deq = quant.dequantize(codes, scale, zp, spec.group_size)
+    rel = ((deq - w).norm() / w.norm().clamp_min(1e-12)).item()
+    set_quantized_weight(qm, n, spec, codes, scale, zp, method, {"rel_error": round(rel, 6)})
+    return rel
+
+
 @register
 class RTN(Pass):
     """Round-to-nearest weight-only quantization (W2..W8, per channel or per group).
@@ -59,13 +71,7 @@ class RTN(Pass):
         err_sum = 0.0
         schemes = {}
         for n, spec in ctx.progress(plan, desc="rtn", unit="linear"):
-            w = weight_of(qm, n).float()
-            scale, zp = quant.compute_qparams(w, spec)
-            codes = quant.quantize(w, scale, zp, spec)
-            deq = quant.dequantize(codes, scale, zp, spec.group_size)
-            rel = ((deq - w).norm() / w.norm().clamp_min(1e-12)).item()
-            err_sum += rel
-            set_quantized_weight(qm, n, spec, codes, scale, zp, "rtn", {"rel_error": round(rel, 6)})
+            err_sum += quantize_linear(qm, n, spec)
             schemes[spec.describe()] = schemes.get(spec.describe(), 0) + 1
         return PassResult(changed=bool(plan), summary={
             "linears": len(plan), "schemes": schemes,

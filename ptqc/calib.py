@@ -215,7 +215,7 @@ class LayerRunner:
             obs = obs_by_name.get(n.name)
             if obs:
                 for o in obs.values():
-                    x = args[0] if o.where == "input" else y
+                    x = args[getattr(o, "arg", 0)] if o.where == "input" else y
                     if self.check_finite and not _finite(x):
                         m = n.meta.get("ptqc", {})
                         raise PtqcError(f"non-finite (NaN/Inf) activation at the {o.where} of {m.get('module')} "

@@ -20,6 +20,7 @@ import torch
 
 class Observer:
     where = "input"
+    arg = 0  # which positional input of the observed node ("input" observers), e.g. 1 for attention's K
 
     def __init__(self, where: str = "input"):
         if where not in ("input", "output"):

@@ -112,3 +112,64 @@ def grouped_targets(qm: QModel, p, spec_of=None) -> tuple[dict, dict[int, list[l
         groups.setdefault(info(lins[0])["layer"], []).append(lins)
     return opts, groups
 
+
+
+def fold_input_scale(qm: QModel, prev: fx.Node, lins: list[fx.Node], s: torch.Tensor) -> None:
+    """Scale the input channels of ``lins`` by ``s`` and undo it in ``prev``, the op producing
+    their input, so the float model is unchanged (SmoothQuant and AWQ's fold)::
+
+        prev = rms_norm      norm weight (w + offset) / s - offset    (Gemma: offset 1)
+        prev = linear        rows (and bias) / s                       (up -> down)
+        prev = v_proj, GQA   rows / s of one query head per KV head    (v -> o: o's channel
+                                                                        (h, d) reads v's
+                                                                        (h // rep, d))
+    With GQA, ``s`` must be equal across the query heads sharing a KV head (checked)."""
+    s = s.float()
+    for n in lins:
+        name = n.args[1].target
+        qm.store[name] = (qm.store[name].float() * s).to(qm.dtype)
+    w_name = prev.args[1].target
+    w = qm.store[w_name].float()
+    if is_op(prev, ops.RMS_NORM):
+        offset = prev.args[3] if len(prev.args) > 3 else prev.kwargs.get("offset", 0.0)
+        qm.store[w_name] = ((w + offset) / s - offset).to(qm.dtype)
+        return
+    sp = s
+    if w.shape[0] != s.shape[0]:  # v -> o under grouped-query attention
+        cfg = qm.config
+        heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
+        d = s.shape[0] // heads
+        per_q = s.reshape(kv, heads // kv, d)
+        if not torch.equal(per_q, per_q[:, :1].expand_as(per_q)):
+            raise PtqcError("internal: v -> o scales differ across the query heads of one KV head")
+        sp = per_q[:, 0].reshape(-1)
+        if w.shape[0] != sp.shape[0]:
+            raise PtqcError(f"cannot fold {s.shape[0]} scales into {info(prev).get('module')} "
+                            f"with {w.shape[0]} output channels")
+    qm.store[w_name] = (w / sp[:, None]).to(qm.dtype)
+    b = prev.args[2] if len(prev.args) > 2 else prev.kwargs.get("b")
+    if b is not None:
+        qm.store[b.target] = (qm.store[b.target].float() / sp).to(qm.dtype)
+
+
+def gqa_tie(qm: QModel, s: torch.Tensor, reduce=torch.amax) -> torch.Tensor:
+    """Make per-channel statistics of o_proj's input equal across the query heads that share a
+    KV head (reduce over them), so a v -> o fold stays exact under grouped-query attention."""
+    cfg = qm.config
+    heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
+    if heads == kv:
+        return s
+    d = s.shape[0] // heads
+    g = s.reshape(kv, heads // kv, d)
+    return reduce(g, dim=1, keepdim=True).expand_as(g).reshape(-1)
+
+
+def in_features(qm: QModel, linear: fx.Node) -> int:
+    """Input width of a linear, float or quantized (packed int4 codes count twice)."""
+    w = linear.args[1]
+    if is_op(w, ops.DEQUANTIZE_WEIGHT):
+        c = w.args[0]
+        if is_op(c, ops.UNPACK_INT4):
+            return 2 * qm.store.spec(c.args[0].target)[0][-1]
+        return qm.store.spec(c.target)[0][-1]
+    return qm.store.spec(w.target)[0][-1]

@@ -1,0 +1,202 @@
+"""act_quant: place activation quantizers on linear inputs (quantize/dequantize placement).
+
+Every selected linear's input gets a ``ptqc.quantize_act`` node, the fake-quant of the shared
+quantizer (:func:`ptqc.quant.fake_quant_act`), so ``ptqc inspect`` shows where each activation
+is quantized and every backend lowers the same node (Ascend: ``npu_dynamic_quant`` /
+``npu_quantize``; ONNX: QuantizeLinear/DequantizeLinear). Linears that read the same value
+(q/k/v after the input norm, gate/up after the post-attention norm) share **one** node:
+deployment quantizes that activation once.
+
+    dynamic (default)   scale computed at run time from the activation itself:
+                        group 0 per token (rowmax|x| / qmax, Ascend's npu_dynamic_quant),
+                        g > 0 per group of g channels, -1 per tensor
+    static              one calibrated per-tensor scale (and zero point when asymmetric),
+                        stored as ``<module>.input_scale`` / ``.input_zero_point`` of the
+                        first linear of the group; ``method`` picks the range:
+                          absmax      max |x| (min/max when asymmetric) over the calibration set
+                          percentile  the ``percentile``-th percentile of |x| (or of x, both ends)
+                          mse         the clip ratio in 1.0, 0.95, ... 0.5 of absmax with the lowest
+                                      fake-quant MSE on a sample of calibration tokens
+
+Static scales are calibrated layer by layer on the model as quantized so far (each layer sees
+the already-quantized activations of the layers before it, as it will in deployment).
+Linears whose input is already quantized (e.g. by flatquant) are left alone.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.fx as fx
+
+from ptqc import ops, quant
+from ptqc.calib import calibrate
+from ptqc.errors import PtqcError
+from ptqc.ir import info, is_op
+from ptqc.observers import MinMax, Percentile, Samples
+from ptqc.pipeline import Pass, PassResult, match_module, register
+from ptqc.weights import in_features
+
+
+def placements(qm, p: Pass, include, exclude, opts_of=None) -> list[tuple[fx.Node, list[fx.Node], object]]:
+    """(input node, linears reading it, options) for every activation to quantize. Linears of
+    one input whose options differ (recipe overrides) get their own quantizer."""
+    opts_of = opts_of or p.options_for
+    groups: dict = {}
+    for n in qm.linears():
+        m = info(n)
+        if not match_module(m["module"], m.get("role"), include) or match_module(m["module"], m.get("role"), exclude):
+            continue
+        if is_op(n.args[0], ops.QUANTIZE_ACT):
+            continue
+        o = opts_of(qm, n)
+        if o is None:
+            continue
+        key = (n.args[0], repr(o))
+        groups.setdefault(key, (n.args[0], [], o))[1].append(n)
+    return list(groups.values())
+
+
+def insert_quantizer(qm, src: fx.Node, lins: list[fx.Node], spec: quant.QuantSpec, *, scale=None,
+                     zero_point=None, method: str = "dynamic") -> fx.Node:
+    """One ``quantize_act`` node on ``src`` feeding ``lins`` (static: scale/zero point stored
+    under the first linear's name)."""
+    first = info(lins[0])
+    base = first["module"]
+    g = qm.graph
+    s_node = z_node = None
+    with g.inserting_before(lins[0]):  # after src (lins read it), before every reader
+        if scale is not None:
+            qm.store[f"{base}.input_scale"] = scale.float().reshape(1).contiguous()
+            s_node = g.get_attr(f"{base}.input_scale")
+            if zero_point is not None:
+                qm.store[f"{base}.input_zero_point"] = zero_point.to(torch.int8).reshape(1).contiguous()
+                z_node = g.get_attr(f"{base}.input_zero_point")
+        q = g.call_function(ops.QUANTIZE_ACT, (src, s_node, z_node, spec.bits, spec.group_size,
+                                               spec.symmetric, spec.clip_ratio))
+    rec = {"bits": spec.bits, "group": spec.group_size, "sym": spec.symmetric, "method": method}
+    info(q).update({"module": base, "layer": first.get("layer"), "role": "act_quant",
+                    "quant": {"input": rec}, "shared_by": [info(n)["module"] for n in lins]})
+    for n in lins:
+        n.args = (q, *n.args[1:])
+        info(n).setdefault("quant", {})["input"] = rec
+        extra = {"scale": round(float(scale.reshape(-1)[0]), 8)} if scale is not None else {}
+        qm.quant.setdefault(info(n)["module"], {})["input"] = {**rec, **extra}
+    return q
+
+
+def static_range(stats: dict, spec: quant.QuantSpec, method: str, percentile: float):
+    """(scale, zero point) of a static per-tensor quantizer from the observers' results."""
+    if method == "absmax":
+        lo, hi = stats["minmax"].result()
+    elif method == "percentile":
+        if spec.symmetric:
+            hi = stats["pct"].result()
+            lo = -hi
+        else:
+            lo, hi = stats["pct"].result()
+    else:  # mse: best clip ratio of the absmax range on a sample
+        x = stats["x"].result().float()
+        lo, hi = x.min(), x.max()
+        best, best_err = 1.0, None
+        for i in range(11):
+            r = 1 - 0.05 * i
+            s, z = quant.static_qparams(lo * r, hi * r, spec)
+            err = (quant.fake_quant_act(x, s, z, spec) - x).pow(2).mean().item()
+            if best_err is None or err < best_err:
+                best, best_err = r, err
+        lo, hi = lo * best, hi * best
+    if not (torch.isfinite(torch.as_tensor(lo)) and torch.isfinite(torch.as_tensor(hi))):
+        raise PtqcError("non-finite activation range during static calibration")
+    return quant.static_qparams(torch.as_tensor(lo), torch.as_tensor(hi), spec)
+
+
+def place(qm, ctx, groups, spec_of, *, static: bool, method: str = "absmax", percentile: float = 99.99,
+          samples: int = 2048, desc: str = "act_quant") -> dict:
+    """Insert the quantizers of ``groups`` (from :func:`placements`); ``spec_of(options)`` gives
+    each group's QuantSpec. Static ones are calibrated layer by layer."""
+    for src, lins, o in groups:
+        spec_of(o).check_fits(in_features(qm, lins[0]), info(lins[0])["module"])
+    if not static:
+        for src, lins, o in groups:
+            insert_quantizer(qm, src, lins, spec_of(o))
+        return {"quantizers": len(groups), "dynamic": True}
+    outside = [info(lins[0])["module"] for _, lins, _ in groups if info(lins[0]).get("layer") is None]
+    if outside:
+        raise PtqcError(f"static activation quantization of {outside[0]} (outside the decoder layers) is not "
+                        "supported; exclude it (exclude=lm_head) or use dynamic quantization")
+    by_layer: dict[int, list] = {}
+    for g in groups:
+        by_layer.setdefault(info(g[1][0])["layer"], []).append(g)
+
+    def observe(i):
+        obs = {}
+        for _, lins, o in by_layer.get(i, []):
+            s = spec_of(o)
+            obs[lins[0]] = ({"minmax": MinMax()} if method == "absmax" else
+                            {"pct": Percentile(q=percentile / 100, absolute=s.symmetric)} if method == "percentile" else
+                            {"x": Samples(max_tokens=samples)})
+        return obs
+
+    scales = []
+
+    def apply(i, stats):
+        for src, lins, o in by_layer.get(i, []):
+            spec = spec_of(o)
+            scale, zp = static_range(stats[lins[0]], spec, method, percentile)
+            insert_quantizer(qm, src, lins, spec, scale=scale, zero_point=zp, method=f"static-{method}")
+            scales.append(float(scale.reshape(-1)[0]))
+
+    summary = calibrate(qm, ctx, observe, apply, layers=sorted(by_layer), desc=desc)
+    return {"quantizers": len(groups), "dynamic": False, **summary,
+            "scale_range": [min(scales), max(scales)] if scales else None}
+
+
+@register
+class ActQuant(Pass):
+    """Activation quantizers on linear inputs: dynamic per-token (default) or static calibrated.
+
+    One `quantize_act` node per distinct input (q/k/v and gate/up share theirs). `static=true`
+    calibrates one per-tensor scale per input (`method` absmax, percentile or mse). Weights are
+    left alone: combine with a weight pass (`smooth,gptq:bits=8,act_quant`) or use `int8`/`w4a4`,
+    which do both.
+    """
+
+    name = "act_quant"
+    requires = frozenset({"canonical"})
+    provides = frozenset({"act_quant"})
+
+    @dataclass
+    class Options:
+        bits: int = 8
+        sym: bool = True
+        static: bool = False
+        group: int = 0  # dynamic: 0 per token, g > 0 per group, -1 per tensor (static: always per tensor)
+        method: Literal["absmax", "percentile", "mse"] = "absmax"
+        percentile: float = 99.99
+        include: list[str] = field(default_factory=lambda: ["*"])
+        exclude: list[str] = field(default_factory=lambda: ["lm_head"])
+
+        def validate(self):
+            check_act_options(self.bits, self.group, self.percentile)
+
+    def run(self, qm, ctx) -> PassResult:
+        o = self.options
+        groups = placements(qm, self, o.include, o.exclude)
+        summary = place(qm, ctx, groups, lambda mo: act_spec(mo.bits, mo.group, mo.sym, o.static), static=o.static,
+                        method=o.method, percentile=o.percentile)
+        return PassResult(changed=bool(groups), summary=summary)
+
+
+def check_act_options(bits: int, group: int, percentile: float = 99.99) -> None:
+    if not 2 <= bits <= 8:
+        raise PtqcError(f"activation bits={bits} is outside 2..8 (use a weight-only pass for A16)")
+    if group < -1:
+        raise PtqcError(f"activation group={group}: use 0 (per token), a positive group size or -1 (per tensor)")
+    if not 50.0 < percentile <= 100.0:
+        raise PtqcError(f"percentile={percentile} must be in (50, 100]")
+
+
+def act_spec(bits: int, group: int, sym: bool, static: bool) -> quant.QuantSpec:
+    return quant.QuantSpec(bits, -1 if static else group, sym)

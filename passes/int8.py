@@ -1,0 +1,105 @@
+"""int8 (W8A8) and its presets w4a4, w4a8, w8a16, w4a16: weight + activation quantization.
+
+One pass, two steps, both with the shared quantizer (:mod:`ptqc.quant`):
+
+1. **Weights** of every selected linear that is still float: round-to-nearest
+   (:func:`ptqc.passes.rtn.quantize_linear`), int8 per output channel symmetric by default.
+   Linears an earlier pass already quantized (gptq, awq...) keep their codes, so
+   ``rotate,gptq:bits=4,group=0,sym=true,w4a4`` gives GPTQ weights with W4A4 activations.
+2. **Activations** (unless ``a_bits`` is 16): a ``quantize_act`` node on each distinct linear
+   input (:mod:`ptqc.passes.act_quant`): dynamic per token by default (the Ascend
+   ``npu_dynamic_quant`` + ``npu_quant_matmul(pertoken_scale)`` path), or ``static=true`` for
+   one calibrated per-tensor scale per input (the ``npu_quantize`` + ``deq_scale`` path).
+
+Presets are the same pass with other defaults:
+
+    int8    W8 per channel sym   A8 dynamic per token      (W8A8)
+    w4a8    W4 per channel sym   A8 dynamic per token
+    w4a4    W4 per channel sym   A4 dynamic per token      (QuaRot/FlatQuant setting; rotate first)
+    w8a16   W8 per channel sym   activations float         (weight-only)
+    w4a16   W4 g128 asym         activations float         (weight-only, msModelSlim W4A16)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ptqc import quant
+from ptqc.errors import PtqcError
+from ptqc.pipeline import Pass, PassResult, register
+from ptqc.passes.act_quant import act_spec, check_act_options, place, placements
+from ptqc.passes.rtn import quantize_linear
+from ptqc.weights import select_linears
+
+
+@register
+class Int8(Pass):
+    """W8A8: int8 per-channel weights (RTN unless already quantized) + int8 dynamic per-token activations.
+
+    `static=true` uses calibrated per-tensor activation scales (`method` absmax|percentile|mse).
+    `a_bits=16` leaves activations float. Presets with other defaults: w4a4, w4a8, w8a16, w4a16.
+    """
+
+    name = "int8"
+    requires = frozenset({"canonical"})
+    provides = frozenset({"weight_quant", "act_quant"})
+
+    @dataclass
+    class Options:
+        w_bits: int = 8
+        w_group: int = 0  # 0 = per output channel
+        w_sym: bool = True
+        a_bits: int = 8  # 16 = activations stay float
+        a_group: int = 0  # dynamic: 0 per token, g > 0 per group, -1 per tensor
+        a_sym: bool = True
+        static: bool = False
+        method: Literal["absmax", "percentile", "mse"] = "absmax"
+        percentile: float = 99.99
+        include: list[str] = field(default_factory=lambda: ["*"])
+        exclude: list[str] = field(default_factory=lambda: ["lm_head"])
+
+        def validate(self):
+            if not 2 <= self.w_bits <= 8:
+                raise PtqcError(f"w_bits={self.w_bits} is outside 2..8")
+            if self.w_group < 0:
+                raise PtqcError(f"w_group={self.w_group} must be 0 (per channel) or a positive group size")
+            if self.a_bits != 16:
+                check_act_options(self.a_bits, self.a_group, self.percentile)
+
+    def run(self, qm, ctx) -> PassResult:
+        o = self.options
+        plan = []
+        for n in select_linears(qm, o.include, o.exclude):  # float linears only
+            mo = self.options_for(qm, n)
+            if mo is None:
+                continue
+            spec = quant.QuantSpec(mo.w_bits, mo.w_group, mo.w_sym)
+            spec.check_fits(qm.store.spec(n.args[1].target)[0][1], n.meta["ptqc"]["module"])
+            plan.append((n, spec))
+        groups = [] if o.a_bits == 16 else placements(
+            qm, self, o.include, o.exclude,
+            opts_of=lambda q, n: (lambda mo: mo if mo is not None and mo.a_bits != 16 else None)(self.options_for(q, n)))
+        errs = [quantize_linear(qm, n, spec, self.name) for n, spec in ctx.progress(plan, desc=self.name, unit="linear")]
+        summary = {"weights_quantized": len(plan), "mean_rel_weight_error": round(sum(errs) / max(len(errs), 1), 6)}
+        if groups:
+            summary["activations"] = place(qm, ctx, groups, lambda mo: act_spec(mo.a_bits, mo.a_group, mo.a_sym, o.static),
+                                           static=o.static, method=o.method, percentile=o.percentile, desc=self.name)
+        return PassResult(changed=bool(plan or groups), summary=summary)
+
+
+def _preset(name: str, doc: str, **defaults):
+    opts = dataclass(type("Options", (Int8.Options,), {"__annotations__": {k: type(v) for k, v in defaults.items()},
+                                                       **defaults}))
+    cls = type(name.upper(), (Int8,), {"name": name, "Options": opts, "__doc__": doc, "__module__": __name__})
+    if defaults.get("a_bits") == 16:
+        cls.provides = frozenset({"weight_quant"})
+    return register(cls)
+
+
+W4A8 = _preset("w4a8", "W4A8: int4 per-channel sym weights + int8 dynamic per-token activations (int8 pass preset).",
+               w_bits=4)
+W4A4 = _preset("w4a4", "W4A4: int4 per-channel sym weights + int4 dynamic per-token activations (int8 pass preset; "
+               "rotate or flatquant first).", w_bits=4, a_bits=4)
+W8A16 = _preset("w8a16", "W8A16: int8 per-channel weights, float activations (int8 pass preset).", a_bits=16)
+W4A16 = _preset("w4a16", "W4A16: int4 g128 asymmetric weights, float activations (int8 pass preset).",
+                w_bits=4, w_group=128, w_sym=False, a_bits=16)

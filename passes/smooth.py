@@ -1,0 +1,121 @@
+"""smooth: SmoothQuant scale migration (Xiao et al., 2023), folded so the float model is unchanged.
+
+Activation outliers sit in a few input channels; weights are smooth. SmoothQuant divides each
+input channel ``j`` of an activation by ``s_j`` and multiplies the matching weight column by
+it, moving difficulty from activations to weights:
+
+    s_j = max|X_j|^alpha / max|W_:,j|^(1 - alpha)        (max over the linears sharing X)
+
+``1/s`` is folded into the op that produces the activation (exactly, see
+:func:`ptqc.weights.fold_input_scale`):
+
+    input_norm  -> q, k, v     norm weight / s
+    post_norm   -> gate, up    norm weight / s
+    v_proj      -> o_proj      v rows (and bias) / s; under grouped-query attention the
+                               query heads sharing a KV head share one scale (max over them)
+    up_proj     -> down_proj   up rows (and bias) / s   (down reads act(gate) * up)
+
+``max|X_j|`` is observed on calibration data layer by layer on the float model. ``alpha``
+(default 0.5) can be set per layer with recipe ``overrides`` (``{match: "layers.0.*", alpha:
+0.8}``); ``o=false`` / ``down=false`` skip those folds. Run it before any quantization pass
+(``smooth,int8``); it only changes float weights.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ptqc import ops
+from ptqc.calib import calibrate
+from ptqc.errors import PtqcError
+from ptqc.ir import info, is_op
+from ptqc.observers import AbsMax
+from ptqc.patterns import activation_input, producer_linear
+from ptqc.pipeline import Pass, PassResult, match_module, register
+from ptqc.weights import fold_input_scale, gqa_tie, weight_of
+
+
+def smooth_scale(x_max: torch.Tensor, w_max: torch.Tensor, alpha: float) -> torch.Tensor:
+    s = x_max.clamp_min(1e-5).pow(alpha) / w_max.clamp_min(1e-5).pow(1 - alpha)
+    return s.clamp_min(1e-5)
+
+
+@register
+class Smooth(Pass):
+    """SmoothQuant: migrate activation outliers into weights with per-channel scales (alpha=0.5).
+
+    Scales are folded into the input/post-attention RMSNorm (q/k/v, gate/up), into v_proj for
+    o_proj (GQA-aware) and into up_proj for down_proj, so the float model is unchanged. Run it
+    before int8/w4a4/gptq...; per-layer alpha through recipe overrides.
+    """
+
+    name = "smooth"
+    requires = frozenset({"canonical"})
+    provides = frozenset({"smoothed"})
+    forbids = frozenset({"weight_quant", "act_quant", "rotated"})
+
+    @dataclass
+    class Options:
+        alpha: float = 0.5
+        o: bool = True  # fold v_proj -> o_proj
+        down: bool = True  # fold up_proj -> down_proj
+        include: list[str] = field(default_factory=lambda: ["*"])
+        exclude: list[str] = field(default_factory=lambda: ["lm_head"])
+
+        def validate(self):
+            if not 0.0 <= self.alpha <= 1.0:
+                raise PtqcError(f"alpha={self.alpha} must be in [0, 1]")
+
+    def run(self, qm, ctx) -> PassResult:
+        o = self.options
+        readers: dict = {}
+        for n in qm.linears():
+            readers.setdefault(activation_input(n), []).append(n)
+        plan: dict[int, list] = {}  # layer -> [(producer, linears, options)]
+        skipped = []
+        for src, lins in readers.items():
+            m = info(lins[0])
+            if m.get("layer") is None or not all(match_module(info(n)["module"], info(n).get("role"), o.include)
+                                                 and not match_module(info(n)["module"], info(n).get("role"), o.exclude)
+                                                 for n in lins):
+                continue
+            mo = self.options_for(qm, lins[0])
+            if mo is None:
+                continue
+            role = m.get("role")
+            if is_op(src, ops.RMS_NORM):
+                prev = src
+                if len(src.users) != len(lins):
+                    skipped.append((m["module"], "the norm output feeds more than these linears"))
+                    continue
+            elif role == "o" and mo.o or role == "down" and mo.down:
+                prev = producer_linear(qm, lins[0])
+                if prev is None or len(prev.users) != 1 and role == "down":
+                    skipped.append((m["module"], "no single producing linear"))
+                    continue
+            else:
+                continue
+            plan.setdefault(m["layer"], []).append((prev, lins, mo))
+
+        records = []
+
+        def observe(i):
+            return {lins[0]: {"amax": AbsMax()} for _, lins, _ in plan.get(i, [])}
+
+        def apply(i, stats):
+            for prev, lins, mo in plan.get(i, []):
+                x_max = stats[lins[0]]["amax"].result()
+                w_max = torch.stack([weight_of(qm, n).float().abs().amax(0) for n in lins]).amax(0)
+                role = info(lins[0]).get("role")
+                if role == "o" and not is_op(prev, ops.RMS_NORM):  # v -> o: one scale per KV channel
+                    x_max, w_max = gqa_tie(qm, x_max), gqa_tie(qm, w_max)
+                s = smooth_scale(x_max, w_max, mo.alpha)
+                fold_input_scale(qm, prev, lins, s)
+                records.append({"layer": i, "into": info(prev).get("module"), "linears": [info(n)["role"] for n in lins],
+                                "alpha": mo.alpha, "act_max_before": round(float(x_max.max()), 4),
+                                "act_max_after": round(float((x_max / s).max()), 4)})
+
+        summary = calibrate(qm, ctx, observe, apply, propagate="float", layers=sorted(plan), desc="smooth")
+        return PassResult(changed=bool(records), summary={**summary, "folds": len(records), "scales": records,
+                                                          "skipped": skipped})
