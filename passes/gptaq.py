@@ -39,6 +39,7 @@ class GPTAQ(gptq.GPTQ):
     @dataclass
     class Options(gptq.GPTQ.Options):
         alpha: float = 0.25
+        propagate: str = "quantized"  # gptaq runs the float and quantized models in lockstep
 
         def validate(self):
             super().validate()

@@ -15,9 +15,18 @@ up front from the original weights ("static groups"), so codes and scales keep t
 contiguous group layout every backend reads, with no permutation index.
 
 Linears that read the same activation (q/k/v, gate/up) share one Hessian and are quantized
-together as one stacked matrix (GPTQ is row-independent for a fixed H). The layer's inputs
-come from the already quantized previous layers (``propagate=quantized``, the GPTQ
-convention) or from the float model (``float``).
+together as one stacked matrix (GPTQ is row-independent for a fixed H). Propagation:
+
+    sequential (default)  inside each layer q/k/v are quantized first, then o_proj's Hessian
+                          is taken with them quantized, then gate/up, then down (GPTQ's
+                          "true sequential"); each node runs once per calibration batch, so
+                          calibration costs one forward per layer. Keeps every batch's live
+                          activations of one layer between stages (a few [tokens, hidden]
+                          tensors; use ``quantized`` if that does not fit).
+    quantized             the whole layer is observed with float weights (inputs from the
+                          quantized previous layers), quantized, then re-run to get its
+                          outputs: two forwards per layer (llm-compressor's sequential pipeline).
+    float                 inputs from the float model throughout.
 
 Per linear the manifest records the dampening used and the relative output error
 tr(dW H dW^T) / tr(W H W^T) of GPTQ and of plain RTN with the same scheme (``err_gptq`` vs
@@ -145,7 +154,7 @@ class GPTQ(Pass):
         act_order: bool = True
         retries: int = 4  # damp x10 per retry when Cholesky fails
         fallback: str = "error"  # error | rtn
-        propagate: str = "quantized"  # quantized | float
+        propagate: str = "sequential"  # sequential | quantized | float
         include: list[str] = field(default_factory=lambda: ["*"])
         exclude: list[str] = field(default_factory=lambda: ["lm_head"])
 
@@ -156,8 +165,8 @@ class GPTQ(Pass):
                 raise PtqcError(f"group={self.group} must be 0 (per channel) or a positive group size")
             if not 0 < self.damp < 10 or self.block < 1 or self.retries < 0:
                 raise PtqcError("damp must be in (0, 10), block >= 1, retries >= 0")
-            if self.fallback not in ("error", "rtn") or self.propagate not in ("quantized", "float"):
-                raise PtqcError("fallback is error|rtn and propagate is quantized|float")
+            if self.fallback not in ("error", "rtn") or self.propagate not in ("quantized", "float", "sequential"):
+                raise PtqcError("fallback is error|rtn and propagate is quantized|float|sequential")
 
     def targets(self, qm) -> tuple[dict, dict[int, list[list]]]:
         """Per-linear options and, per layer, the linears grouped by shared input."""
@@ -181,7 +190,8 @@ class GPTQ(Pass):
 
         def apply(i, stats):
             for lins in groups.get(i, []):
-                self.quantize_group(qm, lins, opts, stats[lins[0]]["h"].result(), errs)
+                if lins[0] in stats:  # sequential: only this stage's inputs are observed yet
+                    self.quantize_group(qm, lins, opts, stats[lins[0]]["h"].result(), errs)
 
         summary = calibrate(qm, ctx, observe, apply, propagate=o.propagate, layers=sorted(groups), desc="gptq")
         k = max(len(errs["gptq"]), 1)

@@ -21,6 +21,10 @@ For each layer: run the layer on its inputs with the observers attached, call ``
 compute the layer's outputs (the next layer's inputs) either from the quantized layer
 (``propagate="quantized"``, the GPTQ convention: later layers see and compensate earlier
 errors) or from the float layer (``"float"``: the outputs of the observation run are kept).
+``propagate="sequential"`` goes further inside the layer: ``apply`` is called once per
+observed input (q/k/v, then o, then gate/up, then down) with only those statistics, as soon
+as they are complete, and later linears are observed with the earlier ones already quantized
+(GPTQ's true-sequential order); each node runs once per batch (:meth:`LayerRunner.run_staged`).
 Non-finite activations stop with the layer and module named.
 
 How nodes are assigned to segments: a node's ``meta["ptqc"]["layer"]`` decides; nodes
@@ -113,6 +117,12 @@ def split(graph: fx.Graph) -> list[Segment]:
     return [segs[k] for k in order]
 
 
+def _weight_only(n: fx.Node) -> bool:
+    """Is n computed from weights only (get_attr nodes, through any number of ops)?"""
+    return n.op == "get_attr" or (n.op == "call_function" and bool(n.all_input_nodes)
+                                  and all(_weight_only(a) for a in n.all_input_nodes))
+
+
 def _finite(x: torch.Tensor) -> bool:
     """No NaN/Inf in x (two reductions, no temporary the size of x; max/min propagate NaN)."""
     return x.numel() == 0 or bool(torch.isfinite(x.amax()) & torch.isfinite(x.amin()))
@@ -176,7 +186,7 @@ class LayerRunner:
         idx = range(len(self.state)) if batches is None else batches
         for b in idx:
             env = dict(self.state[b])
-            out = self._run_nodes(seg, env, consts, last_use, overrides, hook, obs_by_name, b)
+            out = self._run_nodes(seg, seg.nodes, env, consts, last_use, overrides, hook, obs_by_name, b)
             if on_output is not None and out is not None:
                 on_output(b, out)
             if commit:
@@ -184,7 +194,7 @@ class LayerRunner:
         if release:
             self.qm.store.release(seg.weights)
 
-    def _run_nodes(self, seg, env, consts, last_use, overrides, hook, obs_by_name, b):
+    def _run_nodes(self, seg, nodes, env, consts, last_use, overrides, hook, obs_by_name, b):
         def val(a: fx.Node):
             if a.op == "get_attr":
                 if a.name not in consts:
@@ -195,10 +205,12 @@ class LayerRunner:
             try:
                 return env[a.name]
             except KeyError:
+                if _weight_only(a):  # inserted by a pass after the split (run_staged): compute once
+                    return self._const(a, consts, overrides)
                 raise PtqcError(f"segment {seg.key}: value {a.name} is not available (run the earlier "
                                 "segments first)") from None
 
-        for n in seg.nodes:
+        for n in nodes:
             if n.op == "output":
                 return fx.node.map_arg(n.args[0], val)
             if n.name in seg.consts and n.name in consts:
@@ -229,6 +241,55 @@ class LayerRunner:
                     del env[a.name]
         return None
 
+    def _const(self, a: fx.Node, consts: dict, overrides):
+        # not a closure over itself: a self-referencing closure would keep `consts` (the
+        # layer's weights) alive in a reference cycle until the garbage collector runs
+        if a.name not in consts:
+            if a.op == "get_attr":
+                consts[a.name] = self._weight(a.target, overrides)
+            else:
+                def get(x):
+                    return self._const(x, consts, overrides)
+                consts[a.name] = a.target(*fx.node.map_arg(a.args, get), **fx.node.map_arg(a.kwargs, get))
+        return consts[a.name]
+
+    def run_staged(self, key: str, stages: list[tuple[dict, Callable[[], None]]]) -> None:
+        """Run segment ``key`` once, pausing before each stage's observed nodes: the nodes before
+        them run for every batch, their inputs feed the stage's observers ({node: {name:
+        observer}}, ``where="input"``), then the stage's callback runs and may quantize those
+        nodes' weights (rewriting the graph), and execution continues with the new weights.
+        Every node runs once per batch, so a quantize-as-you-go pass (GPTQ's true-sequential
+        order: q/k/v, then o, then gate/up, then down) needs one forward per layer instead of
+        two. All batches' live values are kept between stages. The results are committed."""
+        seg = self.segments()[key]
+        order = {n.name: i for i, n in enumerate(seg.nodes)}
+        last_use: dict[str, fx.Node] = {}
+        for n in seg.nodes:
+            for a in n.all_input_nodes:
+                last_use[a.name] = n
+        envs = [dict(st) for st in self.state]
+        consts: dict[str, object] = {}
+        pos = 0
+        for obs, callback in sorted(stages, key=lambda st: min(order[n.name] for n in st[0])):
+            stop = min(order[n.name] for n in obs)
+            for b, env in enumerate(envs):
+                self._run_nodes(seg, seg.nodes[pos:stop], env, consts, last_use, None, None, {}, b)
+                for n, named in obs.items():
+                    for o in named.values():
+                        x = env[n.args[getattr(o, "arg", 0)].name]
+                        if self.check_finite and not _finite(x):
+                            m = n.meta.get("ptqc", {})
+                            raise PtqcError(f"non-finite (NaN/Inf) activation at the input of {m.get('module')} "
+                                            f"(layer {m.get('layer')}, node {n.name}) during calibration")
+                        o.update(x)
+            pos = stop
+            callback()
+            consts.clear()  # weights may have been rewritten
+        for b, env in enumerate(envs):
+            self._run_nodes(seg, seg.nodes[pos:], env, consts, last_use, None, None, {}, b)
+            self.state[b] = {k: env[k] for k in seg.keep if k in env}
+        self.qm.store.release(seg.weights)
+
     # ---- conveniences --------------------------------------------------------------------------
     def run_prefix(self) -> None:
         self.run("prefix")
@@ -251,8 +312,8 @@ def calibration_batches(ids: torch.Tensor, batch_size: int) -> list[torch.Tensor
 def calibrate(qm: QModel, ctx, observe: Callable[[int], dict], apply: Callable[[int, dict], None], *,
               propagate: str = "quantized", layers=None, desc: str = "calibrate") -> dict:
     """The layer-by-layer calibration loop (see module doc). Returns a small summary."""
-    if propagate not in ("quantized", "float"):
-        raise PtqcError(f"propagate={propagate!r}: use 'quantized' or 'float'")
+    if propagate not in ("quantized", "float", "sequential"):
+        raise PtqcError(f"propagate={propagate!r}: use 'quantized', 'float' or 'sequential'")
     ids = ctx.calibration_ids(qm)
     runner = LayerRunner(qm, calibration_batches(ids, ctx.calib_batch_size), device=ctx.device)
     runner.run_prefix()
@@ -262,6 +323,13 @@ def calibrate(qm: QModel, ctx, observe: Callable[[int], dict], apply: Callable[[
         obs = observe(i) if i in wanted else None
         if not obs:
             runner.run_layer(i)
+            continue
+        if propagate == "sequential":  # one stage per observed input, apply(i, that stage's stats)
+            by_input: dict = {}
+            for node, named in obs.items():
+                by_input.setdefault(node.args[0], {})[node] = named
+            runner.run_staged(f"layer.{i}", [(st, (lambda st=st: apply(i, st))) for st in by_input.values()])
+            qm.store.release()
             continue
         runner.run_layer(i, observers=obs, commit=propagate == "float")
         apply(i, obs)

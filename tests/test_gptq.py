@@ -121,7 +121,7 @@ def test_gptaq_term_moves_outputs_towards_the_float_model():
 def test_gptaq_pass_with_alpha_zero_is_gptq(loaded, ids):
     x = ids(4, 16)
     a, b = loaded("qwen2"), loaded("qwen2")
-    _run(a, "gptq:bits=3,group=32", x)
+    _run(a, "gptq:bits=3,group=32,propagate=quantized", x)
     rec = _run(b, "gptaq:bits=3,group=32,alpha=0", x)
     assert rec[0]["summary"]["linears"] == 14
     for n in a.linears():
@@ -139,3 +139,42 @@ def test_gptaq_runs_and_checks_options(loaded, ids):
     assert rec[0]["summary"]["mean_err_gptaq"] > 0
     with pytest.raises(PtqcError, match="alpha=2.0 must be in"):
         pipeline.parse_pipeline("gptaq:alpha=2")
+
+
+def test_staged_run_equals_plain_layer_run(loaded, ids):
+    """run_staged with callbacks that change nothing computes exactly what run_layer does."""
+    from ptqc.calib import LayerRunner, calibration_batches
+    from ptqc.observers import Hessian
+
+    qm = loaded("qwen2")
+    batches = calibration_batches(ids(4, 16), 2)
+    a, b = LayerRunner(qm, batches), LayerRunner(qm, batches)
+    a.run_prefix()
+    b.run_prefix()
+    a.run_layer(0)
+    lins = qm.linears(layer=0)
+    seen = []
+    stages = {}
+    for n in lins:
+        stages.setdefault(n.args[0], {})[n] = {"h": Hessian()}
+    b.run_staged("layer.0", [(st, lambda st=st: seen.append(sorted(n.meta["ptqc"]["role"] for n in st)))
+                             for st in stages.values()])
+    assert seen == [["k", "q", "v"], ["o"], ["gate", "up"], ["down"]]  # graph order
+    for sa, sb in zip(a.state, b.state):
+        assert sa.keys() == sb.keys()
+        assert all(torch.equal(sa[k], sb[k]) if isinstance(sa[k], torch.Tensor) else sa[k] == sb[k] for k in sa)
+
+
+def test_sequential_observes_later_linears_after_earlier_ones_are_quantized(loaded, ids):
+    """In sequential mode o_proj's Hessian comes from quantized q/k/v, so o's codes differ from
+    the two-forward mode while q/k/v's (same inputs in both) are identical."""
+    calib = ids(4, 16)
+    res = {}
+    for mode in ("sequential", "quantized"):
+        qm = loaded("qwen2")
+        pipeline.PassManager(pipeline.parse_pipeline(f"gptq:bits=3,group=32,propagate={mode}")).run(
+            qm, pipeline.PassContext(quiet=True, calib=calib))
+        res[mode] = {n.meta["ptqc"]["module"]: dequantized_weight(qm, n) for n in qm.linears(layer=0)}
+    for mod, w in res["sequential"].items():
+        same = torch.equal(w, res["quantized"][mod])
+        assert same == any(mod.endswith(p) for p in ("q_proj", "k_proj", "v_proj")), mod
