@@ -71,7 +71,8 @@ def _load_plugins(plugins):
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Output artifact directory.")
 @click.option("--passes", "pipeline_str", default=None, help="Pipeline, e.g. 'rtn:bits=4,group=128'.")
-@click.option("--recipe", type=click.Path(path_type=Path), default=None, help="YAML recipe with a 'passes:' list.")
+@click.option("--recipe", type=click.Path(path_type=Path), default=None,
+              help="YAML recipe with a 'passes:' list, or the name of a shipped recipe (`ptqc recipes`).")
 @click.option("--plugin", "plugins", multiple=True, type=click.Path(path_type=Path), help="Python file defining passes.")
 @click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16", "float16"]))
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or npu (calibration device).")
@@ -281,6 +282,16 @@ def passes_cmd(name, plugins):
         else:
             click.echo(f"{cls.name:12s} {doc.splitlines()[0] if doc else ''}")
             click.echo(f"{'':12s} options: {pipeline.describe_options(cls)}")
+
+
+@main.command("recipes")
+@friendly
+def recipes_cmd():
+    """List the shipped recipes (use one with `ptqc compile --recipe NAME`)."""
+    from ptqc import recipes
+
+    for n in recipes.names():
+        click.echo(f"{n:22s} {recipes.describe(n)}")
 
 
 @main.command("eval")

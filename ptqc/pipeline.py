@@ -419,7 +419,13 @@ def load_recipe(path: str | Path) -> tuple[list[Pass], dict]:
 
     p = Path(path)
     if not p.is_file():
-        raise PtqcError(f"recipe file {p} does not exist")
+        from ptqc import recipes
+
+        shipped = recipes.path(str(path))
+        if shipped is None:
+            raise PtqcError(f"recipe file {p} does not exist and is not a shipped recipe "
+                            f"({', '.join(recipes.names())})")
+        p = shipped
     try:
         data = yaml.safe_load(p.read_text())
     except (OSError, yaml.YAMLError) as e:
