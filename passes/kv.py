@@ -145,8 +145,9 @@ class KV(Pass):
             # static scales broadcast over [B, Hkv, S, D]; dynamic ones are per token per head (group 0)
             q = g.call_function(ops.QUANTIZE_ACT, (attn.args[arg], s_node, z_node, spec.bits, 0, spec.symmetric,
                                                    spec.clip_ratio if scale is None else 1.0))
-        rec = {"bits": spec.bits, "sym": spec.symmetric,
-               "granularity": "static" if scale is not None else "dynamic per token/head", "method": "kv"}
+        gran = ("dynamic per token/head" if scale is None else
+                "static per tensor" if scale.numel() == 1 else "static per channel")
+        rec = {"bits": spec.bits, "sym": spec.symmetric, "granularity": gran, "method": "kv"}
         info(q).update({"module": m["module"], "layer": m.get("layer"), "role": f"{which}_cache_quant",
                         "quant": {which: {**rec, "group": 0}}})
         args = list(attn.args)

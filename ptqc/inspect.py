@@ -14,7 +14,8 @@ def _quant_str(n: fx.Node) -> str:
     q = n.meta.get("ptqc", {}).get("quant", {})
     parts = []
     for k, v in q.items():
-        g = {0: "ch", -1: "tensor"}.get(v.get("group"), f"g{v.get('group')}")
+        per_row = "ch" if k == "weight" else "tok"  # group 0: per output channel / per token
+        g = v.get("granularity") or {0: per_row, -1: "tensor"}.get(v.get("group"), f"g{v.get('group')}")
         parts.append(f"{k[0]}:int{v.get('bits')} {g} {'sym' if v.get('sym') else 'asym'} ({v.get('method', '')})")
     return "; ".join(parts)
 
