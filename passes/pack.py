@@ -28,6 +28,7 @@ class Pack(Pass):
     name = "pack"
     requires = frozenset({"weight_quant"})
     provides = frozenset({"packed"})
+    forbids = frozenset({"lowered"})  # pack the fake-quant graph, then lower it
 
     def run(self, qm, ctx) -> PassResult:
         g = qm.graph

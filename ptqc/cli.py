@@ -118,7 +118,8 @@ def compile(model, out, pipeline_str, recipe, plugins, dtype, device, trust_remo
     else:
         passes = pipeline.parse_pipeline(pipeline_str) if pipeline_str else []
     if not no_pack and any("weight_quant" in p.provides for p in passes) and "pack" not in {p.name for p in passes}:
-        passes.append(pipeline.get_pass("pack")())  # real storage: <= 4-bit codes two per byte
+        at = next((i for i, p in enumerate(passes) if "lowered" in p.provides), len(passes))
+        passes.insert(at, pipeline.get_pass("pack")())  # real storage: <= 4-bit codes two per byte, before lowering
     pipeline.check_order(passes, {"canonical"})
     dev = devices.resolve(device)
     dumps: dict[str, str] = {}

@@ -205,6 +205,8 @@ def _target_name(t) -> str:
 def _resolve_target(s: str):
     kind, _, rest = s.partition(":")
     if kind == "op":
+        if rest.startswith("ptqc_npu."):  # lowered graphs: register the Ascend ops first
+            importlib.import_module("ptqc.lowering.ascend.ops")
         obj = torch.ops
         for part in rest.split("."):
             obj = getattr(obj, part)

@@ -281,6 +281,24 @@ def _(x1, x2, gamma, smooth_scale1=None, epsilon=1e-6):
             x1.new_empty(x1.shape[:-1], dtype=torch.float32))
 
 
+@torch.library.custom_op("ptqc_npu::swiglu_quant", mutates_args=())
+def swiglu_quant(x: torch.Tensor, activate_left: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """npu_swiglu_quant, dynamic mode (quant_mode=1): activate_left=True computes
+    ``swish(x[..., :n]) * x[..., n:]`` (False: ``swish(second half) * first half``), then
+    per-token int8 quantization as dynamic_quant. Returns (codes, scale)."""
+    if _npu(x):
+        return _torch_npu().npu_swiglu_quant(x, activate_left=activate_left, quant_mode=1)
+    a, b = x.float().chunk(2, -1)
+    h = torch.nn.functional.silu(a) * b if activate_left else torch.nn.functional.silu(b) * a
+    return dynamic_quant(h)
+
+
+@swiglu_quant.register_fake
+def _(x, activate_left=True):
+    shape = (*x.shape[:-1], x.shape[-1] // 2)
+    return torch.empty(shape, dtype=torch.int8, device=x.device), x.new_empty(x.shape[:-1], dtype=torch.float32)
+
+
 # ---- softmax -----------------------------------------------------------------------------------
 def check_scaled_masked_softmax(shape) -> str | None:
     h, w = shape[-2], shape[-1]
@@ -322,3 +340,4 @@ ADD_RMS_NORM = torch.ops.ptqc_npu.add_rms_norm.default
 ADD_RMS_NORM_QUANT = torch.ops.ptqc_npu.add_rms_norm_quant.default
 ADD_RMS_NORM_DYNAMIC_QUANT = torch.ops.ptqc_npu.add_rms_norm_dynamic_quant.default
 SCALED_MASKED_SOFTMAX = torch.ops.ptqc_npu.scaled_masked_softmax.default
+SWIGLU_QUANT = torch.ops.ptqc_npu.swiglu_quant.default

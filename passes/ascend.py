@@ -1,0 +1,47 @@
+"""ascend: lower a quantized graph to Ascend kernels (torch_npu ops, CPU-emulated without an NPU).
+
+The rewrite rules live in :mod:`ptqc.lowering.ascend.lower` (read its docstring for the table):
+W8A8 dynamic -> npu_dynamic_quant + npu_quant_matmul(pertoken_scale), W8A8 static ->
+npu_quantize + npu_quant_matmul(int64 deq_scale, int32 quant_bias), W8A16/W4A16 ->
+npu_weight_quant_batchmatmul, RMSNorm -> npu_rms_norm / npu_add_rms_norm, and with ``fuse``
+the residual add + RMSNorm + quantization and SwiGLU + quantization fusions that leave at most
+one or two standalone quantization kernels per decoder layer. Every op is a ``ptqc_npu`` torch
+op: it calls torch_npu on NPU tensors and runs the documented emulation elsewhere, so
+``ptqc eval`` of a lowered artifact measures the Ascend numerics on any machine.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ptqc.lowering.ascend.lower import lower
+from ptqc.pipeline import Pass, PassResult, register
+
+
+@register
+class Ascend(Pass):
+    """Lower to Ascend kernels (npu_quant_matmul, npu_dynamic_quant, fused add+RMSNorm+quant...), emulated on CPU.
+
+    `fuse=false` gives the naive lowering (one quantization kernel per linear); `truncate=false`
+    keeps float32 deq_scale (no 19-bit npu_trans_quant_param truncation) on the static path;
+    `fallback=true` leaves what the kernels cannot take as float fake-quant ops instead of failing.
+    """
+
+    name = "ascend"
+    requires = frozenset({"canonical"})
+    provides = frozenset({"lowered", "lowered_ascend"})
+    forbids = frozenset({"lowered"})
+
+    @dataclass
+    class Options:
+        fuse: bool = True
+        truncate: bool = True
+        fallback: bool = False
+
+    def run(self, qm, ctx) -> PassResult:
+        o = self.options
+        summary = lower(qm, fuse=o.fuse, truncate=o.truncate, fallback=o.fallback)
+        counts = summary["kernels"]
+        per_layer = [c["standalone_quant"] for c in counts.values()]
+        return PassResult(changed=True, summary={
+            **summary, "max_standalone_quant_per_layer": max(per_layer) if per_layer else 0,
+            "kernels": {str(k): v for k, v in counts.items()}})

@@ -1,0 +1,112 @@
+"""Ascend lowering: the rewrite rules, kernel counts before/after fusion, numerics against the
+fake-quant graph, refusals with reasons, artifact round trip."""
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from ptqc import artifact, pipeline
+from ptqc.cli import main
+from ptqc.errors import PtqcError
+from ptqc.lowering.ascend import ops as npu
+from ptqc.lowering.ascend.lower import kernel_counts
+
+
+def _run(qm, text, calib=None):
+    return pipeline.PassManager(pipeline.parse_pipeline(text)).run(qm, pipeline.PassContext(quiet=True, calib=calib))
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def _targets(qm):
+    return [n.target for n in qm.graph.nodes if n.op == "call_function"]
+
+
+def test_w8a8_dynamic_kernel_counts_naive_and_fused(loaded, ids):
+    qm = loaded("qwen2")
+    x, calib = ids(2, 16), ids(4, 16)
+    _run(qm, "smooth,int8", calib)
+    ref = qm(x)
+    naive, fused = qm.clone(), qm.clone()
+    _run(naive, "ascend:fuse=false")
+    _run(fused, "ascend")
+    for layer, c in kernel_counts(naive).items():
+        assert c == {"standalone_quant": 4, "fused_quant": 0, "quant_matmul": 7, "weight_quant_matmul": 0}
+    counts = kernel_counts(fused)
+    assert counts[0]["standalone_quant"] == 2  # layer 0's input norm has no residual add to fuse with
+    assert all(c["standalone_quant"] == 1 and c["fused_quant"] == 3 for k, c in counts.items() if k > 0)
+    assert all(c["quant_matmul"] == 6 for c in counts.values())  # gate/up run as one matmul
+    assert npu.SWIGLU_QUANT in _targets(fused) and npu.ADD_RMS_NORM_DYNAMIC_QUANT in _targets(fused)
+    for lowered in (naive, fused):
+        assert _rel(lowered(x), ref) < 5e-3  # integer kernels vs fake-quant: rounding-flip noise only
+
+
+def test_dynamic_quant_matmul_equals_fake_quant_on_one_linear(loaded, ids):
+    qm = loaded("llama")
+    _run(qm, "int8", ids(2, 16))
+    low = qm.clone()
+    _run(low, "ascend:fuse=false")
+    x = ids(1, 9)
+    got, want = {}, {}
+    q_lin = next(n for n in qm.linears(role="q", layer=0))
+    qm(x, hook=lambda n, v: want.__setitem__("q", v) if n is q_lin else None)
+    mm = next(n for n in low.graph.nodes if n.target == npu.QUANT_MATMUL and n.meta["ptqc"]["role"] == "q")
+    low(x, hook=lambda n, v: got.__setitem__("q", v) if n is mm else None)
+    assert torch.allclose(got["q"], want["q"], rtol=1e-5, atol=1e-5)  # same codes, int32 vs float sums
+
+
+def test_static_path_difference_is_the_scale_truncation(loaded, ids):
+    qm = loaded("qwen2")
+    x, calib = ids(2, 16), ids(4, 16)
+    _run(qm, "int8:static=true", calib)
+    ref = qm(x)
+    a, b = qm.clone(), qm.clone()
+    _run(a, "ascend")
+    _run(b, "ascend:truncate=false")
+    name = "model.layers.0.self_attn.q_proj"
+    assert a.store[f"{name}.deq_scale"].dtype == torch.int64 and b.store[f"{name}.deq_scale"].dtype == torch.float32
+    assert a.store[f"{name}.quant_bias"].dtype == torch.int32  # qwen2 q_proj has a bias: folded in
+    assert torch.equal(npu.deq_scale_value(a.store[f"{name}.deq_scale"]), npu.truncate19(b.store[f"{name}.deq_scale"]))
+    ea, eb = _rel(a(x), ref), _rel(b(x), ref)
+    assert eb < ea, (ea, eb)
+
+
+def test_weight_only_uses_weight_quant_batchmatmul_and_matches(loaded, ids):
+    qm = loaded("qwen2")
+    _run(qm, "w4a16:w_group=32")
+    x = ids(2, 16)
+    ref = qm(x)
+    _run(qm, "pack,ascend")
+    assert sum(t == npu.WEIGHT_QUANT_BATCHMATMUL for t in _targets(qm)) == 7 * 2
+    assert _rel(qm(x), ref) < 1e-5
+
+
+def test_refusals_name_the_module_and_the_reason(loaded, ids):
+    qm = loaded("qwen2")
+    _run(qm, "w4a16:w_group=16")
+    with pytest.raises(PtqcError, match=r"cannot lower model\.layers\.0\..*multiples of 32.*fallback=true"):
+        _run(qm.clone(), "ascend")
+    low = qm.clone()
+    rec = _run(low, "ascend:fallback=true")
+    assert len(rec[0]["summary"]["refused"]) == 14 and npu.WEIGHT_QUANT_BATCHMATMUL not in _targets(low)
+    w4a4 = loaded("qwen2")
+    _run(w4a4, "w4a4")
+    with pytest.raises(PtqcError, match="only int8 activations"):
+        _run(w4a4, "ascend")
+
+
+def test_lowered_artifact_round_trip_and_eval(models, tmp_path):
+    out = tmp_path / "out"
+    r = CliRunner().invoke(main, ["compile", str(models["llama"]), "-o", str(out), "--passes", "smooth,int8,ascend",
+                                  "--calib-samples", "4", "--calib-seqlen", "32", "-q"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    m = artifact.read_manifest(out)
+    assert m["passes"][-1]["summary"]["max_standalone_quant_per_layer"] <= 2
+    qm = artifact.load(out)
+    assert any(n.target == npu.QUANT_MATMUL for n in qm.graph.nodes)
+    r = CliRunner().invoke(main, ["eval", str(out), "--seqlen", "32", "--max-windows", "4", "--json", "-q"],
+                           catch_exceptions=False)
+    assert r.exit_code == 0 and json.loads(r.output.strip().splitlines()[-1])["ppl"] > 1
