@@ -1,0 +1,380 @@
+"""rotate: QuaRot-style orthogonal rotations (Ashkboos et al., 2024), exact in float.
+
+Activation outliers (a few huge channels) make per-token activation and KV-cache quantization
+hard. Multiplying an activation by an orthogonal matrix spreads every channel over all of them
+(``max|x Q| ~ ||x|| / sqrt(n)`` for a Hadamard ``Q``), and the inverse can be folded into the
+weights, so the float model computes exactly the same function. This pass rotates, before any
+quantization or smoothing (``rotate,gptq``, ``rotate,w4a4``, ``rotate,kv``):
+
+a. Norm fusion. ``RMSNorm(x) = (x / rms(x)) * (offset + w)``: the per-channel ``offset + w`` is
+   folded into the columns of the linears the norm feeds (q/k/v, gate/up; the final norm into
+   lm_head) and the norm's weight set to one (``1 - offset``: 0 for Gemma's ``1 + w``).
+   ``x / rms(x)`` commutes with any orthogonal Q, since ``||x Q|| = ||x||``.
+
+b. Residual rotation by Q (``hidden x hidden``; ``residual=hadamard``: randomized Hadamard
+   ``H diag(+-1)`` drawn from ``seed``; ``orthogonal``: random orthogonal from a QR, for hidden
+   sizes without a Hadamard factorization). Every value on the residual stream becomes ``h Q``:
+
+       embedding           E <- E Q                   (rows: one per token)
+       readers             W <- W Q                   q, k, v, gate, up, lm_head: (h Q)(W Q)^T = h W^T
+       writers             W <- Q^T W,  b <- b Q      o_proj, down_proj: outputs land in the rotated basis
+
+   The residual adds then add rotated values and the (unit-weight) norms commute with Q.
+   lm_head is untied from the embedding (they now differ by the final norm's weight); the
+   artifact saves both.
+
+c. ``online_down``: ``ptqc.transform(x, a, b)`` (``x (a kron b) = x H``, H the Hadamard of the
+   intermediate size, as two small factors) on down_proj's input, and ``W <- W H``:
+   ``(x H)(W H)^T = x H H^T W^T = x W^T``. down_proj then reads an outlier-free activation.
+
+d. ``qk``: the same online transform with the head_dim Hadamard on attention's q and k inputs,
+   after RoPE: ``(q H)(k H)^T = q k^T``, so scores are unchanged while the K cache (quantized at
+   that input by the ``kv`` pass) has no outlier channels.
+
+e. ``v``: a per-head Hadamard folded offline into v_proj's output rows (and bias),
+   ``W_v[h] <- H^T W_v[h]``, and o_proj's input columns, ``W_o[:, h] <- W_o[:, h] H``.
+   Attention only mixes tokens, so each query head's output is in its KV head's basis: exact
+   with grouped-query attention too. The V cache and o_proj's input are then rotated.
+
+Everything is checked before any weight changes: the residual stream is followed from the
+embedding through adds, scalar multiplies and shape ops; a value read by anything else (a norm
+feeding a non-linear, Gemma-2's post-norms feeding the residual add, a MoE router...) is refused
+with the node named, as is a size without a Hadamard factorization (naming the option that
+avoids it). Weights are edited one at a time in float64 and written once.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Literal
+
+import torch
+import torch.fx as fx
+
+from ptqc import hadamard, ops
+from ptqc.errors import PtqcError
+from ptqc.ir import info, is_op
+from ptqc.patterns import activation_input, skip_transparent
+from ptqc.pipeline import Pass, PassResult, _short, register
+
+aten = torch.ops.aten
+
+READERS = ("q", "k", "v", "gate", "up", "lm_head")  # linears reading the residual stream (W <- W Q)
+WRITERS = ("o", "down")  # linears adding to it (W <- Q^T W)
+# shape ops that keep each row of the last dimension intact (checked on the recorded shapes)
+ROW_OPS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.clone.default,
+           aten.contiguous.default, aten._to_copy.default, aten.unsqueeze.default, aten.squeeze.dim,
+           aten.expand.default, aten.transpose.int, aten.permute.default}
+
+
+# ---- which nodes carry the residual stream ----------------------------------------------------
+@dataclass
+class ResidualPlan:
+    hidden: int
+    embeds: list[fx.Node] = field(default_factory=list)  # aten.embedding (weight [vocab, hidden])
+    norms: dict = field(default_factory=dict)  # rms_norm on the stream -> linears it feeds
+    readers: list[fx.Node] = field(default_factory=list)
+    writers: list[fx.Node] = field(default_factory=list)
+
+
+def _where(n: fx.Node) -> str:
+    return f"{info(n).get('module') or n.name} ({_short(n.target)})"
+
+
+def _keeps_rows(n: fx.Node, hidden: int) -> bool:
+    """A shape op whose output rows (last dim, size ``hidden``) are its input's rows."""
+    if n.target not in ROW_OPS or n.kwargs.keys() - {"dtype", "memory_format"}:
+        return False
+    src = n.args[0]
+    s_in, s_out = src.meta.get("shape"), n.meta.get("shape")
+    if not s_in or not s_out or s_in[-1] != hidden or s_out[-1] != hidden:
+        return False
+    if n.target == aten.transpose.int:
+        return all(d % len(s_in) != len(s_in) - 1 for d in n.args[1:3])
+    if n.target == aten.permute.default:
+        return n.args[1][-1] % len(s_in) == len(s_in) - 1
+    return True
+
+
+def _is_scalar(a) -> bool:
+    if isinstance(a, (int, float)):
+        return True
+    shape = a.meta.get("shape") if isinstance(a, fx.Node) else None
+    return shape is not None and all(d == 1 for d in shape)
+
+
+def residual_plan(qm) -> ResidualPlan:
+    """Follow the residual stream from the token embedding through the graph and list the
+    embeddings, norms, readers and writers to rotate. Raises PtqcError naming the first node
+    that reads the stream in a way a rotation would change."""
+    kind: dict[fx.Node, object] = {}  # node -> "res" (rotated residual) or the rms_norm it normalizes
+    plan: ResidualPlan | None = None
+    for n in qm.graph.nodes:
+        if n.op == "output":
+            if any(a in kind for a in n.all_input_nodes):
+                raise PtqcError("rotate: the graph returns the residual stream itself, not logits from lm_head")
+            continue
+        if n.op != "call_function":
+            continue
+        role = info(n).get("role")
+        if n.target == aten.embedding.default and role == "embed":
+            w = n.args[0]
+            if not (isinstance(w, fx.Node) and w.op == "get_attr"):
+                raise PtqcError(f"rotate: {_where(n)} does not read a plain embedding table")
+            hidden = qm.store.spec(w.target)[0][1]
+            if plan is None:
+                plan = ResidualPlan(hidden)
+            elif hidden != plan.hidden:
+                raise PtqcError(f"rotate: embeddings of widths {plan.hidden} and {hidden}")
+            plan.embeds.append(n)
+            kind[n] = "res"
+            continue
+        ins = [a for a in n.all_input_nodes if a in kind]
+        if plan is None and (ins or is_op(n, ops.LINEAR)):
+            raise PtqcError(f"rotate: {_where(n)} comes before the token embedding; cannot follow the residual stream")
+        if is_op(n, ops.LINEAR) and role in WRITERS:
+            if ins:
+                raise PtqcError(f"rotate: {_where(n)} ({role}) reads the residual stream; expected it to write to it")
+            kind[n] = "res"
+            plan.writers.append(n)
+            continue
+        if not ins:
+            continue
+        normed = [kind[a] for a in ins if isinstance(kind[a], fx.Node)]  # the norm(s) behind n's inputs
+        if is_op(n, ops.LINEAR):
+            if role not in READERS or ins != [n.args[0]]:
+                raise PtqcError(f"rotate: {_where(n)} (role {role}) reads the residual stream; only "
+                                f"{', '.join(READERS)} linears may")
+            plan.readers.append(n)
+            if normed:
+                plan.norms[normed[0]].append(n)
+            continue
+        if normed:  # a normalized value may only reach linears, through shape ops
+            if len(ins) == 1 and _keeps_rows(n, plan.hidden):
+                kind[n] = normed[0]
+                continue
+            raise PtqcError(f"rotate: {_where(normed[0])} feeds {_where(n)}, not only linears: its weight cannot "
+                            "be folded into the next linears, so this architecture cannot be rotated")
+        if is_op(n, ops.RMS_NORM) and ins == [n.args[0]]:
+            kind[n] = n
+            plan.norms[n] = []
+        elif n.target == aten.add.Tensor and not n.kwargs and len(ins) == 2 and list(n.args) == ins:
+            kind[n] = "res"
+        elif n.target == aten.mul.Tensor and len(ins) == 1 and _is_scalar(n.args[1 - n.args.index(ins[0])]):
+            kind[n] = "res"  # Gemma's embedding scale: a scalar commutes with Q
+        elif len(ins) == 1 and _keeps_rows(n, plan.hidden):
+            kind[n] = "res"
+        else:
+            raise PtqcError(f"rotate: {_where(n)} reads the residual stream; only adds, scalar multiplies, "
+                            "RMSNorm and the q/k/v/gate/up/lm_head linears may (a rotation would change its result)")
+    if plan is None:
+        raise PtqcError("rotate: no token embedding (role embed) found; nothing to rotate")
+    if not plan.readers or not plan.writers:
+        raise PtqcError("rotate: found no linears reading or writing the residual stream")
+    for norm, lins in plan.norms.items():
+        if not lins:
+            raise PtqcError(f"rotate: {_where(norm)} feeds no linear; its weight cannot be folded")
+    for n in plan.readers + plan.writers:
+        w = n.args[1]
+        if not (isinstance(w, fx.Node) and w.op == "get_attr"):
+            raise PtqcError(f"rotate: {_where(n)} has a transformed/quantized weight; run rotate before quantization")
+        out_ch, in_ch = qm.store.spec(w.target)[0]
+        if (in_ch if n in plan.readers else out_ch) != plan.hidden:
+            raise PtqcError(f"rotate: {_where(n)} has weight [{out_ch}, {in_ch}], "
+                            f"not matching hidden size {plan.hidden}")
+    return plan
+
+
+def _single_path(src: fx.Node, dst: fx.Node) -> bool:
+    """``dst`` reaches back to ``src`` through shape ops only, each used once (no other reader)."""
+    cur = dst
+    while cur is not src:
+        if not (cur.op == "call_function" and cur.target in ROW_OPS and len(cur.users) == 1):
+            return False
+        cur = cur.args[0]
+    return len(src.users) == 1
+
+
+def _arg(n: fx.Node, i: int, name: str, default=None):
+    return n.args[i] if len(n.args) > i else n.kwargs.get(name, default)
+
+
+def _factor(n: int, what: str, fix: str) -> tuple[int, int]:
+    try:
+        return hadamard.factor(n, what, fix)
+    except PtqcError as e:
+        raise PtqcError(f"rotate: {e}") from None
+
+
+def _add_transform(qm, before: fx.Node, x: fx.Node, a_name: str, b_name: str, meta: dict) -> fx.Node:
+    g = qm.graph
+    with g.inserting_before(before):
+        t = g.call_function(ops.TRANSFORM, (x, g.get_attr(a_name), g.get_attr(b_name)))
+    info(t).update({"module": meta["module"], "layer": meta.get("layer"), "role": "online_hadamard"})
+    return t
+
+
+def _store_factors(qm, base: str, n: int) -> torch.Tensor:
+    """Store ``base_a``/``base_b`` (float32 factors of hadamard(n)) and return the exact
+    float64 ``a kron b`` the online transform applies, for the offline fold."""
+    a, b = (t.float().contiguous() for t in hadamard.kron_factors(n))
+    qm.store[f"{base}_a"] = a
+    qm.store[f"{base}_b"] = b
+    return torch.kron(a.double(), b.double())
+
+
+@register
+class Rotate(Pass):
+    """QuaRot rotations: residual Hadamard (norms fused), online Hadamard on down_proj and Q/K, per-head V.
+
+    Exact in float; spreads activation outliers before W4A4 / KV-cache quantization, so run it
+    first (`rotate,w4a4`, `rotate,gptq`, `rotate,kv`). residual=orthogonal for hidden sizes with
+    no Hadamard factorization k*2^m; online_down, qk and v switch the online/per-head parts off.
+    """
+
+    name = "rotate"
+    requires = frozenset({"canonical"})
+    provides = frozenset({"rotated"})
+    forbids = frozenset({"weight_quant", "act_quant", "smoothed", "kv_quant"})
+
+    @dataclass
+    class Options:
+        seed: int = 0
+        residual: Literal["hadamard", "orthogonal"] = "hadamard"
+        online_down: bool = True  # online Hadamard on down_proj's input (folded into its weight)
+        qk: bool = True  # online head_dim Hadamard on attention's q and k (after RoPE)
+        v: bool = True  # per-head Hadamard folded into v_proj rows and o_proj columns
+
+    def run(self, qm, ctx) -> PassResult:
+        o = self.options
+        if "rotated" in qm.properties:
+            raise PtqcError("rotate: the model is already rotated")
+        # ---- plan and check everything before changing anything ----
+        plan = residual_plan(qm)
+        hidden = plan.hidden
+        if o.residual == "hadamard":
+            k, p2 = _factor(hidden, "hidden size", "use rotate:residual=orthogonal")
+            how = f"random hadamard {hidden} = {k}*{p2} (seed {o.seed})"
+        else:
+            how = f"random orthogonal {hidden} (seed {o.seed})"
+        downs = [n for n in plan.writers if info(n)["role"] == "down"] if o.online_down else []
+        inter = sorted({qm.store.spec(n.args[1].target)[0][1] for n in downs})
+        for size in inter:
+            _factor(size, "intermediate size", "use rotate:online_down=false")
+        attns = list(qm.nodes(ops.ATTENTION)) if (o.qk or o.v) else []
+        head_dims = {}
+        for attn in attns:
+            shapes = [a.meta.get("shape") if isinstance(a, fx.Node) else None for a in attn.args[:3]]
+            if any(s is None or len(s) != 4 for s in shapes) or len({s[3] for s in shapes}) != 1:
+                raise PtqcError(f"rotate: cannot read the head layout of {_where(attn)}; use qk=false and v=false")
+            head_dims[attn] = shapes[0][3]
+        for d in sorted(set(head_dims.values())):
+            _factor(d, "head_dim", "use rotate:qk=false,v=false")
+        v_pairs = {attn: self._v_pair(qm, attn) for attn in attns} if o.v else {}
+
+        # ---- weight edits, per tensor name, applied in order in float64 ----
+        edits: dict[str, list[Callable[[torch.Tensor], torch.Tensor]]] = {}
+
+        def edit(name: str, fn) -> None:
+            edits.setdefault(name, []).append(fn)
+
+        Q = (hadamard.random_hadamard(hidden, o.seed) if o.residual == "hadamard"
+             else hadamard.random_orthogonal(hidden, o.seed))
+        layers: dict = {}  # layer -> what was done there (the summary)
+
+        def note(n: fx.Node, key: str, value, many: bool = False) -> None:
+            rec = layers.setdefault(info(n).get("layer"), {})
+            if many:
+                rec.setdefault(key, []).append(value)
+            else:
+                rec[key] = value
+
+        # a. norm weights into the linears they feed
+        for norm, lins in plan.norms.items():
+            offset = float(_arg(norm, 3, "offset", 0.0))
+            w_name = norm.args[1].target
+            scale = qm.store[w_name].double() + offset
+            for lin in lins:
+                edit(lin.args[1].target, lambda w, s=scale: w * s[None, :])
+            edit(w_name, lambda w, v=1.0 - offset: torch.full_like(w, v))
+            note(norm, "fused", f"{info(norm).get('role')} -> {'/'.join(info(n)['role'] for n in lins)}", many=True)
+        # b. the residual rotation
+        for e in plan.embeds:
+            edit(e.args[0].target, lambda w: w @ Q)
+        for n in plan.readers:
+            edit(n.args[1].target, lambda w: w @ Q)
+            note(n, "readers", info(n)["role"], many=True)
+        for n in plan.writers:
+            edit(n.args[1].target, lambda w: Q.t() @ w)
+            b = _arg(n, 2, "b")
+            if b is not None:
+                edit(b.target, lambda v: v @ Q)
+            note(n, "writers", info(n)["role"], many=True)
+        # c. online Hadamard on down_proj's input, folded into its weight
+        for n in downs:
+            meta = info(n)
+            H = _store_factors(qm, f"{meta['module']}.hadamard", qm.store.spec(n.args[1].target)[0][1])
+            t = _add_transform(qm, n, n.args[0], f"{meta['module']}.hadamard_a", f"{meta['module']}.hadamard_b", meta)
+            n.args = (t, *n.args[1:])
+            edit(n.args[1].target, lambda w, H=H: w @ H)
+            note(n, "online_down", H.shape[0])
+        # d. online Hadamard on q and k (after RoPE): scores unchanged
+        if o.qk:
+            for attn in attns:
+                meta = info(attn)
+                base = f"{meta['module']}.qk_hadamard"
+                _store_factors(qm, base, head_dims[attn])
+                q = _add_transform(qm, attn, attn.args[0], f"{base}_a", f"{base}_b", meta)
+                k = _add_transform(qm, attn, attn.args[1], f"{base}_a", f"{base}_b", meta)
+                attn.args = (q, k, *attn.args[2:])
+                note(attn, "qk", head_dims[attn])
+        # e. per-head Hadamard folded into v_proj (rows, bias) and o_proj (columns)
+        for attn, (v_lin, o_lin) in v_pairs.items():
+            d = head_dims[attn]
+            Hd = hadamard.hadamard(d)
+            edit(v_lin.args[1].target, lambda w, H=Hd, d=d: (H.t() @ w.reshape(-1, d, w.shape[-1])).reshape(w.shape))
+            b = _arg(v_lin, 2, "b")
+            if b is not None:
+                edit(b.target, lambda v, H=Hd, d=d: (v.reshape(-1, d) @ H).reshape(v.shape))
+            edit(o_lin.args[1].target, lambda w, H=Hd, d=d: (w.reshape(w.shape[0], -1, d) @ H).reshape(w.shape))
+            note(attn, "v", d)
+
+        # ---- untie, then write every edited tensor once ----
+        untied = []
+        for alias, target in list(qm.store.aliases.items()):
+            if alias in edits or target in edits:  # e.g. lm_head.weight -> model.embed_tokens.weight
+                qm.store[alias] = qm.store[alias]  # materialize: the two now get different edits
+                untied.append(alias)
+        for name, fns in edits.items():
+            t = qm.store[name].double()
+            for fn in fns:
+                t = fn(t)
+            qm.store[name] = t.to(qm.dtype).contiguous()
+            qm.store.release([name])
+
+        per_layer = [{"layer": i, **layers[i]} for i in sorted(layers, key=lambda i: (i is None, i or 0))]
+        return PassResult(changed=True, summary={
+            "residual": how, "hidden": hidden, "norms_fused": len(plan.norms),
+            "embeddings": [e.args[0].target for e in plan.embeds], "untied": untied,
+            "online_down": {str(s): "%d*%d" % hadamard.factor(s) for s in inter},
+            "head_dim": {str(d): "%d*%d" % hadamard.factor(d) for d in sorted(set(head_dims.values()))},
+            "transforms_inserted": len(downs) + (2 * len(attns) if o.qk else 0),
+            "v_folded": len(v_pairs), "layers": per_layer})
+
+    @staticmethod
+    def _v_pair(qm, attn: fx.Node) -> tuple[fx.Node, fx.Node]:
+        """(v_proj, o_proj) of one attention op, checked for an exact per-head fold."""
+        v_lin = skip_transparent(attn.args[2])
+        o_lins = [n for n in qm.linears() if activation_input(n) is attn]
+        fix = "use rotate:v=false"
+        if not (is_op(v_lin, ops.LINEAR) and _single_path(v_lin, attn.args[2])):
+            raise PtqcError(f"rotate: the value input of {_where(attn)} is not a v_proj output used only there; {fix}")
+        if len(o_lins) != 1 or not _single_path(attn, o_lins[0].args[0]):
+            raise PtqcError(f"rotate: the output of {_where(attn)} does not go to one o_proj "
+                            f"through shape ops only; {fix}")
+        heads, heads_kv, d = attn.args[0].meta["shape"][1], attn.args[2].meta["shape"][1], attn.args[2].meta["shape"][3]
+        v_out = qm.store.spec(v_lin.args[1].target)[0][0]
+        o_in = qm.store.spec(o_lins[0].args[1].target)[0][1]
+        if v_out != heads_kv * d or o_in != heads * d:
+            raise PtqcError(f"rotate: {_where(v_lin)} / {_where(o_lins[0])} widths {v_out} / {o_in} do not match "
+                            f"{heads_kv} KV heads / {heads} heads of {d}; {fix}")
+        return v_lin, o_lins[0]
