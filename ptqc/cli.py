@@ -239,14 +239,30 @@ def diagnose(fp_model, quantized, out, calib, calib_samples, calib_seqlen, calib
 @click.option("--format", "fmt", type=click.Choice(["text", "json", "dot"]), default="text", show_default=True)
 @click.option("--counts", is_flag=True, help="Only per-op counts (per decoder layer with --per-layer).")
 @click.option("--per-layer", is_flag=True, help="With --counts: counts per decoder layer.")
+@click.option("--ops", "kernel_ops", is_flag=True,
+              help="Ascend quantization kernels per decoder layer: naive, shared, fused (or as lowered).")
 @click.option("--dtype", default="float32", show_default=True, help="For a Hugging Face directory.")
 @click.option("--trust-remote-code", is_flag=True)
 @friendly
-def inspect_cmd(path, layer, op, role, fmt, counts, per_layer, dtype, trust_remote_code):
+def inspect_cmd(path, layer, op, role, fmt, counts, per_layer, kernel_ops, dtype, trust_remote_code):
     """Show the graph of an artifact (or of a model directory, canonicalized)."""
     from ptqc import artifact, inspect
 
     qm = artifact.load_any(path, dtype, trust_remote_code)
+    if kernel_ops:
+        from ptqc.lowering.ascend.lower import kernel_report
+
+        rows = kernel_report(qm)
+        if fmt == "json":
+            click.echo(json.dumps(rows, indent=1))
+            return
+        cols = [c for c in ("layer", "naive", "shared", "fused", "fused_kernels", "quant_matmul") if rows and c in rows[0]]
+        click.echo("standalone quantization kernels per decoder layer (naive: one per linear; shared: one per "
+                   "quantized input; fused: after add+RMSNorm+quant and SwiGLU+quant fusion)")
+        click.echo("  ".join(f"{c:>13s}" for c in cols))
+        for r in rows:
+            click.echo("  ".join(f"{r[c]:>13}" for c in cols))
+        return
     if counts:
         c = inspect.op_counts(qm, per_layer)
         if fmt == "json":
@@ -314,10 +330,13 @@ def recipes_cmd():
 @click.option("--limit", type=int, default=None, help="With --tasks: at most N examples per task.")
 @click.option("--include-path", type=click.Path(path_type=Path), default=None,
               help="With --tasks: a directory of local lm-eval task YAMLs.")
+@click.option("--target", type=click.Choice(["torch", "onnx", "onnx-int"]), default="torch", show_default=True,
+              help="Where the PPL is computed: the ptqc graph in torch, or its ONNX export run by onnxruntime "
+                   "(onnx: fake-quant reference lowering; onnx-int: integer kernels, MatMulInteger/MatMulNBits).")
 @quiet_option
 @friendly
 def eval_cmd(path, text, seqlen, batch_size, max_windows, dtype, device, trust_remote_code, as_json, gen,
-             max_new_tokens, tasks, limit, include_path, quiet):
+             max_new_tokens, tasks, limit, include_path, quiet, target="torch"):
     """Perplexity of an artifact or a model on a text (non-overlapping windows)."""
     from ptqc import artifact, device as devices, evaluate
     from ptqc.errors import CollapseError
@@ -336,9 +355,17 @@ def eval_cmd(path, text, seqlen, batch_size, max_windows, dtype, device, trust_r
     def progress(it=None, **kw):
         return tqdm(it, disable=quiet, leave=False, **kw)
 
+    if target != "torch" and (gen or tasks):
+        raise PtqcError(f"--target {target} computes perplexity only; drop --generate/--tasks")
     try:
-        r = evaluate.perplexity(qm, ids, seqlen, batch_size=batch_size, device=None if dev == "cpu" else dev,
-                                max_windows=max_windows, progress=progress)
+        if target != "torch":
+            from ptqc.lowering.onnx import perplexity_of
+
+            r = perplexity_of(qm, ids, seqlen, mode="integer" if target == "onnx-int" else "fake",
+                              batch_size=batch_size, max_windows=max_windows, progress=progress)
+        else:
+            r = evaluate.perplexity(qm, ids, seqlen, batch_size=batch_size, device=None if dev == "cpu" else dev,
+                                    max_windows=max_windows, progress=progress)
     except CollapseError as e:
         if as_json:
             click.echo(json.dumps({"collapse": str(e), "text": str(text_path)}))
@@ -406,6 +433,52 @@ def generate_cmd(path, prompt_texts, prompts_file, max_new_tokens, dtype, device
         click.echo(generate.describe(s))
     if s["collapsed"]:
         _fail("collapse: " + "; ".join(s["reasons"]), 3)
+
+
+@main.command("export")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("-o", "--out", required=True, type=click.Path(path_type=Path),
+              help="Output file if it ends in .onnx, else a directory getting model.onnx (+ model.onnx.data).")
+@click.option("--format", "fmt", type=click.Choice(["onnx"]), default="onnx", show_default=True)
+@click.option("--mode", type=click.Choice(["fake", "integer"]), default="fake", show_default=True,
+              help="fake: faithful reference (Q/DQ arithmetic of ptqc.quant); integer: MatMulInteger W8A8 and "
+                   "MatMulNBits weight-only kernels where they apply.")
+@click.option("--external-data/--no-external-data", "external", default=None,
+              help="Weights in a separate OUT.data file (always above 2 GB; default: only then).")
+@click.option("--no-int4", is_flag=True, help="Keep packed int4 codes as int8 bytes unpacked in the graph.")
+@click.option("--output", "outputs", multiple=True, help="Also expose this FX node (by name) as a graph output.")
+@click.option("--dtype", default="float32", show_default=True, help="For a Hugging Face directory.")
+@click.option("--trust-remote-code", is_flag=True)
+@click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print the export summary as JSON.")
+@quiet_option
+@friendly
+def export_cmd(path, out, fmt, mode, external, no_int4, outputs, dtype, trust_remote_code, force, as_json, quiet):
+    """Lower an artifact (or a model directory) to ONNX, checked with onnx.checker.
+
+    Node names keep the ptqc graph's FX node names; input_ids [batch, seq] and the logits have
+    symbolic batch and sequence dimensions. Every op goes through one translation table
+    (ptqc.lowering.onnx.TABLE); an op without a translation is an error naming op and node."""
+    from ptqc import artifact
+    from ptqc.lowering.onnx import export
+
+    t0 = time.perf_counter()
+    if not path.is_dir():
+        raise PtqcError(f"{path} is not a directory (give a ptqc artifact or a model directory)")
+    target = out if out.suffix == ".onnx" else out / "model.onnx"
+    if target.parent.exists() and not target.parent.is_dir():
+        raise PtqcError(f"{target.parent} exists and is not a directory")
+    if target.exists() and not force:
+        raise PtqcError(f"{target} already exists; pass --force to overwrite it")
+    qm = artifact.load_any(path, dtype, trust_remote_code)
+    res = export(qm, target, mode, outputs=list(outputs), external_data=external, int4=not no_int4)
+    if as_json:
+        click.echo(json.dumps(res.summary()))
+    else:
+        _log(quiet, f"wrote {res.path}" + (f" + {res.data_path.name}" if res.data_path else "") +
+             f" ({fmt}, mode {mode}, {res.nodes} nodes, {res.weight_bytes / 2**20:.1f} MiB of weights, "
+             f"{len(res.integer_linears)} MatMulInteger / {len(res.nbits_linears)} MatMulNBits linears) "
+             f"in {time.perf_counter() - t0:.1f}s")
 
 
 if __name__ == "__main__":

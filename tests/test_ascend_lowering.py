@@ -110,3 +110,13 @@ def test_lowered_artifact_round_trip_and_eval(models, tmp_path):
     r = CliRunner().invoke(main, ["eval", str(out), "--seqlen", "32", "--max-windows", "4", "--json", "-q"],
                            catch_exceptions=False)
     assert r.exit_code == 0 and json.loads(r.output.strip().splitlines()[-1])["ppl"] > 1
+
+
+def test_inspect_ops_reports_naive_shared_and_fused_counts(models, tmp_path):
+    out = tmp_path / "out"
+    r = CliRunner().invoke(main, ["compile", str(models["qwen2"]), "-o", str(out), "--passes", "int8",
+                                  "--calib-samples", "2", "--calib-seqlen", "16", "-q"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, ["inspect", str(out), "--ops", "--format", "json"], catch_exceptions=False)
+    rows = json.loads(r.output)
+    assert [(x["naive"], x["shared"], x["fused"]) for x in rows] == [(7, 4, 2), (7, 4, 1)]

@@ -308,3 +308,19 @@ def kernel_counts(qm: QModel) -> dict:
 
 def lower(qm: QModel, fuse: bool = True, truncate: bool = True, fallback: bool = False) -> dict:
     return Lowering(qm, fuse, truncate, fallback).run()
+
+
+def kernel_report(qm: QModel) -> list[dict]:
+    """Quantization kernels per decoder layer: naive (one per quantized linear), shared (one per
+    quantize_act node, ``fuse=false``), fused (``fuse=true``). A graph that is already lowered is
+    reported as it is."""
+    if any(str(n.target).startswith("ptqc_npu.") for n in qm.graph.nodes if n.op == "call_function"):
+        return [{"layer": k, "fused": c["standalone_quant"], "fused_kernels": c["fused_quant"],
+                 "quant_matmul": c["quant_matmul"]} for k, c in kernel_counts(qm).items()]
+    shared, fused = qm.clone(), qm.clone()
+    lower(shared, fuse=False, fallback=True)
+    lower(fused, fuse=True, fallback=True)
+    s, f = kernel_counts(shared), kernel_counts(fused)
+    return [{"layer": k, "naive": s[k]["quant_matmul"], "shared": s[k]["standalone_quant"],
+             "fused": f.get(k, {}).get("standalone_quant", 0), "fused_kernels": f.get(k, {}).get("fused_quant", 0),
+             "quant_matmul": f.get(k, {}).get("quant_matmul", 0)} for k in s]
