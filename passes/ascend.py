@@ -23,7 +23,8 @@ class Ascend(Pass):
 
     `fuse=false` gives the naive lowering (one quantization kernel per linear); `truncate=false`
     keeps float32 deq_scale (no 19-bit npu_trans_quant_param truncation) on the static path;
-    `fallback=true` leaves what the kernels cannot take as float fake-quant ops instead of failing.
+    `fallback=true` leaves what the kernels cannot take as float fake-quant ops instead of failing;
+    `int_bias=false` adds a float bias after dequantization instead of rounding it into quant_bias.
     """
 
     name = "ascend"
@@ -36,10 +37,11 @@ class Ascend(Pass):
         fuse: bool = True
         truncate: bool = True
         fallback: bool = False
+        int_bias: bool = True  # static path: bias folded into the int32 quant_bias (msModelSlim format)
 
     def run(self, qm, ctx) -> PassResult:
         o = self.options
-        summary = lower(qm, fuse=o.fuse, truncate=o.truncate, fallback=o.fallback)
+        summary = lower(qm, fuse=o.fuse, truncate=o.truncate, fallback=o.fallback, int_bias=o.int_bias)
         counts = summary["kernels"]
         per_layer = [c["standalone_quant"] for c in counts.values()]
         return PassResult(changed=True, summary={

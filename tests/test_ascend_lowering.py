@@ -120,3 +120,14 @@ def test_inspect_ops_reports_naive_shared_and_fused_counts(models, tmp_path):
     r = CliRunner().invoke(main, ["inspect", str(out), "--ops", "--format", "json"], catch_exceptions=False)
     rows = json.loads(r.output)
     assert [(x["naive"], x["shared"], x["fused"]) for x in rows] == [(7, 4, 2), (7, 4, 1)]
+
+
+def test_static_without_truncation_and_with_float_bias_is_the_fake_quant_graph(loaded, ids):
+    qm = loaded("qwen2")  # q/k/v biases
+    x, calib = ids(2, 16), ids(4, 16)
+    _run(qm, "int8:static=true", calib)
+    ref = qm(x)
+    exact, rounded = qm.clone(), qm.clone()
+    _run(exact, "ascend:truncate=false,int_bias=false,fuse=false")
+    _run(rounded, "ascend:truncate=false,fuse=false")
+    assert _rel(exact(x), ref) < 1e-5 < _rel(rounded(x), ref)

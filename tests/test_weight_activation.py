@@ -238,3 +238,26 @@ def test_cli_smooth_int8_static_artifact_round_trip(models, tmp_path):
     r = CliRunner().invoke(main, ["eval", str(out), "--seqlen", "32", "--max-windows", "4", "--json", "-q"],
                            catch_exceptions=False)
     assert r.exit_code == 0 and json.loads(r.output.strip().splitlines()[-1])["ppl"] > 1
+
+
+def test_every_shipped_recipe_parses_and_orders():
+    from ptqc import recipes
+
+    assert {"w8a8kv8-smoothquant", "w8a8kv8-flatquant", "w4a4kv4-flatquant", "w4a4kv4-quarot", "w4a16-awq",
+            "w4a16-gptq", "w3a16-gptq"} <= set(recipes.names())
+    for name in recipes.names():
+        passes, settings = pipeline.load_recipe(name)
+        pipeline.check_order(passes, {"canonical"})
+        assert settings["calib"]["samples"] == 128 and recipes.describe(name)
+
+
+def test_compile_with_a_shipped_recipe_by_name(models, tmp_path):
+    out = tmp_path / "out"
+    r = CliRunner().invoke(main, ["compile", str(models["llama"]), "-o", str(out), "--recipe", "w8a8kv8-smoothquant",
+                                  "--calib-samples", "4", "--calib-seqlen", "32", "-q"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    m = artifact.read_manifest(out)
+    assert [p["pass"] for p in m["passes"]] == ["smooth", "int8", "kv", "pack"]
+    assert m["calibration"]["samples"] == 4  # the command line overrides the recipe's calib
+    r = CliRunner().invoke(main, ["compile", str(models["llama"]), "-o", str(tmp_path / "o2"), "--recipe", "nope"])
+    assert r.exit_code == 2 and "is not a shipped recipe (w3a16-gptq" in r.output

@@ -12,7 +12,8 @@ replaces it with the kernels an Ascend engineer would call:
                       quant_matmul(c, codes^T, deq_scale, bias=quant_bias)
                       deq_scale = trans_quant_param(input_scale * w_scale) (int64, 19-bit
                       truncated; ``truncate=false`` keeps float32), quant_bias (int32) =
-                      round(bias / deq_scale) - sum_k W_q[n, k] * zp
+                      round(bias / deq_scale) - sum_k W_q[n, k] * zp (``int_bias=false``:
+                      the float bias is added after dequantization instead, no rounding)
     weight-only    linear(x, dequantize_weight(codes, scale, zp, group))       (W8A16 / W4A16)
                    => weight_quant_batchmatmul(x, codes^T, scale^T, -zp^T, bias, group)
     RMSNorm        rms_norm(x)                   => rms_norm(x)[0]  (Gemma's 1 + w folded)
@@ -79,9 +80,10 @@ def _codes_value(qm, codes: fx.Node) -> torch.Tensor:
 
 
 class Lowering:
-    def __init__(self, qm: QModel, fuse: bool = True, truncate: bool = True, fallback: bool = False):
+    def __init__(self, qm: QModel, fuse: bool = True, truncate: bool = True, fallback: bool = False,
+                 int_bias: bool = True):
         self.qm, self.g = qm, qm.graph
-        self.fuse, self.truncate, self.fallback = fuse, truncate, fallback
+        self.fuse, self.truncate, self.fallback, self.int_bias = fuse, truncate, fallback, int_bias
         self.refused: list[str] = []
         self.dtype = qm.dtype
 
@@ -156,7 +158,7 @@ class Lowering:
                 deq_t = npu.trans_quant_param(deq) if self.truncate else deq
                 deq_f = npu.deq_scale_value(deq_t) if self.truncate else deq
                 qb = torch.zeros_like(w_s)
-                if bias is not None:
+                if bias is not None and self.int_bias:
                     qb = self.qm.store[bias.target].float() / deq_f
                 if q.args[2] is not None:
                     zp = self.qm.store[q.args[2].target].float()
@@ -164,6 +166,8 @@ class Lowering:
                 deq_n = _const(self.qm, self.g, f"{base}.deq_scale", deq_t)
                 qb_n = _const(self.qm, self.g, f"{base}.quant_bias", torch.round(qb).to(torch.int32))
                 y = _new(self.g, npu.QUANT_MATMUL, (codes_x, wt, deq_n, None, None, qb_n, self.dtype), lin)
+                if bias is not None and not self.int_bias:  # float bias after dequantization
+                    y = _new(self.g, aten.add.Tensor, (y, bias), lin)
         lin.replace_all_uses_with(y)
         self.g.erase_node(lin)
 
@@ -306,8 +310,8 @@ def kernel_counts(qm: QModel) -> dict:
     return dict(sorted(out.items()))
 
 
-def lower(qm: QModel, fuse: bool = True, truncate: bool = True, fallback: bool = False) -> dict:
-    return Lowering(qm, fuse, truncate, fallback).run()
+def lower(qm: QModel, fuse: bool = True, truncate: bool = True, fallback: bool = False, int_bias: bool = True) -> dict:
+    return Lowering(qm, fuse, truncate, fallback, int_bias).run()
 
 
 def kernel_report(qm: QModel) -> list[dict]:
