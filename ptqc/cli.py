@@ -481,5 +481,22 @@ def export_cmd(path, out, fmt, mode, external, no_int4, outputs, dtype, trust_re
              f"in {time.perf_counter() - t0:.1f}s")
 
 
+@main.command("check-export")
+@click.argument("path", type=click.Path(path_type=Path))
+@friendly
+def check_export_cmd(path):
+    """Validate an Ascend export (quant_model_description.json + weights): every quantized linear has
+    its scale tensors with the right dtypes and shapes, and the description matches the files.
+    Exit 1 listing the problems, 0 if valid."""
+    from ptqc.lowering.ascend.export import check
+
+    problems = check(path)
+    for p in problems:
+        click.echo(p)
+    if problems:
+        raise SystemExit(1)
+    click.echo(f"{path}: valid Ascend export")
+
+
 if __name__ == "__main__":
     main()

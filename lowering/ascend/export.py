@@ -1,0 +1,232 @@
+"""Export for vllm-ascend ``--quantization ascend`` (the msModelSlim format) and its checker.
+
+    OUT/quant_model_description.json     {"model_quant_type", "version", "group_size", ...,
+                                          "<tensor name>": "<type>" for every tensor}
+    OUT/quant_model_weights-00001-of-00001.safetensors (+ .index.json)
+    OUT/config.json, tokenizer files     copied (no quantization_config, as msModelSlim does)
+
+Per linear (from the fake-quant graph of an artifact; ``.weight`` always int8 [out, in]):
+
+    W8A8_DYNAMIC   int8 per-channel symmetric weights + dynamic per-token int8 activations:
+                   .weight, .weight_scale f32 [out, 1], .weight_offset f32 [out, 1]
+    W8A8           + static per-tensor activations: .weight, .input_scale f32 [1],
+                   .input_offset f32 [1] (codes = round(x / input_scale + input_offset)),
+                   .deq_scale [out] (int64 = npu_trans_quant_param bits; float32 for a bf16
+                   model), .quant_bias int32 [out] = round(bias / deq_scale) - sum_k W * offset,
+                   .weight_scale, .weight_offset; the float .bias is kept too
+    W8A16          int8 weights, float activations: .weight, .weight_scale, .weight_offset
+    W4A16          <=4-bit weights: .weight packed two per int8 byte along the input dimension,
+                   low nibble first [out, in / 2]; .weight_scale / .weight_offset f32
+                   [out, in / group] (or [out, 1]); ``group_size`` in the description
+    FLOAT          everything else (norms, embeddings, lm_head, biases)
+
+``weight_offset`` is minus ptqc's zero point (Ascend adds it: ``(w + offset) * scale``).
+KV-cache scales are not exported yet (C8 needs static per-channel K and V; ptqc's default V
+quantization is dynamic per token); an artifact with a KV quantizer exports its linears and
+says so in ``optional``.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from ptqc import ops, quant
+from ptqc.artifact import AtomicDir
+from ptqc.errors import PtqcError
+from ptqc.ir import QModel, info, is_op
+from ptqc.model import other_files, write_safetensors
+
+DESCRIPTION = "quant_model_description.json"
+WEIGHTS = "quant_model_weights-00001-of-00001.safetensors"
+INDEX = "quant_model_weights.safetensors.index.json"
+TYPES = ("W8A8", "W8A8_DYNAMIC", "W8A16", "W4A16", "FLOAT")
+META_KEYS = ("model_quant_type", "version", "group_size", "kv_cache_type", "metadata", "optional")
+REQUIRED = {  # suffixes every linear of a type must have (besides .weight)
+    "W8A8": ("input_scale", "input_offset", "deq_scale", "quant_bias", "weight_scale", "weight_offset"),
+    "W8A8_DYNAMIC": ("weight_scale", "weight_offset"),
+    "W8A16": ("weight_scale", "weight_offset"),
+    "W4A16": ("weight_scale", "weight_offset"),
+}
+
+
+def _codes(qm: QModel, dq) -> torch.Tensor:
+    c = dq.args[0]
+    return quant.unpack_int4(qm.store[c.args[0].target]) if is_op(c, ops.UNPACK_INT4) else qm.store[c.target]
+
+
+def classify(lin, wq: dict | None) -> str:
+    """The export type of one linear from its graph node."""
+    if wq is None:
+        return "FLOAT"
+    a = lin.args[0]
+    if is_op(a, ops.QUANTIZE_ACT):
+        bits, group, sym = a.args[3], a.args[4], a.args[5]
+        if bits != 8 or wq["bits"] != 8 or wq["group"] != 0 or not wq["sym"]:
+            raise PtqcError(f"{info(lin)['module']}: W{wq['bits']}A{bits} has no Ascend export type; "
+                            "export supports W8A8 (static), W8A8_DYNAMIC, W8A16 and W4A16")
+        if a.args[1] is None:
+            if group != 0 or not sym:
+                raise PtqcError(f"{info(lin)['module']}: dynamic activations must be per-token symmetric for W8A8_DYNAMIC")
+            return "W8A8_DYNAMIC"
+        return "W8A8"
+    return "W8A16" if wq["bits"] == 8 else "W4A16"
+
+
+def export(qm: QModel, out, *, force: bool = False) -> dict:
+    """Write ``qm`` (a fake-quant ptqc graph) in the Ascend deployment format; returns the description."""
+    from ptqc.lowering.ascend import ops as npu
+
+    if any(str(n.target).startswith("ptqc_npu.") for n in qm.graph.nodes if n.op == "call_function"):
+        raise PtqcError("export the fake-quant artifact, not a lowered one (compile without the ascend pass)")
+    tensors: dict[str, torch.Tensor] = {}  # quantized linears' tensors, computed here
+    desc: dict = {}
+    groups = set()
+    kinds: dict[str, int] = {}
+    handled = set()
+    for lin in qm.linears():
+        dq = lin.args[1]
+        m = info(lin)
+        base = m["module"]
+        wq = m.get("quant", {}).get("weight") if is_op(dq, ops.DEQUANTIZE_WEIGHT) else None
+        kind = classify(lin, wq)
+        if kind == "FLOAT":
+            continue
+        kinds[kind] = kinds.get(kind, 0) + 1
+        codes = _codes(qm, dq)
+        scale = qm.store[dq.args[1].target].float()
+        zp = qm.store[dq.args[2].target].float() if dq.args[2] is not None else torch.zeros_like(scale)
+        handled |= {n.target for n in dq.all_input_nodes if n.op == "get_attr"}
+        handled |= {a.target for a in getattr(dq.args[0], "all_input_nodes", []) if a.op == "get_attr"}
+        out_t = {}
+        if kind == "W4A16":
+            if dq.args[3]:
+                groups.add(dq.args[3])
+            out_t["weight"] = quant.pack_int4(codes)
+        else:
+            out_t["weight"] = codes.to(torch.int8)
+        out_t["weight_scale"] = scale.reshape(scale.shape[0], -1)
+        out_t["weight_offset"] = (-zp).reshape(scale.shape[0], -1)
+        if kind == "W8A8":
+            q = lin.args[0]
+            s_in = qm.store[q.args[1].target].float().reshape(1)
+            off = qm.store[q.args[2].target].float().reshape(1) if q.args[2] is not None else torch.zeros(1)
+            handled |= {a.target for a in q.all_input_nodes if a.op == "get_attr"}
+            deq = s_in * scale.reshape(-1)
+            deq_store = deq if qm.dtype == torch.bfloat16 else npu.trans_quant_param(deq)
+            deq_f = deq if qm.dtype == torch.bfloat16 else npu.deq_scale_value(deq_store)
+            b = lin.args[2] if len(lin.args) > 2 else None
+            qb = qm.store[b.target].float() / deq_f if b is not None else torch.zeros_like(deq)
+            qb = torch.round(qb) - codes.float().sum(1) * off
+            out_t.update({"input_scale": s_in, "input_offset": off, "deq_scale": deq_store,
+                          "quant_bias": qb.to(torch.int32)})
+        for suffix, t in out_t.items():
+            name = f"{base}.{suffix}"
+            tensors[name] = t.contiguous()
+            desc[name] = kind
+    if len(groups) > 1:
+        raise PtqcError(f"W4A16 linears use several group sizes {sorted(groups)}; the Ascend format has one group_size")
+    floats = [n for n in qm.weight_names() if n not in handled and n not in tensors]
+    aliases = {n: qm.store.aliases[n] for n in floats if n in qm.store.aliases}
+    floats = sorted(set(floats) - set(aliases) | set(aliases.values()))
+    for n in floats:
+        desc[n] = "FLOAT"
+    kv = any(str(info(n).get("role", "")).endswith("_cache_quant") for n in qm.graph.nodes)
+    main = max(kinds, key=kinds.get) if kinds else "FLOAT"
+    head = {"model_quant_type": main, "version": "1.0.0", "group_size": next(iter(groups), 0),
+            "metadata": {"producer": "ptqc", "linears": kinds},
+            "optional": {"kv_cache": "not exported (ptqc KV quantizers present)" if kv else "none"}}
+    names = sorted(desc)
+
+    def spec(n):
+        if n in tensors:
+            return tuple(tensors[n].shape), tensors[n].dtype
+        return qm.store.spec(n)
+
+    def get(n):
+        return tensors[n] if n in tensors else qm.store[n].to(qm.dtype) if qm.store[n].is_floating_point() else qm.store[n]
+
+    src = Path(qm.source) if qm.source else None
+    with AtomicDir(out, force) as tmp:
+        if src is not None and (src / "config.json").is_file():
+            shutil.copy2(src / "config.json", tmp / "config.json")
+            for f in other_files(src):
+                if f.name not in ("ptqc.json", "graph.json"):
+                    shutil.copy2(f, tmp / f.name)
+        total = write_safetensors(tmp / WEIGHTS, names, spec, get, metadata={"format": "pt", "producer": "ptqc"})
+        (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total},
+                                             "weight_map": {n: WEIGHTS for n in names}}, indent=1))
+        (tmp / DESCRIPTION).write_text(json.dumps({**head, **{n: desc[n] for n in names}}, indent=1))
+    return {**head, "tensors": len(names)}
+
+
+# ---- checker -----------------------------------------------------------------------------------
+def check(path) -> list[str]:
+    """Problems of an Ascend export directory (empty list: valid). Each is one line."""
+    path = Path(path)
+    problems: list[str] = []
+    dfile = path / DESCRIPTION
+    if not dfile.is_file():
+        return [f"{DESCRIPTION} is missing"]
+    try:
+        desc = json.loads(dfile.read_text())
+    except json.JSONDecodeError as e:
+        return [f"{DESCRIPTION} is not valid JSON: {e}"]
+    if "model_quant_type" not in desc:
+        problems.append(f"{DESCRIPTION} has no model_quant_type")
+    types = {k: v for k, v in desc.items() if k not in META_KEYS}
+    bad = sorted({v for v in types.values() if v not in TYPES})
+    if bad:
+        problems.append(f"unknown quantization type {bad[0]!r} in {DESCRIPTION} (known: {', '.join(TYPES)})")
+    meta: dict[str, tuple] = {}
+    files = sorted(path.glob("quant_model_weight*.safetensors"))
+    if not files:
+        return problems + ["no quant_model_weight*.safetensors file"]
+    for f in files:
+        with safe_open(str(f), "pt") as sf:
+            for k in sf.keys():
+                sl = sf.get_slice(k)
+                meta[k] = (tuple(sl.get_shape()), sl.get_dtype())
+    for n in sorted(set(types) - set(meta)):
+        problems.append(f"{n} is in {DESCRIPTION} but in no weight file")
+    for n in sorted(set(meta) - set(types)):
+        problems.append(f"{n} is in the weight files but not in {DESCRIPTION}")
+    group = desc.get("group_size", 0) or 0
+    for w in sorted(n for n, t in types.items() if t in REQUIRED and n.endswith(".weight")):
+        kind = types[w]
+        base = w.removesuffix(".weight")
+        if w not in meta:
+            continue
+        shape, dtype = meta[w]
+        if dtype != "I8":
+            problems.append(f"{w}: {kind} weight must be int8, found {dtype}")
+            continue
+        out = shape[0]
+        k = shape[1] * (2 if kind == "W4A16" else 1)
+        for suffix in REQUIRED[kind]:
+            name = f"{base}.{suffix}"
+            if name not in meta:
+                problems.append(f"{base}: {kind} needs {name}, which is missing")
+                continue
+            if types.get(name) != kind:
+                problems.append(f"{name}: described as {types.get(name)}, but its linear is {kind}")
+            s, dt = meta[name]
+            if suffix in ("weight_scale", "weight_offset"):
+                cols = (k // group) if (kind == "W4A16" and group) else 1
+                if dt != "F32" or s != (out, cols):
+                    problems.append(f"{name}: expected float32 [{out}, {cols}], found {dt} {list(s)}")
+            elif suffix in ("input_scale", "input_offset"):
+                if dt != "F32" or s not in ((1,), ()):
+                    problems.append(f"{name}: expected float32 [1], found {dt} {list(s)}")
+            elif suffix == "deq_scale":
+                if dt not in ("I64", "F32") or s != (out,):
+                    problems.append(f"{name}: expected int64 (or float32 for bf16 models) [{out}], found {dt} {list(s)}")
+            elif suffix == "quant_bias":
+                if dt != "I32" or s != (out,):
+                    problems.append(f"{name}: expected int32 [{out}], found {dt} {list(s)}")
+        if kind == "W4A16" and group and k % group:
+            problems.append(f"{w}: input dimension {k} is not a multiple of group_size {group}")
+    return problems

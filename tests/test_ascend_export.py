@@ -1,0 +1,156 @@
+"""Ascend (msModelSlim / vllm-ascend) export: tensor names, dtypes and shapes per type; the
+checker accepts it and catches each kind of broken export."""
+import json
+import shutil
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from ptqc import pipeline, quant
+from ptqc.cli import main
+from ptqc.errors import PtqcError
+from ptqc.lowering.ascend import export as ax
+from ptqc.lowering.ascend import ops as npu
+from ptqc.weights import dequantized_weight
+
+
+def _compile(qm, text, calib):
+    pipeline.PassManager(pipeline.parse_pipeline(text)).run(qm, pipeline.PassContext(quiet=True, calib=calib))
+    return qm
+
+
+def _tensors(d):
+    out = {}
+    for f in d.glob("quant_model_weight*.safetensors"):
+        with safe_open(str(f), "pt") as sf:
+            out.update({k: sf.get_tensor(k) for k in sf.keys()})
+    return out
+
+
+@pytest.fixture(scope="module")
+def exports(loaded, tmp_path_factory):
+    torch.manual_seed(0)
+    calib = torch.randint(0, 300, (4, 16))
+    root = tmp_path_factory.mktemp("exports")
+    out = {}
+    for name, text in (("dyn", "int8"), ("static", "int8:static=true"), ("w8a16", "w8a16"),
+                       ("w4a16", "w4a16:w_group=32,pack")):
+        qm = _compile(loaded("qwen2"), text, calib)
+        ax.export(qm, root / name)
+        out[name] = (root / name, qm)
+    return out
+
+
+def test_dynamic_w8a8_tensors_and_description(exports):
+    d, qm = exports["dyn"]
+    desc = json.loads((d / ax.DESCRIPTION).read_text())
+    t = _tensors(d)
+    base = "model.layers.0.self_attn.q_proj"
+    assert desc["model_quant_type"] == "W8A8_DYNAMIC" and desc[f"{base}.weight"] == "W8A8_DYNAMIC"
+    assert t[f"{base}.weight"].dtype == torch.int8 and t[f"{base}.weight_scale"].shape == (t[f"{base}.weight"].shape[0], 1)
+    assert torch.equal(t[f"{base}.weight_offset"], torch.zeros_like(t[f"{base}.weight_scale"]))
+    assert desc[f"{base}.bias"] == "FLOAT" and desc["model.norm.weight"] == "FLOAT" and desc["lm_head.weight"] == "FLOAT"
+    lin = next(n for n in qm.linears() if n.meta["ptqc"]["module"] == base)
+    w = t[f"{base}.weight"].float() * t[f"{base}.weight_scale"]
+    assert torch.equal(w, dequantized_weight(qm, lin).float())  # the exported numbers are the artifact's
+    assert not (d / "config.json").read_text().count("quantization_config")
+    assert ax.check(d) == []
+
+
+def test_static_w8a8_deq_scale_and_quant_bias(exports):
+    d, qm = exports["static"]
+    t = _tensors(d)
+    base = "model.layers.0.self_attn.q_proj"
+    assert t[f"{base}.deq_scale"].dtype == torch.int64 and t[f"{base}.quant_bias"].dtype == torch.int32
+    deq = t[f"{base}.input_scale"] * t[f"{base}.weight_scale"].reshape(-1)
+    assert torch.equal(npu.deq_scale_value(t[f"{base}.deq_scale"]), npu.truncate19(deq))
+    qb = torch.round(t[f"{base}.bias"].float() / npu.deq_scale_value(t[f"{base}.deq_scale"]))
+    assert torch.equal(t[f"{base}.quant_bias"], qb.to(torch.int32))  # symmetric: no offset term
+    assert ax.check(d) == []
+
+
+def test_w4a16_packs_two_per_byte_with_group_scales(exports):
+    d, qm = exports["w4a16"]
+    desc = json.loads((d / ax.DESCRIPTION).read_text())
+    t = _tensors(d)
+    base = "model.layers.0.mlp.down_proj"
+    lin = next(n for n in qm.linears() if n.meta["ptqc"]["module"] == base)
+    out_f, in_f = dequantized_weight(qm, lin).shape
+    assert desc["group_size"] == 32 and desc[f"{base}.weight"] == "W4A16"
+    assert t[f"{base}.weight"].shape == (out_f, in_f // 2) and t[f"{base}.weight_scale"].shape == (out_f, in_f // 32)
+    codes = quant.unpack_int4(t[f"{base}.weight"]).float()
+    w = (codes + t[f"{base}.weight_offset"].repeat_interleave(32, 1)) * t[f"{base}.weight_scale"].repeat_interleave(32, 1)
+    assert torch.allclose(w, dequantized_weight(qm, lin).float(), atol=1e-6)  # offset is ADDED (= -zero point)
+    assert ax.check(d) == []
+
+
+def _broken(src, tmp_path, edit):
+    d = tmp_path / "b"
+    shutil.copytree(src, d)
+    edit(d)
+    return ax.check(d)
+
+
+def _edit_tensors(d, fn):
+    f = d / ax.WEIGHTS
+    t = load_file(str(f))
+    fn(t)
+    save_file(t, str(f))
+
+
+@pytest.mark.parametrize("case, expect", [
+    ("no_description", "quant_model_description.json is missing"),
+    ("missing_scale", "needs model.layers.0.self_attn.q_proj.weight_scale, which is missing"),
+    ("float_weight", "weight must be int8"),
+    ("scale_shape", "expected float32"),
+    ("undescribed", "is in the weight files but not in"),
+    ("unknown_type", "unknown quantization type 'W9A9'"),
+    ("deq_dtype", "deq_scale: expected int64"),
+])
+def test_checker_catches_each_broken_export(exports, tmp_path, case, expect):
+    base = "model.layers.0.self_attn.q_proj"
+    src = exports["static" if case == "deq_dtype" else "dyn"][0]
+
+    def edit(d):
+        desc_f = d / ax.DESCRIPTION
+        desc = json.loads(desc_f.read_text())
+        if case == "no_description":
+            desc_f.unlink()
+        elif case == "missing_scale":
+            _edit_tensors(d, lambda t: t.pop(f"{base}.weight_scale"))
+            desc.pop(f"{base}.weight_scale")
+        elif case == "float_weight":
+            _edit_tensors(d, lambda t: t.__setitem__(f"{base}.weight", t[f"{base}.weight"].float()))
+        elif case == "scale_shape":
+            _edit_tensors(d, lambda t: t.__setitem__(f"{base}.weight_scale", t[f"{base}.weight_scale"].reshape(-1)))
+        elif case == "undescribed":
+            desc.pop("model.norm.weight")
+        elif case == "unknown_type":
+            desc[f"{base}.weight"] = "W9A9"
+        elif case == "deq_dtype":
+            _edit_tensors(d, lambda t: t.__setitem__(f"{base}.deq_scale", t[f"{base}.deq_scale"].to(torch.int32)))
+        if desc_f.exists():
+            desc_f.write_text(json.dumps(desc))
+    problems = _broken(src, tmp_path, edit)
+    assert any(expect in p for p in problems), problems
+
+
+def test_check_export_cli_exit_codes(exports, tmp_path):
+    d = exports["dyn"][0]
+    r = CliRunner().invoke(main, ["check-export", str(d)])
+    assert r.exit_code == 0 and "valid Ascend export" in r.output
+    bad = tmp_path / "bad"
+    shutil.copytree(d, bad)
+    (bad / ax.DESCRIPTION).unlink()
+    r = CliRunner().invoke(main, ["check-export", str(bad)])
+    assert r.exit_code == 1 and "missing" in r.output
+
+
+def test_w4a4_has_no_export_type(loaded, tmp_path):
+    qm = _compile(loaded("qwen2"), "w4a4", torch.randint(0, 300, (2, 16)))
+    with pytest.raises(PtqcError, match="W4A4 has no Ascend export type"):
+        ax.export(qm, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
