@@ -398,12 +398,13 @@ ISOLATE_BYTES = 1 << 30  # trace in a child process for checkpoints larger than 
 
 
 def load(model_dir, dtype: str | torch.dtype = "float32", trust_remote_code: bool = False,
-         progress: bool = False, isolate: bool | str = False) -> QModel:
+         progress: bool = False, isolate: bool | str = False, shapes: bool = True) -> QModel:
     """Trace a Hugging Face causal LM directory into a canonical :class:`QModel`.
 
     Weights are not read: they stay in the safetensors files until a pass or a run needs them.
     ``isolate=True`` traces in a child process (``"auto"``: for checkpoints over 1 GiB), so
-    the tracer's memory is returned to the system before any weight is read."""
+    the tracer's memory is returned to the system before any weight is read. ``shapes=False``
+    skips shape propagation (for loaders that rewrite quantized checkpoints first)."""
     from tqdm.auto import tqdm
 
     path = Path(model_dir)
@@ -435,7 +436,8 @@ def load(model_dir, dtype: str | torch.dtype = "float32", trust_remote_code: boo
                 properties={"canonical"})
     bar.update()
     bar.set_postfix_str("shapes")
-    propagate(g, store)
+    if shapes:
+        propagate(g, store)
     bar.update()
     bar.close()
     return qm

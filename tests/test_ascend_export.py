@@ -154,3 +154,11 @@ def test_w4a4_has_no_export_type(loaded, tmp_path):
     with pytest.raises(PtqcError, match="W4A4 has no Ascend export type"):
         ax.export(qm, tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("name", ["dyn", "static", "w8a16", "w4a16"])
+def test_loader_reproduces_the_artifact_outputs(exports, name):
+    d, qm = exports[name]
+    back = ax.load(d)
+    x = torch.randint(0, 300, (2, 12))
+    assert torch.allclose(back(x), qm(x), atol=1e-5, rtol=1e-5)

@@ -230,3 +230,54 @@ def check(path) -> list[str]:
         if kind == "W4A16" and group and k % group:
             problems.append(f"{w}: input dimension {k} is not a multiple of group_size {group}")
     return problems
+
+
+# ---- loader ------------------------------------------------------------------------------------
+def load(path, dtype: str = "float32") -> QModel:
+    """Read an Ascend export back into a ptqc fake-quant graph (codes, scales and activation
+    quantizers as the artifact had them), so it can be evaluated, diffed and re-exported."""
+    from ptqc import frontend
+    from ptqc.ir import propagate
+    from ptqc.passes.act_quant import insert_quantizer
+    from ptqc.weights import set_quantized_weight
+
+    path = Path(path)
+    problems = check(path)
+    if problems:
+        raise PtqcError(f"{path} is not a valid Ascend export: {problems[0]} (run ptqc check-export)")
+    desc = json.loads((path / DESCRIPTION).read_text())
+    qm = frontend.load(path, dtype, shapes=False)
+    qm.store.cast = False
+    group_size = desc.get("group_size", 0) or 0
+    acts: dict = {}
+    for lin in qm.linears():
+        w = lin.args[1].target
+        kind = desc.get(w, "FLOAT")
+        if kind == "FLOAT":
+            continue
+        base = w.removesuffix(".weight")
+        codes = qm.store[w]
+        if kind == "W4A16":
+            codes = quant.unpack_int4(codes)
+        scale = qm.store[f"{base}.weight_scale"].float()
+        offset = qm.store[f"{base}.weight_offset"].float()
+        zp = None if not offset.any() else torch.round(-offset).to(torch.int8)
+        group = group_size if kind == "W4A16" and scale.shape[1] > 1 else 0
+        bits = 4 if kind == "W4A16" else 8
+        spec = quant.QuantSpec(bits, group, zp is None)
+        set_quantized_weight(qm, lin, spec, codes, scale, zp, "ascend-export")
+        if kind in ("W8A8", "W8A8_DYNAMIC"):
+            acts.setdefault((lin.args[0], kind), []).append(lin)
+    for (src, kind), lins in acts.items():
+        if kind == "W8A8_DYNAMIC":
+            insert_quantizer(qm, src, lins, quant.QuantSpec(8, 0, True))
+            continue
+        base = info(lins[0])["module"]
+        s = qm.store[f"{base}.input_scale"].float().reshape(1)
+        off = qm.store[f"{base}.input_offset"].float().reshape(1)
+        zp = torch.round(off).to(torch.int8) if off.any() else None
+        insert_quantizer(qm, src, lins, quant.QuantSpec(8, -1, zp is None), scale=s, zero_point=zp,
+                         method="static-export")
+    qm.properties |= {"weight_quant"} | ({"act_quant"} if acts else set())
+    propagate(qm.graph, qm.store)
+    return qm
