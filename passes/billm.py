@@ -51,7 +51,7 @@ from ptqc.calib import calibrate
 from ptqc.errors import PtqcError
 from ptqc.ir import info
 from ptqc.observers import Hessian
-from ptqc.passes.gptq import SingularHessian, inverse_cholesky, output_error
+from ptqc.passes.gptq import SingularHessian, drop_dead_inputs, inverse_cholesky, output_error
 from ptqc.pipeline import Pass, PassResult, register
 from ptqc.weights import grouped_targets, set_weight, weight_of
 
@@ -167,12 +167,8 @@ def billm_quantize(w: torch.Tensor, h: torch.Tensor, *, block: int = 128, damp: 
     """BiLLM one weight matrix [out, in] with Hessian [in, in].
 
     Returns (binarized float weight [out, in], number of salient columns, damp used)."""
-    W = w.float().clone()
-    H = h.float().clone()
+    W, H, dead = drop_dead_inputs(w, h)
     rows, n = W.shape
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
     U, used = inverse_cholesky(H, damp, retries)
     Q = torch.zeros_like(W)
     salient_cols = 0

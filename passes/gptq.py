@@ -64,6 +64,18 @@ def inverse_cholesky(h: torch.Tensor, damp: float, retries: int) -> tuple[torch.
     raise SingularHessian(f"Hessian is not positive definite even with damp={damp / 10:g}")
 
 
+def drop_dead_inputs(w: torch.Tensor, h: torch.Tensor):
+    """Float32 copies of ``w`` [out, in] and ``h`` [in, in] with inputs that were always zero
+    (diag(H) == 0) made harmless: H_jj = 1 and W[:, j] = 0 (their weights don't matter).
+    Returns (W, H, dead mask). Shared by gptq, billm and slim."""
+    W = w.float().clone()
+    H = h.float().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    return W, H, dead
+
+
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: quant.QuantSpec, *, block: int = 128,
                   damp: float = 0.01, act_order: bool = False, retries: int = 4,
                   dxxt: torch.Tensor | None = None, alpha: float = 0.25):
@@ -74,12 +86,8 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: quant.QuantSpec, *, bl
     P = alpha * triu_1(dXXT U^T) U with U the upper Cholesky factor of H^-1.
 
     Returns (codes int8 [out, in], scale [out, groups], zero_point or None, damp used)."""
-    W = w.float().clone()
-    H = h.float().clone()
+    W, H, dead = drop_dead_inputs(w, h)
     rows, n = W.shape
-    dead = torch.diag(H) == 0  # inputs that were always zero: their weights don't matter
-    H[dead, dead] = 1
-    W[:, dead] = 0
     if dxxt is not None:
         dxxt = dxxt.float().clone()
         dxxt[:, dead] = 0

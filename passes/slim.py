@@ -53,7 +53,7 @@ from ptqc import quant
 from ptqc.calib import calibrate
 from ptqc.errors import PtqcError
 from ptqc.observers import Hessian
-from ptqc.passes.gptq import SingularHessian, inverse_cholesky, output_error
+from ptqc.passes.gptq import SingularHessian, drop_dead_inputs, inverse_cholesky, output_error
 from ptqc.pipeline import Pass, PassResult, register
 from ptqc.weights import grouped_targets, set_quantized_weight, weight_of
 
@@ -148,12 +148,8 @@ def slim_quantize(w: torch.Tensor, h: torch.Tensor, group_bits: list[int], group
 
     Returns (codes int8 [out, in], scale [out, groups], zero_point or None, the dequantized weight
     the loop used, damp used)."""
-    W = w.float().clone()
-    H = h.float().clone()
+    W, H, dead = drop_dead_inputs(w, h)
     rows, n = W.shape
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
     g, G = group, n // group
     scale = torch.ones(rows, G, device=W.device)
     zp = None if sym else torch.zeros(rows, G, dtype=torch.int8, device=W.device)

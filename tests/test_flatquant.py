@@ -23,17 +23,9 @@ def _summary(rec, name="flatquant"):
 
 
 def _outliers(qm, layer=0, channels=(3, 17), factor=32.0):
-    """Function-preserving outlier input channels (norm channel * f, weight columns / f), so
-    per-token activation quantization has something to fix."""
-    for norm_role, roles in (("input_norm", ("q", "k", "v")), ("post_attention_norm", ("gate", "up"))):
-        norm = next(qm.nodes(role=norm_role, layer=layer)).args[1].target
-        g = qm.store[norm].clone()
-        g[list(channels)] *= factor
-        qm.store[norm] = g
-        for n in qm.linears(role=roles, layer=layer):
-            w = qm.store[n.args[1].target].clone()
-            w[:, list(channels)] /= factor
-            qm.store[n.args[1].target] = w
+    """Function-preserving outlier input channels (test_awq's helper), so per-token activation
+    quantization has something to fix."""
+    importlib.import_module("test_awq")._outliers(qm, layer, channels, factor)
 
 
 def _general_init(monkeypatch):
