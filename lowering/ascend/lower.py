@@ -244,8 +244,10 @@ class Lowering:
                         self._rewire_tuple(quantizer, fused, {0: 0, 1: 2})
                         out_sum = 1
                     elif quantizer is not None:  # static
+                        zp = quantizer.args[2]  # constants made here: the quantizer's come after the norm
                         fused = _new(self.g, npu.ADD_RMS_NORM_QUANT,
-                                     (a, b, w, self._per_channel(quantizer.args[1], w), quantizer.args[2], eps, True),
+                                     (a, b, w, self._per_channel(quantizer.args[1], w),
+                                      None if zp is None else self._per_channel(zp, w), eps, True),
                                      norm, role="add_rms_norm_quant")
                         y = _new(self.g, operator.getitem, (fused, 0), norm, role="act_codes")
                         quantizer.replace_all_uses_with(y)
