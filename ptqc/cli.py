@@ -446,6 +446,9 @@ def generate_cmd(path, prompt_texts, prompts_file, max_new_tokens, dtype, device
 @click.option("--external-data/--no-external-data", "external", default=None,
               help="Weights in a separate OUT.data file (always above 2 GB; default: only then).")
 @click.option("--no-int4", is_flag=True, help="Keep packed int4 codes as int8 bytes unpacked in the graph.")
+@click.option("--int-kernel", type=click.Choice(["s8s8", "u8u8", "u8s8"]), default="s8s8", show_default=True,
+              help="With --mode integer: MatMulInteger operands (s8s8 exact everywhere; u8u8 exact everywhere and "
+                   "faster in onnxruntime; u8s8 fastest, exact only with VNNI).")
 @click.option("--output", "outputs", multiple=True, help="Also expose this FX node (by name) as a graph output.")
 @click.option("--dtype", default="float32", show_default=True, help="For a Hugging Face directory.")
 @click.option("--trust-remote-code", is_flag=True)
@@ -453,7 +456,8 @@ def generate_cmd(path, prompt_texts, prompts_file, max_new_tokens, dtype, device
 @click.option("--json", "as_json", is_flag=True, help="Print the export summary as JSON.")
 @quiet_option
 @friendly
-def export_cmd(path, out, fmt, mode, external, no_int4, outputs, dtype, trust_remote_code, force, as_json, quiet):
+def export_cmd(path, out, fmt, mode, external, no_int4, int_kernel, outputs, dtype, trust_remote_code, force, as_json,
+               quiet):
     """Lower an artifact (or a model directory) to ONNX, checked with onnx.checker.
 
     Node names keep the ptqc graph's FX node names; input_ids [batch, seq] and the logits have
@@ -471,7 +475,8 @@ def export_cmd(path, out, fmt, mode, external, no_int4, outputs, dtype, trust_re
     if target.exists() and not force:
         raise PtqcError(f"{target} already exists; pass --force to overwrite it")
     qm = artifact.load_any(path, dtype, trust_remote_code)
-    res = export(qm, target, mode, outputs=list(outputs), external_data=external, int4=not no_int4)
+    res = export(qm, target, mode, outputs=list(outputs), external_data=external, int4=not no_int4,
+                 int_kernel=int_kernel)
     if as_json:
         click.echo(json.dumps(res.summary()))
     else:
@@ -496,6 +501,65 @@ def check_export_cmd(path):
     if problems:
         raise SystemExit(1)
     click.echo(f"{path}: valid Ascend export")
+
+
+@main.command("diff")
+@click.argument("a")
+@click.argument("b")
+@click.option("--text", type=click.Path(path_type=Path), default=None,
+              help="Compare on the first windows of this text (default: random windows of A's calibration data).")
+@click.option("--calib", type=click.Path(path_type=Path), default=None,
+              help="Calibration data to draw windows from (default: A's calib.txt, else eval.txt).")
+@click.option("--samples", type=click.IntRange(min=1), default=4, show_default=True, help="Number of windows.")
+@click.option("--seqlen", type=click.IntRange(min=2), default=128, show_default=True, help="Tokens per window.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the window sampling.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--threshold", type=float, default=40.0, show_default=True,
+              help="Report the first probe (in depth order) whose SQNR is below this many dB.")
+@click.option("--fail-under", "fail_under", type=float, default=None,
+              help="Exit with status 1 if any probe's SQNR is below this many dB.")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Write the report as JSON.")
+@click.option("--plot", "plot_out", type=click.Path(path_type=Path), default=None,
+              help="Write a PNG of SQNR along depth.")
+@click.option("--no-linears", is_flag=True, help="Only decoder layer outputs, embedding and logits.")
+@click.option("--dtype", default="float32", show_default=True, help="For a Hugging Face directory.")
+@click.option("--trust-remote-code", is_flag=True)
+@quiet_option
+@friendly
+def diff_cmd(a, b, text, calib, samples, seqlen, seed, batch_size, threshold, fail_under, json_out, plot_out,
+             no_linears, dtype, trust_remote_code, quiet):
+    """Compare B against A on the same tokens: every decoder layer output and matching linear.
+
+    A and B are each a model directory (float, torch), an artifact (its fake-quant graph, torch),
+    or PATH:TARGET with TARGET one of the registered backends: onnx (the ONNX export run by
+    onnxruntime, no graph optimization), onnx-int (integer kernels), e.g. `ptqc diff out/ out/:onnx`.
+    Metrics per probe: max abs, max rel, SQNR dB, cosine (A is the reference)."""
+    from tqdm.auto import tqdm
+
+    from ptqc import diff as d
+
+    d.check_same_model(a, b, trust_remote_code)  # before loading anything
+    ta = d.open_target(a, dtype, trust_remote_code)
+    tb = d.open_target(b, dtype, trust_remote_code)
+    try:
+        ids, source = d.input_windows(ta, text=text, samples=samples, seqlen=seqlen, seed=seed, calib=calib)
+        rep = d.diff(ta, tb, ids, threshold=threshold, batch_size=batch_size, linears=not no_linears,
+                     progress=lambda it, **kw: tqdm(it, disable=quiet, leave=False, **kw))
+    finally:
+        ta.close()
+        tb.close()
+    rep["input"] = source
+    click.echo(d.format_table(rep))
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(rep, indent=1, allow_nan=False))
+    if plot_out is not None:
+        plot_out.parent.mkdir(parents=True, exist_ok=True)
+        d.plot(rep, plot_out)
+    if fail_under is not None:
+        bad = d.fails_under(rep, fail_under)
+        if bad:
+            _fail(f"SQNR below {fail_under:g} dB at {len(bad)} probe(s), first {bad[0]}", 1)
 
 
 if __name__ == "__main__":
