@@ -439,7 +439,9 @@ def generate_cmd(path, prompt_texts, prompts_file, max_new_tokens, dtype, device
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("-o", "--out", required=True, type=click.Path(path_type=Path),
               help="Output file if it ends in .onnx, else a directory getting model.onnx (+ model.onnx.data).")
-@click.option("--format", "fmt", type=click.Choice(["onnx"]), default="onnx", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["onnx", "ascend"]), default="onnx", show_default=True,
+              help="onnx: ONNX model; ascend: msModelSlim / vllm-ascend directory (quant_model_description.json "
+                   "+ quant_model_weights-*.safetensors), checked after writing.")
 @click.option("--mode", type=click.Choice(["fake", "integer"]), default="fake", show_default=True,
               help="fake: faithful reference (Q/DQ arithmetic of ptqc.quant); integer: MatMulInteger W8A8 and "
                    "MatMulNBits weight-only kernels where they apply.")
@@ -469,6 +471,20 @@ def export_cmd(path, out, fmt, mode, external, no_int4, int_kernel, outputs, dty
     t0 = time.perf_counter()
     if not path.is_dir():
         raise PtqcError(f"{path} is not a directory (give a ptqc artifact or a model directory)")
+    if fmt == "ascend":
+        from ptqc.lowering.ascend import export as ascend_export
+
+        artifact.check_output(out, force)
+        res = ascend_export.export(artifact.load_any(path, dtype, trust_remote_code), out, force=force)
+        problems = ascend_export.check(out)
+        if problems:
+            raise PtqcError(f"the export in {out} does not pass its own check: {problems[0]}")
+        if as_json:
+            click.echo(json.dumps(res))
+        else:
+            _log(quiet, f"wrote {out} (ascend, {res['model_quant_type']}, {res['tensors']} tensors, "
+                        f"checked) in {time.perf_counter() - t0:.1f}s")
+        return
     target = out if out.suffix == ".onnx" else out / "model.onnx"
     if target.parent.exists() and not target.parent.is_dir():
         raise PtqcError(f"{target.parent} exists and is not a directory")

@@ -162,3 +162,19 @@ def test_loader_reproduces_the_artifact_outputs(exports, name):
     back = ax.load(d)
     x = torch.randint(0, 300, (2, 12))
     assert torch.allclose(back(x), qm(x), atol=1e-5, rtol=1e-5)
+
+
+def test_cli_export_format_ascend(models, tmp_path):
+    art, out = tmp_path / "art", tmp_path / "exp"
+    r = CliRunner().invoke(main, ["compile", str(models["llama"]), "-o", str(art), "--passes", "smooth,int8",
+                                  "--calib-samples", "2", "--calib-seqlen", "16", "-q"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, ["export", str(art), "--format", "ascend", "-o", str(out), "--json"],
+                           catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output.strip().splitlines()[-1])["model_quant_type"] == "W8A8_DYNAMIC"
+    x = torch.randint(0, 300, (1, 10))
+    from ptqc import artifact
+    assert torch.allclose(ax.load(out)(x), artifact.load(art)(x), atol=1e-5, rtol=1e-5)
+    r = CliRunner().invoke(main, ["export", str(art), "--format", "ascend", "-o", str(out)])
+    assert r.exit_code == 2 and "already exists" in r.output
