@@ -11,8 +11,10 @@ Per linear (from the fake-quant graph of an artifact; ``.weight`` always int8 [o
                    .weight, .weight_scale f32 [out, 1], .weight_offset f32 [out, 1]
     W8A8           + static per-tensor activations: .weight, .input_scale f32 [1],
                    .input_offset f32 [1] (codes = round(x / input_scale + input_offset)),
-                   .deq_scale [out] (int64 = npu_trans_quant_param bits; float32 for a bf16
-                   model), .quant_bias int32 [out] = round(bias / deq_scale) - sum_k W * offset,
+                   .deq_scale [out] = input_scale * weight_scale (int64 holding the float32 bit
+                   pattern, as msModelSlim writes it; float32 for a bf16 model), .quant_bias
+                   int32 [out] = round(bias / deq_scale) - sum_k W * offset (both checked
+                   bit for bit against a real msModelSlim export in tests/data),
                    .weight_scale, .weight_offset; the float .bias is kept too
     W8A16          int8 weights, float activations: .weight, .weight_scale, .weight_offset
     W4A16          <=4-bit weights: .weight packed two per int8 byte along the input dimension,
@@ -115,9 +117,11 @@ def export(qm: QModel, out, *, force: bool = False) -> dict:
             s_in = qm.store[q.args[1].target].float().reshape(1)
             off = qm.store[q.args[2].target].float().reshape(1) if q.args[2] is not None else torch.zeros(1)
             handled |= {a.target for a in q.all_input_nodes if a.op == "get_attr"}
-            deq = s_in * scale.reshape(-1)
-            deq_store = deq if qm.dtype == torch.bfloat16 else npu.trans_quant_param(deq)
-            deq_f = deq if qm.dtype == torch.bfloat16 else npu.deq_scale_value(deq_store)
+            deq = (s_in * scale.reshape(-1)).float()
+            # msModelSlim writes the float32 bit pattern as int64 (no npu_trans_quant_param flag, not
+            # truncated: the runtime converts it); float32 for a bf16 model
+            deq_store = deq if qm.dtype == torch.bfloat16 else deq.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+            deq_f = deq
             b = lin.args[2] if len(lin.args) > 2 else None
             qb = qm.store[b.target].float() / deq_f if b is not None else torch.zeros_like(deq)
             qb = torch.round(qb) - codes.float().sum(1) * off
