@@ -330,9 +330,11 @@ def recipes_cmd():
 @click.option("--limit", type=int, default=None, help="With --tasks: at most N examples per task.")
 @click.option("--include-path", type=click.Path(path_type=Path), default=None,
               help="With --tasks: a directory of local lm-eval task YAMLs.")
-@click.option("--target", type=click.Choice(["torch", "onnx", "onnx-int"]), default="torch", show_default=True,
-              help="Where the PPL is computed: the ptqc graph in torch, or its ONNX export run by onnxruntime "
-                   "(onnx: fake-quant reference lowering; onnx-int: integer kernels, MatMulInteger/MatMulNBits).")
+@click.option("--target", type=click.Choice(["torch", "onnx", "onnx-int", "ascend"]), default="torch",
+              show_default=True,
+              help="Where the PPL is computed: the ptqc graph in torch, its ONNX export run by onnxruntime "
+                   "(onnx: fake-quant reference lowering; onnx-int: integer kernels, MatMulInteger/MatMulNBits), "
+                   "or its Ascend lowering (torch_npu kernels; their CPU emulation without an NPU).")
 @quiet_option
 @friendly
 def eval_cmd(path, text, seqlen, batch_size, max_windows, dtype, device, trust_remote_code, as_json, gen,
@@ -357,6 +359,12 @@ def eval_cmd(path, text, seqlen, batch_size, max_windows, dtype, device, trust_r
 
     if target != "torch" and (gen or tasks):
         raise PtqcError(f"--target {target} computes perplexity only; drop --generate/--tasks")
+    if target == "ascend":
+        if not any(str(n.target).startswith("ptqc_npu.") for n in qm.graph.nodes if n.op == "call_function"):
+            from ptqc.lowering.ascend.lower import lower
+
+            lower(qm)  # an in-memory copy of the artifact's graph; the artifact is not changed
+        target = "torch"
     try:
         if target != "torch":
             from ptqc.lowering.onnx import perplexity_of

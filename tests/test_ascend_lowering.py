@@ -142,3 +142,18 @@ def test_static_asymmetric_fused_norm_quant(loaded, ids):
     _run(low, "ascend:truncate=false,int_bias=false")
     assert npu.ADD_RMS_NORM_QUANT in _targets(low)
     assert _rel(low(x), ref) < 1e-3  # only rounding ties (offset added before rounding) may differ
+
+
+def test_eval_target_ascend_lowers_in_memory(models, tmp_path):
+    out = tmp_path / "out"
+    r = CliRunner().invoke(main, ["compile", str(models["qwen2"]), "-o", str(out), "--passes", "int8",
+                                  "--calib-samples", "2", "--calib-seqlen", "16", "-q"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    res = {}
+    for target in ("torch", "ascend"):
+        r = CliRunner().invoke(main, ["eval", str(out), "--seqlen", "32", "--max-windows", "3", "--json", "-q",
+                                      "--target", target], catch_exceptions=False)
+        assert r.exit_code == 0, r.output
+        res[target] = json.loads(r.output.strip().splitlines()[-1])["ppl"]
+    assert res["ascend"] != res["torch"] and abs(res["ascend"] / res["torch"] - 1) < 0.01
+    assert not any(str(n.target).startswith("ptqc_npu.") for n in artifact.load(out).graph.nodes)
