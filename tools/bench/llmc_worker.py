@@ -12,6 +12,15 @@ Called by tools/bench/weight_only.py, one child process per configuration:
   ``awq``: AWQModifier (its defaults) + QuantizationModifier.
   All: targets Linear, ignore lm_head, integer weights, asymmetric, strategy group (group_size)
   or channel (group 0), activations float.
+* method ``smoothquant`` (W8A8, called by tools/bench/weight_activation.py; ``bits``/``group``
+  are ignored): SmoothQuantModifier(smoothing_strength=0.5, its default mappings: input norm ->
+  q/k/v, post-attention norm -> gate/up) + QuantizationModifier(scheme="W8A8": int8 weights per
+  output channel symmetric, int8 dynamic per-token symmetric input activations), targets Linear,
+  ignore lm_head. The model stays in compressed-tensors' frozen fake-quant state, whose Linear
+  forward fake-quantizes the input activation on the fly; :func:`check_act_quant` verifies that
+  on one window (every quantized Linear's output equals an independent per-token int8 reference
+  and differs from the weight-only one; logits differ from the float model's and from the same
+  model with its quantizers disabled). ``spec["sqnr"] = false`` skips the SQNR.
 * Calibration: the [n, seqlen] token windows of ``calib`` (a .pt LongTensor) as a Dataset of
   ``input_ids`` and ``attention_mask`` (ones); ``max_seq_length`` = seqlen,
   ``num_calibration_samples`` = n.
@@ -65,6 +74,11 @@ def recipe(method: str, bits: int, group: int, extra: dict):
         from llmcompressor.modifiers.quantization import QuantizationModifier
         from llmcompressor.modifiers.transform.awq import AWQModifier
         return [AWQModifier(**extra), QuantizationModifier(config_groups=cg, ignore=["lm_head"])]
+    if method == "smoothquant":
+        from llmcompressor.modifiers.quantization import QuantizationModifier
+        from llmcompressor.modifiers.transform.smoothquant import SmoothQuantModifier
+        return [SmoothQuantModifier(smoothing_strength=float(extra.get("smoothing_strength", 0.5))),
+                QuantizationModifier(targets=["Linear"], scheme="W8A8", ignore=["lm_head"])]
     raise SystemExit(f"unknown method {method}")
 
 
@@ -103,7 +117,8 @@ def check_quantized(model, fp_state: dict, bits: int) -> dict:
         n += 1
         w = m.weight.detach().float()
         s = m.weight_scale.detach().float()
-        z = m.weight_zero_point.detach().float()
+        zp = getattr(m, "weight_zero_point", None)
+        z = torch.zeros_like(s) if zp is None else zp.detach().float()
         g = w.shape[1] // s.shape[1]
         s_ = s.repeat_interleave(g, dim=1)
         z_ = z.repeat_interleave(g, dim=1)
@@ -116,6 +131,81 @@ def check_quantized(model, fp_state: dict, bits: int) -> dict:
         raise RuntimeError(f"quantization check failed: {n} linears, {off_grid} off the grid, "
                            f"{changed} changed")
     return {"linears": n, "changed": changed, "max_grid_err_in_scales": worst}
+
+
+def ref_per_token(x, bits: int = 8):
+    """Independent symmetric per-token fake quantization (compressed-tensors' convention:
+    scale = absmax / ((2^bits - 1) / 2), codes clamped to [-2^(bits-1), 2^(bits-1) - 1])."""
+    import torch
+
+    lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    s = (x.abs().amax(-1, keepdim=True) / ((hi - lo) / 2)).clamp_min(torch.finfo(x.dtype).eps)
+    return torch.clamp(torch.round(x / s), lo, hi) * s
+
+
+def check_act_quant(model, fp, ids) -> dict:
+    """Are input activations really fake-quantized in the forward of the frozen model?
+
+    On one window: every Linear with ``input_activations`` in its scheme is hooked; its output
+    must match ``linear(ref_per_token(x), W)`` (W: its on-grid weight) and not ``linear(x, W)``.
+    Then the logits are compared with the float model's and with the same model with
+    ``quantization_enabled = False`` (weight-only, the weights being already on their grid)."""
+    import torch
+    import torch.nn.functional as F
+
+    rows: list = []
+
+    def hook(name, bits):
+        def h(mod, args, out):
+            x = args[0].detach().float()
+            w = mod.weight.detach().float()
+            b = None if mod.bias is None else mod.bias.detach().float()
+            y = out.detach().float()
+            ya = F.linear(ref_per_token(x, bits), w, b)
+            yw = F.linear(x, w, b)
+            scale = y.abs().max().item() or 1.0
+            rows.append((name, (y - ya).abs().max().item() / scale, (y - yw).abs().max().item() / scale))
+        return h
+
+    handles = []
+    for name, m in model.named_modules():
+        a = getattr(getattr(m, "quantization_scheme", None), "input_activations", None)
+        if isinstance(m, torch.nn.Linear) and a is not None:
+            if not (a.dynamic and str(a.strategy).lower().endswith("token") and a.symmetric):
+                raise RuntimeError(f"{name}: input activations {a} are not dynamic per-token symmetric")
+            handles.append(m.register_forward_hook(hook(name, a.num_bits)))
+    if not handles:
+        raise RuntimeError("no Linear has input_activations in its quantization scheme")
+    try:
+        with torch.no_grad():
+            q_logits = model(input_ids=ids, use_cache=False).logits.float()
+    finally:
+        for h in handles:
+            h.remove()
+    with torch.no_grad():
+        f_logits = fp(input_ids=ids, use_cache=False).logits.float()
+        mods = [m for m in model.modules() if hasattr(m, "quantization_scheme")]
+        for m in mods:
+            m.quantization_enabled = False
+        try:
+            w_logits = model(input_ids=ids, use_cache=False).logits.float()
+        finally:
+            for m in mods:
+                m.quantization_enabled = True
+
+    def rel(a, b):
+        return (a - b).norm().item() / max(b.norm().item(), 1e-30)
+
+    worst_a = max(r[1] for r in rows)
+    least_w = min(r[2] for r in rows)
+    out = {"linears": len(rows), "status": str(getattr(mods[0], "quantization_status", "?")),
+           "max_rel_err_vs_ref_a8": worst_a, "min_rel_err_vs_weight_only": least_w,
+           "logits_rel_diff_vs_float": rel(q_logits, f_logits),
+           "logits_rel_diff_vs_quantizers_disabled": rel(q_logits, w_logits),
+           "logits_rel_diff_disabled_vs_float": rel(w_logits, f_logits)}
+    if worst_a > 1e-4 or least_w <= 10 * worst_a or out["logits_rel_diff_vs_quantizers_disabled"] == 0:
+        raise RuntimeError(f"activations are not fake-quantized as expected: {out}")
+    return out
 
 
 def perplexity(model, windows, batch_size: int) -> float:
@@ -208,7 +298,11 @@ def main() -> None:
         res["quant_s"] = time.perf_counter() - t0
         res["vmhwm_quant"] = vm_hwm()
         res["materialized"] = materialize(model)
-        res["check"] = check_quantized(model, fp_state, spec["bits"])
+        res["check"] = check_quantized(model, fp_state, spec["bits"] if spec["method"] != "smoothquant" else 8)
+        if spec["method"] == "smoothquant":
+            fp0 = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32).eval()
+            res["act_check"] = check_act_quant(model, fp0, diag[:1])
+            del fp0
     except Exception as e:  # noqa: BLE001 - a failing method is a table cell, not a crash
         msg = " ".join(str(e).split()) or type(e).__name__
         res["error"] = f"{type(e).__name__}: {msg}"[:300]
@@ -219,10 +313,11 @@ def main() -> None:
     del fp_state
     t0 = time.perf_counter()
     res["ppl"] = perplexity(model, evalw, bs)
-    fp = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32).eval()
-    sq = layer_sqnr(fp, model, diag, bs)
-    res["sqnr_layers"] = sq
-    res["sqnr_mean"] = sum(sq) / len(sq)
+    if spec.get("sqnr", True):
+        fp = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32).eval()
+        sq = layer_sqnr(fp, model, diag, bs)
+        res["sqnr_layers"] = sq
+        res["sqnr_mean"] = sum(sq) / len(sq)
     res["eval_s"] = time.perf_counter() - t0
     res["vmhwm_exit"] = vm_hwm()
     print("RESULT " + json.dumps(res), flush=True)
