@@ -506,12 +506,7 @@ def main(argv=None):
     tg = targets(models)
     print(tg + "\n", flush=True)
     md += [tg, ""]
-    if a.out:
-        a.out.write_text("\n".join(md) + "\n")
-        log(f"wrote {a.out}")
-    if a.json:
-        a.json.write_text(json.dumps(all_results, indent=1, default=str))
-        log(f"wrote {a.json}")
+    wo.write_outputs(a, md, all_results)
 
 
 def _brief(r: dict) -> str:

@@ -413,6 +413,11 @@ def main(argv=None):
         print(block + "\n", flush=True)
         md += [block, ""]
         all_results["models"][model] = rows
+    write_outputs(a, md, all_results)
+
+
+def write_outputs(a, md: list[str], all_results: dict) -> None:
+    """--out (the Markdown printed) and --json (all raw results), when given."""
     if a.out:
         a.out.write_text("\n".join(md) + "\n")
         log(f"wrote {a.out}")
