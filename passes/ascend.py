@@ -12,6 +12,7 @@ op: it calls torch_npu on NPU tensors and runs the documented emulation elsewher
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from ptqc.lowering.ascend.lower import lower
 from ptqc.pipeline import Pass, PassResult, register
@@ -25,6 +26,11 @@ class Ascend(Pass):
     keeps float32 deq_scale (no 19-bit npu_trans_quant_param truncation) on the static path;
     `fallback=true` leaves what the kernels cannot take as float fake-quant ops instead of failing;
     `int_bias=false` adds a float bias after dequantization instead of rounding it into quant_bias.
+    `attention=fia` (default) runs attention as npu_fused_infer_attention_score, which also reads a
+    static int8 KV cache (kv:k=channel,v=channel) through antiquant scales; `attention=softmax` /
+    `add_softmax` decompose float attention into matmul + npu_scaled_masked_softmax /
+    npu_dropout_with_add_softmax + matmul (their shape limits are checked at run time, or when
+    lowering if `seqlen` is given); `attention=keep` leaves float attention alone.
     """
 
     name = "ascend"
@@ -38,10 +44,13 @@ class Ascend(Pass):
         truncate: bool = True
         fallback: bool = False
         int_bias: bool = True  # static path: bias folded into the int32 quant_bias (msModelSlim format)
+        attention: Literal["fia", "softmax", "add_softmax", "keep"] = "fia"
+        seqlen: int = 0  # known prompt length: check the softmax kernels' shape limits when lowering
 
     def run(self, qm, ctx) -> PassResult:
         o = self.options
-        summary = lower(qm, fuse=o.fuse, truncate=o.truncate, fallback=o.fallback, int_bias=o.int_bias)
+        summary = lower(qm, fuse=o.fuse, truncate=o.truncate, fallback=o.fallback, int_bias=o.int_bias,
+                        attention=o.attention, seqlen=o.seqlen)
         counts = summary["kernels"]
         per_layer = [c["standalone_quant"] for c in counts.values()]
         return PassResult(changed=True, summary={

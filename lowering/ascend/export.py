@@ -23,9 +23,15 @@ Per linear (from the fake-quant graph of an artifact; ``.weight`` always int8 [o
     FLOAT          everything else (norms, embeddings, lm_head, biases)
 
 ``weight_offset`` is minus ptqc's zero point (Ascend adds it: ``(w + offset) * scale``).
-KV-cache scales are not exported yet (C8 needs static per-channel K and V; ptqc's default V
-quantization is dynamic per token); an artifact with a KV quantizer exports its linears and
-says so in ``optional``.
+    C8             int8 KV cache (``kv_cache_type: "C8"``), per attention module, named after its
+                   k_proj / v_proj as vllm-ascend loads them: ``<k_proj>.kv_cache_scale`` and
+                   ``.kv_cache_offset`` [KV_N * D] (float32), same for v_proj. The cache is
+                   written as ``npu_quantize(k.view(-1, KV_N * D), kv_cache_scale, kv_cache_offset)``,
+                   i.e. codes = round(k / scale + offset): the offset is ptqc's zero point (0 when
+                   symmetric); a per-tensor scale is written expanded to every channel. C8 needs
+                   static K and V scales (``kv:k=channel,v=channel`` or ``tensor``); an artifact whose
+                   KV quantizers are dynamic (per token, ptqc's default V) exports its linears
+                   only and says so in ``optional``.
 """
 from __future__ import annotations
 
@@ -45,7 +51,8 @@ from ptqc.model import other_files, write_safetensors
 DESCRIPTION = "quant_model_description.json"
 WEIGHTS = "quant_model_weights-00001-of-00001.safetensors"
 INDEX = "quant_model_weights.safetensors.index.json"
-TYPES = ("W8A8", "W8A8_DYNAMIC", "W8A16", "W4A16", "FLOAT")
+TYPES = ("W8A8", "W8A8_DYNAMIC", "W8A16", "W4A16", "C8", "FLOAT")
+C8_SUFFIXES = ("kv_cache_scale", "kv_cache_offset")
 META_KEYS = ("model_quant_type", "version", "group_size", "kv_cache_type", "metadata", "optional")
 REQUIRED = {  # suffixes every linear of a type must have (besides .weight)
     "W8A8": ("input_scale", "input_offset", "deq_scale", "quant_bias", "weight_scale", "weight_offset"),
@@ -76,6 +83,40 @@ def classify(lin, wq: dict | None) -> str:
             return "W8A8_DYNAMIC"
         return "W8A8"
     return "W8A16" if wq["bits"] == 8 else "W4A16"
+
+
+def _c8_tensors(qm: QModel) -> tuple[dict, str | None]:
+    """C8 tensors of every attention's static int8 K/V quantizers, or ({}, why not)."""
+    out: dict = {}
+    atts = [n for n in qm.graph.nodes if is_op(n, ops.ATTENTION)]
+    quantized = [a for a in atts if any(is_op(x, ops.QUANTIZE_ACT) for x in a.args[1:3])]
+    if not quantized:
+        return {}, None
+    for a in atts:
+        base = info(a)["module"]
+        for which, arg in (("k", 1), ("v", 2)):
+            q = a.args[arg]
+            if not is_op(q, ops.QUANTIZE_ACT):
+                return {}, f"{base}: {which} is not quantized; C8 quantizes K and V of every layer"
+            if q.args[1] is None or q.args[3] != 8:
+                return {}, (f"{base}: C8 needs static int8 K and V scales (kv:k=channel,v=channel), "
+                            f"found {'dynamic' if q.args[1] is None else str(q.args[3]) + '-bit'} {which}")
+            hkv, d = _kv_shape(qm, a)
+            scale = qm.store[q.args[1].target].float().expand(hkv, 1, d).reshape(-1)
+            zp = q.args[2]
+            off = torch.zeros_like(scale) if zp is None else qm.store[zp.target].float().expand(hkv, 1, d).reshape(-1)
+            proj = f"{base}.{which}_proj"
+            out[f"{proj}.kv_cache_scale"] = scale.contiguous()
+            out[f"{proj}.kv_cache_offset"] = off.contiguous()
+    return out, None
+
+
+def _kv_shape(qm: QModel, att) -> tuple[int, int]:
+    cfg = qm.config
+    heads = cfg.num_attention_heads
+    hkv = getattr(cfg, "num_key_value_heads", None) or heads
+    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return hkv, d
 
 
 def export(qm: QModel, out, *, force: bool = False) -> dict:
@@ -133,16 +174,24 @@ def export(qm: QModel, out, *, force: bool = False) -> dict:
             desc[name] = kind
     if len(groups) > 1:
         raise PtqcError(f"W4A16 linears use several group sizes {sorted(groups)}; the Ascend format has one group_size")
+    c8, why = _c8_tensors(qm)
+    for n, t in c8.items():
+        tensors[n] = t
+        desc[n] = "C8"
+    if c8:  # the K/V quantizers' own scale tensors are replaced by the C8 ones
+        for q in qm.graph.nodes:
+            if is_op(q, ops.QUANTIZE_ACT) and str(info(q).get("role", "")).endswith("_cache_quant"):
+                handled |= {a.target for a in q.all_input_nodes if a.op == "get_attr"}
     floats = [n for n in qm.weight_names() if n not in handled and n not in tensors]
     aliases = {n: qm.store.aliases[n] for n in floats if n in qm.store.aliases}
     floats = sorted(set(floats) - set(aliases) | set(aliases.values()))
     for n in floats:
         desc[n] = "FLOAT"
-    kv = any(str(info(n).get("role", "")).endswith("_cache_quant") for n in qm.graph.nodes)
     main = max(kinds, key=kinds.get) if kinds else "FLOAT"
     head = {"model_quant_type": main, "version": "1.0.0", "group_size": next(iter(groups), 0),
+            **({"kv_cache_type": "C8"} if c8 else {}),
             "metadata": {"producer": "ptqc", "linears": kinds},
-            "optional": {"kv_cache": "not exported (ptqc KV quantizers present)" if kv else "none"}}
+            "optional": {"kv_cache": "C8" if c8 else f"not exported ({why})" if why else "none"}}
     names = sorted(desc)
 
     def spec(n):
@@ -233,6 +282,30 @@ def check(path) -> list[str]:
                     problems.append(f"{name}: expected int32 [{out}], found {dt} {list(s)}")
         if kind == "W4A16" and group and k % group:
             problems.append(f"{w}: input dimension {k} is not a multiple of group_size {group}")
+    c8 = sorted(n for n, t in types.items() if t == "C8")
+    if c8 and desc.get("kv_cache_type") != "C8":
+        problems.append(f"{c8[0]} is C8 but {DESCRIPTION} has no kv_cache_type \"C8\"")
+    if desc.get("kv_cache_type") == "C8":
+        projs = sorted({n.rsplit(".", 1)[0] for n in c8})
+        if not projs:
+            problems.append(f'kv_cache_type is "C8" but no tensor is typed C8')
+        for proj in projs:
+            w = meta.get(f"{proj}.weight")
+            for suffix in C8_SUFFIXES:
+                name = f"{proj}.{suffix}"
+                if name not in meta:
+                    problems.append(f"{proj}: C8 needs {name}, which is missing")
+                    continue
+                s, dt = meta[name]
+                if dt not in ("F32", "F16", "BF16") or len(s) != 1 or (w is not None and s[0] != w[0][0]):
+                    want = f"[{w[0][0]}]" if w is not None else "[KV_N * D]"
+                    problems.append(f"{name}: expected a float vector {want} (one value per K/V channel), "
+                                    f"found {dt} {list(s)}")
+        layers = {p.rsplit(".", 1)[0] for p in projs}
+        for att in sorted(layers):
+            for which in ("k_proj", "v_proj"):
+                if f"{att}.{which}" not in projs:
+                    problems.append(f"{att}: C8 needs scales for both k_proj and v_proj, {which} has none")
     return problems
 
 
@@ -282,6 +355,24 @@ def load(path, dtype: str = "float32") -> QModel:
         zp = torch.round(off).to(torch.int8) if off.any() else None
         insert_quantizer(qm, src, lins, quant.QuantSpec(8, -1, zp is None), scale=s, zero_point=zp,
                          method="static-export")
+    if desc.get("kv_cache_type") == "C8":
+        _load_c8(qm)
     qm.properties |= {"weight_quant"} | ({"act_quant"} if acts else set())
     propagate(qm.graph, qm.store)
     return qm
+
+
+def _load_c8(qm: QModel) -> None:
+    """Static int8 K/V quantizers on every attention from the export's kv_cache_scale/offset."""
+    from ptqc.passes.kv import KV
+
+    hkv, d = None, None
+    for a in [n for n in qm.graph.nodes if is_op(n, ops.ATTENTION)]:
+        hkv, d = _kv_shape(qm, a)
+        base = info(a)["module"]
+        for which, arg in (("k", 1), ("v", 2)):
+            proj = f"{base}.{which}_proj"
+            scale = qm.store[f"{proj}.kv_cache_scale"].float().reshape(hkv, 1, d)
+            off = qm.store[f"{proj}.kv_cache_offset"].float().reshape(hkv, 1, d)
+            zp = torch.round(off).to(torch.int8) if off.any() else None
+            KV._insert(qm, a, arg, quant.QuantSpec(8, 0, zp is None), scale, zp, which)

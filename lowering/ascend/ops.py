@@ -18,7 +18,11 @@ Documented numerics the emulation reproduces bit for bit:
   truncated scale back;
 * ``npu_weight_quant_batchmatmul`` **adds** ``antiquant_offset`` (= minus the zero point):
   ``x @ ((w + offset) * scale)``; the weight is dequantized in x's dtype (fp16/bf16);
-* outputs are rounded to the requested dtype (fp16/bf16) once, at the end.
+* outputs are rounded to the requested dtype (fp16/bf16) once, at the end;
+* int4 (W4A4): per-token ``scale = rowmax / 7`` (times ``clip_ratio`` for npu_kronecker_quant),
+  half-to-even rounding saturated to [-8, 7], codes packed 8 per int32 (element j in bits
+  [4j, 4j + 4): the docs only say "interleaved", this is the W4A16 byte layout read as int32);
+  ``npu_quant_matmul`` on int32 operands unpacks them and accumulates exactly with ``_int_mm``.
 
 Where the documentation is silent the choice is stated: intermediate arithmetic is float32;
 the fused add+RMSNorm+quant kernels quantize the float32 norm output (the unfused sequence
@@ -133,14 +137,23 @@ def quant_matmul(x1: torch.Tensor, x2: torch.Tensor, scale: torch.Tensor, offset
     """npu_quant_matmul: x1 int8 [..., m, k] @ x2 int8 [k, n], int32 accumulation, then
     ``acc * scale[n] * pertoken_scale[m] (+ bias)`` in the output dtype (int8 when None)."""
     if _npu(x1):
+        if x1.dtype == torch.int32:  # int4: x1 only as a contiguous 2-D (m, k / 8), pertoken_scale (m,)
+            lead = x1.shape[:-1]
+            out = _torch_npu().npu_quant_matmul(
+                x1.reshape(-1, x1.shape[-1]).contiguous(), x2, scale, offset=offset, bias=bias, output_dtype=output_dtype,
+                pertoken_scale=None if pertoken_scale is None else pertoken_scale.reshape(-1))
+            return out.reshape(*lead, out.shape[-1])
         return _torch_npu().npu_quant_matmul(x1, x2, scale, offset=offset, pertoken_scale=pertoken_scale,
                                              bias=bias, output_dtype=output_dtype)
+    if x1.dtype == torch.int32 and x2.dtype == torch.int32:  # int4 x int4, packed 8 per int32
+        x1, x2 = _int4_operands(x1, x2)
     k, n = x2.shape
     why = check_quant_matmul(k, n)
     if why:
         raise PtqcError(why)
     if x1.dtype != torch.int8 or x2.dtype != torch.int8:
-        raise PtqcError(f"quant_matmul emulation takes int8 operands (got {x1.dtype}, {x2.dtype})")
+        raise PtqcError(f"quant_matmul emulation takes int8 operands or int4 ones packed in int32 "
+                        f"(got {x1.dtype}, {x2.dtype})")
     lead = x1.shape[:-1]
     acc = torch._int_mm(x1.reshape(-1, k).contiguous(), x2.contiguous()).reshape(*lead, n)
     if bias is not None and bias.dtype == torch.int32:
@@ -162,7 +175,22 @@ def quant_matmul(x1: torch.Tensor, x2: torch.Tensor, scale: torch.Tensor, offset
 
 @quant_matmul.register_fake
 def _(x1, x2, scale, offset=None, pertoken_scale=None, bias=None, output_dtype=None):
-    return x1.new_empty((*x1.shape[:-1], x2.shape[1]), dtype=output_dtype or torch.int8)
+    n = x2.shape[1] * 8 if x1.dtype == torch.int32 and x2.shape[0] == x1.shape[-1] * 8 else x2.shape[1]
+    return x1.new_empty((*x1.shape[:-1], n), dtype=output_dtype or torch.int8)
+
+
+def _int4_operands(x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 codes (x1 [..., m, k], x2 [k, n]) of npu_quant_matmul's int4 operands packed 8 per int32:
+    x1 (m, k / 8); x2 (k, n / 8) packed along n, or (k / 8, n), the transpose of an (n, k / 8) weight
+    packed along k (what npu_convert_weight_to_int4pack makes of an (n, k) weight)."""
+    k = x1.shape[-1] * 8
+    if x2.shape[0] == k:
+        w = unpack_int4x8(x2)
+    elif x2.shape[0] * 8 == k:
+        w = unpack_int4x8(x2.t()).t()
+    else:
+        raise PtqcError(f"int4 quant_matmul: x2 {tuple(x2.shape)} fits neither (k, n / 8) nor (k / 8, n) for k={k}")
+    return unpack_int4x8(x1), w.contiguous()
 
 
 def check_weight_quant_batchmatmul(group: int) -> str | None:
@@ -299,6 +327,173 @@ def _(x, activate_left=True):
     return torch.empty(shape, dtype=torch.int8, device=x.device), x.new_empty(x.shape[:-1], dtype=torch.float32)
 
 
+# ---- int4 (W4A4): packing, per-token int4 quantization, Kronecker/rotation transforms + quant ----
+# Packing order (the torch_npu docs only say "8 int4 per int32, interleaved"): element j of each
+# group of 8 along the last dim sits in bits [4j, 4j + 4) of the int32, two's complement, i.e.
+# low nibble first -- the msModelSlim W4A16 byte layout (pack_int4) read as little-endian int32,
+# which is how vllm-ascend's modelslim path builds int32 int4 weights (int8 pairs .view(int32)).
+MAX_KRONECKER_TOKENS = 32768  # npu_kronecker_quant dim 0 limit (vllm-ascend splits larger batches)
+ROTATE_QUANT_K = (16, 1024)  # npu_rotate_quant (A2/A3): rotation [K, K], K in [16, 1024]
+ROTATE_QUANT_N = (128, 16000)  # ... x 2-D, last dim in [128, 16000], divisible by 8 and by K
+
+
+def pack_int4x8(codes: torch.Tensor) -> torch.Tensor:
+    """Signed int4 codes (any int dtype, values in [-8, 7]) -> int32, 8 per element along the last
+    dim, element j in bits [4j, 4j + 4)."""
+    if codes.shape[-1] % 8:
+        raise PtqcError(f"cannot pack {codes.shape[-1]} int4 codes 8 per int32: the last dimension must be a multiple of 8")
+    c = codes.to(torch.int64).reshape(*codes.shape[:-1], -1, 8) & 0xF
+    word = (c << (4 * torch.arange(8, device=codes.device))).sum(-1)
+    return torch.where(word >= 1 << 31, word - (1 << 32), word).to(torch.int32)
+
+
+def unpack_int4x8(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_int4x8`: int8 codes in [-8, 7], last dim x 8 (sign-extended nibbles)."""
+    w = packed.to(torch.int64).unsqueeze(-1) >> (4 * torch.arange(8, device=packed.device))
+    nib = w & 0xF
+    return torch.where(nib >= 8, nib - 16, nib).to(torch.int8).reshape(*packed.shape[:-1], packed.shape[-1] * 8)
+
+
+def _int4_codes(h: torch.Tensor, clip: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token symmetric int4 of float32 ``h`` [..., n]: scale = rowmax|h| * clip / 7, codes =
+    round half-even(h / scale) saturated to [-8, 7] (clip < 1 makes the saturation bite), packed."""
+    scale = h.abs().amax(-1) * clip / 7.0
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    codes = torch.clamp(torch.round(h / safe.unsqueeze(-1)), -8, 7)
+    return pack_int4x8(codes), scale
+
+
+@torch.library.custom_op("ptqc_npu::convert_weight_to_int4pack", mutates_args=())
+def convert_weight_to_int4pack(weight: torch.Tensor) -> torch.Tensor:
+    """npu_convert_weight_to_int4pack: int32 codes [r, c] in [-8, 7] -> int32 [r, c / 8] (order above).
+    An (n, k) weight packed along k and passed transposed is x2 = (k / 8, n) for quant_matmul."""
+    if _npu(weight):
+        return _torch_npu().npu_convert_weight_to_int4pack(weight.to(torch.int32))
+    if weight.numel() and (weight.min() < -8 or weight.max() > 7):
+        raise PtqcError("npu_convert_weight_to_int4pack takes values in [-8, 7]")
+    return pack_int4x8(weight)
+
+
+@convert_weight_to_int4pack.register_fake
+def _(weight):
+    return weight.new_empty((*weight.shape[:-1], weight.shape[-1] // 8), dtype=torch.int32)
+
+
+def check_int4_last_dim(n: int, what: str = "npu_dynamic_quant (int4)") -> str | None:
+    if n % 8:
+        return f"{what} needs the last dimension to be a multiple of 8 (int4 packed 8 per int32; got {n})"
+    return None
+
+
+@torch.library.custom_op("ptqc_npu::dynamic_quant_int4", mutates_args=())
+def dynamic_quant_int4(x: torch.Tensor, smooth_scales: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """npu_dynamic_quant(dst_type=torch.quint4x2): per-token symmetric int4, ``scale = rowmax|x *
+    smooth| / 7`` (DTYPE_MAX of int4), ``y = round(x * smooth / scale)``. Returns (codes int32
+    [..., k / 8] packed 8 per int32, scale float32 x.shape[:-1]). Doc silent, chosen: float32
+    arithmetic, half-to-even rounding and saturation to [-8, 7] as the int8 path."""
+    if _npu(x):
+        return _torch_npu().npu_dynamic_quant(x, smooth_scales=smooth_scales, dst_type=torch.quint4x2)
+    why = check_int4_last_dim(x.shape[-1])
+    if why:
+        raise PtqcError(why)
+    h = x.float()
+    if smooth_scales is not None:
+        h = h * smooth_scales.float()
+    return _int4_codes(h)
+
+
+@dynamic_quant_int4.register_fake
+def _(x, smooth_scales=None):
+    return (x.new_empty((*x.shape[:-1], x.shape[-1] // 8), dtype=torch.int32),
+            x.new_empty(x.shape[:-1], dtype=torch.float32))
+
+
+def check_kronecker_quant(m: int, n: int) -> str | None:
+    if n % 8:
+        return f"npu_kronecker_quant needs the right factor's size N to be a multiple of 8 (got M={m}, N={n})"
+    return None
+
+
+@torch.library.custom_op("ptqc_npu::kronecker_quant", mutates_args=())
+def kronecker_quant(x: torch.Tensor, kronecker_p1: torch.Tensor, kronecker_p2: torch.Tensor,
+                    clip_ratio: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """npu_kronecker_quant(dst_dtype=int32): two small matmuls, then per-token int4 quantization.
+
+    The kernel takes x [K, M, N] (K tokens), p1 [M, M], p2 [N, N]; here x is [..., M * N] and is
+    viewed as [tokens, M, N] (outputs reshaped back): returns (codes int32 [..., M * N / 8],
+    quant_scale float32 [...]). The docs give no formula; chosen, following FlatQuant and
+    vllm-ascend's W4A4_FLATQUANT_DYNAMIC (which passes ``left_trans.t()`` as p1):
+    ``y_k = p1 @ x_k @ p2`` (so row-major ``vec(y_k) = vec(x_k) (p1^T kron p2)``; ptqc's
+    ``transform(x, a, b) = x (a kron b)`` is p1 = a^T, p2 = b), float32 with (p1 @ x) @ p2 order,
+    then ``scale = rowmax|y| * clip_ratio / 7``, ``round_half_even(y / scale)`` saturated to
+    [-8, 7], packed as above. On an NPU more than 32768 tokens are split (kernel limit)."""
+    m, n = kronecker_p1.shape[0], kronecker_p2.shape[0]
+    lead = x.shape[:-1]
+    if _npu(x):
+        x3 = x.reshape(-1, m, n)
+        parts = [_torch_npu().npu_kronecker_quant(c, kronecker_p1, kronecker_p2, clip_ratio=clip_ratio,
+                                                  dst_dtype=torch.int32)
+                 for c in torch.split(x3, MAX_KRONECKER_TOKENS, 0)]
+        codes = torch.cat([p[0] for p in parts]).reshape(*lead, m * n // 8)
+        return codes, torch.cat([p[1].reshape(-1) for p in parts]).reshape(lead)
+    why = check_kronecker_quant(m, n)
+    if why:
+        raise PtqcError(why)
+    if x.shape[-1] != m * n:
+        raise PtqcError(f"npu_kronecker_quant: last dim {x.shape[-1]} != M * N = {m} * {n}")
+    h = x.float().reshape(*lead, m, n)
+    y = (kronecker_p1.float() @ h) @ kronecker_p2.float()
+    return _int4_codes(y.reshape(*lead, m * n), clip_ratio)
+
+
+@kronecker_quant.register_fake
+def _(x, kronecker_p1, kronecker_p2, clip_ratio=1.0):
+    return (x.new_empty((*x.shape[:-1], x.shape[-1] // 8), dtype=torch.int32),
+            x.new_empty(x.shape[:-1], dtype=torch.float32))
+
+
+def check_rotate_quant(k: int, n: int) -> str | None:
+    lo, hi = ROTATE_QUANT_K
+    if not lo <= k <= hi:
+        return f"npu_rotate_quant takes a rotation [K, K] with K in [{lo}, {hi}] (got K={k})"
+    lo, hi = ROTATE_QUANT_N
+    if not lo <= n <= hi or n % 8 or n % k:
+        return (f"npu_rotate_quant needs the last dim in [{lo}, {hi}], divisible by 8 and by K "
+                f"(got {n}, K={k})")
+    return None
+
+
+@torch.library.custom_op("ptqc_npu::rotate_quant", mutates_args=())
+def rotate_quant(x: torch.Tensor, rotation: torch.Tensor, int4: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """npu_rotate_quant (A2/A3: dst_dtype int8 or quint4x2, scale_alg 0, alpha None): every block of
+    K along the last dim is multiplied by rotation [K, K] (``x (I kron R)``; the 950 variant takes
+    one rotation per block, which pins down the block reading), then per-token symmetric dynamic
+    quantization as npu_dynamic_quant. x is [..., N] (the kernel takes 2-D [M, N]; viewed so).
+    Returns (codes: int32 [..., N / 8] when ``int4`` else int8 [..., N], scale float32 [...]).
+    Chosen where the docs are silent: float32 arithmetic, round half to even ("rint"), saturation."""
+    k, n = rotation.shape[0], x.shape[-1]
+    lead = x.shape[:-1]
+    if _npu(x):
+        y, s = _torch_npu().npu_rotate_quant(x.reshape(-1, n), rotation,
+                                             dst_dtype=torch.quint4x2 if int4 else torch.int8)
+        return y.reshape(*lead, y.shape[-1]), s.reshape(lead)
+    why = check_rotate_quant(k, n)
+    if why:
+        raise PtqcError(why)
+    h = (x.float().reshape(*lead, n // k, k) @ rotation.float()).reshape(*lead, n)
+    if int4:
+        return _int4_codes(h)
+    return dynamic_quant(h)
+
+
+@rotate_quant.register_fake
+def _(x, rotation, int4=True):
+    n = x.shape[-1]
+    codes = (x.new_empty((*x.shape[:-1], n // 8), dtype=torch.int32) if int4
+             else x.new_empty(x.shape, dtype=torch.int8))
+    return codes, x.new_empty(x.shape[:-1], dtype=torch.float32)
+
+
 # ---- softmax -----------------------------------------------------------------------------------
 def check_scaled_masked_softmax(shape) -> str | None:
     h, w = shape[-2], shape[-1]
@@ -330,6 +525,147 @@ def _(x, mask, scale=1.0, fixed_triu_mask=False):
     return torch.empty_like(x)
 
 
+ADD_SOFTMAX_SIZES = (128, 256, 384, 512)
+
+
+def check_dropout_with_add_softmax(shape) -> str | None:
+    n, c, h, w = shape
+    if h not in ADD_SOFTMAX_SIZES or w not in ADD_SOFTMAX_SIZES:
+        return f"npu_dropout_with_add_softmax needs H and W in {list(ADD_SOFTMAX_SIZES)} (got H={h}, W={w})"
+    if isinstance(n, int) and isinstance(c, int) and (n * c) % 32:
+        return f"npu_dropout_with_add_softmax needs N * C divisible by 32 (got {n} * {c})"
+    return None
+
+
+@torch.library.custom_op("ptqc_npu::dropout_with_add_softmax", mutates_args=())
+def dropout_with_add_softmax(x: torch.Tensor, x1: torch.Tensor, alpha: float, prob: float = 0.0,
+                             dim: int = -1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """npu_dropout_with_add_softmax: ``y = x1 + x * alpha``, softmax over the last dim, then dropout
+    with drop probability ``prob`` (0 at inference, as torch_npu's contrib attention passes it).
+    Returns (mask, softmax, dropout output); the lowering reads output 2 like torch_npu's contrib
+    code. x and x1 have the same 4-d shape, H and W in {128, 256, 384, 512}, N * C % 32 == 0."""
+    if _npu(x):
+        return _torch_npu().npu_dropout_with_add_softmax(x, x1, alpha, prob, dim)
+    if dim != -1 or x.dim() != 4 or x1.shape != x.shape:
+        raise PtqcError(f"npu_dropout_with_add_softmax takes two 4-d tensors of one shape and dim=-1 "
+                        f"(got {tuple(x.shape)}, {tuple(x1.shape)}, dim={dim})")
+    why = check_dropout_with_add_softmax(tuple(x.shape))
+    if why:
+        raise PtqcError(why)
+    if prob != 0.0:
+        raise PtqcError("the emulation of npu_dropout_with_add_softmax is for inference: prob must be 0")
+    y = torch.softmax(x1.float() + x.float() * alpha, -1).to(x.dtype)
+    return torch.ones(x.shape, dtype=torch.uint8, device=x.device), y, y.clone()
+
+
+@dropout_with_add_softmax.register_fake
+def _(x, x1, alpha, prob=0.0, dim=-1):
+    return torch.empty(x.shape, dtype=torch.uint8, device=x.device), torch.empty_like(x), torch.empty_like(x)
+
+
+# ---- fused attention (prompt/incremental flash attention, int8 KV cache through antiquant) --------
+FIA_MASK = 2048  # sparse_mode 2/3/4 take this "optimized" (2048, 2048) upper-triangular bool mask
+MAX_INT = 2147483647
+
+
+def check_fused_infer_attention(num_heads: int, num_kv_heads: int, head_dim: int) -> str | None:
+    if num_kv_heads and (num_heads % num_kv_heads or num_heads // num_kv_heads > 64):
+        return (f"npu_fused_infer_attention_score needs num_heads a multiple of num_key_value_heads with a ratio "
+                f"<= 64 (got {num_heads} / {num_kv_heads})")
+    if head_dim > 512:
+        return f"npu_fused_infer_attention_score takes head_dim <= 512 (got {head_dim})"
+    return None
+
+
+def fia_keep(q_len: int, kv_len: int, sparse_mode: int, pre_tokens: int, next_tokens: int, device) -> torch.Tensor | None:
+    """Which (query, key) pairs a sparse mode computes (True = attend); None = all."""
+    i = torch.arange(q_len, device=device)[:, None]
+    j = torch.arange(kv_len, device=device)[None, :]
+    if sparse_mode == 2:  # leftUpCausal
+        return j <= i
+    if sparse_mode == 3:  # rightDownCausal: the last query sees every key
+        return j <= i + (kv_len - q_len)
+    if sparse_mode == 4:  # band, right-down aligned: [i - pre_tokens, i + next_tokens]
+        d = j - i - (kv_len - q_len)
+        return (d >= -pre_tokens) & (d <= next_tokens)
+    return None
+
+
+@torch.library.custom_op("ptqc_npu::fused_infer_attention_score", mutates_args=())
+def fused_infer_attention_score(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                                atten_mask: Optional[torch.Tensor] = None,
+                                antiquant_scale: Optional[torch.Tensor] = None,
+                                antiquant_offset: Optional[torch.Tensor] = None,
+                                num_heads: int = 1, num_key_value_heads: int = 0, scale: float = 1.0,
+                                pre_tokens: int = MAX_INT, next_tokens: int = MAX_INT,
+                                input_layout: str = "BNSD", sparse_mode: int = 0) -> torch.Tensor:
+    """npu_fused_infer_attention_score (output 0): ``softmax(scale * q k^T + mask) v``, BNSD layout,
+    GQA through ``num_key_value_heads``. An int8 key/value is a quantized KV cache, dequantized
+    inside the kernel with the combined antiquant parameters: index 0 for K, 1 for V,
+    ``(x + antiquant_offset) * antiquant_scale`` (the offset is ADDED, as in the weight-only
+    matmul), per channel (shape (2, KV_N, 1, D)) or per tensor (shape (2,)); the docs allow this
+    with a prompt (Q_S >= 2) only in float16 and with the parameters in the query's dtype.
+    Masks: sparse_mode 0 uses ``atten_mask`` as given (True = not computed), 2/3 are the
+    left-up / right-down causal masks and 4 a right-down band of ``pre_tokens`` / ``next_tokens``,
+    all three reading the optimized (2048, 2048) mask.
+
+    Emulation choices (the docs are silent): the dequantized K/V are rounded to the query dtype,
+    scores, softmax and the product with V are float32 ("high precision" mode), the output is
+    rounded to the query dtype once. float32 queries are accepted by the emulation only."""
+    if _npu(query):
+        return _torch_npu().npu_fused_infer_attention_score(
+            query, key, value, atten_mask=atten_mask, antiquant_scale=antiquant_scale,
+            antiquant_offset=antiquant_offset, num_heads=num_heads, num_key_value_heads=num_key_value_heads,
+            scale=scale, pre_tokens=pre_tokens, next_tokens=next_tokens, input_layout=input_layout,
+            sparse_mode=sparse_mode)[0]
+    if input_layout != "BNSD":
+        raise PtqcError(f"the emulation of npu_fused_infer_attention_score takes input_layout BNSD (got {input_layout})")
+    b, n, sq, d = query.shape
+    nkv = key.shape[1]
+    why = check_fused_infer_attention(num_heads, num_key_value_heads, d)
+    if why or n != num_heads or nkv != (num_key_value_heads or num_heads) or key.shape != value.shape:
+        raise PtqcError(why or f"npu_fused_infer_attention_score: query {tuple(query.shape)} / key "
+                        f"{tuple(key.shape)} / value {tuple(value.shape)} do not match num_heads={num_heads}, "
+                        f"num_key_value_heads={num_key_value_heads}")
+    k, v = key, value
+    if key.dtype == torch.int8:
+        if value.dtype != torch.int8 or antiquant_scale is None:
+            raise PtqcError("npu_fused_infer_attention_score: an int8 key needs an int8 value and antiquant_scale")
+        if tuple(antiquant_scale.shape) not in ((2,), (2, nkv, 1, d)):
+            raise PtqcError(f"antiquant_scale must be (2,) per tensor or (2, {nkv}, 1, {d}) per channel in BNSD "
+                            f"(got {tuple(antiquant_scale.shape)})")
+        if antiquant_offset is not None and antiquant_offset.shape != antiquant_scale.shape:
+            raise PtqcError("antiquant_offset must have antiquant_scale's shape")
+        if antiquant_scale.dtype != query.dtype:
+            raise PtqcError(f"antiquant_scale must have the query's dtype {query.dtype} (got {antiquant_scale.dtype})")
+        s = antiquant_scale.float().reshape(2, -1, 1, d) if antiquant_scale.dim() > 1 else antiquant_scale.float()
+        o = None if antiquant_offset is None else antiquant_offset.float().reshape(s.shape)
+
+        def deq(x, i):
+            h = x.float() if o is None else x.float() + o[i]
+            return (h * s[i]).to(query.dtype)
+
+        k, v = deq(key, 0), deq(value, 1)
+    skv = k.shape[2]
+    if sparse_mode in (2, 3, 4) and (atten_mask is None or tuple(atten_mask.shape[-2:]) != (FIA_MASK, FIA_MASK)):
+        raise PtqcError(f"sparse_mode {sparse_mode} needs the optimized ({FIA_MASK}, {FIA_MASK}) atten_mask")
+    rep = n // nkv
+    kf, vf = k.float().repeat_interleave(rep, 1), v.float().repeat_interleave(rep, 1)
+    s_ = (query.float() @ kf.transpose(-2, -1)) * scale
+    keep = fia_keep(sq, skv, sparse_mode, pre_tokens, next_tokens, query.device)
+    if sparse_mode in (0, 1) and atten_mask is not None:
+        keep = ~atten_mask.bool()
+    if keep is not None:
+        s_ = s_.masked_fill(~keep, float("-inf"))
+    return (torch.softmax(s_, -1) @ vf).to(query.dtype)
+
+
+@fused_infer_attention_score.register_fake
+def _(query, key, value, atten_mask=None, antiquant_scale=None, antiquant_offset=None, num_heads=1,
+      num_key_value_heads=0, scale=1.0, pre_tokens=MAX_INT, next_tokens=MAX_INT, input_layout="BNSD", sparse_mode=0):
+    return query.new_empty((*query.shape[:-1], value.shape[-1]))
+
+
 DYNAMIC_QUANT = torch.ops.ptqc_npu.dynamic_quant.default
 QUANTIZE = torch.ops.ptqc_npu.quantize.default
 TRANS_QUANT_PARAM = torch.ops.ptqc_npu.trans_quant_param.default
@@ -340,4 +676,10 @@ ADD_RMS_NORM = torch.ops.ptqc_npu.add_rms_norm.default
 ADD_RMS_NORM_QUANT = torch.ops.ptqc_npu.add_rms_norm_quant.default
 ADD_RMS_NORM_DYNAMIC_QUANT = torch.ops.ptqc_npu.add_rms_norm_dynamic_quant.default
 SCALED_MASKED_SOFTMAX = torch.ops.ptqc_npu.scaled_masked_softmax.default
+DROPOUT_WITH_ADD_SOFTMAX = torch.ops.ptqc_npu.dropout_with_add_softmax.default
+FUSED_INFER_ATTENTION_SCORE = torch.ops.ptqc_npu.fused_infer_attention_score.default
 SWIGLU_QUANT = torch.ops.ptqc_npu.swiglu_quant.default
+DYNAMIC_QUANT_INT4 = torch.ops.ptqc_npu.dynamic_quant_int4.default
+KRONECKER_QUANT = torch.ops.ptqc_npu.kronecker_quant.default
+ROTATE_QUANT = torch.ops.ptqc_npu.rotate_quant.default
+CONVERT_WEIGHT_TO_INT4PACK = torch.ops.ptqc_npu.convert_weight_to_int4pack.default
