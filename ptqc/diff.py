@@ -7,10 +7,20 @@ Specs (``PATH[:TARGET]``; a suffix that is not a registered target name is part 
     out/:onnx         the artifact exported to ONNX (``mode="fake"``), run by onnxruntime with every
                       graph optimization disabled (the reference session)
     out/:onnx-int     the same with ``mode="integer"`` (MatMulInteger / MatMulNBits kernels)
+    out/:ascend       the artifact lowered in memory to Ascend kernels (``ptqc_npu`` ops,
+                      :mod:`ptqc.lowering.ascend.lower`), run by torch: the documented CPU
+                      emulation, or torch_npu with ``device=npu``. Options follow the target,
+                      comma-separated: ``out/:ascend,fuse=false,truncate=false,int_bias=false,
+                      fallback=false,device=npu:0,dtype=float16`` (defaults: the ``ascend``
+                      pass's, except ``fallback=true`` so a partly lowerable graph still diffs;
+                      ``device=cpu``; ``dtype``: the artifact's, else its float parameters
+                      ``*.weight``/``*.bias`` are cast, quantization scales stay float32).
+                      An artifact compiled with the ``ascend`` pass is run as it is.
 
-Targets are a registry (:data:`TARGETS`, :func:`register_target`): a backend added later (the
-Ascend emulation of #7) registers a class with ``run(batch, names) -> {name: tensor}`` and is
-usable as ``out/:ascend`` at once.
+Targets are a registry (:data:`TARGETS`, :func:`register_target`): a backend registers a class
+with ``run(batch, names) -> {name: tensor}`` and is usable as ``out/:<name>`` at once; a class
+that declares ``OPTIONS`` ({name: type}; or overrides ``option_types()``) accepts
+``out/:<name>,key=value,...``.
 
 What is compared (*probes*, taken from each side's ptqc graph and matched by key):
 
@@ -22,7 +32,19 @@ What is compared (*probes*, taken from each side's ptqc graph and matched by key
 * ``logits``.
 
 ONNX targets expose the probes as extra graph outputs by FX node name (the lowering keeps the
-names). Depth order is the order of A's graph. With ``x`` the values of A (the reference) and ``y``
+names).
+
+In a graph lowered to Ascend kernels (:func:`lowered_probes`) the probes are found on the kernels:
+a linear is the ``quant_matmul`` / ``weight_quant_batchmatmul`` node carrying its module path
+(the float add after it when the static path keeps a float bias; a linear left as a fake-quant
+op by ``fallback`` is itself); the merged ``mlp.gate_up_proj`` matmul is split along its last
+dimension into its halves, probed as ``mlp.gate_proj`` (first) and ``mlp.up_proj`` (second);
+``layers.<i>`` is the ``x1 + x2`` output of the fused ``add_rms_norm*`` kernel that adds layer
+i's last residual branch (it runs in layer i+1's input norm, or the final norm), a ``getitem``
+for it being added to the in-memory graph when the lowering dropped it as unused. Probes found
+on one side only are listed in ``unmatched``, never an error.
+
+Depth order is the order of A's graph. With ``x`` the values of A (the reference) and ``y``
 those of B, summed over every element of every window:
 
 * ``max_abs``  = max |y - x|
@@ -64,8 +86,15 @@ class Probe:
     order: int
 
 
+def is_lowered(qm) -> bool:
+    """Has the graph been lowered to Ascend kernels (``ptqc_npu`` ops)?"""
+    return any(str(n.target).startswith("ptqc_npu.") for n in qm.graph.nodes if n.op == "call_function")
+
+
 def graph_probes(qm) -> list[Probe]:
     """The comparable points of a ptqc graph, in graph order."""
+    if is_lowered(qm):
+        return lowered_probes(qm)
     from ptqc import ops
     from ptqc.calib import split
     from ptqc.diagnose import _layer_output, _linears
@@ -89,6 +118,105 @@ def graph_probes(qm) -> list[Probe]:
     return sorted(probes, key=lambda p: p.order)
 
 
+def chunk_name(node: str, i: int, k: int) -> str:
+    """The name of a probe on chunk i of k (last dimension) of a node's output."""
+    return f"{node}#{i}/{k}"
+
+
+def _wanted(names) -> dict[str, list[tuple[str, int, int]]]:
+    """node name -> [(probe name, chunk i, of k)] (k = 1: the whole value)."""
+    out: dict[str, list[tuple[str, int, int]]] = {}
+    for nm in names:
+        base, sep, ch = nm.partition("#")
+        i, k = (int(v) for v in ch.split("/")) if sep else (0, 1)
+        out.setdefault(base, []).append((nm, i, k))
+    return out
+
+
+def _capture(want: dict, got: dict, name: str, y) -> None:
+    for probe, i, k in want.get(name, ()):
+        v = y if k == 1 else y.chunk(k, -1)[i]
+        got[probe] = v.detach().float().cpu()
+
+
+def lowered_probes(qm) -> list[Probe]:
+    """The probes of a graph lowered to Ascend kernels (see the module doc), in graph order.
+
+    May add a ``getitem`` node (the residual output of the final fused norm) to ``qm.graph``."""
+    import operator
+
+    import torch.fx as fx
+
+    from ptqc import ops
+    from ptqc.calib import split
+    from ptqc.diagnose import _layer_output
+    from ptqc.ir import info
+    from ptqc.lowering.ascend import ops as npu
+
+    g = qm.graph
+    sum_index = {npu.ADD_RMS_NORM: 2, npu.ADD_RMS_NORM_QUANT: 1, npu.ADD_RMS_NORM_DYNAMIC_QUANT: 1}
+    matmuls = (npu.QUANT_MATMUL, npu.WEIGHT_QUANT_BATCHMATMUL, ops.LINEAR)
+    out_node = next(n for n in g.nodes if n.op == "output")
+    logits = out_node.args[0] if not isinstance(out_node.args[0], (tuple, list)) else out_node.args[0][0]
+    # layer outputs first: they may add getitem nodes
+    segs = split(g)
+    rank = {s.key: r for r, s in enumerate(segs)}
+    seg_of = {n.name: s.key for s in segs for n in s.nodes}
+    layer_out: dict[int, str] = {}
+    for seg in segs:
+        if seg.layer is None:
+            continue
+        own = {n.name for n in seg.nodes}
+        fused = next((n for n in g.nodes if n.op == "call_function" and n.target in sum_index
+                      and rank.get(seg_of.get(n.name), -1) > rank[seg.key]
+                      and any(isinstance(a, fx.Node) and a.name in own for a in n.args[:2])), None)
+        if fused is None:  # not fused (fuse=false): the residual add is still in the layer
+            layer_out[seg.layer] = _layer_output(seg)
+            continue
+        idx = sum_index[fused.target]
+        s = next((u for u in fused.users if u.target is operator.getitem and u.args[1] == idx), None)
+        if s is None:
+            with g.inserting_after(fused):
+                s = g.call_function(operator.getitem, (fused, idx))
+            m = info(fused)
+            info(s).update({"module": m.get("module"), "layer": m.get("layer"), "role": "residual"})
+        layer_out[seg.layer] = s.name
+    order = {n.name: i for i, n in enumerate(g.nodes)}
+    probes: list[Probe] = []
+    for n in g.nodes:
+        if n.op == "call_function" and info(n).get("role") == "embed" and n.target not in matmuls:
+            probes.append(Probe("embed", "embed", None, n.name, "embed", order[n.name]))
+            break
+    seen: dict[str, int] = {}
+
+    def add(key, role, layer, node, at):
+        j = seen.get(key, 0)
+        seen[key] = j + 1
+        probes.append(Probe(key if j == 0 else f"{key}#{j}", "linear", layer, node, role, at))
+
+    for n in g.nodes:
+        if n.op != "call_function" or n.target not in matmuls or n is logits:
+            continue
+        m = info(n)
+        mod, layer = m.get("module") or n.name, m.get("layer")
+        users = list(n.users)
+        y = n
+        if len(users) == 1 and users[0].target == torch.ops.aten.add.Tensor and info(users[0]).get("module") == mod:
+            y = users[0]  # static path, int_bias=false: the float bias added after dequantization
+        if y is logits:
+            continue
+        if m.get("role") == "gate_up" and mod.endswith(".gate_up_proj"):
+            base = mod.removesuffix(".gate_up_proj")
+            add(f"{base}.gate_proj", "gate", layer, chunk_name(y.name, 0, 2), order[n.name])
+            add(f"{base}.up_proj", "up", layer, chunk_name(y.name, 1, 2), order[n.name])
+        else:
+            add(mod, m.get("role"), layer, y.name, order[n.name])
+    for i, name in layer_out.items():
+        probes.append(Probe(f"layers.{i}", "layer", i, name, None, order[name]))
+    probes.append(Probe("logits", "logits", None, "logits", None, len(order)))
+    return sorted(probes, key=lambda p: p.order)
+
+
 # ---- targets ------------------------------------------------------------------------------------
 TARGETS: dict[str, type] = {}
 
@@ -106,9 +234,23 @@ class Target:
     """A model (QModel) and a way to compute the values of its graph nodes on token windows."""
 
     target = "?"
+    OPTIONS: dict[str, type] = {}  # spec options (``PATH:TARGET,key=value``) and their types
 
-    def __init__(self, path: Path, qm, spec: str):
+    def __init__(self, path: Path, qm, spec: str, options: dict | None = None):
         self.path, self.qm, self.spec = path, qm, spec
+        self.options = parse_options(self, options or {})
+
+    @classmethod
+    def option_types(cls) -> dict[str, type]:
+        return cls.OPTIONS
+
+    def probes(self) -> list[Probe]:
+        """The comparable points of this side (default: from its ptqc graph)."""
+        return graph_probes(self.qm)
+
+    def info(self) -> dict:
+        """Extra facts about this side for the report (options, lowering summary...)."""
+        return {"options": self.options} if self.options else {}
 
     def prepare(self, names: list[str]) -> None:
         """Called once with the FX node names that ``run`` will be asked for."""
@@ -127,19 +269,21 @@ class Target:
 class TorchTarget(Target):
     """The ptqc graph executed by torch, layer by layer (ptqc.calib.LayerRunner)."""
 
+    device = None
+
     def run(self, batch, names):
         from ptqc.calib import LayerRunner
 
-        want = set(names)
+        want = _wanted(names)
         got: dict[str, torch.Tensor] = {}
-        runner = LayerRunner(self.qm, [batch], check_finite=False)
+        runner = LayerRunner(self.qm, [batch], device=self.device, check_finite=False)
 
         def hook(n, args, y, b):
             if n.name in want:
-                got[n.name] = y.detach().float()
+                _capture(want, got, n.name, y)
 
         def logits(b, y):
-            got["logits"] = y.detach().float()
+            got["logits"] = y.detach().float().cpu()
 
         for key in runner.freeze():
             runner.run(key, hook=hook, on_output=logits if key == "suffix" else None)
@@ -174,24 +318,135 @@ class OnnxIntegerTarget(OnnxTarget):
     mode = "integer"
 
 
+@register_target("ascend")
+class AscendTarget(TorchTarget):
+    """The graph lowered to Ascend kernels in memory (``ptqc_npu`` ops), run by torch: the CPU
+    emulation, or torch_npu kernels with ``device=npu``. Options: the ``ascend`` pass's (fuse,
+    truncate, int_bias, fallback...: every keyword of :func:`ptqc.lowering.ascend.lower.lower`;
+    ``fallback`` defaults to true here) and ``device``."""
+
+    @classmethod
+    def option_types(cls):
+        import inspect
+
+        from ptqc.lowering.ascend.lower import lower
+
+        out = {}
+        for k, p in list(inspect.signature(lower).parameters.items())[1:]:
+            d = p.default
+            out[k] = type(d) if isinstance(d, (bool, int, float, str)) else str
+        return {**out, "device": str, "dtype": str}
+
+    def __init__(self, path, qm, spec, options=None):
+        super().__init__(path, qm, spec, options)
+        from ptqc import device as devices
+
+        dev = devices.resolve(self.options.get("device", "cpu"))  # one-line error without torch_npu
+        self.device = None if dev == "cpu" else dev
+        lowering = {k: v for k, v in self.options.items() if k not in ("device", "dtype")}
+        dtype = self.options.get("dtype")
+        self.lowering = None
+        if is_lowered(qm):
+            given = [*lowering] + (["dtype"] if dtype and getattr(torch, dtype, None) != qm.dtype else [])
+            if given:
+                raise PtqcError(f"{path} is already lowered for Ascend (compiled with the ascend pass); drop "
+                                f"{', '.join(given)} from {spec!r}")
+        else:
+            if dtype:
+                cast_parameters(qm, dtype)
+            from ptqc.lowering.ascend.lower import lower
+
+            self.lowering = lower(qm, **{"fallback": True, **lowering})  # in memory; the artifact is unchanged
+        self._probes = lowered_probes(qm)
+
+    def probes(self):
+        return self._probes
+
+    def info(self):
+        out = super().info()
+        if self.lowering is not None:
+            out["refused"] = list(self.lowering["refused"])
+        return out
+
+    def describe(self):
+        return f"{self.path} (ascend, {'emulated on cpu' if self.device is None else self.device})"
+
+
+def cast_parameters(qm, dtype) -> int:
+    """Run a graph in another float dtype: cast its float model parameters (``*.weight`` /
+    ``*.bias``) and set ``qm.dtype`` (before lowering: the kernels' output dtype); quantization
+    parameters (scales, zero points) stay as compiled (float32). Returns the number cast."""
+    if isinstance(dtype, str):
+        dt = getattr(torch, dtype, None)
+        if not isinstance(dt, torch.dtype) or not dt.is_floating_point:
+            raise PtqcError(f"dtype={dtype!r} is not a float dtype; use float16, bfloat16 or float32")
+        dtype = dt
+    n = 0
+    for name in qm.weight_names():
+        if name.endswith((".weight", ".bias")) and qm.store.spec(name)[1].is_floating_point \
+                and qm.store.spec(name)[1] != dtype:
+            qm.store[name] = qm.store[name].to(dtype)
+            n += 1
+    qm.dtype = dtype
+    return n
+
+
+def _bool(v: str) -> bool:
+    if v.lower() in ("1", "true", "yes", "on"):
+        return True
+    if v.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(v)
+
+
+def parse_options(t, options: dict) -> dict:
+    """Check and convert a target's spec options (strings from the spec, or typed values)."""
+    out = {}
+    types = t.option_types()
+    for k, v in options.items():
+        if k not in types:
+            have = f"options: {', '.join(types)}" if types else "no options"
+            raise PtqcError(f"diff target {t.target!r} has no option {k!r} ({have})")
+        typ = types[k]
+        try:
+            out[k] = (_bool(v) if typ is bool else typ(v)) if isinstance(v, str) else typ(v)
+        except ValueError:
+            raise PtqcError(f"diff target {t.target!r}: option {k}={v!r} is not a {typ.__name__}") from None
+    return out
+
+
+def split_spec(spec: str) -> tuple[Path, str, dict]:
+    """``out/:ascend,fuse=false,device=npu:0`` -> (Path('out'), 'ascend', {'fuse': 'false', 'device': 'npu:0'})."""
+    spec = str(spec)
+    cut = len(spec)
+    while (i := spec.rfind(":", 0, cut)) >= 0:
+        name, _, opts = spec[i + 1:].partition(",")
+        pairs = [kv.partition("=") for kv in opts.split(",")] if opts else []
+        if name in TARGETS and all(k and sep for k, sep, _ in pairs):
+            return Path(spec[:i] or "."), name, {k: v for k, _, v in pairs}
+        cut = i
+    path, sep, name = spec.rpartition(":")
+    if sep and path and not Path(spec).exists() and Path(path).is_dir():
+        raise PtqcError(f"unknown diff target {name.partition(',')[0]!r} in {spec!r}; targets: "
+                        f"{', '.join(sorted(TARGETS))}")
+    return Path(spec), "torch", {}
+
+
 def parse_spec(spec: str) -> tuple[Path, str]:
     """``out/:onnx`` -> (Path('out'), 'onnx'); a suffix that is not a target is part of the path."""
-    path, sep, name = str(spec).rpartition(":")
-    if sep and name in TARGETS:
-        return Path(path or "."), name
-    if sep and path and not Path(spec).exists() and Path(path).is_dir():
-        raise PtqcError(f"unknown diff target {name!r} in {spec!r}; targets: {', '.join(sorted(TARGETS))}")
-    return Path(spec), "torch"
+    return split_spec(spec)[:2]
 
 
 def open_target(spec: str, dtype: str = "float32", trust_remote_code: bool = False) -> Target:
     from ptqc import artifact
 
-    path, name = parse_spec(spec)
+    path, name, options = split_spec(spec)
     if not path.is_dir():
         raise PtqcError(f"{path} is not a directory (give a model directory or a ptqc artifact)")
+    cls = TARGETS[name]
+    parse_options(cls, options)  # before loading anything
     qm = artifact.load_any(path, dtype, trust_remote_code)
-    return TARGETS[name](path, qm, spec)
+    return cls(path, qm, spec, options)
 
 
 # ---- same model? ------------------------------------------------------------------------------------
@@ -298,8 +553,8 @@ def diff(a: Target, b: Target, ids: torch.Tensor, *, threshold: float = 40.0, ba
     """Compare B against A (the reference) on token windows ``ids`` [n, seqlen]."""
     t0 = time.perf_counter()
     check_same_model(a.spec, b.spec)
-    pa = {p.key: p for p in graph_probes(a.qm) if linears or p.kind != "linear"}
-    pb = {p.key: p for p in graph_probes(b.qm) if linears or p.kind != "linear"}
+    pa = {p.key: p for p in a.probes() if linears or p.kind != "linear"}
+    pb = {p.key: p for p in b.probes() if linears or p.kind != "linear"}
     keys = [k for k in pa if k in pb]  # A's depth order
     names_a = [pa[k].node for k in keys]
     names_b = [pb[k].node for k in keys]
@@ -328,8 +583,8 @@ def diff(a: Target, b: Target, ids: torch.Tensor, *, threshold: float = 40.0, ba
     worst = min(range(len(rows)), key=lambda i: finite[i]) if rows else None
     return {
         "format": FORMAT, "version": VERSION,
-        "a": {"spec": a.spec, "path": str(a.path), "target": a.target},
-        "b": {"spec": b.spec, "path": str(b.path), "target": b.target},
+        "a": {"spec": a.spec, "path": str(a.path), "target": a.target, **a.info()},
+        "b": {"spec": b.spec, "path": str(b.path), "target": b.target, **b.info()},
         "samples": int(ids.shape[0]), "seqlen": int(ids.shape[-1]), "tokens": int(ids.numel()),
         "threshold_db": threshold, "first_below": first,
         "min_sqnr_db": None if worst is None or not math.isfinite(finite[worst]) else finite[worst],
@@ -362,9 +617,15 @@ def format_table(report: dict) -> str:
     lines.append(f"min SQNR: {'inf (all exact)' if report['exact'] else ('-inf/nan' if mn is None else f'{mn:.2f} dB')}"
                  f" at {report['min_sqnr_key']}; first below {report['threshold_db']:g} dB: "
                  f"{report['first_below'] or 'none'}  ({report['seconds']:.1f}s)")
+    for side in ("a", "b"):
+        if report[side].get("refused"):
+            lines.append(f"{side.upper()}: {len(report[side]['refused'])} linear group(s) not lowered (kept as "
+                         f"fake-quant ops), first: {report[side]['refused'][0]}")
     if report["unmatched"]["a_only"] or report["unmatched"]["b_only"]:
-        lines.append(f"unmatched probes: A only {len(report['unmatched']['a_only'])}, "
-                     f"B only {len(report['unmatched']['b_only'])}")
+        def names(ks):
+            return f" ({', '.join(ks[:4])}{', ...' if len(ks) > 4 else ''})" if ks else ""
+        ao, bo = report["unmatched"]["a_only"], report["unmatched"]["b_only"]
+        lines.append(f"unmatched probes: A only {len(ao)}{names(ao)}, B only {len(bo)}{names(bo)}")
     return "\n".join(lines)
 
 
@@ -402,5 +663,6 @@ def plot(report: dict, path, cap: float = 160.0) -> None:
     fig.savefig(path, dpi=100)
 
 
-__all__ = ["diff", "open_target", "parse_spec", "register_target", "TARGETS", "Target", "graph_probes",
+__all__ = ["diff", "open_target", "parse_spec", "split_spec", "register_target", "TARGETS", "Target", "graph_probes",
+           "lowered_probes", "is_lowered", "AscendTarget",
            "check_same_model", "input_windows", "fails_under", "format_table", "plot", "Acc"]
