@@ -610,7 +610,8 @@ def fused_infer_attention_score(query: torch.Tensor, key: torch.Tensor, value: t
     all three reading the optimized (2048, 2048) mask.
 
     Emulation choices (the docs are silent): the dequantized K/V are rounded to the query dtype,
-    scores, softmax and the product with V are float32 ("high precision" mode), the output is
+    scores, softmax and the product with V are float32 ("high precision" mode, computed by
+    torch's SDPA like ``ptqc.attention``, so a float32 graph lowers bit for bit), the output is
     rounded to the query dtype once. float32 queries are accepted by the emulation only."""
     if _npu(query):
         return _torch_npu().npu_fused_infer_attention_score(
@@ -650,14 +651,16 @@ def fused_infer_attention_score(query: torch.Tensor, key: torch.Tensor, value: t
     if sparse_mode in (2, 3, 4) and (atten_mask is None or tuple(atten_mask.shape[-2:]) != (FIA_MASK, FIA_MASK)):
         raise PtqcError(f"sparse_mode {sparse_mode} needs the optimized ({FIA_MASK}, {FIA_MASK}) atten_mask")
     rep = n // nkv
-    kf, vf = k.float().repeat_interleave(rep, 1), v.float().repeat_interleave(rep, 1)
-    s_ = (query.float() @ kf.transpose(-2, -1)) * scale
-    keep = fia_keep(sq, skv, sparse_mode, pre_tokens, next_tokens, query.device)
-    if sparse_mode in (0, 1) and atten_mask is not None:
-        keep = ~atten_mask.bool()
-    if keep is not None:
-        s_ = s_.masked_fill(~keep, float("-inf"))
-    return (torch.softmax(s_, -1) @ vf).to(query.dtype)
+    qf, kf, vf = query.float(), k.float(), v.float()
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    if sparse_mode == 3 and sq == skv:  # the causal prompt: SDPA's causal path, as ptqc.attention runs it
+        out = sdpa(qf, kf, vf, is_causal=sq > 1, scale=scale, enable_gqa=rep > 1)
+    else:
+        keep = fia_keep(sq, skv, sparse_mode, pre_tokens, next_tokens, query.device)
+        if sparse_mode in (0, 1) and atten_mask is not None:
+            keep = ~atten_mask.bool()
+        out = sdpa(qf, kf.repeat_interleave(rep, 1), vf.repeat_interleave(rep, 1), attn_mask=keep, scale=scale)
+    return out.to(query.dtype)
 
 
 @fused_infer_attention_score.register_fake
