@@ -10,7 +10,8 @@ Prints Markdown:
 2. PPL of the fake-quant graph and of the lowered (CPU-emulated Ascend) graph: W8A8 dynamic,
    W8A8 static with the 19-bit deq_scale truncation, without it (``ascend:truncate=false``) and
    also without rounding the bias into the int32 quant_bias (``int_bias=false``),
-   W8A16, W4A16 g128;
+   W8A8KV8 with a static int8 cache (npu_fused_infer_attention_score with antiquant scales),
+   W8A16, W4A16 g128, W4A4 with QuaRot (int4 quant_matmul, kronecker_quant) and W4A4KV8;
 3. the emulation's int8 matmul (``torch._int_mm``, int32 accumulation) against a float32 matmul
    of the same shape (prefill-sized: 512 tokens x hidden 4096 x 4096), median of 5 runs.
 Numbers are reported, nothing is asserted.
@@ -29,9 +30,11 @@ ROOT = Path(__file__).resolve().parents[2]
 PIPELINES = [
     ("W8A8 dynamic (smooth,int8)", "smooth,int8"),
     ("W8A8 static (smooth,int8:static=true)", "smooth,int8:static=true"),
-    ("W8A8KV8 (smooth,int8,kv)", "smooth,int8,kv"),
+    ("W8A8KV8 (smooth,int8,kv:k=channel,v=channel)", "smooth,int8,kv:k=channel,v=channel"),
     ("W8A16", "w8a16"),
     ("W4A16 g128", "w4a16"),
+    ("W4A4 (rotate,w4a4)", "rotate,w4a4"),
+    ("W4A4KV8 (rotate,w4a4,kv:k=channel,v=channel)", "rotate,w4a4,kv:k=channel,v=channel"),
 ]
 
 
@@ -55,7 +58,7 @@ def main(argv=None):
     if a.threads:
         torch.set_num_threads(a.threads)
     from ptqc import data, evaluate, frontend, pipeline
-    from ptqc.lowering.ascend.lower import kernel_report
+    from ptqc.lowering.ascend.lower import kernel_counts, kernel_report
 
     tok = evaluate.load_tokenizer(a.model)
     calib = data.calibration_batches(tok, data.default_calib(a.model), a.samples, a.seqlen, seed=0)
@@ -70,8 +73,9 @@ def main(argv=None):
     fp = ppl(base)
     print(f"### Ascend lowering on {Path(a.model).name} (FP PPL {fp:.4f}; calibration {a.samples}x{a.seqlen})\n")
     print("| pipeline | quant kernels / layer: naive | shared | fused (max over layers) | fake-quant PPL "
-          "| emulated PPL | emulated vs fake-quant | no scale truncation | no truncation, float bias |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| emulated PPL | emulated vs fake-quant | no scale truncation | no truncation, float bias "
+          "| lowered kernels / layer (fused quant, cache writes, attention) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for label, text in PIPELINES:
         qm = base.clone()
         pipeline.PassManager(pipeline.parse_pipeline(text)).run(qm, pipeline.PassContext(quiet=True, calib=calib))
@@ -81,6 +85,8 @@ def main(argv=None):
         low = qm.clone()
         pipeline.PassManager(pipeline.parse_pipeline("ascend")).run(low, pipeline.PassContext(quiet=True))
         em = ppl(low)
+        kc = kernel_counts(low)
+        lk = "/".join(str(max(c[k] for c in kc.values())) for k in ("fused_quant", "cache_quant", "attention"))
         extra = ["—", "—"]
         if "static" in text:
             for j, opts in enumerate(("ascend:truncate=false", "ascend:truncate=false,int_bias=false")):
@@ -89,7 +95,7 @@ def main(argv=None):
                 em2 = ppl(low2)
                 extra[j] = f"{em2:.4f} ({(em2 / fq - 1) * 100:+.3f}%)"
         print(f"| {label} | {naive} | {shared} | {fused} | {fq:.4f} | {em:.4f} | {(em / fq - 1) * 100:+.3f}% "
-              f"| {extra[0]} | {extra[1]} |")
+              f"| {extra[0]} | {extra[1]} | {lk} |")
 
     print("\n### int8 matmul of the emulation (torch._int_mm) vs float32 matmul\n")
     print("| shape (m x k x n) | int8 _int_mm ms | float32 mm ms | ratio |")
