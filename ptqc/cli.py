@@ -363,7 +363,11 @@ def eval_cmd(path, text, seqlen, batch_size, max_windows, dtype, device, trust_r
         if not any(str(n.target).startswith("ptqc_npu.") for n in qm.graph.nodes if n.op == "call_function"):
             from ptqc.lowering.ascend.lower import lower
 
-            lower(qm)  # an in-memory copy of the artifact's graph; the artifact is not changed
+            # an in-memory copy of the artifact's graph; the artifact is not changed. What the kernels
+            # cannot take (e.g. a dynamic per-token KV cache in a prompt) stays a float op, said here.
+            res = lower(qm, fallback=True, seqlen=seqlen)
+            for why in res["refused"]:
+                _log(quiet, f"ascend: kept as a float op: {why}")
         target = "torch"
     try:
         if target != "torch":
@@ -447,9 +451,12 @@ def generate_cmd(path, prompt_texts, prompts_file, max_new_tokens, dtype, device
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("-o", "--out", required=True, type=click.Path(path_type=Path),
               help="Output file if it ends in .onnx, else a directory getting model.onnx (+ model.onnx.data).")
-@click.option("--format", "fmt", type=click.Choice(["onnx", "ascend"]), default="onnx", show_default=True,
+@click.option("--format", "fmt", type=click.Choice(["onnx", "ascend", "compressed-tensors"]), default="onnx",
+              show_default=True,
               help="onnx: ONNX model; ascend: msModelSlim / vllm-ascend directory (quant_model_description.json "
-                   "+ quant_model_weights-*.safetensors), checked after writing.")
+                   "+ quant_model_weights-*.safetensors); compressed-tensors: Hugging Face directory as "
+                   "llm-compressor saves it (vLLM --quantization compressed-tensors). Directories are checked "
+                   "after writing.")
 @click.option("--mode", type=click.Choice(["fake", "integer"]), default="fake", show_default=True,
               help="fake: faithful reference (Q/DQ arithmetic of ptqc.quant); integer: MatMulInteger W8A8 and "
                    "MatMulNBits weight-only kernels where they apply.")
@@ -493,6 +500,20 @@ def export_cmd(path, out, fmt, mode, external, no_int4, int_kernel, outputs, dty
             _log(quiet, f"wrote {out} (ascend, {res['model_quant_type']}, {res['tensors']} tensors, "
                         f"checked) in {time.perf_counter() - t0:.1f}s")
         return
+    if fmt == "compressed-tensors":
+        from ptqc.lowering import compressed_tensors as ct_export
+
+        artifact.check_output(out, force)
+        res = ct_export.export(artifact.load_any(path, dtype, trust_remote_code), out, force=force)
+        problems = ct_export.check(out)
+        if problems:
+            raise PtqcError(f"the export in {out} does not pass its own check: {problems[0]}")
+        if as_json:
+            click.echo(json.dumps(res))
+        else:
+            _log(quiet, f"wrote {out} (compressed-tensors, {res['format']}, {res['quantized_linears']} quantized "
+                        f"linears, {res['tensors']} tensors, checked) in {time.perf_counter() - t0:.1f}s")
+        return
     target = out if out.suffix == ".onnx" else out / "model.onnx"
     if target.parent.exists() and not target.parent.is_dir():
         raise PtqcError(f"{target.parent} exists and is not a directory")
@@ -514,17 +535,27 @@ def export_cmd(path, out, fmt, mode, external, no_int4, int_kernel, outputs, dty
 @click.argument("path", type=click.Path(path_type=Path))
 @friendly
 def check_export_cmd(path):
-    """Validate an Ascend export (quant_model_description.json + weights): every quantized linear has
-    its scale tensors with the right dtypes and shapes, and the description matches the files.
-    Exit 1 listing the problems, 0 if valid."""
-    from ptqc.lowering.ascend.export import check
+    """Validate an export directory: Ascend (quant_model_description.json + weights) or
+    compressed-tensors (config.json with a compressed-tensors quantization_config), detected from
+    its files. Every quantized linear has its scale tensors with the right dtypes and shapes, and
+    the description matches the files. Exit 1 listing the problems, 0 if valid."""
+    from ptqc.lowering import compressed_tensors as ct_export
+    from ptqc.lowering.ascend import export as ascend_export
 
+    if (Path(path) / ascend_export.DESCRIPTION).is_file():
+        check, name = ascend_export.check, "Ascend"
+    elif ct_export.is_export(path):
+        check, name = ct_export.check, "compressed-tensors"
+    else:
+        click.echo(f"{path}: not an export: {ascend_export.DESCRIPTION} (Ascend) is missing and config.json has "
+                   "no compressed-tensors quantization_config")
+        raise SystemExit(1)
     problems = check(path)
     for p in problems:
         click.echo(p)
     if problems:
         raise SystemExit(1)
-    click.echo(f"{path}: valid Ascend export")
+    click.echo(f"{path}: valid {name} export")
 
 
 @main.command("diff")
@@ -556,7 +587,9 @@ def diff_cmd(a, b, text, calib, samples, seqlen, seed, batch_size, threshold, fa
 
     A and B are each a model directory (float, torch), an artifact (its fake-quant graph, torch),
     or PATH:TARGET with TARGET one of the registered backends: onnx (the ONNX export run by
-    onnxruntime, no graph optimization), onnx-int (integer kernels), e.g. `ptqc diff out/ out/:onnx`.
+    onnxruntime, no graph optimization), onnx-int (integer kernels), ascend (the Ascend lowering,
+    CPU-emulated without an NPU; options after it: `out/:ascend,truncate=false,device=npu:0`),
+    e.g. `ptqc diff out/ out/:onnx`, `ptqc diff out/ out/:ascend`.
     Metrics per probe: max abs, max rel, SQNR dB, cosine (A is the reference)."""
     from tqdm.auto import tqdm
 

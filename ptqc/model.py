@@ -345,3 +345,16 @@ def other_files(model_dir: Path) -> list[Path]:
     return [p for p in sorted(model_dir.iterdir())
             if p.is_file() and not p.name.endswith(WEIGHT_SUFFIXES)
             and not p.name.endswith(".safetensors.index.json") and p.name != "config.json"]
+
+
+def hf_names(config) -> tuple[set[str], set[str]]:
+    """(parameter names, non-persistent buffer names such as rotary ``inv_freq``) of the
+    transformers model of ``config``: what a checkpoint holds, and what transformers recomputes."""
+    import copy
+
+    c = copy.deepcopy(config)
+    if getattr(c, "quantization_config", None) is not None:
+        c.quantization_config = None
+    model = build_meta_model(c, torch.float32)
+    persistent = set(model.state_dict())
+    return {n for n, _ in model.named_parameters(remove_duplicate=False)}, {n for n, _ in model.named_buffers()} - persistent

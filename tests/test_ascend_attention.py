@@ -273,3 +273,32 @@ def test_dynamic_kv_is_not_exported_as_c8_and_says_why(kv8, tmp_path):
     res = ax.export(kv8["dynamic"], tmp_path / "d")
     assert "kv_cache_type" not in res and "found dynamic v" in res["optional"]["kv_cache"]
     assert ax.check(tmp_path / "d") == []
+
+
+# ---- the real peer: an msModelSlim W8A8 + C8 export (tests/data, see its README) ---------------------
+PEER_C8 = __import__("pathlib").Path(__file__).parent / "data" / "msmodelslim-w8a8c8-qwen2"
+
+
+def test_msmodelslim_c8_export_checks_loads_lowers_and_reexports_bit_for_bit(tmp_path):
+    assert ax.check(PEER_C8) == []
+    qm = ax.load(PEER_C8)
+    kv = [n for n in qm.graph.nodes if n.target == ops.QUANTIZE_ACT and n.meta["ptqc"]["role"].endswith("cache_quant")]
+    assert len(kv) == 2 * qm.num_layers and all(n.args[1] is not None for n in kv)  # static K and V
+    peer = load_file(str(PEER_C8 / "quant_model_weight_w8a8-00001-of-00001.safetensors"))
+    k0 = next(n for n in kv if n.meta["ptqc"]["module"] == "model.layers.0.self_attn" and n.args[0] is not None
+              and n.meta["ptqc"]["role"] == "k_cache_quant")
+    assert torch.equal(qm.store[k0.args[1].target].reshape(-1), peer["model.layers.0.self_attn.k_proj.kv_cache_scale"])
+    torch.manual_seed(0)
+    x = torch.randint(0, 512, (2, 64))
+    ref = qm(x)
+    low = qm.clone()
+    _run(low, "ascend:truncate=false,int_bias=false")  # exact up to float order: int8 cache + FIA antiquant
+    assert _targets(low).count(npu.FUSED_INFER_ATTENTION_SCORE) == qm.num_layers
+    assert _rel(low(x), ref) < 1e-5
+    ax.export(qm, tmp_path / "again")
+    mine = load_file(str(next((tmp_path / "again").glob("quant_model_weight*.safetensors"))))
+    assert sorted(mine) == sorted(peer) and all(mine[k].dtype == peer[k].dtype and torch.equal(mine[k], peer[k])
+                                                for k in peer)
+    d_peer = json.loads((PEER_C8 / ax.DESCRIPTION).read_text())
+    d_mine = json.loads((tmp_path / "again" / ax.DESCRIPTION).read_text())
+    assert all(d_mine.get(k) == v for k, v in d_peer.items())

@@ -46,14 +46,14 @@ from ptqc import ops, quant
 from ptqc.artifact import AtomicDir
 from ptqc.errors import PtqcError
 from ptqc.ir import QModel, info, is_op
-from ptqc.model import other_files, write_safetensors
+from ptqc.model import hf_names, other_files, write_safetensors
 
 DESCRIPTION = "quant_model_description.json"
 WEIGHTS = "quant_model_weights-00001-of-00001.safetensors"
 INDEX = "quant_model_weights.safetensors.index.json"
 TYPES = ("W8A8", "W8A8_DYNAMIC", "W8A16", "W4A16", "C8", "FLOAT")
 C8_SUFFIXES = ("kv_cache_scale", "kv_cache_offset")
-META_KEYS = ("model_quant_type", "version", "group_size", "kv_cache_type", "metadata", "optional")
+META_KEYS = ("model_quant_type", "version", "group_size", "kv_cache_type", "kv_quant_type", "metadata", "optional")
 REQUIRED = {  # suffixes every linear of a type must have (besides .weight)
     "W8A8": ("input_scale", "input_offset", "deq_scale", "quant_bias", "weight_scale", "weight_offset"),
     "W8A8_DYNAMIC": ("weight_scale", "weight_offset"),
@@ -185,11 +185,13 @@ def export(qm: QModel, out, *, force: bool = False) -> dict:
     floats = [n for n in qm.weight_names() if n not in handled and n not in tensors]
     aliases = {n: qm.store.aliases[n] for n in floats if n in qm.store.aliases}
     floats = sorted(set(floats) - set(aliases) | set(aliases.values()))
+    buffers = hf_names(qm.config)[1]
+    floats = [n for n in floats if n not in buffers]  # rotary inv_freq...: recomputed, not in checkpoints
     for n in floats:
         desc[n] = "FLOAT"
     main = max(kinds, key=kinds.get) if kinds else "FLOAT"
     head = {"model_quant_type": main, "version": "1.0.0", "group_size": next(iter(groups), 0),
-            **({"kv_cache_type": "C8"} if c8 else {}),
+            **({"kv_cache_type": "C8", "kv_quant_type": "C8"} if c8 else {}),  # msModelSlim writes both
             "metadata": {"producer": "ptqc", "linears": kinds},
             "optional": {"kv_cache": "C8" if c8 else f"not exported ({why})" if why else "none"}}
     names = sorted(desc)
