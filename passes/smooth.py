@@ -15,6 +15,12 @@ it, moving difficulty from activations to weights:
                                query heads sharing a KV head share one scale (max over them)
     up_proj     -> down_proj   up rows (and bias) / s   (down reads act(gate) * up)
 
+With ``fold=false`` nothing is folded: ``1/s`` stays an explicit per-channel multiply in front of
+the linears (``x * (1/s)``, role ``smooth_scale``), which Ascend's dynamic quantization kernels
+take as their ``smooth_scales`` argument (the ``ascend`` lowering fuses it into
+npu_dynamic_quant / npu_add_rms_norm_dynamic_quant / npu_swiglu_quant; a static quantizer keeps
+it as a float multiply). Any producer works then, and o_proj's scales need no GQA tie.
+
 ``max|X_j|`` is observed on calibration data layer by layer on the float model. ``alpha``
 (default 0.5) can be set per layer with recipe ``overrides`` (``{match: "layers.0.*", alpha:
 0.8}``); ``o=false`` / ``down=false`` skip those folds. Run it before any quantization pass
@@ -47,7 +53,9 @@ class Smooth(Pass):
 
     Scales are folded into the input/post-attention RMSNorm (q/k/v, gate/up), into v_proj for
     o_proj (GQA-aware) and into up_proj for down_proj, so the float model is unchanged. Run it
-    before int8/w4a4/gptq...; per-layer alpha through recipe overrides.
+    before int8/w4a4/gptq...; per-layer alpha through recipe overrides. `fold=false` keeps 1/s
+    as an explicit multiply instead, which the ascend lowering passes to the dynamic
+    quantization kernels as their smooth_scales.
     """
 
     name = "smooth"
@@ -60,6 +68,7 @@ class Smooth(Pass):
         alpha: float = 0.5
         o: bool = True  # fold v_proj -> o_proj
         down: bool = True  # fold up_proj -> down_proj
+        fold: bool = True  # false: keep 1/s as an explicit multiply (Ascend smooth_scales) instead of folding
         include: list[str] = field(default_factory=lambda: ["*"])
         exclude: list[str] = field(default_factory=lambda: ["lm_head"])
 
@@ -89,6 +98,8 @@ class Smooth(Pass):
                 if len(src.users) != len(lins):
                     skipped.append((m["module"], "the norm output feeds more than these linears"))
                     continue
+            elif (role == "o" and mo.o or role == "down" and mo.down) and not mo.fold:
+                prev = None  # an explicit multiply needs no producer to fold into
             elif role == "o" and mo.o or role == "down" and mo.down:
                 prev = producer_linear(qm, lins[0])
                 if prev is None or len(prev.users) != 1 and role == "down":
@@ -108,14 +119,40 @@ class Smooth(Pass):
                 x_max = stats[lins[0]]["amax"].result()
                 w_max = torch.stack([weight_of(qm, n).float().abs().amax(0) for n in lins]).amax(0)
                 role = info(lins[0]).get("role")
-                if role == "o" and not is_op(prev, ops.RMS_NORM):  # v -> o: one scale per KV channel
+                if role == "o" and mo.fold and not is_op(prev, ops.RMS_NORM):  # v -> o: one scale per KV channel
                     x_max, w_max = gqa_tie(qm, x_max), gqa_tie(qm, w_max)
                 s = smooth_scale(x_max, w_max, mo.alpha)
-                fold_input_scale(qm, prev, lins, s)
-                records.append({"layer": i, "into": info(prev).get("module"), "linears": [info(n)["role"] for n in lins],
+                if mo.fold:
+                    fold_input_scale(qm, prev, lins, s)
+                else:
+                    insert_input_scale(qm, lins, s)
+                records.append({"layer": i, "into": info(prev).get("module") if mo.fold else "smooth_scale",
+                                "linears": [info(n)["role"] for n in lins],
                                 "alpha": mo.alpha, "act_max_before": round(float(x_max.max()), 4),
                                 "act_max_after": round(float((x_max / s).max()), 4)})
 
         summary = calibrate(qm, ctx, observe, apply, propagate="float", layers=sorted(plan), desc="smooth")
         return PassResult(changed=bool(records), summary={**summary, "folds": len(records), "scales": records,
                                                           "skipped": skipped})
+
+
+def insert_input_scale(qm, lins: list, s: torch.Tensor) -> None:
+    """Scale the input channels of ``lins`` by ``s`` and undo it with an explicit multiply by
+    ``1/s`` on their shared input (``fold=false``): the float model is unchanged up to rounding."""
+    s = s.float()
+    for n in lins:
+        name = n.args[1].target
+        qm.store[name] = (qm.store[name].float() * s).to(qm.dtype)
+    m = info(lins[0])
+    const = f"{m['module'].rsplit('.', 1)[0]}.{m.get('role')}_smooth_scale"
+    qm.store[const] = (1.0 / s).to(qm.dtype)
+    g = qm.graph
+    for x in dict.fromkeys(n.args[0] for n in lins):
+        with g.inserting_after(x):
+            c = g.get_attr(const)
+        with g.inserting_after(c):
+            mul = g.call_function(torch.ops.aten.mul.Tensor, (x, c))
+        info(mul).update({"module": m["module"].rsplit(".", 1)[0], "layer": m.get("layer"), "role": "smooth_scale"})
+        for n in lins:
+            if n.args[0] is x:
+                n.args = (mul, *n.args[1:])

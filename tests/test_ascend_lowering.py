@@ -158,3 +158,27 @@ def test_eval_target_ascend_lowers_in_memory(models, tmp_path):
         res[target] = json.loads(r.output.strip().splitlines()[-1])["ppl"]
     assert res["ascend"] != res["torch"] and abs(res["ascend"] / res["torch"] - 1) < 0.01
     assert not any(str(n.target).startswith("ptqc_npu.") for n in artifact.load(out).graph.nodes)
+
+
+def test_unfolded_smooth_scales_become_the_kernels_smooth_scales(loaded, ids):
+    qm = loaded("qwen2")
+    x, calib = ids(2, 16), ids(4, 16)
+    ref_float = qm(x)
+    _run(qm, "smooth:fold=false", calib)
+    muls = [n for n in qm.graph.nodes if n.meta.get("ptqc", {}).get("role") == "smooth_scale"]
+    assert len(muls) == 4 * qm.num_layers  # q/k/v, o, gate/up, down: explicit x * (1/s)
+    assert _rel(qm(x), ref_float) < 1e-5  # the float model is unchanged
+    _run(qm, "int8")
+    fused, naive = qm.clone(), qm.clone()
+    _run(fused, "ascend")
+    _run(naive, "ascend:fuse=false")
+    roles = [n.meta.get("ptqc", {}).get("role") for n in fused.graph.nodes]
+    assert "smooth_scale" not in roles and roles.count("smooth_scale") == 0
+    with_smooth = {n.target for n in fused.graph.nodes if n.op == "call_function" and n.target in (
+        npu.DYNAMIC_QUANT, npu.ADD_RMS_NORM_DYNAMIC_QUANT, npu.SWIGLU_QUANT)
+        and any(isinstance(a, torch.fx.Node) and a.op == "get_attr" and "smooth_scale" in a.target for a in n.args)}
+    assert with_smooth == {npu.DYNAMIC_QUANT, npu.ADD_RMS_NORM_DYNAMIC_QUANT, npu.SWIGLU_QUANT}
+    assert all(c["standalone_quant"] == 1 for k, c in kernel_counts(fused).items() if k > 0)
+    assert sum(1 for n in naive.graph.nodes if n.meta.get("ptqc", {}).get("role") == "smooth_scale") == len(muls)
+    assert _rel(fused(x), naive(x)) < 1e-6  # the multiply inside the kernel is the multiply before it
+    assert "at most 8192" in npu.check_swiglu_quant(2 * 11008)  # 7B-sized MLPs keep gate/up separate

@@ -37,6 +37,8 @@ replaces it with the kernels an Ascend engineer would call:
     RMSNorm        rms_norm(x)                   => rms_norm(x)[0]  (Gemma's 1 + w folded)
                    rms_norm(add(a, b))           => add_rms_norm(a, b)            (fuse=true)
                    dynamic_quant(add_rms_norm)   => add_rms_norm_dynamic_quant    (fuse=true)
+    smooth scales  dynamic_quant(x * c) (smooth:fold=false) => dynamic_quant(x, smooth_scales=c),
+                   then carried into add_rms_norm_dynamic_quant / swiglu_quant   (fuse=true)
                    quantize(add_rms_norm)        => add_rms_norm_quant            (fuse=true)
     SwiGLU + quant dynamic_quant(silu(gate) * up) with gate/up sharing one dynamic quant
                    => one quant_matmul on the concatenated [gate; up] weight, then
@@ -179,9 +181,13 @@ class Lowering:
                 self.lower_int4_group(q, lins)
                 continue
             x = q.args[0]
+            smooth = None
+            if kind == "dynamic" and self.fuse and is_op(x, aten.mul.Tensor) and len(x.users) == 1 \
+                    and info(x).get("role") == "smooth_scale":  # smooth:fold=false -> the kernel's smooth_scales
+                x, smooth = x.args
             with self.g.inserting_before(q):
                 if kind == "dynamic":
-                    dq = _new(self.g, npu.DYNAMIC_QUANT, (x, None), q, role="dynamic_quant")
+                    dq = _new(self.g, npu.DYNAMIC_QUANT, (x, smooth), q, role="dynamic_quant")
                     codes = _new(self.g, operator.getitem, (dq, 0), q, role="act_codes")
                     tscale = _new(self.g, operator.getitem, (dq, 1), q, role="act_scale")
                 else:
@@ -192,9 +198,12 @@ class Lowering:
                                      self.qm.store[zp.target].float())
                     codes = _new(self.g, npu.QUANTIZE, (x, q.args[1], zpf, True), q, role="quantize")
                     tscale = None
+            mul = q.args[0]
             for lin in lins:
                 self.lower_quant_matmul(lin, codes, tscale, q)
             self.g.erase_node(q)
+            if smooth is not None:
+                self.g.erase_node(mul)
 
     def lower_quant_matmul(self, lin: fx.Node, codes_x: fx.Node, tscale: fx.Node | None, q: fx.Node) -> None:
         wc, ws, _, _ = _weight_parts(lin)
@@ -350,6 +359,8 @@ class Lowering:
             if gate.args[0] is not up.args[0] or gate.args[4] is not up.args[4] or len(gate.users) != 1 \
                     or len(up.users) != 1 or gate.args[5] is not None or up.args[5] is not None:
                 continue
+            if npu.check_swiglu_quant(2 * _codes_value(self.qm, gate.args[1].args[0]).shape[0]):
+                continue  # too wide for the kernel: gate/up and the dynamic quant stay separate
             wg, wu = gate.args[1].args[0], up.args[1].args[0]  # t(codes)
             sg, su = gate.args[2].args[0], up.args[2].args[0]  # view(scale)
             base = info(gate)["module"].rsplit(".", 1)[0] + ".gate_up_proj"
@@ -363,7 +374,7 @@ class Lowering:
                           role="gate_up", module=base)
             dq = users[0]
             with self.g.inserting_before(dq):
-                sq = _new(self.g, npu.SWIGLU_QUANT, (gu,), dq, role="swiglu_quant")
+                sq = _new(self.g, npu.SWIGLU_QUANT, (gu, True, dq.args[1]), dq, role="swiglu_quant")
             dq.replace_all_uses_with(sq)
             for n in (dq, mul, a, b, gate):
                 self.g.erase_node(n)
@@ -501,7 +512,9 @@ class Lowering:
                 if self.fuse and is_op(x, aten.add.Tensor) and all(isinstance(a, fx.Node) for a in x.args):
                     a, b = x.args
                     if quantizer is not None and quantizer.target == npu.DYNAMIC_QUANT:
-                        fused = _new(self.g, npu.ADD_RMS_NORM_DYNAMIC_QUANT, (a, b, w, None, eps), norm,
+                        sm = quantizer.args[1]  # smooth scales: a constant, read again here (before the norm)
+                        sm = None if sm is None else self.g.get_attr(sm.target)
+                        fused = _new(self.g, npu.ADD_RMS_NORM_DYNAMIC_QUANT, (a, b, w, sm, eps), norm,
                                      role="add_rms_norm_dynamic_quant")
                         self._rewire_tuple(quantizer, fused, {0: 0, 1: 2})
                         out_sum = 1

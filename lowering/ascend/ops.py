@@ -310,19 +310,30 @@ def _(x1, x2, gamma, smooth_scale1=None, epsilon=1e-6):
 
 
 @torch.library.custom_op("ptqc_npu::swiglu_quant", mutates_args=())
-def swiglu_quant(x: torch.Tensor, activate_left: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def swiglu_quant(x: torch.Tensor, activate_left: bool = True,
+                 smooth_scales: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """npu_swiglu_quant, dynamic mode (quant_mode=1): activate_left=True computes
     ``swish(x[..., :n]) * x[..., n:]`` (False: ``swish(second half) * first half``), then
-    per-token int8 quantization as dynamic_quant. Returns (codes, scale)."""
+    per-token int8 quantization as dynamic_quant, with ``smooth_scales`` (float32 [1, n], one
+    group) multiplied in first. The last dim is even and at most 8192. Returns (codes, scale)."""
     if _npu(x):
-        return _torch_npu().npu_swiglu_quant(x, activate_left=activate_left, quant_mode=1)
+        return _torch_npu().npu_swiglu_quant(x, smooth_scales=smooth_scales, activate_left=activate_left, quant_mode=1)
+    why = check_swiglu_quant(x.shape[-1])
+    if why:
+        raise PtqcError(why)
     a, b = x.float().chunk(2, -1)
     h = torch.nn.functional.silu(a) * b if activate_left else torch.nn.functional.silu(b) * a
-    return dynamic_quant(h)
+    return dynamic_quant(h, None if smooth_scales is None else smooth_scales.reshape(-1))
+
+
+def check_swiglu_quant(n2: int) -> str | None:
+    if n2 % 2 or n2 > 8192:
+        return f"npu_swiglu_quant takes an even last dim of at most 8192 (2 x intermediate = {n2})"
+    return None
 
 
 @swiglu_quant.register_fake
-def _(x, activate_left=True):
+def _(x, activate_left=True, smooth_scales=None):
     shape = (*x.shape[:-1], x.shape[-1] // 2)
     return torch.empty(shape, dtype=torch.int8, device=x.device), x.new_empty(x.shape[:-1], dtype=torch.float32)
 
