@@ -93,11 +93,14 @@ def _load_plugins(plugins):
 @click.option("--report", type=click.Path(path_type=Path), default=None,
               help="Also compare the result with the float model on the calibration data and write the "
                    "diagnostics (as `ptqc diagnose`) into this directory.")
+@click.option("--target", type=click.Choice(["torch", "ascend"]), default="torch", show_default=True,
+              help="ascend: end the pipeline with the `ascend` lowering pass (torch_npu kernels, CPU-emulated "
+                   "without an NPU); give `ascend:OPTIONS` in --passes instead to set its options.")
 @quiet_option
 @friendly
 def compile(model, out, pipeline_str, recipe, plugins, dtype, device, trust_remote_code, dump_after, force,
             no_pack, calib, calib_samples, calib_seqlen, calib_seed, calib_field, calib_batch_size, offload_mb,
-            quiet, report=None):
+            quiet, report=None, target="torch"):
     """Trace MODEL (a Hugging Face directory), run the passes, write the artifact OUT."""
     import shutil
     import tempfile
@@ -117,6 +120,8 @@ def compile(model, out, pipeline_str, recipe, plugins, dtype, device, trust_remo
         dtype = settings.get("dtype", dtype)
     else:
         passes = pipeline.parse_pipeline(pipeline_str) if pipeline_str else []
+    if target == "ascend" and "ascend" not in {p.name for p in passes}:
+        passes.append(pipeline.get_pass("ascend")())
     if not no_pack and any("weight_quant" in p.provides for p in passes) and "pack" not in {p.name for p in passes}:
         at = next((i for i, p in enumerate(passes) if "lowered" in p.provides), len(passes))
         passes.insert(at, pipeline.get_pass("pack")())  # real storage: <= 4-bit codes two per byte, before lowering

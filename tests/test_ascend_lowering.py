@@ -182,3 +182,24 @@ def test_unfolded_smooth_scales_become_the_kernels_smooth_scales(loaded, ids):
     assert sum(1 for n in naive.graph.nodes if n.meta.get("ptqc", {}).get("role") == "smooth_scale") == len(muls)
     assert _rel(fused(x), naive(x)) < 1e-6  # the multiply inside the kernel is the multiply before it
     assert "at most 8192" in npu.check_swiglu_quant(2 * 11008)  # 7B-sized MLPs keep gate/up separate
+
+
+def test_compile_target_ascend_and_eval_says_what_stays_float(models, tmp_path):
+    out = tmp_path / "low"
+    r = CliRunner().invoke(main, ["compile", str(models["qwen2"]), "-o", str(out), "--passes", "w4a16:w_group=32",
+                                  "--target", "ascend", "--calib-samples", "2", "--calib-seqlen", "16", "-q"],
+                           catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    qm = artifact.load(out)
+    assert [h["pass"] for h in qm.history][-2:] == ["pack", "ascend"]  # packed, then lowered
+    t = _targets(qm)
+    assert npu.WEIGHT_QUANT_BATCHMATMUL in t and npu.FUSED_INFER_ATTENTION_SCORE in t
+    kv = tmp_path / "kv"
+    r = CliRunner().invoke(main, ["compile", str(models["qwen2"]), "-o", str(kv), "--passes", "int8,kv",
+                                  "--calib-samples", "2", "--calib-seqlen", "16", "-q"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, ["eval", str(kv), "--seqlen", "32", "--max-windows", "2", "--target", "ascend"],
+                           catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert "ascend: kept as a float op: model.layers.0.self_attn: npu_fused_infer_attention_score reads a " \
+           "per-token (dynamic) KV8 cache only when decoding" in r.output
