@@ -302,3 +302,17 @@ def test_msmodelslim_c8_export_checks_loads_lowers_and_reexports_bit_for_bit(tmp
     d_peer = json.loads((PEER_C8 / ax.DESCRIPTION).read_text())
     d_mine = json.loads((tmp_path / "again" / ax.DESCRIPTION).read_text())
     assert all(d_mine.get(k) == v for k, v in d_peer.items())
+
+
+def test_softmax_mode_picks_the_fused_add_softmax_where_shapes_allow(loaded):
+    qm = loaded("qwen2")  # 4 heads: N * C % 32 depends on the batch, so the plain kernel is kept
+    _run(qm, "ascend:attention=softmax,seqlen=128")
+    assert npu.SCALED_MASKED_SOFTMAX in _targets(qm) and npu.DROPOUT_WITH_ADD_SOFTMAX not in _targets(qm)
+    from ptqc.lowering.ascend.lower import Lowering
+
+    low = Lowering(loaded("qwen2"), attention="softmax", seqlen=128)
+    for n in low.g.nodes:  # pretend 32 heads: any batch then satisfies N * C % 32
+        if n.target == ops.ATTENTION:
+            n.args[0].meta["shape"] = [1, 32, 128, 16]
+    low.lower_attention()
+    assert any(n.target == npu.DROPOUT_WITH_ADD_SOFTMAX for n in low.g.nodes)

@@ -1,5 +1,6 @@
 """Ascend op emulation against the documented formulas (torch_npu docs): saturation, rounding
 ties, int32 accumulation, the 19-bit scale truncation, shape refusals; no torch_npu import."""
+import os
 import subprocess
 import sys
 
@@ -129,8 +130,41 @@ def test_scaled_masked_softmax_and_its_shape_limits():
         npu.scaled_masked_softmax(torch.randn(1, 1, 16, 16), torch.zeros(16, 16, dtype=torch.bool))
 
 
-def test_nothing_imports_torch_npu():
-    code = ("import sys, ptqc.cli, ptqc.lowering.ascend.ops as o, torch; "
-            "o.dynamic_quant(torch.randn(2, 8)); print('torch_npu' in sys.modules)")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr
+def test_nothing_imports_torch_npu(models, tmp_path):
+    """A stand-in torch_npu on the path records who imports it (the real one breaks torch without
+    CANN): lowering, running the emulation, both exports and the diff target must not. (transformers
+    itself imports an installed torch_npu when it checks for NPUs; that import is not ours.)"""
+    trap = tmp_path / "trap" / "torch_npu"
+    trap.mkdir(parents=True)
+    log = tmp_path / "imports.txt"
+    (trap / "__init__.py").write_text(
+        "import traceback\n"
+        f"open({str(log)!r}, 'a').write(''.join(f'{{f.filename}}\\n' for f in traceback.extract_stack()[:-1]"
+        " if 'importlib' not in f.filename) + '--\\n')\n")
+    code = f"""
+import sys
+from transformers.utils import is_torch_npu_available
+is_torch_npu_available()  # transformers' own (cached) check imports it: forget that import
+sys.modules.pop("torch_npu", None)
+open({str(log)!r}, "w").close()
+import torch, ptqc.cli, ptqc.diff, ptqc.lowering.compressed_tensors
+import ptqc.lowering.ascend.ops as o
+from ptqc import frontend, pipeline
+from ptqc.lowering.ascend import export
+o.dynamic_quant(torch.randn(2, 8))
+qm = frontend.load({str(models["qwen2"])!r})
+pipeline.PassManager(pipeline.parse_pipeline("int8,kv:k=channel,v=channel")).run(
+    qm, pipeline.PassContext(quiet=True, calib=torch.randint(0, 300, (2, 16))))
+export.export(qm, {str(tmp_path / "exp")!r})
+pipeline.PassManager(pipeline.parse_pipeline("ascend")).run(qm, pipeline.PassContext(quiet=True))
+qm(torch.randint(0, 300, (1, 16)))
+"""
+    env = {**os.environ, "PYTHONPATH": str(trap.parent) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    importers = [stack.strip().splitlines()[-1] for stack in log.read_text().split("--")
+                 if stack.strip()] if log.exists() else []
+    ours = [f for f in importers if "site-packages" not in f]
+    assert ours == [], ours
+    r = subprocess.run([sys.executable, "-c", "import torch_npu"], capture_output=True, text=True, env=env)
+    assert r.returncode == 0 and log.read_text().count("--") == len(importers) + 1  # the trap records

@@ -57,7 +57,9 @@ replaces it with the kernels an Ascend engineer would call:
                    attention(q, k, v) (float)        (attention=softmax | add_softmax, causal only)
                    => s = q @ k^T; scaled_masked_softmax(s, triu mask, scale) @ v, or
                       dropout_with_add_softmax(s, additive mask, scale, p=0)[2] @ v
-                      (shape limits checked at run time, and when lowering if seqlen is given)
+                      (shape limits checked at run time, and when lowering if seqlen is given;
+                      attention=softmax with fuse picks the fused add-softmax form where the
+                      known seqlen is 128/256/384/512 and the head count a multiple of 32)
 
 With ``fuse=false`` every linear gets its own quantization kernel (the naive lowering, kept for
 comparison). A linear no rule takes (e.g. W4A8: no int8 x int4 npu_quant_matmul is documented;
@@ -457,6 +459,8 @@ class Lowering:
             if why:
                 self.refuse(att, why)
                 continue
+            if mode == "softmax" and self.fuse and self.seqlen in npu.ADD_SOFTMAX_SIZES and h % 32 == 0:
+                mode = "add_softmax"  # the fused add + softmax kernel takes this shape for any batch
             with self.g.inserting_before(att):
                 if mode == "fia":
                     sparse, pre, nxt, mask = 0, npu.MAX_INT, npu.MAX_INT, None
