@@ -491,33 +491,24 @@ def export_cmd(path, out, fmt, mode, external, no_int4, int_kernel, outputs, dty
     t0 = time.perf_counter()
     if not path.is_dir():
         raise PtqcError(f"{path} is not a directory (give a ptqc artifact or a model directory)")
-    if fmt == "ascend":
-        from ptqc.lowering.ascend import export as ascend_export
+    if fmt in ("ascend", "compressed-tensors"):  # directory formats, checked after writing
+        if fmt == "ascend":
+            from ptqc.lowering.ascend import export as exporter
+        else:
+            from ptqc.lowering import compressed_tensors as exporter
 
         artifact.check_output(out, force)
-        res = ascend_export.export(artifact.load_any(path, dtype, trust_remote_code), out, force=force)
-        problems = ascend_export.check(out)
+        res = exporter.export(artifact.load_any(path, dtype, trust_remote_code), out, force=force)
+        problems = exporter.check(out)
         if problems:
             raise PtqcError(f"the export in {out} does not pass its own check: {problems[0]}")
         if as_json:
             click.echo(json.dumps(res))
         else:
-            _log(quiet, f"wrote {out} (ascend, {res['model_quant_type']}, {res['tensors']} tensors, "
-                        f"checked) in {time.perf_counter() - t0:.1f}s")
-        return
-    if fmt == "compressed-tensors":
-        from ptqc.lowering import compressed_tensors as ct_export
-
-        artifact.check_output(out, force)
-        res = ct_export.export(artifact.load_any(path, dtype, trust_remote_code), out, force=force)
-        problems = ct_export.check(out)
-        if problems:
-            raise PtqcError(f"the export in {out} does not pass its own check: {problems[0]}")
-        if as_json:
-            click.echo(json.dumps(res))
-        else:
-            _log(quiet, f"wrote {out} (compressed-tensors, {res['format']}, {res['quantized_linears']} quantized "
-                        f"linears, {res['tensors']} tensors, checked) in {time.perf_counter() - t0:.1f}s")
+            kind = res["model_quant_type"] if fmt == "ascend" else \
+                f"{res['format']}, {res['quantized_linears']} quantized linears"
+            _log(quiet, f"wrote {out} ({fmt}, {kind}, {res['tensors']} tensors, checked) "
+                        f"in {time.perf_counter() - t0:.1f}s")
         return
     target = out if out.suffix == ".onnx" else out / "model.onnx"
     if target.parent.exists() and not target.parent.is_dir():

@@ -1,29 +1,17 @@
 """Ascend attention: npu_fused_infer_attention_score (float and int8 KV cache through antiquant),
 the softmax kernels, their lowering from ptqc.attention, and the C8 (int8 KV cache) export."""
 import json
-import math
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from ptqc import ops, pipeline
+from ptqc import ops
 from ptqc.errors import PtqcError
 from ptqc.lowering.ascend import export as ax
 from ptqc.lowering.ascend import ops as npu
 from ptqc.lowering.ascend.lower import kernel_counts
-
-
-def _run(qm, text, calib=None):
-    return pipeline.PassManager(pipeline.parse_pipeline(text)).run(qm, pipeline.PassContext(quiet=True, calib=calib))
-
-
-def _rel(a, b):
-    return ((a - b).norm() / b.norm()).item()
-
-
-def _targets(qm):
-    return [n.target for n in qm.graph.nodes if n.op == "call_function"]
+from ascend_helpers import rel as _rel, run as _run, targets as _targets
 
 
 MASK = torch.ones(npu.FIA_MASK, npu.FIA_MASK, dtype=torch.bool).triu(1)

@@ -6,23 +6,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from ptqc import artifact, pipeline
+from ptqc import artifact
 from ptqc.cli import main
 from ptqc.errors import PtqcError
 from ptqc.lowering.ascend import ops as npu
 from ptqc.lowering.ascend.lower import kernel_counts
-
-
-def _run(qm, text, calib=None):
-    return pipeline.PassManager(pipeline.parse_pipeline(text)).run(qm, pipeline.PassContext(quiet=True, calib=calib))
-
-
-def _rel(a, b):
-    return ((a - b).norm() / b.norm()).item()
-
-
-def _targets(qm):
-    return [n.target for n in qm.graph.nodes if n.op == "call_function"]
+from ascend_helpers import rel as _rel, run as _run, targets as _targets
 
 
 def test_w8a8_dynamic_kernel_counts_naive_and_fused(loaded, ids):

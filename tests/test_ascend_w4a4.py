@@ -5,23 +5,12 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from ptqc import ops, pipeline, quant
+from ptqc import ops, quant
 from ptqc.errors import PtqcError
 from ptqc.ir import is_op
 from ptqc.lowering.ascend import ops as npu
 from ptqc.lowering.ascend.lower import kernel_counts, kernel_report
-
-
-def _run(qm, text, calib=None):
-    return pipeline.PassManager(pipeline.parse_pipeline(text)).run(qm, pipeline.PassContext(quiet=True, calib=calib))
-
-
-def _rel(a, b):
-    return ((a - b).norm() / b.norm()).item()
-
-
-def _targets(qm):
-    return [n.target for n in qm.graph.nodes if n.op == "call_function"]
+from ascend_helpers import rel as _rel, run as _run, targets as _targets
 
 
 def _int4_spec(clip=1.0):
