@@ -82,7 +82,7 @@ from ptqc import ops, quant
 from ptqc.artifact import AtomicDir
 from ptqc.errors import PtqcError
 from ptqc.ir import QModel, info, is_op
-from ptqc.model import hf_names, other_files, write_safetensors
+from ptqc.model import hf_names, other_files, tensor_specs, write_safetensors
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -417,8 +417,6 @@ def _modules(path: Path):
 # ---- checker -------------------------------------------------------------------------------------
 def check(path) -> list[str]:
     """Problems of a compressed-tensors export directory (empty list: valid). Each is one line."""
-    from safetensors import safe_open
-
     from ptqc.model import weight_files
 
     path = Path(path)
@@ -448,12 +446,7 @@ def check(path) -> list[str]:
         files = weight_files(path)
     except PtqcError as e:
         return [str(e)]
-    meta: dict[str, tuple] = {}
-    for f in sorted(set(files.values())):
-        with safe_open(str(f), "pt") as sf:
-            for k in sf.keys():
-                sl = sf.get_slice(k)
-                meta[k] = (tuple(sl.get_shape()), sl.get_dtype())
+    meta = tensor_specs(sorted(set(files.values())))
     for n in sorted(set(files) - set(meta)):
         problems.append(f"{n} is in the index but in no weight file")
     try:
@@ -614,12 +607,7 @@ def load(path, dtype: str = "float32") -> QModel:
             for which, arg in (("k", 1), ("v", 2)):
                 s = store[f"{m}.{which}_scale"].float().reshape(1)
                 KV._insert(qm, attn, arg, quant.QuantSpec(kv["num_bits"], 0, True), s, None, which)
-    for n in g.nodes:
-        if n.op == "get_attr" and n.target not in store:
-            src = [t for t in sorted(tied.get(n.target, ())) if t in files]
-            if not src:
-                raise PtqcError(f"weight {n.target!r} is missing from {path}")
-            store.aliases[n.target] = src[0]
+    frontend.resolve_tied(g, store, tied, files, path)
     qm.properties |= {"weight_quant"} | ({"act_quant"} if acts else set()) | ({"kv_quant"} if kv else set())
     propagate(qm.graph, qm.store)
     return qm

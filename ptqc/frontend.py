@@ -239,6 +239,17 @@ def _role_of(path: str) -> str | None:
     return None
 
 
+def resolve_tied(g: fx.Graph, store, tied: dict[str, set[str]], files, path) -> None:
+    """Point every weight the checkpoint lacks at a tied parameter it has (lm_head ->
+    embed_tokens); a weight with neither is an error naming it."""
+    for n in g.nodes:
+        if n.op == "get_attr" and n.target not in store:
+            src = [t for t in sorted(tied.get(n.target, ())) if t in files]
+            if not src:
+                raise PtqcError(f"weight {n.target!r} is missing from the checkpoint in {path}")
+            store.aliases[n.target] = src[0]
+
+
 def untie(g: fx.Graph, tied: dict[str, set[str]]) -> None:
     """Give each user of a tied weight (embedding and lm_head) a get_attr with its own name,
     so quantizing lm_head never touches the embedding; the store aliases the names."""
@@ -426,12 +437,7 @@ def load(model_dir, dtype: str | torch.dtype = "float32", trust_remote_code: boo
     for name, b in buffers.items():
         if name not in files:
             store.overlay[name] = b
-    for n in g.nodes:
-        if n.op == "get_attr" and n.target not in store:
-            src = [t for t in sorted(tied.get(n.target, ())) if t in files]
-            if not src:
-                raise PtqcError(f"weight {n.target!r} is missing from the checkpoint in {path}")
-            store.aliases[n.target] = src[0]
+    resolve_tied(g, store, tied, files, path)
     qm = QModel(graph=g, store=store, config=config, dtype=dt, source=str(path.resolve()),
                 properties={"canonical"})
     bar.update()

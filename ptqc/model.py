@@ -358,3 +358,17 @@ def hf_names(config) -> tuple[set[str], set[str]]:
     model = build_meta_model(c, torch.float32)
     persistent = set(model.state_dict())
     return {n for n, _ in model.named_parameters(remove_duplicate=False)}, {n for n, _ in model.named_buffers()} - persistent
+
+
+def tensor_specs(files) -> dict[str, tuple[tuple, str]]:
+    """{name: (shape, safetensors dtype string such as "I8")} of every tensor in these
+    safetensors files, read from their headers only."""
+    from safetensors import safe_open
+
+    out: dict[str, tuple[tuple, str]] = {}
+    for f in files:
+        with safe_open(str(f), "pt") as sf:
+            for k in sf.keys():
+                sl = sf.get_slice(k)
+                out[k] = (tuple(sl.get_shape()), sl.get_dtype())
+    return out

@@ -40,13 +40,12 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from ptqc import ops, quant
 from ptqc.artifact import AtomicDir
 from ptqc.errors import PtqcError
 from ptqc.ir import QModel, info, is_op
-from ptqc.model import hf_names, other_files, write_safetensors
+from ptqc.model import hf_names, other_files, tensor_specs, write_safetensors
 
 DESCRIPTION = "quant_model_description.json"
 WEIGHTS = "quant_model_weights-00001-of-00001.safetensors"
@@ -121,8 +120,6 @@ def _kv_shape(qm: QModel, att) -> tuple[int, int]:
 
 def export(qm: QModel, out, *, force: bool = False) -> dict:
     """Write ``qm`` (a fake-quant ptqc graph) in the Ascend deployment format; returns the description."""
-    from ptqc.lowering.ascend import ops as npu
-
     if any(str(n.target).startswith("ptqc_npu.") for n in qm.graph.nodes if n.op == "call_function"):
         raise PtqcError("export the fake-quant artifact, not a lowered one (compile without the ascend pass)")
     tensors: dict[str, torch.Tensor] = {}  # quantized linears' tensors, computed here
@@ -236,15 +233,10 @@ def check(path) -> list[str]:
     bad = sorted({v for v in types.values() if v not in TYPES})
     if bad:
         problems.append(f"unknown quantization type {bad[0]!r} in {DESCRIPTION} (known: {', '.join(TYPES)})")
-    meta: dict[str, tuple] = {}
     files = sorted(path.glob("quant_model_weight*.safetensors"))
     if not files:
         return problems + ["no quant_model_weight*.safetensors file"]
-    for f in files:
-        with safe_open(str(f), "pt") as sf:
-            for k in sf.keys():
-                sl = sf.get_slice(k)
-                meta[k] = (tuple(sl.get_shape()), sl.get_dtype())
+    meta = tensor_specs(files)
     for n in sorted(set(types) - set(meta)):
         problems.append(f"{n} is in {DESCRIPTION} but in no weight file")
     for n in sorted(set(meta) - set(types)):
@@ -290,7 +282,7 @@ def check(path) -> list[str]:
     if desc.get("kv_cache_type") == "C8":
         projs = sorted({n.rsplit(".", 1)[0] for n in c8})
         if not projs:
-            problems.append(f'kv_cache_type is "C8" but no tensor is typed C8')
+            problems.append('kv_cache_type is "C8" but no tensor is typed C8')
         for proj in projs:
             w = meta.get(f"{proj}.weight")
             for suffix in C8_SUFFIXES:
