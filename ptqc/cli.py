@@ -261,12 +261,15 @@ def inspect_cmd(path, layer, op, role, fmt, counts, per_layer, kernel_ops, dtype
         if fmt == "json":
             click.echo(json.dumps(rows, indent=1))
             return
-        cols = [c for c in ("layer", "naive", "shared", "fused", "fused_kernels", "quant_matmul") if rows and c in rows[0]]
+        cols = [c for c in ("layer", "naive", "shared", "fused", "fused_kernels", "quant_matmul", "cache_quant",
+                            "attention", "float_transform") if rows and c in rows[0]]
         click.echo("standalone quantization kernels per decoder layer (naive: one per linear; shared: one per "
-                   "quantized input; fused: after add+RMSNorm+quant and SwiGLU+quant fusion)")
-        click.echo("  ".join(f"{c:>13s}" for c in cols))
+                   "quantized input; fused: after add+RMSNorm+quant and SwiGLU+quant fusion), then what the fused "
+                   "lowering runs: fused norm/activation+quant kernels, quantized matmuls, KV cache writes, "
+                   "attention kernels, float rotation matmuls")
+        click.echo("  ".join(f"{c:>15s}" for c in cols))
         for r in rows:
-            click.echo("  ".join(f"{r[c]:>13}" for c in cols))
+            click.echo("  ".join(f"{r[c]:>15}" for c in cols))
         return
     if counts:
         c = inspect.op_counts(qm, per_layer)

@@ -613,13 +613,16 @@ def kernel_report(qm: QModel) -> list[dict]:
     """Quantization kernels per decoder layer: naive (one per quantized linear), shared (one per
     quantize_act node, ``fuse=false``), fused (``fuse=true``). A graph that is already lowered is
     reported as it is."""
+    def lowered(c):  # what the fused lowering runs besides standalone quantization
+        return {"fused_kernels": c.get("fused_quant", 0), "quant_matmul": c.get("quant_matmul", 0),
+                "cache_quant": c.get("cache_quant", 0), "attention": c.get("attention", 0),
+                "float_transform": c.get("float_transform", 0)}
+
     if any(str(n.target).startswith("ptqc_npu.") for n in qm.graph.nodes if n.op == "call_function"):
-        return [{"layer": k, "fused": c["standalone_quant"], "fused_kernels": c["fused_quant"],
-                 "quant_matmul": c["quant_matmul"]} for k, c in kernel_counts(qm).items()]
+        return [{"layer": k, "fused": c["standalone_quant"], **lowered(c)} for k, c in kernel_counts(qm).items()]
     shared, fused = qm.clone(), qm.clone()
     lower(shared, fuse=False, fallback=True)
     lower(fused, fuse=True, fallback=True)
     s, f = kernel_counts(shared), kernel_counts(fused)
     return [{"layer": k, "naive": s[k]["quant_matmul"], "shared": s[k]["standalone_quant"],
-             "fused": f.get(k, {}).get("standalone_quant", 0), "fused_kernels": f.get(k, {}).get("fused_quant", 0),
-             "quant_matmul": f.get(k, {}).get("quant_matmul", 0)} for k in s]
+             "fused": f.get(k, {}).get("standalone_quant", 0), **lowered(f.get(k, {}))} for k in s]
