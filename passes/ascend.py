@@ -33,7 +33,9 @@ class Ascend(Pass):
     static int8 KV cache (kv:k=channel,v=channel) through antiquant scales; `attention=softmax` /
     `add_softmax` decompose float attention into matmul + npu_scaled_masked_softmax /
     npu_dropout_with_add_softmax + matmul (their shape limits are checked at run time, or when
-    lowering if `seqlen` is given); `attention=keep` leaves float attention alone.
+    lowering if `seqlen` is given); `attention=keep` leaves float attention alone. W4A4 lowers to
+    int4 npu_quant_matmul (rotate/flatquant transforms fused as npu_kronecker_quant /
+    npu_rotate_quant), and smooth:fold=false scales become the kernels' smooth_scales.
     """
 
     name = "ascend"
