@@ -188,6 +188,9 @@ def compare(fp: QModel, q: QModel, ids: torch.Tensor, batch_size: int = 8, devic
                         "compare a quantized model with the float model it was compiled from")
     rf.run("prefix")
     rq.run("prefix")
+    from ptqc.basis import Rotation
+
+    rot = Rotation.of(q)  # a rotated model: its values back to the float basis, float inputs into its basis
     nb = len(batches)
     layers: list[dict] = []
     fp_only: list[str] = []
@@ -225,14 +228,19 @@ def compare(fp: QModel, q: QModel, ids: torch.Tensor, batch_size: int = 8, devic
                 if n.name in qlin:
                     kk = qlin[n.name][0]
                     if kk in cur and kk in a:
+                        y = y if rot is None else rot.to_float("linear", qlin[n.name][1], y)
                         a[kk].update(cur[kk], y, f"layer {i} {kk}")
                 elif n.name == qout:
+                    y = y if rot is None else rot.to_float("layer", None, y)
                     a["output"].update(cur["output"], y, f"layer {i} output")
             return hook
 
         qhook = {mode: qhook_for(mode) for mode in MODES}
         for b in range(nb):
             fin = dict(rf.state[b])  # the float inputs of this layer (values are never modified in place)
+            if rot is not None:  # the residual stream (hidden-sized floats) into the rotated basis
+                fin = {kk: rot.to_rotated(v) if isinstance(v, torch.Tensor) and v.is_floating_point()
+                       and v.dim() and v.shape[-1] == rot.hidden else v for kk, v in fin.items()}
             rf.run(key, batches=[b], hook=fhook, overrides=fw)
             saved = rq.state[b]
             rq.state[b] = fin

@@ -31,6 +31,10 @@ What is compared (*probes*, taken from each side's ptqc graph and matched by key
                       :func:`ptqc.diagnose._layer_output`);
 * ``logits``.
 
+A side compiled with ``rotate`` computes the embedding, layer outputs and o_proj/down_proj (and,
+with ``v``, v_proj) outputs in a rotated basis; its values are mapped back to the float basis
+(:mod:`ptqc.basis`) before comparing, and the report lists it under ``unrotated``.
+
 ONNX targets expose the probes as extra graph outputs by FX node name (the lowering keeps the
 names).
 
@@ -561,6 +565,9 @@ def diff(a: Target, b: Target, ids: torch.Tensor, *, threshold: float = 40.0, ba
     a.prepare(names_a)
     b.prepare(names_b)
     accs = {k: Acc() for k in keys}
+    from ptqc.basis import Rotation
+
+    rot_a, rot_b = Rotation.of(a.qm), Rotation.of(b.qm)  # rotated models: probes back to the float basis
     batches = list(torch.split(ids if ids.ndim == 2 else ids[None], batch_size))
     it = progress(batches, desc="diff", unit="batch") if progress else batches
     for batch in it:
@@ -571,6 +578,10 @@ def diff(a: Target, b: Target, ids: torch.Tensor, *, threshold: float = 40.0, ba
             if x is None or y is None:
                 raise PtqcError(f"probe {k}: no value from {a.spec if x is None else b.spec} for node "
                                 f"{pa[k].node if x is None else pb[k].node}")
+            if rot_a is not None:
+                x = rot_a.to_float(pa[k].kind, pa[k].role, x)
+            if rot_b is not None:
+                y = rot_b.to_float(pb[k].kind, pb[k].role, y)
             accs[k].update(x, y, k)
         del va, vb
     rows = []
@@ -585,6 +596,7 @@ def diff(a: Target, b: Target, ids: torch.Tensor, *, threshold: float = 40.0, ba
         "format": FORMAT, "version": VERSION,
         "a": {"spec": a.spec, "path": str(a.path), "target": a.target, **a.info()},
         "b": {"spec": b.spec, "path": str(b.path), "target": b.target, **b.info()},
+        "unrotated": [side for side, r in (("a", rot_a), ("b", rot_b)) if r is not None],
         "samples": int(ids.shape[0]), "seqlen": int(ids.shape[-1]), "tokens": int(ids.numel()),
         "threshold_db": threshold, "first_below": first,
         "min_sqnr_db": None if worst is None or not math.isfinite(finite[worst]) else finite[worst],

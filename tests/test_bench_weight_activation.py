@@ -115,7 +115,7 @@ def test_table_and_targets():
         "w8a8kv8-flatquant": {"error": wa.MISSING, "missing": True},
         "w4a4kv4-plain": {"ppl_error": COLLAPSE, "quant_s": 1.0, "counts": _counts(), "gen": _gen(True, finite=False)},
         "w4a4kv4-smooth": _res(40.0, gen=_gen(True)),
-        "w4a4kv4-rotate": _res(20.0, sqnr_layers=[-3.0, -3.2], sqnr_mean=-3.1),
+        "w4a4kv4-rotate": _res(20.0, sqnr_layers=[14.0, 12.2], sqnr_mean=13.1),
         "w4a4kv4-rotate-gptq": _res(21.0),
         "w4a4kv4-flatquant": _res(17.5),
         wa.LLMC_KEY: {"ppl": 16.24, "quant_s": 3.0, "sqnr_mean": 28.1, "vmhwm_exit": 600 << 20},
@@ -135,7 +135,7 @@ def test_table_and_targets():
     assert "| W4A4KV4 smooth | `smooth,w4a4,kv:bits=4` | 40.000 (+150.0%) | loop 12x |" in t
     assert f"| {wa.LLMC_LABEL} | `{wa.LLMC_PIPELINE}` | 16.240 (+1.5%) | — | — | 28.10 | 3.0 | 600 |" in t
     assert "| W4A4KV4 rotate | `rotate,w4a4,kv:bits=4,k=head,sym=false` | 20.000 (+25.0%) | ok " \
-           "| 56/56 / 56/56 / 8/8 (32 act q) | n/a (rotated basis) |" in t
+           "| 56/56 / 56/56 / 8/8 (32 act q) | 13.10 |" in t
     assert "inf" not in t and "nan" not in t
     s = wa.targets({"examples/tiny-qwen2-outliers": outl, "examples/tiny-qwen2": base})
     lines = s.splitlines()

@@ -23,8 +23,8 @@ at exit. In addition:
 * generation: greedy, ``--gen-tokens`` new tokens from 4 fixed prompts taken from MODEL/eval.txt
   (the first words of 4 paragraphs spread over the file, :func:`eval_prompts`), judged by
   ``ptqc.generate.collapse_signals``: "ok", or the signal ("loop 12x", "non-finite logits", ...);
-* SQNR: ``ptqc.diagnose.compare`` as in weight_only; not shown for pipelines with ``rotate``,
-  whose layer outputs live in the rotated residual basis (the raw values stay in the JSON);
+* SQNR: ``ptqc.diagnose.compare`` as in weight_only (a rotated model's layer outputs are mapped
+  back to the float basis before comparing);
 * "W / A / KV": linears with a quantized weight (``qm.quant[module]["weight"]``) and linears
   reading a ``quantize_act`` node, out of the decoder's linears (lm_head excluded), and attention
   ops with both K and V cache quantizers; "act q" = number of activation quantizer nodes;
@@ -287,12 +287,9 @@ def quantized_cell(r: dict | None) -> str:
             f"{c['kv_quantized']}/{c['attention']} ({c['act_quantizers']} act q)")
 
 
-def sqnr_cell(r: dict | None, rotated: bool = False) -> str:
-    """Mean layer-output SQNR. After ``rotate`` the residual stream (every layer output) is in the
-    rotated basis h Q, so comparing it with the float model's h is meaningless: not shown
-    (the raw numbers stay in the JSON)."""
-    if rotated and r and "error" not in r and r.get("sqnr_layers"):
-        return "n/a (rotated basis)"
+def sqnr_cell(r: dict | None) -> str:
+    """Mean layer-output SQNR (``ptqc.diagnose`` maps a rotated model's layer outputs back to the
+    float basis, :mod:`ptqc.basis`)."""
     if r and "error" not in r and r.get("sqnr_mean") is None and r.get("sqnr_layers"):
         return "non-finite"
     return wo._num(r, "sqnr_mean", ".2f")
@@ -308,7 +305,7 @@ def format_table(model: str, rows: list[dict]) -> str:
         res = r.get("res")
         cells = [r["label"], f"`{r['pipeline']}`" if r["pipeline"] else "—", ppl_cell(res, fp),
                  gen_cell(res), quantized_cell(res),
-                 sqnr_cell(res, r.get("side", "ptqc") == "ptqc" and "rotate" in pass_names(r["pipeline"] or "")),
+                 sqnr_cell(res),
                  wo._num(res, "quant_s", ".1f"), wo._rss(res)]
         out.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
     return "\n".join(out)
