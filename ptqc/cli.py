@@ -398,7 +398,7 @@ def eval_cmd(path, text, seqlen, batch_size, max_windows, dtype, device, trust_r
 
         outs = generate.greedy(qm, tok, list(generate.DEFAULT_PROMPTS), max_new_tokens,
                                device=None if dev == "cpu" else dev, model_dir=path)
-        r["generate"] = generate.collapse_signals(outs, tok)
+        r["generate"] = generate.collapse_signals(outs, tok, generate.vocabulary(evaluate.read_text(text_path)))
         if not as_json:
             click.echo(f"generate: {generate.describe(r['generate'])}")
         if r["generate"]["collapsed"]:
@@ -443,7 +443,7 @@ def generate_cmd(path, prompt_texts, prompts_file, max_new_tokens, dtype, device
     tok = evaluate.load_tokenizer(path)
     outs = generate.greedy(qm, tok, prompts or list(generate.DEFAULT_PROMPTS), max_new_tokens,
                            device=None if dev == "cpu" else dev, model_dir=path)
-    s = generate.collapse_signals(outs, tok)
+    s = generate.collapse_signals(outs, tok, generate.reference_vocabulary(path, qm))
     if as_json:
         keep = ("prompt", "text", "ids", "reached_eos", "finite")
         click.echo(json.dumps({"outputs": [{k: o[k] for k in keep} for o in outs], "signals": s}))

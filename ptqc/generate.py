@@ -10,6 +10,7 @@ this is a reference check on a handful of short continuations, not a serving pat
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -33,6 +34,26 @@ FEW_TOKENS = 4  # ... or "degenerate" when its >= MIN_LEN tokens hold at most th
 MIN_LEN = 8
 DEGENERATE_OUTPUTS = 0.5  # collapsed when more than this share of outputs are looping or degenerate
 MIN_DISTINCT_2 = 0.1  # ... or when distinct bigrams / bigrams falls below this
+# gibberish (needs a reference text, e.g. the model's eval.txt): checked on examples/tiny-qwen2-outliers,
+# float 0.99 vs static W8A8 (PPL 380, broken words, no loop) 0.19 of the words known
+MIN_KNOWN_WORDS = 0.5  # collapsed when fewer of the generated words occur in the reference text
+MIN_WORDS = 20  # ... judged only on at least this many words
+WORD = re.compile(r"[A-Za-z]{2,}")
+
+
+def vocabulary(text: str) -> set[str]:
+    """The lower-cased words (2+ letters) of a reference text, for :func:`collapse_signals`."""
+    return {w.lower() for w in WORD.findall(text)}
+
+
+def reference_vocabulary(model_path, qm=None) -> set[str] | None:
+    """:func:`vocabulary` of the model's held-out text (MODEL/eval.txt or its source's), or None."""
+    from ptqc import evaluate
+
+    try:
+        return vocabulary(evaluate.read_text(evaluate.default_text(model_path, qm)))
+    except PtqcError:
+        return None
 
 
 def read_prompts(path) -> list[str]:
@@ -159,7 +180,7 @@ def _distinct(seqs: list[list[int]], k: int) -> float | None:
     return len(set(grams)) / len(grams) if grams else None
 
 
-def collapse_signals(outputs: list[dict], tokenizer=None) -> dict:
+def collapse_signals(outputs: list[dict], tokenizer=None, vocab: set[str] | None = None) -> dict:
     """Collapse signals of greedy outputs and the verdict ``collapsed`` (with ``reasons``).
 
     * ``eos_rate``: share of outputs that ended with EOS;
@@ -167,10 +188,14 @@ def collapse_signals(outputs: list[dict], tokenizer=None) -> dict:
       ``looping``: share of outputs where one loop covers >= LOOP_FRACTION of the tokens;
     * ``degenerate``: share of outputs that are looping or whose >= MIN_LEN tokens hold at most
       FEW_TOKENS distinct tokens (text alternating among a few tokens without a strict period);
-    * ``distinct_1`` / ``distinct_2``: distinct tokens / bigrams over all generated tokens.
+    * ``distinct_1`` / ``distinct_2``: distinct tokens / bigrams over all generated tokens;
+    * ``known_words`` (with ``vocab``, :func:`vocabulary` of a reference text such as the model's
+      eval.txt): share of the generated words found in it. Text made of broken words ("thearal
+      ripuil tmdmsomd") neither loops nor repeats, so only this signal sees it.
 
     Collapsed when any logits were non-finite, or more than DEGENERATE_OUTPUTS of the outputs are
-    degenerate, or distinct_2 < MIN_DISTINCT_2, or every output is empty. Healthy text keeps
+    degenerate, or distinct_2 < MIN_DISTINCT_2, or every output is empty, or (at least MIN_WORDS
+    words) known_words < MIN_KNOWN_WORDS. Healthy text keeps
     adding distinct tokens (the example model: >= 11 in any 16), so the per-output rules do not
     depend on the generation length; distinct_2 does (it falls slowly as outputs grow).
     """
@@ -203,6 +228,13 @@ def collapse_signals(outputs: list[dict], tokenizer=None) -> dict:
         reasons.append(f"distinct-2 {s['distinct_2']:.3f} < {MIN_DISTINCT_2}")
     if outputs and s["tokens"] == 0 and s["finite"]:
         reasons.append("every output is empty (immediate EOS)")
+    if vocab is not None:
+        words = [w.lower() for o in outputs for w in WORD.findall(o.get("text") or "")]
+        s["words"] = len(words)
+        s["known_words"] = sum(w in vocab for w in words) / len(words) if words else None
+        if len(words) >= MIN_WORDS and s["known_words"] < MIN_KNOWN_WORDS:
+            reasons.append(f"only {s['known_words']:.0%} of the {len(words)} generated words occur in the reference "
+                           f"text (< {MIN_KNOWN_WORDS:.0%}: gibberish)")
     s["collapsed"] = bool(reasons)
     s["reasons"] = reasons
     return s
@@ -214,6 +246,7 @@ def describe(s: dict) -> str:
     loop = f"{lp['period']}x{lp['repeats']}" if lp["tokens"] else "none"
     d1 = "-" if s["distinct_1"] is None else f"{s['distinct_1']:.3f}"
     d2 = "-" if s["distinct_2"] is None else f"{s['distinct_2']:.3f}"
+    kw = f"  known words {s['known_words']:.2f}" if s.get("known_words") is not None else ""
     return (f"eos {s['eos_rate']:.2f}  longest loop {loop}  looping {s['looping']:.2f}  "
             f"degenerate {s['degenerate']:.2f}  "
-            f"distinct-1 {d1}  distinct-2 {d2}  {'COLLAPSED' if s['collapsed'] else 'ok'}")
+            f"distinct-1 {d1}  distinct-2 {d2}{kw}  {'COLLAPSED' if s['collapsed'] else 'ok'}")

@@ -83,6 +83,8 @@ def test_cells():
     assert wa.gen_cell({"gen": _gen(True, finite=False)}) == "non-finite logits"
     assert wa.gen_cell({"gen": _gen(True, loop={"tokens": 0}, distinct_2=0.05)}) == "distinct-2 0.050"
     assert wa.gen_cell({"error": "x"}) == "—" and wa.gen_cell(None) == "—"
+    gib = _gen(True, loop={"period": 2, "repeats": 3, "tokens": 6}, degenerate=0.0, known_words=0.19)
+    assert wa.gen_cell({"gen": gib}) == "gibberish (19% known words)"  # not the short incidental loop
     assert wa.quantized_cell({"counts": _counts()}) == "56/56 / 56/56 / 8/8 (32 act q)"
     assert wa.quantized_cell({"counts": _counts(w_quantized=0, a_quantized=0, kv_quantized=0)}) == "—"
     assert wa.sqnr_cell({"sqnr_mean": None, "sqnr_layers": [1.0, float("nan")]}) == "non-finite"

@@ -141,11 +141,31 @@ def test_cli_generate(models, tmp_path):
 
 def test_cli_eval_generate_exits_3_on_collapse(loaded, models, tmp_path):
     tok = evaluate.load_tokenizer(models["qwen2"])
-    ok = cli("eval", models["qwen2"], "--generate", "--max-new-tokens", 24, "--max-windows", 1, "--seqlen", 32, "-q")
+    # the shipped trained example writes words of its text; a random model writes gibberish (collapse)
+    ok = cli("eval", EXAMPLE, "--generate", "--max-new-tokens", 24, "--max-windows", 1, "--seqlen", 32, "-q")
     assert ok.exit_code == 0, ok.output
+    assert "known words 0.9" in ok.output or "known words 1.0" in ok.output
+    rnd = cli("eval", models["qwen2"], "--generate", "--max-new-tokens", 24, "--max-windows", 1, "--seqlen", 32, "-q")
+    assert rnd.exit_code == 3 and "gibberish" in rnd.output, rnd.output
     assert ok.output.splitlines()[0].startswith("ppl ") and ok.output.splitlines()[1].startswith("generate: eos")
     out = artifact.save(force_loop(loaded("qwen2"), tok), tmp_path / "loop")
     r = cli("eval", out, "--generate", "--max-new-tokens", 24, "--max-windows", 1, "--seqlen", 32, "-q", "--json")
     assert r.exit_code == 3, r.output
     assert json.loads(r.output.splitlines()[0])["generate"]["collapsed"] is True
     assert r.output.splitlines()[-1].startswith("error: collapse: ")
+
+
+def test_gibberish_is_collapse_when_a_reference_text_is_given():
+    ref = "Return the number of lines in the file and raise an error if there is no such object."
+    vocab = generate.vocabulary(ref)
+    assert "return" in vocab and "a" not in vocab  # words of 2+ letters, lower-cased
+    ids = list(range(40))  # varied tokens: no loop, no degeneracy
+    good = [{**out(ids), "text": "Return the number of lines in the file and raise an error if there is no object"}] * 2
+    bad = [{**out(ids), "text": "thearal a ar ripuil tmdmsomd atec ullsomatess ly toize tooren to in adoing"}] * 2
+    s = generate.collapse_signals(good, vocab=vocab)
+    assert not s["collapsed"] and s["known_words"] == 1.0 and s["words"] == 34
+    s = generate.collapse_signals(bad, vocab=vocab)
+    assert s["collapsed"] and s["known_words"] == pytest.approx(2 / 24) and "gibberish" in s["reasons"][0]
+    assert not generate.collapse_signals(bad[:1], vocab=vocab)["collapsed"]  # 12 words: too few to judge
+    assert not generate.collapse_signals(bad)["collapsed"]  # no reference: the signal is off
+    assert "known words 0.08" in generate.describe(generate.collapse_signals(bad, vocab=vocab))

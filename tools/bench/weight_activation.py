@@ -22,7 +22,8 @@ at exit. In addition:
   "collapse (at <node, module, layer>)" from its ``CollapseError``;
 * generation: greedy, ``--gen-tokens`` new tokens from 4 fixed prompts taken from MODEL/eval.txt
   (the first words of 4 paragraphs spread over the file, :func:`eval_prompts`), judged by
-  ``ptqc.generate.collapse_signals``: "ok", or the signal ("loop 12x", "non-finite logits", ...);
+  ``ptqc.generate.collapse_signals``: "ok", or the signal ("loop 12x", "non-finite logits",
+  "gibberish (19% known words)": too few generated words occur in MODEL/eval.txt, ...);
 * SQNR: ``ptqc.diagnose.compare`` as in weight_only (a rotated model's layer outputs are mapped
   back to the float basis before comparing);
 * "W / A / KV": linears with a quantized weight (``qm.quant[module]["weight"]``) and linears
@@ -159,10 +160,10 @@ def generation(qm, model: str, prompts: list[str], tokens: int) -> dict:
 
     tok = evaluate.load_tokenizer(model)
     outs = generate.greedy(qm, tok, prompts, max_new_tokens=tokens, model_dir=model)
-    s = generate.collapse_signals(outs, tok)
+    s = generate.collapse_signals(outs, tok, generate.reference_vocabulary(model, qm))
     return {"collapsed": s["collapsed"], "reasons": s["reasons"], "describe": generate.describe(s),
             "loop": {k: v for k, v in s["loop"].items() if k != "text"}, "finite": s["finite"],
-            "degenerate": s["degenerate"], "distinct_2": s["distinct_2"],
+            "degenerate": s["degenerate"], "distinct_2": s["distinct_2"], "known_words": s.get("known_words"),
             "texts": [o["text"][:120] for o in outs]}
 
 
@@ -269,6 +270,11 @@ def gen_cell(r: dict | None) -> str:
         return "ok"
     if not g.get("finite", True):
         return "non-finite logits"
+    from ptqc.generate import DEGENERATE_OUTPUTS, MIN_KNOWN_WORDS
+
+    kw = g.get("known_words")
+    if kw is not None and kw < MIN_KNOWN_WORDS and g.get("degenerate", 1.0) <= DEGENERATE_OUTPUTS:
+        return f"gibberish ({kw:.0%} known words)"  # broken words that neither loop nor repeat
     lp = g.get("loop") or {}
     if lp.get("tokens"):
         return f"loop {lp['repeats']}x" + (f" (period {lp['period']})" if lp.get("period", 1) > 1 else "")
