@@ -295,12 +295,11 @@ class LayerModel:
         return (w + offset) / self.p[f"{g.gid}.log_s"].exp() - offset
 
     # -- forward --
-    def forward(self, state: dict, mats: dict | None = None) -> dict:
-        """Run the layer segment on one batch's state with the learnable pieces substituted;
-        returns the values it produces for later segments."""
-        mats = self.matrices() if mats is None else mats
+    def interpret(self, state: dict, step=None, hook=None) -> dict:
+        """Run the layer segment's nodes on one batch's state with the differentiable ops of
+        ``ops.EAGER``. ``step(n, args, kwargs)`` may compute a node itself (``NotImplemented``: the
+        plain op); ``hook(n, y)`` sees every value. Returns all values by node name."""
         env = dict(state)
-        inputs: dict = {}
 
         def val(a):
             return self.weights[a.target] if a.op == "get_attr" else env[a.name]
@@ -310,6 +309,21 @@ class LayerModel:
             kwargs = fx.node.map_arg(n.kwargs, val)
             if "device" in kwargs:
                 kwargs = {**kwargs, "device": self.device}
+            y = step(n, args, kwargs) if step is not None else NotImplemented
+            if y is NotImplemented:
+                y = ops.EAGER.get(n.target, n.target)(*args, **kwargs)
+            env[n.name] = y
+            if hook is not None:
+                hook(n, y)
+        return env
+
+    def forward(self, state: dict, mats: dict | None = None) -> dict:
+        """Run the layer segment on one batch's state with the learnable pieces substituted;
+        returns the values it produces for later segments."""
+        mats = self.matrices() if mats is None else mats
+        inputs: dict = {}
+
+        def step(n, args, kwargs):
             if n.name in self.rewritten:
                 x = args[0]
                 g = self.group_of.get(n.name)
@@ -325,21 +339,21 @@ class LayerModel:
                         inputs[g.gid] = (t, tq)
                     x = inputs[g.gid][1 if n.name in g.selected else 0]
                 w, b = self.weight(n, mats)
-                y = F.linear(x, w, b)
-            elif n.name in self.prev_of and is_op(n, ops.RMS_NORM):
+                return F.linear(x, w, b)
+            if n.name in self.prev_of and is_op(n, ops.RMS_NORM):
                 args = (args[0], self.norm_weight(n, args[1]), *args[2:])
-                y = ops.EAGER[ops.RMS_NORM](*args, **kwargs)
-            elif n is self.plan.attn:
+                return ops.EAGER[ops.RMS_NORM](*args, **kwargs)
+            if n is self.plan.attn:
                 q, k, v = args[:3]
                 kk, ki = mats["k"]
                 q, k = ops._transform(q, ki), ops._transform(k, kk)
                 if self.kv_bits < 16:
                     k = fake_quant_act(k, self.kv_bits, self.kv_sym)
                     v = fake_quant_act(v, self.kv_bits, self.kv_sym)
-                y = ops.EAGER[ops.ATTENTION](q, k, v, *args[3:], **kwargs)
-            else:
-                y = ops.EAGER.get(n.target, n.target)(*args, **kwargs)
-            env[n.name] = y
+                return ops.EAGER[ops.ATTENTION](q, k, v, *args[3:], **kwargs)
+            return NotImplemented
+
+        env = self.interpret(state, step)
         return {k: env[k] for k in self.outputs}
 
 
@@ -493,29 +507,16 @@ class FlatQuant(Pass):
         stats: dict = {}
         targets = []
         srcs = {g.src.name: g.gid for g in plan.groups if g.prev is not None}
+        def record(n, y):  # the per-channel max |x| of each scaled group's input
+            if n.name in srcs:
+                m = y.detach().reshape(-1, y.shape[-1]).abs().amax(0).float()
+                gid = srcs[n.name]
+                stats[gid] = m if gid not in stats else torch.maximum(stats[gid], m)
+
         with torch.no_grad():
             for st in states:
-                env_out = {}
-                # a float run that also records the group inputs
-                env = dict(st)
-
-                def val(a):
-                    return model.weights[a.target] if a.op == "get_attr" else env[a.name]
-
-                for n in model.seg.nodes:
-                    args = fx.node.map_arg(n.args, val)
-                    kwargs = fx.node.map_arg(n.kwargs, val)
-                    if "device" in kwargs:
-                        kwargs = {**kwargs, "device": model.device}
-                    y = ops.EAGER.get(n.target, n.target)(*args, **kwargs)
-                    env[n.name] = y
-                    if n.name in srcs:
-                        m = y.detach().reshape(-1, y.shape[-1]).abs().amax(0).float()
-                        gid = srcs[n.name]
-                        stats[gid] = m if gid not in stats else torch.maximum(stats[gid], m)
-                for k in model.outputs:
-                    env_out[k] = env[k].detach()
-                targets.append(env_out)
+                env = model.interpret(st, hook=record)  # the float run
+                targets.append({k: env[k].detach() for k in model.outputs})
         return targets, stats
 
     def _evaluate(self, model: LayerModel, states, targets) -> float:
