@@ -47,3 +47,19 @@ def test_tables():
     assert "| FP | — | 16.000 | 16.000 |" in t and "300 / 500" in t
     s = wo.gptq_summary(rows, with_llmc=True)
     assert "| W4g128 | 16.0500 | 16.0600 | -0.06% | 16.2000 | yes | 0.25 |" in s
+
+
+@pytest.mark.parametrize("script, spec", [
+    ("weight_only.py", {"pass": "no_such_pass_xyz", "options": {}, "threads": 0}),
+    ("weight_activation.py", {"pipeline": "no_such_pass_xyz,int8", "threads": 0}),
+])
+def test_child_process_protocol(script, spec):
+    """The parent starts `SCRIPT --child SPEC` and reads its last `RESULT {json}` line (both benches)."""
+    import json
+    import subprocess
+
+    r = subprocess.run([sys.executable, str(Path(wo.__file__).parent / script), "--child", json.dumps(spec)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1].removeprefix("RESULT "))
+    assert res["missing"] is True and res["error"] == "n/a (no such pass)"

@@ -427,24 +427,10 @@ def main(argv=None):
     ap.add_argument("--models", default=",".join(DEFAULT_MODELS), help="comma-separated model directories")
     ap.add_argument("--rows", help="comma-separated row keys (shell patterns): "
                     + ",".join([k for k, _, _ in ROWS] + [LLMC_KEY]))
-    ap.add_argument("--samples", type=int, default=128, help="calibration windows")
-    ap.add_argument("--seqlen", type=int, default=256, help="calibration and evaluation window length")
-    ap.add_argument("--seed", type=int, default=0, help="calibration window seed (diag windows: seed+1)")
-    ap.add_argument("--diag-samples", type=int, default=16, help="windows for the layer SQNR")
+    wo.add_common_args(ap, "/tmp/ptqc-bench-weight-activation")
     ap.add_argument("--gen-tokens", type=int, default=48, help="new tokens per prompt in the collapse check")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads in every child (0: torch's default)")
-    ap.add_argument("--skip-llmc", action="store_true", help="ptqc only")
-    ap.add_argument("--llmc-venv", type=Path, default=Path("/tmp/llmc-venv"))
-    ap.add_argument("--work", type=Path, default=Path("/tmp/ptqc-bench-weight-activation"),
-                    help="token files go here")
-    ap.add_argument("--timeout", type=float, default=3600, help="seconds per configuration")
-    ap.add_argument("--out", type=Path, help="also write the Markdown here")
-    ap.add_argument("--json", type=Path, help="write all raw results here")
-    ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
-    if a.child:
-        res = child(json.loads(a.child))
-        print("RESULT " + json.dumps(res), flush=True)
+    if wo.serve_child(a, child):
         return
     patterns = [p.strip() for p in a.rows.split(",") if p.strip()] if a.rows else None
     with_llmc = not a.skip_llmc

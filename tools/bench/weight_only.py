@@ -346,11 +346,9 @@ def gptq_summary(rows: list[dict], with_llmc: bool) -> str:
 
 
 # ---- main ------------------------------------------------------------------------------------
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", default=",".join(DEFAULT_MODELS), help="comma-separated model directories")
-    ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {','.join(METHODS)}")
-    ap.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated wBgG / wBch")
+def add_common_args(ap, work: str) -> None:
+    """The options every bench of this folder shares: calibration and diagnosis windows, child
+    processes, llm-compressor, output."""
     ap.add_argument("--samples", type=int, default=128, help="calibration windows")
     ap.add_argument("--seqlen", type=int, default=256, help="calibration and evaluation window length")
     ap.add_argument("--seed", type=int, default=0, help="calibration window seed (diag windows: seed+1)")
@@ -358,16 +356,30 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1, help="torch threads in every child (0: torch's default)")
     ap.add_argument("--skip-llmc", action="store_true", help="ptqc only")
     ap.add_argument("--llmc-venv", type=Path, default=Path("/tmp/llmc-venv"))
-    ap.add_argument("--llmc-batch-size", type=int, default=1, help="oneshot batch_size (its default: 1)")
-    ap.add_argument("--work", type=Path, default=Path("/tmp/ptqc-bench-weight-only"), help="token files go here")
+    ap.add_argument("--work", type=Path, default=Path(work), help="token files go here")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per configuration")
     ap.add_argument("--out", type=Path, help="also write the Markdown here")
     ap.add_argument("--json", type=Path, help="write all raw results here")
     ap.add_argument("--child", help=argparse.SUPPRESS)
+
+
+def serve_child(a, child) -> bool:
+    """In a child process (``--child SPEC``): run it, print its RESULT line, return True."""
+    if not a.child:
+        return False
+    print("RESULT " + json.dumps(child(json.loads(a.child))), flush=True)
+    return True
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default=",".join(DEFAULT_MODELS), help="comma-separated model directories")
+    ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {','.join(METHODS)}")
+    ap.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated wBgG / wBch")
+    add_common_args(ap, "/tmp/ptqc-bench-weight-only")
+    ap.add_argument("--llmc-batch-size", type=int, default=1, help="oneshot batch_size (its default: 1)")
     a = ap.parse_args(argv)
-    if a.child:
-        res = child(json.loads(a.child))
-        print("RESULT " + json.dumps(res), flush=True)
+    if serve_child(a, child):
         return
     methods = [m.strip() for m in a.methods.split(",") if m.strip()]
     bad = sorted(set(methods) - set(METHODS))
