@@ -94,6 +94,8 @@ def test_float_attention_lowers_and_matches(loaded, ids, mode):
     assert ops.ATTENTION not in _targets(qm)
     kernel = npu.FUSED_INFER_ATTENTION_SCORE if mode == "fia" else npu.SCALED_MASKED_SOFTMAX
     assert _targets(qm).count(kernel) == qm.num_layers
+    if mode == "softmax":  # one causal mask, built once and read by every layer
+        assert _targets(qm).count(torch.ops.aten.triu.default) == 1
     assert all(c["attention"] == 1 for c in kernel_counts(qm).values())
     y = qm(x)
     assert _rel(y, ref) < 1e-5

@@ -91,6 +91,7 @@ def _c8_tensors(qm: QModel) -> tuple[dict, str | None]:
     quantized = [a for a in atts if any(is_op(x, ops.QUANTIZE_ACT) for x in a.args[1:3])]
     if not quantized:
         return {}, None
+    hkv, d = _kv_shape(qm)
     for a in atts:
         base = info(a)["module"]
         for which, arg in (("k", 1), ("v", 2)):
@@ -100,7 +101,6 @@ def _c8_tensors(qm: QModel) -> tuple[dict, str | None]:
             if q.args[1] is None or q.args[3] != 8:
                 return {}, (f"{base}: C8 needs static int8 K and V scales (kv:k=channel,v=channel), "
                             f"found {'dynamic' if q.args[1] is None else str(q.args[3]) + '-bit'} {which}")
-            hkv, d = _kv_shape(qm, a)
             scale = qm.store[q.args[1].target].float().expand(hkv, 1, d).reshape(-1)
             zp = q.args[2]
             off = torch.zeros_like(scale) if zp is None else qm.store[zp.target].float().expand(hkv, 1, d).reshape(-1)
@@ -110,7 +110,8 @@ def _c8_tensors(qm: QModel) -> tuple[dict, str | None]:
     return out, None
 
 
-def _kv_shape(qm: QModel, att) -> tuple[int, int]:
+def _kv_shape(qm: QModel) -> tuple[int, int]:
+    """(KV heads, head_dim) from the model config."""
     cfg = qm.config
     heads = cfg.num_attention_heads
     hkv = getattr(cfg, "num_key_value_heads", None) or heads
@@ -360,9 +361,8 @@ def _load_c8(qm: QModel) -> None:
     """Static int8 K/V quantizers on every attention from the export's kv_cache_scale/offset."""
     from ptqc.passes.kv import KV
 
-    hkv, d = None, None
+    hkv, d = _kv_shape(qm)
     for a in [n for n in qm.graph.nodes if is_op(n, ops.ATTENTION)]:
-        hkv, d = _kv_shape(qm, a)
         base = info(a)["module"]
         for which, arg in (("k", 1), ("v", 2)):
             proj = f"{base}.{which}_proj"

@@ -129,6 +129,7 @@ class Lowering:
         if attention not in ATTENTION_MODES:
             raise PtqcError(f"attention={attention!r} is not one of {', '.join(ATTENTION_MODES)}")
         self.attention, self.seqlen = attention, seqlen
+        self._score_masks: dict = {}
         self.refused: list[str] = []
         self.dtype = qm.dtype
 
@@ -434,6 +435,22 @@ class Lowering:
         u = _new(self.g, aten.unflatten.int, (c, -1, [hkv, d]), q, role="cache_layout")
         return _new(self.g, aten.transpose.int, (u, 1, 2), q, role="kv_cache")
 
+    def _score_mask(self, s: fx.Node, att: fx.Node, mode: str, h: int) -> fx.Node:
+        """The causal mask over the scores ``s`` [B, H, S, S]: bool (True = masked) for the softmax
+        kernel, additive (dtype min) for the add-softmax one. Built once, at the first attention
+        that needs it, and shared by the later layers (same shape)."""
+        key = (mode, h)
+        if key not in self._score_masks:
+            ones = _new(self.g, aten.ones_like.default, (s,), att, role="mask")
+            ones.kwargs = {"dtype": torch.bool}
+            mask = _new(self.g, aten.triu.default, (ones, 1), att, role="mask")
+            if mode != "softmax":
+                zeros = _new(self.g, aten.zeros_like.default, (s,), att, role="mask")
+                mask = _new(self.g, aten.masked_fill.Scalar, (zeros, mask, torch.finfo(self.dtype).min), att,
+                            role="mask")
+            self._score_masks[key] = mask
+        return self._score_masks[key]
+
     def lower_attention(self) -> None:
         for att in [n for n in self.g.nodes if is_op(n, ops.ATTENTION)]:
             q, k, v, scale = att.args[:4]
@@ -484,16 +501,11 @@ class Lowering:
                         v = _new(self.g, aten.repeat_interleave.self_int, (v, h // hkv, 1), att, role="gqa")
                     kt = _new(self.g, aten.transpose.int, (k, -2, -1), att, role="attention")
                     s = _new(self.g, aten.matmul.default, (q, kt), att, role="attention_scores")
-                    ones = _new(self.g, aten.ones_like.default, (s,), att, role="mask")
-                    ones.kwargs = {"dtype": torch.bool}
-                    masked = _new(self.g, aten.triu.default, (ones, 1), att, role="mask")
+                    mask = self._score_mask(s, att, mode, h)
                     if mode == "softmax":
-                        p = _new(self.g, npu.SCALED_MASKED_SOFTMAX, (s, masked, scale, False), att, role="softmax")
+                        p = _new(self.g, npu.SCALED_MASKED_SOFTMAX, (s, mask, scale, False), att, role="softmax")
                     else:
-                        zeros = _new(self.g, aten.zeros_like.default, (s,), att, role="mask")
-                        add = _new(self.g, aten.masked_fill.Scalar, (zeros, masked, torch.finfo(self.dtype).min), att,
-                                   role="mask")
-                        r = _new(self.g, npu.DROPOUT_WITH_ADD_SOFTMAX, (s, add, scale, 0.0, -1), att, role="softmax")
+                        r = _new(self.g, npu.DROPOUT_WITH_ADD_SOFTMAX, (s, mask, scale, 0.0, -1), att, role="softmax")
                         p = _new(self.g, operator.getitem, (r, 2), att, role="softmax")
                     y = _new(self.g, aten.matmul.default, (p, v), att, role="attention")
             kv_in = att.args[1:3]
