@@ -541,6 +541,8 @@ def check_export_cmd(path):
     from ptqc.lowering import compressed_tensors as ct_export
     from ptqc.lowering.ascend import export as ascend_export
 
+    if not Path(path).is_dir():
+        raise PtqcError(f"{path} is not a directory; give the directory `ptqc export` wrote")
     if (Path(path) / ascend_export.DESCRIPTION).is_file():
         check, name = ascend_export.check, "Ascend"
     elif ct_export.is_export(path):

@@ -349,3 +349,5 @@ def test_cli_export_and_check_export_on_both_formats(exports, tmp_path):
     assert r.exit_code == 1 and f"{Q}.input_scale" in r.output
     r = CliRunner().invoke(main, ["check-export", str(art)])  # an artifact is neither format
     assert r.exit_code == 1 and "not an export" in r.output
+    r = CliRunner().invoke(main, ["check-export", str(tmp_path / "missing")])
+    assert r.exit_code == 2 and "is not a directory" in r.output
