@@ -1,16 +1,9 @@
 """ascend: lower a quantized graph to Ascend kernels (torch_npu ops, CPU-emulated without an NPU).
 
-The rewrite rules live in :mod:`ptqc.lowering.ascend.lower` (read its docstring for the table):
-W8A8 dynamic -> npu_dynamic_quant + npu_quant_matmul(pertoken_scale), W8A8 static ->
-npu_quantize + npu_quant_matmul(int64 deq_scale, int32 quant_bias), W8A16/W4A16 ->
-npu_weight_quant_batchmatmul, W4A4 -> npu_dynamic_quant(int4) + int4 npu_quant_matmul (with a
-rotation/FlatQuant transform before it: npu_kronecker_quant / npu_rotate_quant), attention ->
-npu_fused_infer_attention_score (an int8 KV cache through antiquant scales) or matmul +
-npu_scaled_masked_softmax, RMSNorm -> npu_rms_norm / npu_add_rms_norm, and with ``fuse``
-the residual add + RMSNorm + quantization and SwiGLU + quantization fusions that leave at most
-one or two standalone quantization kernels per decoder layer. Every op is a ``ptqc_npu`` torch
-op: it calls torch_npu on NPU tensors and runs the documented emulation elsewhere, so
-``ptqc eval`` of a lowered artifact measures the Ascend numerics on any machine.
+The rewrite rules, each with the kernels it emits, are the table
+:data:`ptqc.lowering.ascend.lower.RULES` (README's Ascend lowering section names the same kernels).
+Every op is a ``ptqc_npu`` torch op: it calls torch_npu on NPU tensors and runs the documented
+emulation elsewhere, so ``ptqc eval`` of a lowered artifact measures the Ascend numerics on any machine.
 """
 from __future__ import annotations
 

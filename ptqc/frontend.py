@@ -22,6 +22,7 @@ from ptqc import ops
 from ptqc.errors import PtqcError
 from ptqc.ir import QModel, info, is_op, propagate
 from ptqc.model import WeightStore, build_meta_model, load_config, parse_dtype, weight_files
+from ptqc.patterns import Pat
 
 aten = torch.ops.aten
 
@@ -97,12 +98,6 @@ def _dtype(n) -> torch.dtype | None:
     return getattr(v, "dtype", None)
 
 
-def _strip_casts(n):
-    while isinstance(n, fx.Node) and n.op == "call_function" and n.target in (aten._to_copy.default, aten.to.dtype):
-        n = n.args[0]
-    return n
-
-
 def rule_drop_noops(node: fx.Node) -> bool:
     """Drop metadata asserts, aliases and casts to the dtype the value already has."""
     if node.target in (aten._assert_tensor_metadata.default,):
@@ -129,49 +124,27 @@ def rule_linear(node: fx.Node) -> bool:
     return True
 
 
+_CASTS = (aten._to_copy.default, aten.to.dtype)
+_WEIGHT = Pat(name="w", where=lambda w: isinstance(w, fx.Node) and w.op == "get_attr", through=_CASTS)
+_X = Pat(name="x", through=_CASTS)  # x * rsqrt(mean(x ** 2, -1, keepdim) + eps), casts looked through
+_NORMALIZED = Pat(aten.mul.Tensor, (_X, Pat(aten.rsqrt.default, (Pat(aten.add.Tensor, (
+    Pat(aten.mean.dim, (Pat(aten.pow.Tensor_Scalar, (_X, 2)), Pat(where=lambda d: list(d) == [-1]), True)),
+    Pat(name="eps", where=lambda e: isinstance(e, float)))),))), commute=True, through=_CASTS)
+_GEMMA = Pat(aten.mul.Tensor, (_NORMALIZED, Pat(aten.add.Tensor, (
+    _WEIGHT, Pat(name="offset", where=lambda o: isinstance(o, (int, float)))), through=_CASTS)), commute=True)
+RMS_NORM_FORMS = (  # Llama's w * normalized; Gemma's normalized * (1 + w), cast or not
+    Pat(aten.mul.Tensor, (Pat(name="w", where=_WEIGHT.where), _NORMALIZED), commute=True),
+    Pat(aten._to_copy.default, (_GEMMA,)), _GEMMA)
+
+
 def rule_rms_norm(node: fx.Node) -> bool:
     """w * cast(x * rsqrt(mean(x^2, -1) + eps))  ->  ptqc.rms_norm(x, w, eps)
     and Gemma's cast(x * rsqrt(...) * (1 + w)) -> ptqc.rms_norm(x, w, eps, offset=1)."""
-    def normalized(y):
-        """If y is x * rsqrt(mean(x**2, -1, keepdim) + eps), return (x, eps)."""
-        y = _strip_casts(y)
-        if not is_op(y, aten.mul.Tensor):
-            return None
-        for a, r in (y.args, y.args[::-1]):
-            if not (isinstance(r, fx.Node) and is_op(r, aten.rsqrt.default)):
-                continue
-            add = r.args[0]
-            if not (is_op(add, aten.add.Tensor) and isinstance(add.args[1], float)):
-                continue
-            mean = add.args[0]
-            if not (is_op(mean, aten.mean.dim) and list(mean.args[1]) in ([-1],) and mean.args[2:3] == (True,)):
-                continue
-            pw = mean.args[0]
-            if not (is_op(pw, aten.pow.Tensor_Scalar) and pw.args[1] == 2):
-                continue
-            if _strip_casts(pw.args[0]) is _strip_casts(a):
-                return _strip_casts(a), add.args[1]
-        return None
-
-    if node.target == aten.mul.Tensor:  # Llama form: weight * normalized
-        for w, y in (node.args, node.args[::-1]):
-            if isinstance(w, fx.Node) and w.op == "get_attr":
-                hit = normalized(y)
-                if hit:
-                    _replace(node, ops.RMS_NORM, (hit[0], w, hit[1]))
-                    return True
-    if node.target in (aten._to_copy.default,) or node.target == aten.mul.Tensor:  # Gemma form
-        m = node.args[0] if node.target == aten._to_copy.default else node
-        if is_op(m, aten.mul.Tensor):
-            for y, s in (m.args, m.args[::-1]):
-                s = _strip_casts(s)
-                if is_op(s, aten.add.Tensor) and isinstance(s.args[1], (int, float)):
-                    w = _strip_casts(s.args[0])
-                    hit = normalized(y) if isinstance(w, fx.Node) and w.op == "get_attr" else None
-                    if hit:
-                        _replace(node, ops.RMS_NORM, (hit[0], w, hit[1], float(s.args[1])))
-                        return True
-    return False
+    m = next((m for m in (p.match(node) for p in RMS_NORM_FORMS) if m is not None), None)
+    if m is None:
+        return False
+    _replace(node, ops.RMS_NORM, (m["x"], m["w"], m["eps"]) + ((float(m["offset"]),) if "offset" in m else ()))
+    return True
 
 
 _REPEAT_OPS = (aten.expand.default, aten.unsqueeze.default, aten.reshape.default, aten.view.default,

@@ -88,3 +88,54 @@ def producer_linear(qm: QModel, linear: fx.Node) -> fx.Node | None:
 def layer_subgraph(qm: QModel, layer: int) -> list[fx.Node]:
     """All call nodes of one decoder layer, in graph order."""
     return [n for n in qm.graph.nodes if n.op == "call_function" and n.meta.get("ptqc", {}).get("layer") == layer]
+
+
+# ---- a small pattern language over fx nodes (after tinygrad's UPat) ---------------------------------
+class Pat:
+    """A pattern over a value of an fx graph: ``op`` (a call target, a tuple of them, or None for any
+    value); ``args``, patterns (or constants, compared with ==) for the leading arguments; ``where``,
+    a predicate; ``name`` binds the value (bound twice: the same value); ``through`` ops (casts) are
+    looked through first; ``commute`` also tries two arguments swapped. ``match`` returns the
+    bindings {name: value}, or None."""
+
+    __slots__ = ("op", "args", "name", "where", "through", "commute")
+
+    def __init__(self, op=None, args=None, name=None, where=None, through=(), commute=False):
+        self.op = op if op is None or isinstance(op, tuple) else (op,)
+        self.args, self.name, self.where, self.through, self.commute = args, name, where, through, commute
+
+    def match(self, x, bound: dict | None = None) -> dict | None:
+        while self.through and is_call(x) and x.target in self.through:
+            x = x.args[0]
+        if self.op is not None and not (is_call(x) and x.target in self.op):
+            return None
+        bound = dict(bound or {})
+        if self.args is not None:
+            if not is_call(x) or len(x.args) < len(self.args):
+                return None
+            orders = (x.args, x.args[1::-1]) if self.commute else (x.args,)
+            bound = next((b for b in (_match_all(self.args, a, bound) for a in orders) if b is not None), None)
+            if bound is None:
+                return None
+        if self.where is not None and not self.where(x):
+            return None
+        if self.name is not None:
+            if self.name in bound and bound[self.name] is not x:
+                return None
+            bound[self.name] = x
+        return bound
+
+
+def is_call(x) -> bool:
+    return isinstance(x, fx.Node) and x.op == "call_function"
+
+
+def _match_all(pats, values, bound: dict) -> dict | None:
+    for p, v in zip(pats, values):
+        if isinstance(p, Pat):
+            bound = p.match(v, bound)
+            if bound is None:
+                return None
+        elif v is not p and (isinstance(v, fx.Node) or v != p):
+            return None
+    return bound

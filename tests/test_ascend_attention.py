@@ -304,5 +304,5 @@ def test_softmax_mode_picks_the_fused_add_softmax_where_shapes_allow(loaded):
     for n in low.g.nodes:  # pretend 32 heads: any batch then satisfies N * C % 32
         if n.target == ops.ATTENTION:
             n.args[0].meta["shape"] = [1, 32, 128, 16]
-    low.lower_attention()
+    low.run_phase("attention")
     assert any(n.target == npu.DROPOUT_WITH_ADD_SOFTMAX for n in low.g.nodes)
