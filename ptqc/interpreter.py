@@ -102,9 +102,7 @@ class GraphInterpreter(Interpreter):
         self.inputs, self.hook = inputs, hook
 
     def placeholder(self, n):
-        if n.target not in self.inputs:
-            return super().placeholder(n)
-        return self.inputs[n.target]
+        return self.inputs[n.target] if n.target in self.inputs else super().placeholder(n)
 
     def after_node(self, n, args, y):
         if self.hook is not None:
