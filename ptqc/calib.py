@@ -34,14 +34,15 @@ the preceding layer in between.
 """
 from __future__ import annotations
 
+from collections import ChainMap
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
 import torch.fx as fx
 
-from ptqc import ops
 from ptqc.errors import PtqcError
+from ptqc.interpreter import Interpreter
 from ptqc.ir import QModel
 
 
@@ -131,6 +132,37 @@ def _finite(x: torch.Tensor) -> bool:
 Hook = Callable[[fx.Node, tuple, object, int], None]  # (node, input values, output, batch index)
 
 
+class _SegmentInterpreter(Interpreter):
+    """One segment of a :class:`LayerRunner` over its batches: weights (``overrides`` first) and
+    weight-only nodes are computed once; ``hook`` and the observers ({node: {name: observer}})
+    see every computed value."""
+
+    def __init__(self, runner: "LayerRunner", seg: Segment, overrides: dict | None = None,
+                 hook: Hook | None = None, observers: dict | None = None):
+        store = runner.qm.store
+        super().__init__(seg.nodes, ChainMap(overrides, store) if overrides else store, device=runner.device,
+                         keep=seg.keep, const=seg.consts)
+        self.runner, self.seg, self.hook = runner, seg, hook
+        self.observers = {n.name: o for n, o in (observers or {}).items()}
+        self.batch = 0
+
+    def missing(self, a):
+        """Weights, and weight-only nodes a pass inserted after the split (run_staged): computed once."""
+        if not _weight_only(a):
+            raise PtqcError(f"segment {self.seg.key}: value {a.name} is not available (run the earlier "
+                            "segments first)")
+        if a.name not in self.consts:
+            self.consts[a.name] = self.fetch_attr(a) if a.op == "get_attr" else self.call_function(
+                a, fx.node.map_arg(a.args, self.missing), fx.node.map_arg(a.kwargs, self.missing))
+        return self.consts[a.name]
+
+    def after_node(self, n, args, y):
+        for o in self.observers.get(n.name, {}).values():
+            self.runner.observe(n, o, args[getattr(o, "arg", 0)] if o.where == "input" else y)
+        if self.hook is not None:
+            self.hook(n, args, y, self.batch)
+
+
 class LayerRunner:
     """Runs a QModel segment by segment over a fixed set of token batches.
 
@@ -166,10 +198,6 @@ class LayerRunner:
     def num_layers(self) -> int:
         return len(self.segments()) - 2
 
-    def _weight(self, name: str, overrides: dict | None):
-        t = overrides[name] if overrides and name in overrides else self.qm.store[name]
-        return t.to(self.device) if self.device is not None else t
-
     def run(self, key: str, *, commit: bool = True, hook: Hook | None = None, observers: dict | None = None,
             overrides: dict | None = None, batches: Iterator[int] | None = None,
             on_output: Callable[[int, object], None] | None = None, release: bool = True) -> None:
@@ -177,16 +205,11 @@ class LayerRunner:
         weights are released afterwards unless ``release=False`` (a caller running one batch
         at a time releases them itself with ``qm.store.release()``)."""
         seg = self.segments()[key]
-        consts: dict[str, object] = {}  # weights and weight-only nodes: computed once per run
-        last_use: dict[str, fx.Node] = {}
-        for n in seg.nodes:
-            for a in n.all_input_nodes:
-                last_use[a.name] = n
-        obs_by_name = {n.name: o for n, o in (observers or {}).items()}
-        idx = range(len(self.state)) if batches is None else batches
-        for b in idx:
+        it = _SegmentInterpreter(self, seg, overrides, hook, observers)
+        for b in range(len(self.state)) if batches is None else batches:
             env = dict(self.state[b])
-            out = self._run_nodes(seg, seg.nodes, env, consts, last_use, overrides, hook, obs_by_name, b)
+            it.batch = b
+            out = it.run(env)
             if on_output is not None and out is not None:
                 on_output(b, out)
             if commit:
@@ -194,64 +217,14 @@ class LayerRunner:
         if release:
             self.qm.store.release(seg.weights)
 
-    def _run_nodes(self, seg, nodes, env, consts, last_use, overrides, hook, obs_by_name, b):
-        def val(a: fx.Node):
-            if a.op == "get_attr":
-                if a.name not in consts:
-                    consts[a.name] = self._weight(a.target, overrides)
-                return consts[a.name]
-            if a.name in consts:
-                return consts[a.name]
-            try:
-                return env[a.name]
-            except KeyError:
-                if _weight_only(a):  # inserted by a pass after the split (run_staged): compute once
-                    return self._const(a, consts, overrides)
-                raise PtqcError(f"segment {seg.key}: value {a.name} is not available (run the earlier "
-                                "segments first)") from None
-
-        for n in nodes:
-            if n.op == "output":
-                return fx.node.map_arg(n.args[0], val)
-            if n.name in seg.consts and n.name in consts:
-                continue
-            args = fx.node.map_arg(n.args, val)
-            kwargs = fx.node.map_arg(n.kwargs, val)
-            if self.device is not None and "device" in kwargs:
-                kwargs = {**kwargs, "device": self.device}
-            y = n.target(*args, **kwargs)
-            if n.name in seg.consts:
-                consts[n.name] = y
-            else:
-                env[n.name] = y
-            obs = obs_by_name.get(n.name)
-            if obs:
-                for o in obs.values():
-                    x = args[getattr(o, "arg", 0)] if o.where == "input" else y
-                    if self.check_finite and not _finite(x):
-                        m = n.meta.get("ptqc", {})
-                        raise PtqcError(f"non-finite (NaN/Inf) activation at the {o.where} of {m.get('module')} "
-                                        f"(layer {m.get('layer')}, node {n.name}) during calibration; check the "
-                                        "model in float (ptqc eval) and the passes before this one")
-                    o.update(x)
-            if hook is not None:
-                hook(n, args, y, b)
-            for a in n.all_input_nodes:
-                if last_use.get(a.name) is n and a.name not in seg.keep and a.name in env:
-                    del env[a.name]
-        return None
-
-    def _const(self, a: fx.Node, consts: dict, overrides):
-        # not a closure over itself: a self-referencing closure would keep `consts` (the
-        # layer's weights) alive in a reference cycle until the garbage collector runs
-        if a.name not in consts:
-            if a.op == "get_attr":
-                consts[a.name] = self._weight(a.target, overrides)
-            else:
-                def get(x):
-                    return self._const(x, consts, overrides)
-                consts[a.name] = a.target(*fx.node.map_arg(a.args, get), **fx.node.map_arg(a.kwargs, get))
-        return consts[a.name]
+    def observe(self, n: fx.Node, o, x: torch.Tensor) -> None:
+        """Feed observer ``o`` of node ``n`` the value ``x``, stopping on a non-finite one."""
+        if self.check_finite and not _finite(x):
+            m = n.meta.get("ptqc", {})
+            raise PtqcError(f"non-finite (NaN/Inf) activation at the {o.where} of {m.get('module')} "
+                            f"(layer {m.get('layer')}, node {n.name}) during calibration; check the "
+                            "model in float (ptqc eval) and the passes before this one")
+        o.update(x)
 
     def run_staged(self, key: str, stages: list[tuple[dict, Callable[[], None]]]) -> None:
         """Run segment ``key`` once, pausing before each stage's observed nodes: the nodes before
@@ -263,30 +236,21 @@ class LayerRunner:
         two. All batches' live values are kept between stages. The results are committed."""
         seg = self.segments()[key]
         order = {n.name: i for i, n in enumerate(seg.nodes)}
-        last_use: dict[str, fx.Node] = {}
-        for n in seg.nodes:
-            for a in n.all_input_nodes:
-                last_use[a.name] = n
+        it = _SegmentInterpreter(self, seg)
         envs = [dict(st) for st in self.state]
-        consts: dict[str, object] = {}
         pos = 0
         for obs, callback in sorted(stages, key=lambda st: min(order[n.name] for n in st[0])):
             stop = min(order[n.name] for n in obs)
-            for b, env in enumerate(envs):
-                self._run_nodes(seg, seg.nodes[pos:stop], env, consts, last_use, None, None, {}, b)
+            for env in envs:
+                it.run(env, seg.nodes[pos:stop])
                 for n, named in obs.items():
                     for o in named.values():
-                        x = env[n.args[getattr(o, "arg", 0)].name]
-                        if self.check_finite and not _finite(x):
-                            m = n.meta.get("ptqc", {})
-                            raise PtqcError(f"non-finite (NaN/Inf) activation at the input of {m.get('module')} "
-                                            f"(layer {m.get('layer')}, node {n.name}) during calibration")
-                        o.update(x)
+                        self.observe(n, o, env[n.args[getattr(o, "arg", 0)].name])
             pos = stop
             callback()
-            consts.clear()  # weights may have been rewritten
+            it.consts.clear()  # weights may have been rewritten
         for b, env in enumerate(envs):
-            self._run_nodes(seg, seg.nodes[pos:], env, consts, last_use, None, None, {}, b)
+            it.run(env, seg.nodes[pos:])
             self.state[b] = {k: env[k] for k in seg.keep if k in env}
         self.qm.store.release(seg.weights)
 
@@ -296,13 +260,6 @@ class LayerRunner:
 
     def run_layer(self, i: int, **kw) -> None:
         self.run(f"layer.{i}", **kw)
-
-    def run_suffix(self, on_output: Callable[[int, object], None], **kw) -> None:
-        self.run("suffix", on_output=on_output, **kw)
-
-    def layer_inputs(self, i: int) -> list[dict]:
-        """The state entering layer i (valid after layers < i were committed)."""
-        return self.state
 
 
 def calibration_batches(ids: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
@@ -340,8 +297,4 @@ def calibrate(qm: QModel, ctx, observe: Callable[[int], dict], apply: Callable[[
             "tokens": int(ids.numel()), "propagate": propagate}
 
 
-def linear_nodes(seg: Segment) -> list[fx.Node]:
-    return [n for n in seg.nodes if n.op == "call_function" and n.target == ops.LINEAR]
-
-
-__all__ = ["Segment", "split", "LayerRunner", "calibrate", "calibration_batches", "linear_nodes"]
+__all__ = ["Segment", "split", "LayerRunner", "calibrate", "calibration_batches"]

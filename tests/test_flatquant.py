@@ -11,7 +11,7 @@ from ptqc.calib import LayerRunner, calibration_batches, split
 from ptqc.errors import PtqcError
 from ptqc.ir import is_op
 
-fq = importlib.import_module("ptqc.passes.flatquant")
+fq = importlib.import_module("ptqc.passes.flatquant_model")  # the numerics and the layer model
 
 
 def _run(qm, text, calib):
@@ -157,8 +157,18 @@ def test_auto_retrains_flagged_layers(loaded, ids, monkeypatch, tmp_path):
     (r,) = s["auto"]["retrained"]
     assert r["layer"] == 1 and r["epochs"] == 2 and r["kept"] in ("retrained", "first")
     assert len(s["layers"][1]["retrain"]["epoch_losses"]) == 2 and "retrain" not in s["layers"][0]
-    fq.plot_losses(s, tmp_path / "losses.png")
+    importlib.import_module("ptqc.passes.flatquant_plot").plot_losses(s, tmp_path / "losses.png")
     assert (tmp_path / "losses.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_plot_losses_leaves_matplotlib_global_state_alone(monkeypatch, tmp_path):
+    import matplotlib
+
+    monkeypatch.setattr(matplotlib, "use", lambda *a, **k: pytest.fail("plot_losses switched matplotlib's backend"))
+    summary = {"layers": [{"layer": 0, "epoch_losses": [1.0, 0.5]},
+                          {"layer": 1, "epoch_losses": [2.0], "retrain": {"epoch_losses": [1.5, 1.0]}}]}
+    importlib.import_module("ptqc.passes.flatquant_plot").plot_losses(summary, tmp_path / "l.png")
+    assert (tmp_path / "l.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_kv_bits_trains_the_k_transform_and_composes_with_kv(loaded, ids):
