@@ -25,7 +25,8 @@ _loaded: dict[str, "Backend"] = {}
 
 class Backend:
     """What the core may ask of a backend. What it offers is named in ``targets``, ``eval_targets``
-    and ``formats``, with the methods that go with them:
+    and ``formats`` (each named after the backend: ``<name>`` or ``<name>-<variant>``), with the
+    methods that go with them:
 
     * ``probes(qm)``: the ``ptqc diff`` probes (:class:`ptqc.probes.Probe`) of a graph lowered in
       place to its kernels (whose torch op namespace is ``op_namespace``);
@@ -80,9 +81,9 @@ def get(name: str) -> Backend:
 
 def offering(kind: str, name: str) -> Backend | None:
     """The backend with ``name`` among its ``kind`` (targets, eval_targets or formats), or None.
-    Backends are loaded in turn, first those whose name starts ``name`` (``onnx`` for ``onnx-int``)."""
-    for n in sorted(names(), key=lambda n: not name.startswith(n)):
-        if name in getattr(get(n), kind):
+    Only a backend named like it is loaded: ``onnx`` for ``onnx`` or ``onnx-int``."""
+    for n in names():
+        if (name == n or name.startswith(f"{n}-")) and name in getattr(get(n), kind):
             return get(n)
     return None
 
