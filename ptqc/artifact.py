@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -36,24 +37,49 @@ def is_artifact(path) -> bool:
     return (Path(path) / MANIFEST).is_file()
 
 
-def check_output(out, force: bool) -> None:
-    """Refuse an existing output directory unless --force (before any work is done)."""
+def check_apart(out, inputs) -> None:
+    """Refuse an output inside (or holding) an input directory: inputs are never modified."""
+    for inp in inputs:
+        o, i = Path(out).resolve(), Path(inp).resolve()
+        if o == i or i in o.parents or o in i.parents:
+            where = "is" if o == i else "contains" if o in i.parents else "is inside"
+            raise PtqcError(f"output {out} {where} the input {inp}, which is never modified; choose another -o")
+
+
+def check_output(out, force: bool, inputs=()) -> None:
+    """Refuse an existing output directory unless --force, and one inside (or holding) an input
+    directory (before any work is done)."""
     out = Path(out)
+    check_apart(out, inputs)
     if out.exists() and not force:
         raise PtqcError(f"output directory {out} already exists; pass --force to overwrite it or choose another -o")
     if out.exists() and not out.is_dir():
         raise PtqcError(f"output path {out} exists and is not a directory")
 
 
+def default_output(model, pipeline: str | None = None, recipe=None, target: str = "torch") -> Path:
+    """Where ``compile`` writes without ``-o``: beside the model, named after it and the pipeline
+    (or the recipe, and a target other than torch): ``model/`` + ``smooth,int8`` -> ``model-smooth-int8/``."""
+    model = Path(model)
+    if model.name in ("", ".", ".."):
+        model = model.resolve()
+    what = Path(recipe).stem if recipe else (pipeline or "ptqc").replace("=", "")
+    if target != "torch" and target not in what:
+        what += f"-{target}"
+    tag = re.sub(r"[^A-Za-z0-9._+]+", "-", what)[:80].strip("-.") or "ptqc"
+    return model.with_name(f"{model.name}-{tag}")
+
+
 class AtomicDir:
     """Context manager giving a temp dir that replaces ``out`` on success and vanishes on failure."""
 
-    def __init__(self, out, force: bool = False):
+    def __init__(self, out, force: bool = False, inputs=()):
         self.out = Path(out)
         self.force = force
+        self.inputs = inputs
 
     def __enter__(self) -> Path:
-        check_output(self.out, self.force)
+        check_output(self.out, self.force, self.inputs)
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
         umask = os.umask(0)
@@ -118,7 +144,7 @@ def save(qm: QModel, out, *, force: bool = False, extra: dict | None = None, dum
     from ptqc import __version__
 
     src = Path(qm.source) if qm.source else None
-    with AtomicDir(out, force) as tmp:
+    with AtomicDir(out, force, inputs=[src] if src is not None and src.is_dir() else []) as tmp:
         if src is not None and src.is_dir():
             shutil.copy2(src / "config.json", tmp / "config.json")
             for f in other_files(src):

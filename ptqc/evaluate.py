@@ -146,3 +146,17 @@ def perplexity(qm: QModel, ids: torch.Tensor, seqlen: int, *, batch_size: int = 
     mean = nll / count
     return {"ppl": math.exp(mean) if mean < 700 else float("inf"), "nll": mean, "windows": int(w.shape[0]),
             "seqlen": seqlen, "tokens": count, "layers": n_layers}
+
+
+def perplexity_on(qm: QModel, ids: torch.Tensor, seqlen: int, target: str = "torch", *, batch_size: int = 8,
+                  device=None, max_windows: int | None = None, progress=None, log=print) -> dict:
+    """:func:`perplexity` computed by ``target``: torch (the ptqc graph), or a backend offering it
+    (``onnx``, ``onnx-int``, ``ascend``: :mod:`ptqc.backends`); ``log(msg)`` gets its remarks."""
+    if target == "torch":
+        return perplexity(qm, ids, seqlen, batch_size=batch_size, device=device, max_windows=max_windows,
+                          progress=progress)
+    from ptqc import backends
+
+    return backends.provider("eval_targets", target).perplexity(
+        qm, ids, seqlen, target=target, batch_size=batch_size, max_windows=max_windows, device=device,
+        progress=progress, log=log)

@@ -389,7 +389,7 @@ def load(model_dir, dtype: str | torch.dtype = "float32", trust_remote_code: boo
     ``isolate=True`` traces in a child process (``"auto"``: for checkpoints over 1 GiB), so
     the tracer's memory is returned to the system before any weight is read. ``shapes=False``
     skips shape propagation (for loaders that rewrite quantized checkpoints first)."""
-    from tqdm.auto import tqdm
+    from ptqc.progress import bar as progress_bar
 
     path = Path(model_dir)
     config = load_config(path, trust_remote_code)
@@ -397,8 +397,8 @@ def load(model_dir, dtype: str | torch.dtype = "float32", trust_remote_code: boo
     files = weight_files(path)
     if isolate == "auto":
         isolate = sum(f.stat().st_size for f in set(files.values())) > ISOLATE_BYTES
-    bar = tqdm(total=4, desc="trace", disable=not progress, leave=False,
-               bar_format="{desc}: {n}/{total} {postfix} [{elapsed}]")
+    bar = progress_bar(total=4, desc="trace", quiet=not progress,
+                       bar_format="{desc}: {n}/{total} {postfix} [{elapsed}]")
     bar.set_postfix_str("build on meta")
     if isolate:
         bar.set_postfix_str("export in a child process")

@@ -156,6 +156,15 @@ def greedy(qm, tokenizer, prompts, max_new_tokens: int = 64, device=None, model_
     return results
 
 
+def default_check(qm, tokenizer, model_dir, text_path, max_new_tokens: int = 64, device=None) -> dict:
+    """:func:`collapse_signals` of greedy continuations of :data:`DEFAULT_PROMPTS`, the words judged
+    against the text at ``text_path`` (``ptqc eval --generate``)."""
+    from ptqc import evaluate
+
+    outs = greedy(qm, tokenizer, list(DEFAULT_PROMPTS), max_new_tokens, device=device, model_dir=model_dir)
+    return collapse_signals(outs, tokenizer, vocabulary(evaluate.read_text(text_path)))
+
+
 # ---- collapse signals ----------------------------------------------------------------------
 def longest_loop(ids: list[int], min_repeats: int = LOOP_MIN_REPEATS) -> dict:
     """The tandem repeat covering most tokens: a block of ``period`` tokens repeated back-to-back

@@ -108,3 +108,28 @@ def render(qm: QModel, fmt: str = "text", layer=None, op=None, role=None) -> str
         "op counts: " + ", ".join(f"{k}={v}" for k, v in counts.items()),
         f"properties: {', '.join(sorted(qm.properties))}", "",
         "quantized modules:", quant_table(qm)])
+
+
+def counts_text(qm: QModel, per_layer: bool = False, fmt: str = "text") -> str:
+    """:func:`op_counts` as JSON, or one line per op (per decoder layer with ``per_layer``)."""
+    c = op_counts(qm, per_layer)
+    if fmt == "json":
+        return json.dumps({str(k): dict(v) if per_layer else v for k, v in c.items()}, indent=1)
+    if per_layer:
+        return "\n".join(f"layer {k}: " + ", ".join(f"{o}={n}" for o, n in sorted(v.items())) for k, v in c.items())
+    return "\n".join(f"{k:24s} {v}" for k, v in c.items())
+
+
+KERNEL_COLUMNS = ("layer", "naive", "shared", "fused", "fused_kernels", "quant_matmul", "cache_quant", "attention",
+                  "float_transform")
+
+
+def kernel_table(rows: list[dict]) -> str:
+    """The rows of a backend's kernel report (``ptqc inspect --ops``) as a table."""
+    cols = [c for c in KERNEL_COLUMNS if rows and c in rows[0]]
+    return "\n".join(["standalone quantization kernels per decoder layer (naive: one per linear; shared: one per "
+                      "quantized input; fused: after add+RMSNorm+quant and SwiGLU+quant fusion), then what the fused "
+                      "lowering runs: fused norm/activation+quant kernels, quantized matmuls, KV cache writes, "
+                      "attention kernels, float rotation matmuls",
+                      "  ".join(f"{c:>15s}" for c in cols),
+                      *("  ".join(f"{r[c]:>15}" for c in cols) for r in rows)])

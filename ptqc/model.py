@@ -161,6 +161,15 @@ def write_safetensors(path: Path, names: list[str], spec, get, metadata: dict | 
     return off
 
 
+def check_finite(name: str, t: torch.Tensor) -> None:
+    """Refuse a float tensor read from a checkpoint that holds NaN or infinity (one line naming it).
+    The sum (no temporary the size of ``t``) is finite unless some value is not, or it overflows."""
+    if t.is_floating_point() and not math.isfinite(float(t.sum(dtype=torch.float32))) \
+            and not torch.isfinite(t).all():
+        at = (~torch.isfinite(t)).nonzero()[0].tolist()
+        raise PtqcError(f"weight {name} has a non-finite value ({float(t[tuple(at)])}) at {at}; fix the checkpoint")
+
+
 _SPILLS = itertools.count()
 
 
@@ -218,11 +227,22 @@ class WeightStore:
         if n not in self.files:
             raise PtqcError(f"weight {name!r} is missing from the checkpoint")
         t = self._handle(self.files[n]).read(n)
+        if not self._is_spilled(n):
+            check_finite(n, t)
         if self.cast and t.is_floating_point() and t.dtype != self.dtype and not self._is_spilled(n):
             t = t.to(self.dtype)
         if self.cache:
             self._cache[n] = t
         return t
+
+    def configure_offload(self, directory: Path, budget_bytes: int | None = None) -> None:
+        """Offload pass outputs to ``directory`` beyond ``budget_bytes`` in memory (default: 5 % of
+        the checkpoint's files, within 16 MiB..1 GiB)."""
+        if budget_bytes is None:
+            size = sum(f.stat().st_size for f in set(self.files.values()))
+            budget_bytes = min(max(size // 20, 16 << 20), 1 << 30)
+        self.offload_dir = Path(directory)
+        self.offload_bytes = budget_bytes
 
     def _is_spilled(self, n: str) -> bool:
         return self.offload_dir is not None and self.files.get(n, Path()).parent == self.offload_dir

@@ -118,9 +118,9 @@ class PassContext:
         return self._ids
 
     def progress(self, iterable, **kw):
-        from tqdm.auto import tqdm
+        from ptqc.progress import bar
 
-        return tqdm(iterable, disable=self.quiet, leave=False, **kw)
+        return bar(iterable, quiet=self.quiet, **kw)
 
     def info(self, msg: str) -> None:
         self.log.append(msg)

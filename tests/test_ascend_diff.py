@@ -15,6 +15,7 @@ from ptqc import artifact, diff, pipeline
 from ptqc.cli import main
 from ptqc.errors import PtqcError
 from ptqc.lowering.ascend import ops as npu
+from ptqc.lowering.ascend.backend import lowered_probes
 from ptqc.lowering.ascend.lower import lower
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,7 +97,7 @@ def test_static_lowering_shows_the_deq_scale_truncation(arts, windows):
 def test_a_probe_per_layer_fallback_and_unmatched(loaded, arts, windows):
     low = artifact.load(arts["dyn"])
     lower(low, fuse=False)  # unfused: the residual adds stay in their layers
-    probes = diff.lowered_probes(low)
+    probes = lowered_probes(low)
     assert [p.key for p in probes if p.kind == "layer"] == [f"layers.{i}" for i in range(low.num_layers)]
     assert sum(p.kind == "linear" for p in probes) == 7 * low.num_layers
     assert all(next(n for n in low.graph.nodes if n.name == p.node).target == torch.ops.aten.add.Tensor
@@ -104,7 +105,7 @@ def test_a_probe_per_layer_fallback_and_unmatched(loaded, arts, windows):
     qm = loaded("qwen2")  # W4A16 group 16: the kernel refuses, fallback keeps fake-quant linears
     pipeline.PassManager(pipeline.parse_pipeline("w4a16:w_group=16")).run(qm, pipeline.PassContext(quiet=True))
     lower(qm, fallback=True)
-    keys = [p.key for p in diff.lowered_probes(qm)]
+    keys = [p.key for p in lowered_probes(qm)]
     assert len(keys) == 2 * 8 + 2 and "model.layers.1.mlp.up_proj" in keys
     # a probe the lowered side lacks is reported as unmatched, not an error
     a = diff.open_target(str(arts["dyn"]))
@@ -112,7 +113,7 @@ def test_a_probe_per_layer_fallback_and_unmatched(loaded, arts, windows):
     mm = next(n for n in b.qm.graph.nodes if n.meta.get("ptqc", {}).get("module") == "model.layers.1.self_attn.o_proj"
               and n.target == npu.QUANT_MATMUL)
     mm.meta["ptqc"]["module"] = None
-    b._probes = diff.lowered_probes(b.qm)
+    b._probes = lowered_probes(b.qm)
     rep = diff.diff(a, b, windows(a), linears=True)
     assert rep["unmatched"]["a_only"] == ["model.layers.1.self_attn.o_proj"] and rep["unmatched"]["b_only"] == [mm.name]
     assert len(rep["rows"]) == 17 and "A only 1 (model.layers.1.self_attn.o_proj)" in diff.format_table(rep)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from ptqc import calib, diagnose, ops, pipeline, quant
+from ptqc import calib, diagnose, ops, pipeline, probes, quant
 from ptqc.cli import main
 from ptqc.errors import PtqcError
 from ptqc.ir import execute
@@ -29,7 +29,7 @@ def _rtn_layer(qm, layer, bits=3):
 
 def _capture(qm, x):
     """Full forward: every linear's output by module path, each layer's output, the logits."""
-    outs = {s.layer: diagnose._layer_output(s) for s in calib.split(qm.graph) if s.layer is not None}
+    outs = {s.layer: probes.layer_output(s) for s in calib.split(qm.graph) if s.layer is not None}
     by_name = {v: k for k, v in outs.items()}
     vals = {}
 
@@ -160,7 +160,7 @@ def test_layer_count_mismatch_and_renamed_stream(loaded, six_layers, ids):
     # a pass that renames the residual stream: layer 1 reads a value the float state lacks
     q = loaded("qwen2")
     seg = calib.split(q.graph)[1]
-    out = next(n for n in q.graph.nodes if n.name == diagnose._layer_output(seg))
+    out = next(n for n in q.graph.nodes if n.name == probes.layer_output(seg))
     with q.graph.inserting_after(out):
         new = q.graph.call_function(torch.ops.aten.mul.Tensor, (out, 1.0))
     out.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new)

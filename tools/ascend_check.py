@@ -281,6 +281,7 @@ def summarize(rows: list[dict], min_sqnr: float = 40.0, max_mismatch: int = 0, s
 # ---- inputs, model preparation --------------------------------------------------------------------
 def parse_lower_options(text: str | None) -> dict:
     from ptqc import diff
+    from ptqc.lowering.ascend.backend import AscendTarget
 
     if not text:
         return {}
@@ -288,7 +289,7 @@ def parse_lower_options(text: str | None) -> dict:
     bad = [k for k, sep, _ in pairs if not sep]
     if bad:
         raise UserError(f"--lower takes key=value pairs separated by commas (got {bad[0]!r}), e.g. fuse=false")
-    opts = diff.parse_options(diff.AscendTarget, {k: v for k, _, v in pairs})
+    opts = diff.parse_options(AscendTarget, {k: v for k, _, v in pairs})
     if "device" in opts or "dtype" in opts:
         raise UserError("give the device and dtype with --device / --dtype, not in --lower")
     return opts
@@ -441,7 +442,9 @@ def run(args) -> tuple[dict, int]:
         "reference": None,
     }
     if ref is not None and (dev == "cpu" or args.reference):
-        low = diff.AscendTarget(args.artifact, qm, f"{spec}:ascend", {"device": dev})
+        from ptqc.lowering.ascend.backend import AscendTarget
+
+        low = AscendTarget(args.artifact, qm, f"{spec}:ascend", {"device": dev})
         rep["reference"] = diff.diff(ref_target, low, ids, threshold=args.min_sqnr)
     return rep, 1 if summ["failed"] else 0
 

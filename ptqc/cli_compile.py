@@ -1,0 +1,138 @@
+"""``ptqc compile``: trace a model, run the passes, write an artifact."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import click
+
+from ptqc.cli_common import friendly, load_plugins, log, quiet_option, streams_weights
+from ptqc.errors import PtqcError
+
+
+def _passes(pipeline_str, recipe, target, no_pack) -> tuple[list, dict]:
+    """The passes to run (with ``ascend`` and ``pack`` added as the options say) and the recipe's settings."""
+    from ptqc import pipeline
+
+    if pipeline_str and recipe:
+        raise PtqcError("give either --passes or --recipe, not both")
+    settings = {}
+    if recipe:
+        passes, settings = pipeline.load_recipe(recipe)
+    else:
+        passes = pipeline.parse_pipeline(pipeline_str) if pipeline_str else []
+    if target == "ascend" and "ascend" not in {p.name for p in passes}:
+        passes.append(pipeline.get_pass("ascend")())
+    if not no_pack and any("weight_quant" in p.provides for p in passes) and "pack" not in {p.name for p in passes}:
+        at = next((i for i, p in enumerate(passes) if "lowered" in p.provides), len(passes))
+        passes.insert(at, pipeline.get_pass("pack")())  # real storage: <= 4-bit codes two per byte, before lowering
+    pipeline.check_order(passes, {"canonical"})
+    return passes, settings
+
+
+def _write_diagnostics(model, qm, ctx, cfg, report_dir, dtype, dev, trust_remote_code, force, quiet):
+    """compile --report: the float model (traced again from MODEL) against the compiled one."""
+    from ptqc import diagnose, frontend, progress
+
+    t = time.perf_counter()
+    fp = frontend.load(model, dtype, trust_remote_code, isolate="auto")
+    ids = ctx.calibration_ids(qm)  # the data the passes calibrated on (tokenized now if none did)
+    rep = diagnose.compare(fp, qm, ids, batch_size=cfg.batch_size, device=None if dev == "cpu" else dev,
+                           progress=progress.factory(quiet))
+    diagnose.write_report(rep, report_dir, force=force)
+    log(quiet, f"diagnostics: {report_dir} ({time.perf_counter() - t:.1f}s); sensitive layers: "
+               f"{', '.join(map(str, rep['sensitive_layers'])) or 'none'}")
+
+
+@contextlib.contextmanager
+def _offloaded(qm, out: Path, offload_mb):
+    """Pass outputs beyond the budget go to a temporary directory beside ``out``, removed at the end."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    qm.store.configure_offload(Path(tempfile.mkdtemp(prefix=f".{out.name}.offload-", dir=out.parent)),
+                               None if offload_mb is None else offload_mb << 20)
+    try:
+        yield
+    finally:
+        shutil.rmtree(qm.store.offload_dir, ignore_errors=True)
+
+
+@click.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--out", default=None, type=click.Path(path_type=Path),
+              help="Output artifact directory [beside MODEL, named after it and the pipeline or recipe: "
+                   "MODEL-smooth-int8].")
+@click.option("--passes", "pipeline_str", default=None, help="Pipeline, e.g. 'rtn:bits=4,group=128'.")
+@click.option("--recipe", type=click.Path(path_type=Path), default=None,
+              help="YAML recipe with a 'passes:' list, or the name of a shipped recipe (`ptqc recipes`).")
+@click.option("--plugin", "plugins", multiple=True, type=click.Path(path_type=Path), help="Python file defining passes.")
+@click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16", "float16"]))
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or npu (calibration device).")
+@click.option("--trust-remote-code", is_flag=True, help="Allow custom model code shipped with the model.")
+@click.option("--dump-after", multiple=True, help="Dump the graph after this pass (or 'all') into OUT/dumps/.")
+@click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
+@click.option("--no-pack", is_flag=True, help="Keep one weight code per byte (no int4 packing pass at the end).")
+@click.option("--calib", type=click.Path(path_type=Path), default=None,
+              help="Calibration data: text file, JSONL, or Parquet/Arrow dataset dir (default: MODEL/calib.txt).")
+@click.option("--calib-samples", type=int, default=None, help="Number of calibration windows [128].")
+@click.option("--calib-seqlen", type=int, default=None, help="Tokens per calibration window [512].")
+@click.option("--calib-seed", type=int, default=None, help="Seed of the window sampling [0].")
+@click.option("--calib-field", default=None, help="Text field/column of JSONL or dataset data [text].")
+@click.option("--calib-batch-size", type=int, default=None, help="Windows per forward batch [8].")
+@click.option("--offload-mb", type=int, default=None,
+              help="Keep at most this many MB of pass outputs in memory; the rest goes to a temporary file "
+                   "[5% of the model, 16..1024].")
+@click.option("--report", type=click.Path(path_type=Path), default=None,
+              help="Also compare the result with the float model on the calibration data and write the "
+                   "diagnostics (as `ptqc diagnose`) into this directory.")
+@click.option("--target", type=click.Choice(["torch", "ascend"]), default="torch", show_default=True,
+              help="ascend: end the pipeline with the `ascend` lowering pass (torch_npu kernels, CPU-emulated "
+                   "without an NPU); give `ascend:OPTIONS` in --passes instead to set its options.")
+@quiet_option
+@friendly
+@streams_weights
+def compile(model, out, pipeline_str, recipe, plugins, dtype, device, trust_remote_code, dump_after, force,
+            no_pack, calib, calib_samples, calib_seqlen, calib_seed, calib_field, calib_batch_size, offload_mb,
+            quiet, report=None, target="torch"):
+    """Trace MODEL (a Hugging Face directory), run the passes, write the artifact OUT."""
+    from ptqc import artifact, device as devices, frontend, inspect, pipeline
+
+    t0 = time.perf_counter()
+    if out is None:
+        out = artifact.default_output(model, pipeline_str, recipe, target)
+        log(quiet, f"output: {out} (beside the model; -o chooses another)")
+    for o in filter(None, (out, report)):
+        artifact.check_output(o, force, [model])
+    load_plugins(plugins)
+    passes, settings = _passes(pipeline_str, recipe, target, no_pack)
+    dtype = settings.get("dtype", dtype)
+    dev = devices.resolve(device)
+    dumps: dict[str, str] = {}
+
+    def dump(i, p, qm):
+        dumps[f"{i + 1:02d}-{p.name}.txt"] = inspect.render(qm)
+
+    pm = pipeline.PassManager(passes, dump_after=dump_after, dump=dump)
+    log(quiet, f"tracing {model} ({dtype})")
+    t1 = time.perf_counter()
+    qm = frontend.load(model, dtype, trust_remote_code, progress=not quiet, isolate="auto")
+    trace_s = time.perf_counter() - t1
+    if "canonical" in dump_after or "all" in dump_after:
+        dumps["00-canonical.txt"] = inspect.render(qm)
+    cfg = pipeline.calib_config(settings.get("calib", {}), path=calib, samples=calib_samples, seqlen=calib_seqlen,
+                                seed=calib_seed, field=calib_field, batch_size=calib_batch_size)
+    ctx = pipeline.PassContext(device=dev, quiet=quiet, calib=cfg)
+    with _offloaded(qm, out, offload_mb):
+        for rec in pm.run(qm, ctx):
+            log(quiet, f"  {rec['pass']:10s} {rec['seconds']:8.2f}s  {json.dumps(rec['summary'])}")
+        artifact.save(qm, out, force=force, dumps=dumps,
+                      extra={"timing": {"trace_s": round(trace_s, 3), "total_s": round(time.perf_counter() - t0, 3)},
+                             "pipeline": [repr(p) for p in passes], "recipe": str(recipe) if recipe else None,
+                             "calibration": dataclasses.asdict(cfg) if ctx._ids is not None else None})
+        if report is not None:
+            _write_diagnostics(model, qm, ctx, cfg, report, dtype, dev, trust_remote_code, force, quiet)
+    log(quiet, f"wrote {out} in {time.perf_counter() - t0:.1f}s")
