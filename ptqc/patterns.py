@@ -11,6 +11,8 @@ the graph in which shape-only ops (view, reshape, transpose, casts...) are trans
 """
 from __future__ import annotations
 
+import fnmatch
+
 import networkx as nx
 import torch
 import torch.fx as fx
@@ -88,3 +90,12 @@ def producer_linear(qm: QModel, linear: fx.Node) -> fx.Node | None:
 def layer_subgraph(qm: QModel, layer: int) -> list[fx.Node]:
     """All call nodes of one decoder layer, in graph order."""
     return [n for n in qm.graph.nodes if n.op == "call_function" and n.meta.get("ptqc", {}).get("layer") == layer]
+
+
+def match_module(path: str, role: str | None, patterns) -> bool:
+    """Does a module match any pattern? A pattern matches the full module path, a suffix of it
+    (``down_proj`` or ``layers.3.*``) or the module's role (``lm_head``, ``down``)."""
+    for pat in patterns:
+        if pat == role or fnmatch.fnmatchcase(path, pat) or fnmatch.fnmatchcase(path, "*." + pat):
+            return True
+    return False
