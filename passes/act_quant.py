@@ -24,7 +24,7 @@ Linears whose input is already quantized (e.g. by flatquant) are left alone.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -35,26 +35,20 @@ from ptqc.calib import calibrate
 from ptqc.errors import PtqcError
 from ptqc.ir import info, is_op
 from ptqc.observers import MinMax, Percentile, Samples
-from ptqc.pipeline import Pass, PassResult, match_module, register
-from ptqc.weights import in_features
+from ptqc.options import Selection
+from ptqc.pipeline import Pass, PassResult, register
+from ptqc.weights import plan
 
 
-def placements(qm, p: Pass, include, exclude, opts_of=None) -> list[tuple[fx.Node, list[fx.Node], object]]:
-    """(input node, linears reading it, options) for every activation to quantize. Linears of
-    one input whose options differ (recipe overrides) get their own quantizer."""
-    opts_of = opts_of or p.options_for
+def placements(qm, p: Pass) -> list[tuple[fx.Node, list[fx.Node], object]]:
+    """(input node, linears reading it, options) for every activation pass ``p`` quantizes (its
+    options' ``act_spec()`` is not None; inputs already quantized are left alone). Linears of one
+    input whose options differ (recipe overrides) get their own quantizer."""
     groups: dict = {}
-    for n in qm.linears():
-        m = info(n)
-        if not match_module(m["module"], m.get("role"), include) or match_module(m["module"], m.get("role"), exclude):
-            continue
-        if is_op(n.args[0], ops.QUANTIZE_ACT):
-            continue
-        o = opts_of(qm, n)
-        if o is None:
-            continue
-        key = (n.args[0], repr(o))
-        groups.setdefault(key, (n.args[0], [], o))[1].append(n)
+    todo = [n for n in qm.linears() if not is_op(n.args[0], ops.QUANTIZE_ACT)]
+    for n, o, spec in plan(qm, p, todo, spec_of=lambda mo: mo.act_spec()):
+        if spec is not None:
+            groups.setdefault((n.args[0], repr(o)), (n.args[0], [], o))[1].append(n)
     return list(groups.values())
 
 
@@ -112,15 +106,13 @@ def static_range(stats: dict, spec: quant.QuantSpec, method: str, percentile: fl
     return quant.static_qparams(torch.as_tensor(lo), torch.as_tensor(hi), spec)
 
 
-def place(qm, ctx, groups, spec_of, *, static: bool, method: str = "absmax", percentile: float = 99.99,
+def place(qm, ctx, groups, *, static: bool, method: str = "absmax", percentile: float = 99.99,
           samples: int = 2048, desc: str = "act_quant") -> dict:
-    """Insert the quantizers of ``groups`` (from :func:`placements`); ``spec_of(options)`` gives
-    each group's QuantSpec. Static ones are calibrated layer by layer."""
-    for src, lins, o in groups:
-        spec_of(o).check_fits(in_features(qm, lins[0]), info(lins[0])["module"])
+    """Insert the quantizers of ``groups`` (from :func:`placements`, QuantSpec ``options.act_spec()``).
+    Static ones are calibrated layer by layer."""
     if not static:
         for src, lins, o in groups:
-            insert_quantizer(qm, src, lins, spec_of(o))
+            insert_quantizer(qm, src, lins, o.act_spec())
         return {"quantizers": len(groups), "dynamic": True}
     outside = [info(lins[0])["module"] for _, lins, _ in groups if info(lins[0]).get("layer") is None]
     if outside:
@@ -133,7 +125,7 @@ def place(qm, ctx, groups, spec_of, *, static: bool, method: str = "absmax", per
     def observe(i):
         obs = {}
         for _, lins, o in by_layer.get(i, []):
-            s = spec_of(o)
+            s = o.act_spec()
             obs[lins[0]] = ({"minmax": MinMax()} if method == "absmax" else
                             {"pct": Percentile(q=percentile / 100, absolute=s.symmetric)} if method == "percentile" else
                             {"x": Samples(max_tokens=samples)})
@@ -143,7 +135,7 @@ def place(qm, ctx, groups, spec_of, *, static: bool, method: str = "absmax", per
 
     def apply(i, stats):
         for src, lins, o in by_layer.get(i, []):
-            spec = spec_of(o)
+            spec = o.act_spec()
             scale, zp = static_range(stats[lins[0]], spec, method, percentile)
             insert_quantizer(qm, src, lins, spec, scale=scale, zero_point=zp, method=f"static-{method}")
             scales.append(float(scale.reshape(-1)[0]))
@@ -168,24 +160,24 @@ class ActQuant(Pass):
     provides = frozenset({"act_quant"})
 
     @dataclass
-    class Options:
+    class Options(Selection):
         bits: int = 8
         sym: bool = True
         static: bool = False
         group: int = 0  # dynamic: 0 per token, g > 0 per group, -1 per tensor (static: always per tensor)
         method: Literal["absmax", "percentile", "mse"] = "absmax"
         percentile: float = 99.99
-        include: list[str] = field(default_factory=lambda: ["*"])
-        exclude: list[str] = field(default_factory=lambda: ["lm_head"])
+
+        def act_spec(self):
+            return act_spec(self.bits, self.group, self.sym, self.static)
 
         def validate(self):
             check_act_options(self.bits, self.group, self.percentile)
 
     def run(self, qm, ctx) -> PassResult:
         o = self.options
-        groups = placements(qm, self, o.include, o.exclude)
-        summary = place(qm, ctx, groups, lambda mo: act_spec(mo.bits, mo.group, mo.sym, o.static), static=o.static,
-                        method=o.method, percentile=o.percentile)
+        groups = placements(qm, self)
+        summary = place(qm, ctx, groups, static=o.static, method=o.method, percentile=o.percentile)
         return PassResult(changed=bool(groups), summary=summary)
 
 

@@ -42,7 +42,7 @@ from ptqc.ir import is_op
 from ptqc.observers import MeanAbs, Samples
 from ptqc.patterns import activation_input, producer_linear
 from ptqc.pipeline import Pass, PassResult, register
-from ptqc.weights import fold_input_scale, select_linears, set_quantized_weight, weight_of
+from ptqc.weights import fold_input_scale, plan, select_linears, set_quantized_weight, weight_of
 
 
 def search_scale(x: torch.Tensor, x_mean: torch.Tensor, ws: list[torch.Tensor], spec: quant.QuantSpec,
@@ -129,18 +129,13 @@ class AWQ(Pass):
 
     def run(self, qm, ctx) -> PassResult:
         o = self.options
-        spec_of = {}
-        for n in select_linears(qm, o.include, o.exclude):
-            mo = self.options_for(qm, n)
-            if mo is not None:
-                spec = quant.QuantSpec(mo.bits, mo.group, mo.sym)
-                spec.check_fits(qm.store.spec(n.args[1].target)[0][1], n.meta["ptqc"]["module"])
-                spec_of[n.name] = spec
+        todo = plan(qm, self, spec_of=lambda mo: quant.QuantSpec(mo.bits, mo.group, mo.sym))
+        spec_of = {n.name: spec for n, _, spec in todo}
         # scaling groups per layer: (producer node, all linears reading its output)
         readers: dict = {}
         for n in qm.linears():
             readers.setdefault(activation_input(n), []).append(n)
-        plan: dict[int, list] = {}
+        folds: dict[int, list] = {}
         for src, lins in readers.items():
             layer = lins[0].meta["ptqc"].get("layer")
             if layer is None or not any(n.name in spec_of for n in lins):
@@ -148,15 +143,15 @@ class AWQ(Pass):
             prev = src if is_op(src, ops.RMS_NORM) else producer_linear(qm, lins[0])
             if prev is None or not self._foldable(qm, prev, lins):
                 continue
-            plan.setdefault(layer, []).append((prev, lins))
+            folds.setdefault(layer, []).append((prev, lins))
         records: list[dict] = []
 
         def observe(i):
-            return {lins[0]: {"x": Samples(max_tokens=o.samples), "mean": MeanAbs()} for _, lins in plan.get(i, [])}
+            return {lins[0]: {"x": Samples(max_tokens=o.samples), "mean": MeanAbs()} for _, lins in folds.get(i, [])}
 
         def apply(i, stats):
             xs = {}
-            for prev, lins in plan.get(i, []):
+            for prev, lins in folds.get(i, []):
                 x, x_mean = stats[lins[0]]["x"].result().float(), stats[lins[0]]["mean"].result()
                 spec = spec_of.get(lins[0].name) or next(spec_of[n.name] for n in lins if n.name in spec_of)
                 s, rec = search_scale(x, x_mean, [weight_of(qm, n).float() for n in lins if n.name in spec_of],
@@ -179,7 +174,7 @@ class AWQ(Pass):
                     set_quantized_weight(qm, n, spec, quant.quantize(w, scale, zp, spec), scale, zp, "awq",
                                          {"scaled": n.name in xs, "clipped": bool(o.clip and n.name in xs)})
 
-        summary = calibrate(qm, ctx, observe, apply, propagate="float", layers=sorted(plan), desc="awq")
+        summary = calibrate(qm, ctx, observe, apply, propagate="float", layers=sorted(folds), desc="awq")
         if o.quantize:  # linears outside any scaling group (e.g. GQA o_proj) still get quantized
             for n in select_linears(qm, o.include, o.exclude):
                 if n.name in spec_of:

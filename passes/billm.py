@@ -3,8 +3,8 @@
 BiLLM binarizes a linear's weights inside the GPTQ framework: columns are processed in blocks of
 ``block`` (128) in their natural order; inside a block every column is binarized with parameters
 fitted when the block starts, and its error is fed back onto the columns not yet binarized through
-the upper Cholesky factor U of H^-1 (H = 2/n X X^T from the ``Hessian`` observer), exactly as in
-:mod:`ptqc.passes.gptq`. What BiLLM adds is how a block is binarized:
+the upper Cholesky factor U of H^-1 (H = 2/n X X^T from the ``Hessian`` observer), with
+:mod:`ptqc.gptq_core`'s loop. What BiLLM adds is how a block is binarized:
 
 1. **Salient columns.** A weight's saliency is the OBS score w_ij^2 / U_jj^2 (U_jj^2 is the
    inverse-Hessian diagonal of column j once the columns before it are fixed, the ``d`` GPTQ
@@ -43,7 +43,7 @@ error tr(dW H dW^T) / tr(W H W^T) of BiLLM and of plain sign binarization a*sign
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -51,7 +51,8 @@ from ptqc.calib import calibrate
 from ptqc.errors import PtqcError
 from ptqc.ir import info
 from ptqc.observers import Hessian
-from ptqc.passes.gptq import SingularHessian, drop_dead_inputs, inverse_cholesky, output_error
+from ptqc.gptq_core import SingularHessian, drop_dead_inputs, error_feedback, inverse_cholesky, output_error
+from ptqc.options import Selection
 from ptqc.pipeline import Pass, PassResult, register
 from ptqc.weights import grouped_targets, set_weight, weight_of
 
@@ -167,27 +168,20 @@ def billm_quantize(w: torch.Tensor, h: torch.Tensor, *, block: int = 128, damp: 
     """BiLLM one weight matrix [out, in] with Hessian [in, in].
 
     Returns (binarized float weight [out, in], number of salient columns, damp used)."""
-    W, H, dead = drop_dead_inputs(w, h)
-    rows, n = W.shape
+    W, H, _ = drop_dead_inputs(w, h)
     U, used = inverse_cholesky(H, damp, retries)
-    Q = torch.zeros_like(W)
-    salient_cols = 0
-    for i1 in range(0, n, block):
-        i2 = min(i1 + block, n)
-        W1 = W[:, i1:i2].clone()
-        U1 = U[i1:i2, i1:i2]
-        params = fit_block(W1, torch.diag(U1), salient_frac, max_salient)
-        salient_cols += int(params.salient.sum())
-        E1 = torch.zeros_like(W1)
-        for i in range(i2 - i1):
-            wc = W1[:, i:i + 1]
-            q = params.binarize(wc, params.salient[i:i + 1])
-            Q[:, i1 + i] = q[:, 0]
-            err = (wc - q)[:, 0] / U1[i, i]
-            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
-            E1[:, i] = err
-        W[:, i2:] -= E1 @ U[i1:i2, i2:]
-    return Q, salient_cols, used
+    blocks: list[tuple[int, BlockParams]] = []  # (first column, parameters) of each block so far
+
+    def start(c, W1):
+        d = torch.diag(U[c:c + W1.shape[1], c:c + W1.shape[1]])
+        blocks.append((c, fit_block(W1, d, salient_frac, max_salient)))
+
+    def binarize(c, wc, ahead):
+        c0, params = blocks[-1]
+        return params.binarize(wc, params.salient[c - c0:c - c0 + 1])
+
+    Q = error_feedback(W, U, binarize, block=block, start=start)
+    return Q, sum(int(p.salient.sum()) for _, p in blocks), used
 
 
 @register
@@ -206,15 +200,13 @@ class BiLLM(Pass):
     provides = frozenset({"weight_quant"})
 
     @dataclass
-    class Options:
+    class Options(Selection):
         block: int = 128  # columns per block: error-feedback block and binarization group
         salient_frac: float = 0.0  # 0 = search k per block; >0 = this fraction of each block's columns
         max_salient: int = 48  # largest k (salient columns per block) the search tries
         damp: float = 0.01  # x mean(diag H)
         retries: int = 4  # damp x10 per retry when Cholesky fails
         propagate: str = "quantized"  # quantized | float
-        include: list[str] = field(default_factory=lambda: ["*"])
-        exclude: list[str] = field(default_factory=lambda: ["lm_head"])
 
         def validate(self):
             if self.block < 2:

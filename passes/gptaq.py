@@ -5,7 +5,7 @@ inputs: min ||W X_q - Q X_q||. The error already accumulated in earlier layers (
 is never corrected. GPTAQ targets the float model instead, min ||W X_fp - Q X_q||, which adds
 one term to GPTQ's update: with dXX^T = 2/n (X_fp - X_q) X_q^T and U the upper Cholesky factor
 of H^-1, P = alpha * triu_1(dXX^T U^T) U, and every column update also subtracts w P[i, i:]
-(see ``gptq_quantize`` in passes/gptq.py, shared with gptq; ``alpha`` 0.25 as published).
+(see ``quantize_groups`` in ptqc/gptq_core.py, shared with gptq; ``alpha`` 0.25 as published).
 
 Calibration runs two models in lockstep, one batch at a time, layer by layer: the float
 model (inputs X_fp, float propagation) and the model being quantized (inputs X_q, quantized
@@ -22,6 +22,7 @@ import torch
 from ptqc.calib import LayerRunner, calibration_batches
 from ptqc.errors import PtqcError
 from ptqc.pipeline import PassResult, register
+from ptqc.weights import grouped_targets
 
 gptq = importlib.import_module("ptqc.passes.gptq")
 
@@ -49,7 +50,7 @@ class GPTAQ(gptq.GPTQ):
                 raise PtqcError("gptaq needs propagate=quantized (its point is the quantized inputs)")
 
     def run(self, qm, ctx) -> PassResult:
-        opts, groups = self.targets(qm)
+        opts, groups = grouped_targets(qm, self)
         fp = qm.clone()  # the float reference (weights shared until this pass writes them)
         ids = ctx.calibration_ids(qm)
         batches = calibration_batches(ids, ctx.calib_batch_size)

@@ -21,15 +21,15 @@ Presets are the same pass with other defaults:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 from ptqc import quant
-from ptqc.errors import PtqcError
+from ptqc.options import Selection, check_weight_bits
 from ptqc.pipeline import Pass, PassResult, register
 from ptqc.passes.act_quant import act_spec, check_act_options, place, placements
 from ptqc.passes.rtn import quantize_linear
-from ptqc.weights import select_linears
+from ptqc.weights import plan
 
 
 @register
@@ -45,7 +45,7 @@ class Int8(Pass):
     provides = frozenset({"weight_quant", "act_quant"})
 
     @dataclass
-    class Options:
+    class Options(Selection):
         w_bits: int = 8
         w_group: int = 0  # 0 = per output channel
         w_sym: bool = True
@@ -55,36 +55,34 @@ class Int8(Pass):
         static: bool = False
         method: Literal["absmax", "percentile", "mse"] = "absmax"
         percentile: float = 99.99
-        include: list[str] = field(default_factory=lambda: ["*"])
-        exclude: list[str] = field(default_factory=lambda: ["lm_head"])
+
+        def weight_spec(self):
+            return quant.QuantSpec(self.w_bits, self.w_group, self.w_sym)
+
+        def act_spec(self):
+            return None if self.a_bits == 16 else act_spec(self.a_bits, self.a_group, self.a_sym, self.static)
 
         def validate(self):
-            if not 2 <= self.w_bits <= 8:
-                raise PtqcError(f"w_bits={self.w_bits} is outside 2..8")
-            if self.w_group < 0:
-                raise PtqcError(f"w_group={self.w_group} must be 0 (per channel) or a positive group size")
+            check_weight_bits(self.w_bits, self.w_group, "w_")
             if self.a_bits != 16:
                 check_act_options(self.a_bits, self.a_group, self.percentile)
 
+    def __init__(self, **options):
+        super().__init__(**options)
+        if self.options.a_bits == 16:  # weight-only: no activation quantizers
+            self.provides = frozenset({"weight_quant"})
+
     def run(self, qm, ctx) -> PassResult:
         o = self.options
-        plan = []
-        for n in select_linears(qm, o.include, o.exclude):  # float linears only
-            mo = self.options_for(qm, n)
-            if mo is None:
-                continue
-            spec = quant.QuantSpec(mo.w_bits, mo.w_group, mo.w_sym)
-            spec.check_fits(qm.store.spec(n.args[1].target)[0][1], n.meta["ptqc"]["module"])
-            plan.append((n, spec))
-        groups = [] if o.a_bits == 16 else placements(
-            qm, self, o.include, o.exclude,
-            opts_of=lambda q, n: (lambda mo: mo if mo is not None and mo.a_bits != 16 else None)(self.options_for(q, n)))
-        errs = [quantize_linear(qm, n, spec, self.name) for n, spec in ctx.progress(plan, desc=self.name, unit="linear")]
-        summary = {"weights_quantized": len(plan), "mean_rel_weight_error": round(sum(errs) / max(len(errs), 1), 6)}
+        todo = plan(qm, self)  # float linears only
+        groups = placements(qm, self) if o.a_bits != 16 else []
+        errs = [quantize_linear(qm, n, spec, self.name)
+                for n, _, spec in ctx.progress(todo, desc=self.name, unit="linear")]
+        summary = {"weights_quantized": len(todo), "mean_rel_weight_error": round(sum(errs) / max(len(errs), 1), 6)}
         if groups:
-            summary["activations"] = place(qm, ctx, groups, lambda mo: act_spec(mo.a_bits, mo.a_group, mo.a_sym, o.static),
-                                           static=o.static, method=o.method, percentile=o.percentile, desc=self.name)
-        return PassResult(changed=bool(plan or groups), summary=summary)
+            summary["activations"] = place(qm, ctx, groups, static=o.static, method=o.method,
+                                           percentile=o.percentile, desc=self.name)
+        return PassResult(changed=bool(todo or groups), summary=summary)
 
 
 def _preset(name: str, doc: str, **defaults):

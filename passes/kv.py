@@ -20,7 +20,7 @@ token's K/V is quantized once and read by all later positions.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -28,9 +28,11 @@ import torch
 from ptqc import ops, quant
 from ptqc.calib import calibrate
 from ptqc.errors import PtqcError
-from ptqc.ir import info
+from ptqc.ir import info, is_op
 from ptqc.observers import MinMax
-from ptqc.pipeline import Pass, PassResult, match_module, register
+from ptqc.options import Selection, modules
+from ptqc.pipeline import Pass, PassResult, register
+from ptqc.weights import plan
 
 
 class CacheRange(MinMax):
@@ -58,14 +60,13 @@ class KV(Pass):
     provides = frozenset({"kv_quant"})
 
     @dataclass
-    class Options:
+    class Options(Selection):
         bits: int = 8
         k: Literal["channel", "head", "tensor"] = "channel"
         v: Literal["token", "channel", "tensor"] = "token"
         sym: bool = True
         clip: float = 1.0
-        include: list[str] = field(default_factory=lambda: ["*"])
-        exclude: list[str] = field(default_factory=list)
+        exclude: list[str] = modules()
 
         def validate(self):
             if not 2 <= self.bits <= 8:
@@ -74,25 +75,16 @@ class KV(Pass):
                 raise PtqcError(f"clip={self.clip} must be in (0, 1]")
 
     def run(self, qm, ctx) -> PassResult:
-        o = self.options
-        plan = []
-        for n in qm.nodes(ops.ATTENTION):
-            m = info(n)
-            if not match_module(m.get("module", ""), m.get("role"), o.include) or \
-                    match_module(m.get("module", ""), m.get("role"), o.exclude):
-                continue
-            if any(isinstance(a, type(n)) and a.target == ops.QUANTIZE_ACT for a in n.args[1:3]):
-                continue  # already quantized
-            mo = self.options_for(qm, n)
-            if mo is not None:
-                plan.append((n, mo))
-        static = [(n, mo) for n, mo in plan if mo.k != "head" or mo.v != "token"]
+        caches = [n for n in qm.nodes(ops.ATTENTION)  # attention ops whose cache is not quantized yet
+                  if not any(is_op(a, ops.QUANTIZE_ACT) for a in n.args[1:3])]
+        todo = [(n, mo) for n, mo, _ in plan(qm, self, caches)]
+        static = [(n, mo) for n, mo in todo if mo.k != "head" or mo.v != "token"]
         records = []
 
         def spec(mo):
             return quant.QuantSpec(mo.bits, 0, mo.sym, mo.clip)
 
-        for n, mo in plan:  # dynamic ones need no calibration
+        for n, mo in todo:  # dynamic ones need no calibration
             if mo.k == "head":
                 self._insert(qm, n, 1, spec(mo))
             if mo.v == "token":
@@ -126,7 +118,7 @@ class KV(Pass):
                                 "scale_max": round(float(scale.max()), 6)})
 
         summary = calibrate(qm, ctx, observe, apply, layers=sorted(by_layer), desc="kv") if static else {}
-        return PassResult(changed=bool(plan), summary={**summary, "attention_ops": len(plan), "static": records})
+        return PassResult(changed=bool(todo), summary={**summary, "attention_ops": len(todo), "static": records})
 
     @staticmethod
     def _insert(qm, attn, arg: int, spec: quant.QuantSpec, scale=None, zero_point=None, which=None):

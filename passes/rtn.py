@@ -7,12 +7,12 @@ scales; the graph dequantizes them in front of the matmul (fake-quant: compute s
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ptqc import quant
-from ptqc.errors import PtqcError
+from ptqc.options import WeightOptions
 from ptqc.pipeline import Pass, PassResult, register
-from ptqc.weights import select_linears, set_quantized_weight, weight_of
+from ptqc.weights import plan, set_quantized_weight, weight_of
 
 
 def quantize_linear(qm, n, spec: quant.QuantSpec, method: str = "rtn") -> float:
@@ -43,36 +43,19 @@ class RTN(Pass):
     provides = frozenset({"weight_quant"})
 
     @dataclass
-    class Options:
-        bits: int = 4
-        group: int = 128  # 0 = per output channel
-        sym: bool = False
+    class Options(WeightOptions):
         clip: float = 1.0  # shrink the min/max range by this ratio before computing scales
-        include: list[str] = field(default_factory=lambda: ["*"])
-        exclude: list[str] = field(default_factory=lambda: ["lm_head"])
 
-        def validate(self):
-            if not 2 <= self.bits <= 8:
-                raise PtqcError(f"bits={self.bits} is outside 2..8")
-            if self.group < 0:
-                raise PtqcError(f"group={self.group} must be 0 (per channel) or a positive group size")
-            quant.QuantSpec(self.bits, self.group, self.sym, self.clip)
+        def weight_spec(self):
+            return quant.QuantSpec(self.bits, self.group, self.sym, self.clip)
 
     def run(self, qm, ctx) -> PassResult:
-        o = self.options
-        plan = []  # (linear, spec): per-module options from recipe overrides / the precision plan
-        for n in select_linears(qm, o.include, o.exclude):
-            mo = self.options_for(qm, n)
-            if mo is None:
-                continue
-            spec = quant.QuantSpec(mo.bits, mo.group, mo.sym, mo.clip)
-            spec.check_fits(qm.store.spec(n.args[1].target)[0][1], n.meta["ptqc"]["module"])
-            plan.append((n, spec))  # every shape is checked before anything changes
+        todo = plan(qm, self)  # per-module options from recipe overrides / the precision plan, shapes checked
         err_sum = 0.0
         schemes = {}
-        for n, spec in ctx.progress(plan, desc="rtn", unit="linear"):
+        for n, _, spec in ctx.progress(todo, desc="rtn", unit="linear"):
             err_sum += quantize_linear(qm, n, spec)
             schemes[spec.describe()] = schemes.get(spec.describe(), 0) + 1
-        return PassResult(changed=bool(plan), summary={
-            "linears": len(plan), "schemes": schemes,
-            "mean_rel_weight_error": round(err_sum / max(len(plan), 1), 6)})
+        return PassResult(changed=bool(todo), summary={
+            "linears": len(todo), "schemes": schemes,
+            "mean_rel_weight_error": round(err_sum / max(len(todo), 1), 6)})

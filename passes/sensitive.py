@@ -18,7 +18,7 @@ the choice are recorded in the manifest.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -26,8 +26,9 @@ from ptqc import quant
 from ptqc.calib import calibrate
 from ptqc.errors import PtqcError
 from ptqc.observers import Samples
+from ptqc.options import Selection
 from ptqc.pipeline import Pass, PassResult, register
-from ptqc.weights import select_linears, weight_of
+from ptqc.weights import plan, weight_of
 
 
 def robust_outliers(scores: dict, k: float) -> list:
@@ -56,7 +57,7 @@ class Sensitive(Pass):
     forbids = frozenset({"weight_quant"})  # the plan must exist before weights are quantized
 
     @dataclass
-    class Options:
+    class Options(Selection):
         top: int = 1  # keep the N most sensitive units
         k: float = 0.0  # also keep units over median + k*MAD (0 = off)
         unit: str = "layer"  # layer | linear
@@ -65,8 +66,6 @@ class Sensitive(Pass):
         w_group: int = 128
         a_bits: int = 0  # 0 = float activations in the probe
         samples: int = 512  # token rows sampled per linear
-        include: list[str] = field(default_factory=lambda: ["*"])
-        exclude: list[str] = field(default_factory=lambda: ["lm_head"])
 
         def validate(self):
             if self.unit not in ("layer", "linear"):
@@ -82,7 +81,7 @@ class Sensitive(Pass):
         o = self.options
         wspec = quant.QuantSpec(o.w_bits, o.w_group, False)
         aspec = quant.QuantSpec(o.a_bits, 0, True) if o.a_bits else None
-        targets = {n.name: n for n in select_linears(qm, o.include, o.exclude)}
+        targets = {n.name: n for n, _, _ in plan(qm, self, spec_of=lambda mo: wspec)}  # shapes checked
         err: dict[str, float] = {}  # module -> sum ||y_q - y||^2
         ref: dict[str, float] = {}  # module -> sum ||y||^2
         layer_of: dict[str, int] = {}
@@ -100,8 +99,6 @@ class Sensitive(Pass):
                 mod = n.meta["ptqc"]["module"]
                 err[mod], ref[mod], layer_of[mod] = (yq - y).pow(2).sum().item(), y.pow(2).sum().item(), i
 
-        for n in targets.values():
-            wspec.check_fits(qm.store.spec(n.args[1].target)[0][1], n.meta["ptqc"]["module"])
         calibrate(qm, ctx, observe, apply, propagate="float", desc="sensitive")
         if o.unit == "layer":
             units: dict = {}

@@ -19,7 +19,7 @@ its own grid. Per linear:
    candidates by the KL divergence of the layer's softmaxed outputs. On examples/tiny-qwen2 that
    proxy misjudges: GPTQ's error feedback cuts the 2-bit error of linears with correlated inputs
    10-50x but cannot rescue a 1-bit group, so RTN-picked mixes were worse than uniform GPTQ.
-3. **GPTQ with per-group grids.** :mod:`ptqc.passes.gptq`'s column loop with inverse-Hessian error
+3. **GPTQ with per-group grids.** :mod:`ptqc.gptq_core`'s column loop with inverse-Hessian error
    feedback, where a column is rounded on its group's grid (``act_order``: columns by decreasing
    diag(H), group parameters computed up front, "static groups"; otherwise a group's parameters come
    from the error-corrected weights when its first column is reached).
@@ -45,7 +45,8 @@ SliM (``err_slim``), of GPTQ at uniform ``bits`` (``err_gptq``, with search=gptq
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -53,7 +54,8 @@ from ptqc import quant
 from ptqc.calib import calibrate
 from ptqc.errors import PtqcError
 from ptqc.observers import Hessian
-from ptqc.passes.gptq import SingularHessian, drop_dead_inputs, inverse_cholesky, output_error
+from ptqc.gptq_core import SingularHessian, inverse_cholesky, output_error, quantize_groups
+from ptqc.options import WeightOptions
 from ptqc.pipeline import Pass, PassResult, register
 from ptqc.weights import grouped_targets, set_quantized_weight, weight_of
 
@@ -148,48 +150,9 @@ def slim_quantize(w: torch.Tensor, h: torch.Tensor, group_bits: list[int], group
 
     Returns (codes int8 [out, in], scale [out, groups], zero_point or None, the dequantized weight
     the loop used, damp used)."""
-    W, H, dead = drop_dead_inputs(w, h)
-    rows, n = W.shape
-    g, G = group, n // group
-    scale = torch.ones(rows, G, device=W.device)
-    zp = None if sym else torch.zeros(rows, G, dtype=torch.int8, device=W.device)
-
-    def fit(gi, x):
-        s, z = group_qparams(x, group_bits[gi], sym, one_bit)
-        scale[:, gi] = s[:, 0]
-        if zp is not None:
-            zp[:, gi] = z[:, 0]
-
-    if act_order:  # static groups from the original weights
-        for gi in range(G):
-            fit(gi, W[:, gi * g:(gi + 1) * g])
-    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(n, device=W.device)
-    W, H = W[:, perm], H[perm][:, perm]
-    U, used = inverse_cholesky(H, damp, retries)
-    codes = torch.empty(rows, n, dtype=torch.int8, device=W.device)
-    Q = torch.empty(rows, n, device=W.device)
-    for i1 in range(0, n, block):
-        i2 = min(i1 + block, n)
-        W1 = W[:, i1:i2].clone()
-        E1 = torch.zeros_like(W1)
-        U1 = U[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            c = i1 + i
-            gi = int(perm[c]) // g
-            if not act_order and c % g == 0:  # group parameters from the error-corrected weights
-                fit(gi, torch.cat([W1[:, i:], W[:, i2:]], 1)[:, :g])
-            s = scale[:, gi:gi + 1]
-            z = zp[:, gi:gi + 1] if zp is not None else None
-            wc = W1[:, i:i + 1]
-            q = group_codes(wc, s, z, group_bits[gi], sym, one_bit)
-            dq = quant.dequantize(q, s, z, 0)
-            codes[:, c], Q[:, c] = q[:, 0], dq[:, 0]
-            err = (wc - dq)[:, 0] / U1[i, i]
-            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
-            E1[:, i] = err
-        W[:, i2:] -= E1 @ U[i1:i2, i2:]
-    inv = torch.argsort(perm)
-    return codes[:, inv], scale, zp, Q[:, inv], used
+    return quantize_groups(w, h, group_bits, group, sym=sym, block=block, damp=damp, act_order=act_order,
+                           retries=retries, qparams=partial(group_qparams, one_bit=one_bit),
+                           codes_of=partial(group_codes, one_bit=one_bit))
 
 
 @register
@@ -210,10 +173,9 @@ class SliM(Pass):
     provides = frozenset({"weight_quant"})
 
     @dataclass
-    class Options:
+    class Options(WeightOptions):
         bits: int = 2  # target average bits (groups get bits-1, bits, bits+1)
         group: int = 128  # columns per group (each group has its own bit width)
-        sym: bool = False
         damp: float = 0.01  # x mean(diag H)
         block: int = 128
         act_order: bool = True
@@ -221,8 +183,9 @@ class SliM(Pass):
         one_bit: str = "sign"  # sign | grid: how 1-bit groups are quantized
         search: str = "gptq"  # gptq: run GPTQ for every allocation, keep the best | rtn: RTN proxy picks one
         propagate: str = "quantized"  # quantized | float
-        include: list[str] = field(default_factory=lambda: ["*"])
-        exclude: list[str] = field(default_factory=lambda: ["lm_head"])
+
+        def weight_spec(self):  # the widest grid a group may get
+            return quant.QuantSpec(min(self.bits + 1, 8), self.group, self.sym)
 
         def validate(self):
             if not 2 <= self.bits <= 4:
@@ -240,7 +203,7 @@ class SliM(Pass):
 
     def run(self, qm, ctx) -> PassResult:
         o = self.options
-        opts, groups = grouped_targets(qm, self, lambda mo: quant.QuantSpec(min(mo.bits + 1, 8), mo.group, mo.sym))
+        opts, groups = grouped_targets(qm, self)
         acc = {"err_slim": [], "err_rtn": [], "bits": {}, "params": 0, "bit_sum": 0, "mixed": 0}
 
         def observe(i):

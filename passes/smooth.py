@@ -28,7 +28,7 @@ it as a float multiply). Any producer works then, and o_proj's scales need no GQ
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -38,8 +38,9 @@ from ptqc.errors import PtqcError
 from ptqc.ir import info, is_op
 from ptqc.observers import AbsMax
 from ptqc.patterns import activation_input, producer_linear
-from ptqc.pipeline import Pass, PassResult, match_module, register
-from ptqc.weights import fold_input_scale, gqa_tie, weight_of
+from ptqc.options import Selection
+from ptqc.pipeline import Pass, PassResult, register
+from ptqc.weights import fold_input_scale, gqa_tie, selected, weight_of
 
 
 def smooth_scale(x_max: torch.Tensor, w_max: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -64,13 +65,11 @@ class Smooth(Pass):
     forbids = frozenset({"weight_quant", "act_quant", "rotated"})
 
     @dataclass
-    class Options:
+    class Options(Selection):
         alpha: float = 0.5
         o: bool = True  # fold v_proj -> o_proj
         down: bool = True  # fold up_proj -> down_proj
         fold: bool = True  # false: keep 1/s as an explicit multiply (Ascend smooth_scales) instead of folding
-        include: list[str] = field(default_factory=lambda: ["*"])
-        exclude: list[str] = field(default_factory=lambda: ["lm_head"])
 
         def validate(self):
             if not 0.0 <= self.alpha <= 1.0:
@@ -85,11 +84,9 @@ class Smooth(Pass):
         skipped = []
         for src, lins in readers.items():
             m = info(lins[0])
-            if m.get("layer") is None or not all(match_module(info(n)["module"], info(n).get("role"), o.include)
-                                                 and not match_module(info(n)["module"], info(n).get("role"), o.exclude)
-                                                 for n in lins):
+            if m.get("layer") is None or not all(selected(n, o.include, o.exclude) for n in lins):
                 continue
-            mo = self.options_for(qm, lins[0])
+            mo = self.options_for(qm, lins[0])  # the group's options: its first linear's
             if mo is None:
                 continue
             role = m.get("role")

@@ -11,6 +11,8 @@ the graph in which shape-only ops (view, reshape, transpose, casts...) are trans
 """
 from __future__ import annotations
 
+import fnmatch
+
 import networkx as nx
 import torch
 import torch.fx as fx
@@ -139,3 +141,12 @@ def _match_all(pats, values, bound: dict) -> dict | None:
         elif v is not p and (isinstance(v, fx.Node) or v != p):
             return None
     return bound
+
+
+def match_module(path: str, role: str | None, patterns) -> bool:
+    """Does a module match any pattern? A pattern matches the full module path, a suffix of it
+    (``down_proj`` or ``layers.3.*``) or the module's role (``lm_head``, ``down``)."""
+    for pat in patterns:
+        if pat == role or fnmatch.fnmatchcase(path, pat) or fnmatch.fnmatchcase(path, "*." + pat):
+            return True
+    return False

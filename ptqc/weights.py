@@ -13,25 +13,47 @@ names (codes under ``.weight``, as in the Ascend export format).
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.fx as fx
 
 from ptqc import ops, quant
 from ptqc.errors import PtqcError
 from ptqc.ir import QModel, info, is_op
-from ptqc.pipeline import match_module
+from ptqc.patterns import match_module
 
 
 def select_linears(qm: QModel, include=("*",), exclude=("lm_head",)) -> list[fx.Node]:
     """Float linears whose module path or role matches ``include`` and not ``exclude``."""
+    return [n for n in qm.linears() if selected(n, include, exclude) and not is_quantized(n)]
+
+
+def selected(node: fx.Node, include, exclude) -> bool:
+    m = info(node)
+    return match_module(m.get("module", ""), m.get("role"), include) and \
+        not match_module(m.get("module", ""), m.get("role"), exclude)
+
+
+def plan(qm: QModel, p, nodes=None, spec_of=None) -> list[tuple[fx.Node, Any, quant.QuantSpec | None]]:
+    """What pass ``p`` works on: each of ``nodes`` (default: the float linears) that its
+    ``include``/``exclude`` select and that neither the precision plan nor the recipe's overrides
+    keep float, with its options (``p.options_for``) and the QuantSpec they give (``spec_of``,
+    default ``options.weight_spec()``; None: nothing to quantize there). Every QuantSpec is
+    checked against the node's input width here, before anything changes."""
+    o = p.options
+    spec_of = spec_of or (lambda mo: mo.weight_spec() if hasattr(mo, "weight_spec") else None)
     out = []
-    for n in qm.linears():
-        m = info(n)
-        if not match_module(m["module"], m.get("role"), include) or match_module(m["module"], m.get("role"), exclude):
+    chosen = select_linears(qm, o.include, o.exclude) if nodes is None else \
+        [n for n in nodes if selected(n, o.include, o.exclude)]
+    for n in chosen:
+        mo = p.options_for(qm, n)
+        if mo is None:
             continue
-        if is_quantized(n):
-            continue
-        out.append(n)
+        spec = spec_of(mo)
+        if spec is not None:
+            spec.check_fits(in_features(qm, n), info(n)["module"])
+        out.append((n, mo, spec))
     return out
 
 
@@ -88,21 +110,12 @@ def dequantized_weight(qm: QModel, linear: fx.Node) -> torch.Tensor:
     return qm.store[w.target]
 
 
-def grouped_targets(qm: QModel, p, spec_of=None) -> tuple[dict, dict[int, list[list[fx.Node]]]]:
-    """What a calibrated weight pass ``p`` works on: per-linear options (``p.options_for``:
-    recipe overrides and the precision plan applied; skipped linears left out) and, per layer,
-    those linears grouped by the activation they share (q/k/v, gate/up: one Hessian each).
-    ``spec_of(options) -> QuantSpec`` lets every shape be checked before anything changes."""
+def grouped_targets(qm: QModel, p) -> tuple[dict, dict[int, list[list[fx.Node]]]]:
+    """What a calibrated weight pass ``p`` works on: per-linear options (:func:`plan`) and, per
+    layer, those linears grouped by the activation they share (q/k/v, gate/up: one Hessian each)."""
     from ptqc.patterns import activation_input
 
-    opts = {}
-    for n in select_linears(qm, p.options.include, p.options.exclude):
-        mo = p.options_for(qm, n)
-        if mo is None:
-            continue
-        if spec_of is not None:
-            spec_of(mo).check_fits(qm.store.spec(n.args[1].target)[0][1], info(n)["module"])
-        opts[n.name] = mo
+    opts = {n.name: mo for n, mo, _ in plan(qm, p)}
     by_input: dict = {}
     for n in qm.linears():
         if n.name in opts:
@@ -111,7 +124,6 @@ def grouped_targets(qm: QModel, p, spec_of=None) -> tuple[dict, dict[int, list[l
     for lins in by_input.values():
         groups.setdefault(info(lins[0])["layer"], []).append(lins)
     return opts, groups
-
 
 
 def fold_input_scale(qm: QModel, prev: fx.Node, lins: list[fx.Node], s: torch.Tensor) -> None:

@@ -186,6 +186,19 @@ def test_calib_config_errors():
         pipeline.calib_config({"sample": 4})
     with pytest.raises(PtqcError, match="samples=0 must be a positive integer"):
         pipeline.calib_config(samples=0)
+    for raw in ("calib.txt", [["samples", 4]], 3):  # a recipe's `calib:` that is not a mapping
+        with pytest.raises(PtqcError, match=r"recipe 'calib:' must be a mapping \(path, samples, "):
+            pipeline.calib_config(raw)
+
+
+def test_context_says_whether_calibration_data_was_used(loaded, ids):
+    qm = loaded("qwen2")
+    for calib in (ids(2, 16), pipeline.CalibConfig(samples=2, seqlen=16)):
+        ctx = pipeline.PassContext(quiet=True, calib=calib)
+        pipeline.PassManager(pipeline.parse_pipeline("rtn")).run(qm.clone(), ctx)
+        assert not ctx.calibration_used
+        pipeline.PassManager(pipeline.parse_pipeline("gptq:group=32")).run(qm.clone(), ctx)
+        assert ctx.calibration_used and ctx.calibration_ids(qm).shape == (2, 16)
 
 
 RSS_SCRIPT = textwrap.dedent("""

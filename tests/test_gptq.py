@@ -5,7 +5,7 @@ import importlib
 import pytest
 import torch
 
-from ptqc import pipeline, quant
+from ptqc import gptq_core, pipeline, quant
 from ptqc.errors import PtqcError
 from ptqc.weights import dequantized_weight, is_quantized
 
@@ -82,7 +82,7 @@ def test_gptq_pass_beats_rtn_on_every_linear(loaded, ids):
 def test_gptq_singular_hessian_names_module_or_falls_back(loaded, ids, monkeypatch):
     def boom(h, damp, retries):
         raise gptq.SingularHessian("Hessian is not positive definite even with damp=100")
-    monkeypatch.setattr(gptq, "inverse_cholesky", boom)
+    monkeypatch.setattr(gptq_core, "inverse_cholesky", boom)
     with pytest.raises(PtqcError, match=r"model\.layers\.0\.self_attn\.q_proj.*fallback=rtn"):
         _run(loaded("qwen2"), "gptq:bits=4,group=32", ids(2, 16))
     qm = loaded("qwen2")
@@ -178,3 +178,25 @@ def test_sequential_observes_later_linears_after_earlier_ones_are_quantized(load
     for mod, w in res["sequential"].items():
         same = torch.equal(w, res["quantized"][mod])
         assert same == any(mod.endswith(p) for p in ("q_proj", "k_proj", "v_proj")), mod
+
+
+def test_error_feedback_loop_and_its_callbacks():
+    """A diagonal U feeds nothing back: each column is just rounded. The callbacks see each
+    block's columns and the error-corrected columns ahead."""
+    W = torch.randn(3, 12, generator=torch.Generator().manual_seed(0))
+    ref, starts, ahead_ok = W.clone(), [], []
+
+    def column(c, w, ahead):
+        ahead_ok.append(torch.equal(ahead(2), ref[:, c:c + 2]))
+        return w.round()
+
+    Q = gptq_core.error_feedback(W, torch.eye(12), column, block=5,
+                                 start=lambda c, blk: starts.append((c, blk.shape[1])))
+    assert torch.equal(Q, ref.round()) and all(ahead_ok) and len(ahead_ok) == 12
+    assert starts == [(0, 5), (5, 5), (10, 2)]
+    U = torch.tensor([[1.0, 0.5], [0.0, 1.0]])
+    for block in (1, 2):  # across blocks and inside one
+        seen = []
+        gptq_core.error_feedback(torch.tensor([[0.3, 0.0]]), U, lambda c, w, a: seen.append(w.clone()) or 0 * w,
+                                 block=block)
+        torch.testing.assert_close(seen[1], torch.tensor([[-0.15]]))  # column 0's error 0.3 times U[0, 1]

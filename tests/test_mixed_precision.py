@@ -125,3 +125,29 @@ def test_sensitive_keep_bits_and_mad_rule(tmp_path, ids):
 def test_sensitive_must_run_before_weight_quantization():
     with pytest.raises(PtqcError, match="must run before 'rtn'"):
         pipeline.check_order(pipeline.parse_pipeline("rtn,sensitive"), {"canonical"})
+
+
+def test_plan_is_what_a_pass_quantizes(loaded):
+    """weights.plan: the pass's selection, minus modules kept float (precision plan, overrides),
+    with each module's options and QuantSpec, shapes checked; already quantized linears are done."""
+    from ptqc.ir import info
+    from ptqc.quant import QuantSpec
+    from ptqc.weights import plan
+
+    qm = loaded("qwen2")
+    qm.plan.update({"model.layers.0.mlp.down_proj": {"skip": True}, "model.layers.1.mlp.down_proj": {"bits": 8}})
+    rtn = pipeline.get_pass("rtn")(group=32, exclude="lm_head|o_proj",
+                                   overrides={"layers.1.self_attn.q_proj": "skip", "up_proj": {"group": 64}})
+    todo = {info(n)["module"]: spec for n, _, spec in plan(qm, rtn)}
+    assert len(todo) == 14 - 2 - 1 - 1
+    assert not any(m.endswith("o_proj") for m in todo) and "model.layers.1.self_attn.q_proj" not in todo
+    assert "model.layers.0.mlp.down_proj" not in todo and todo["model.layers.1.mlp.down_proj"] == QuantSpec(8, 32, False)
+    assert todo["model.layers.0.mlp.up_proj"] == QuantSpec(4, 64, False)
+    with pytest.raises(PtqcError, match=r"group size 48 does not divide the input dimension 128 of "
+                                        r"model\.layers\.0\.self_attn\.q_proj"):
+        plan(qm, pipeline.get_pass("rtn")(group=48))
+    run(qm, [pipeline.get_pass("rtn")(include="layers.0.*")])
+    assert {info(n)["layer"] for n, _, _ in plan(qm, rtn)} == {1}
+    act = pipeline.get_pass("w4a4")(overrides={"down_proj": {"a_bits": 16}})
+    specs = {info(n)["role"]: s for n, _, s in plan(qm, act, qm.linears(), spec_of=lambda mo: mo.act_spec())}
+    assert specs["q"] == QuantSpec(4, 0, True) and specs["down"] is None and "lm_head" not in specs

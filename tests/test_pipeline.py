@@ -3,12 +3,14 @@ import os
 import subprocess
 import sys
 import textwrap
+import typing
 from pathlib import Path
 
 import pytest
 
 from ptqc import pipeline
 from ptqc.errors import PtqcError
+from ptqc.quant import QuantSpec
 
 PLUGIN = Path(__file__).parent / "plugins" / "example_plugin.py"
 
@@ -142,3 +144,108 @@ def test_entry_point_plugin(tmp_path):
     out = subprocess.run([sys.executable, "-m", "ptqc.cli", "passes"], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "from_entry_point" in out.stdout and "Pass from an entry point." in out.stdout
+
+
+@pytest.mark.parametrize("t", [int | None, typing.Optional[int]])
+def test_none_only_for_optional_options(t):
+    from ptqc.options import _coerce
+
+    assert _coerce(None, t, "x") is None and _coerce("none", t, "x") is None and _coerce("3", t, "x") == 3
+    for union in (int | str, typing.Union[int, float]):
+        with pytest.raises(PtqcError, match="x: None is not a int or"):
+            _coerce(None, union, "x")
+    assert _coerce("none", int | str, "x") == "none"
+    for plain in (int, str, bool, list[str]):
+        with pytest.raises(PtqcError, match="x: needs a value"):
+            _coerce(None, plain, "x")
+
+
+def test_optional_option_in_a_pass():
+    from dataclasses import dataclass
+
+    from ptqc.pipeline import Pass
+
+    class Opt(Pass):
+        name = "opt"
+
+        @dataclass
+        class Options:
+            limit: int | None = None
+
+    assert Opt(limit="7").options.limit == 7 and Opt(limit="none").options.limit is None
+    with pytest.raises(PtqcError, match="option limit: 'x' is not a int or NoneType"):
+        Opt(limit="x")
+
+
+def test_weight_options_share_validation():
+    pipeline.load_builtin_passes()
+    for text, msg in [("gptq:group=-1", "pass gptq: group=-1 must be 0"), ("rtn:clip=0", "pass rtn: clip_ratio=0.0"),
+                      ("slim:bits=5", "bits=5 is outside 2..4"), ("w4a16:w_group=-2", "w_group=-2 must be 0"),
+                      ("int8:w_bits=1", "pass int8: w_bits=1 is outside 2..8")]:
+        with pytest.raises(PtqcError, match=msg):
+            pipeline.parse_pipeline(text)
+    rtn, = pipeline.parse_pipeline("rtn:bits=3,clip=0.9")
+    assert rtn.options.weight_spec() == QuantSpec(3, 128, False, 0.9)
+    assert [p.provides for p in pipeline.parse_pipeline("int8,int8:a_bits=16,w8a16")] == [
+        {"weight_quant", "act_quant"}, {"weight_quant"}, {"weight_quant"}]
+
+
+def test_complete_appends_lowering_and_pack():
+    def names(text, **kw):
+        return [p.name for p in pipeline.complete(pipeline.parse_pipeline(text), **kw)]
+
+    assert names("rtn") == ["rtn", "pack"]
+    assert names("rtn", pack=False) == ["rtn"]
+    assert names("smooth") == ["smooth"]  # no weight quantization: nothing to pack
+    assert names("rtn,pack,mark") == ["rtn", "pack", "mark"]
+    assert names("rtn", target="ascend") == ["rtn", "pack", "ascend"]
+    assert names("smooth,int8,ascend,mark", target="ascend") == ["smooth", "int8", "pack", "ascend", "mark"]
+    assert names("int8:a_bits=16", target="ascend", pack=False) == ["int8", "ascend"]
+    given = pipeline.parse_pipeline("rtn")
+    pipeline.complete(given, target="ascend")
+    assert [p.name for p in given] == ["rtn"]  # a new list
+    with pytest.raises(PtqcError, match="unknown target 'npu'; use one of: torch, ascend"):
+        pipeline.complete(given, target="npu")
+
+
+def test_iter_run_yields_each_record_when_its_pass_is_done(loaded):
+    qm = loaded("qwen2")
+    pm = pipeline.PassManager(pipeline.parse_pipeline("rtn,head8"))
+    seen = []
+    for rec in pm.iter_run(qm, pipeline.PassContext(quiet=True)):
+        seen.append((rec["pass"], sorted(q["weight"]["method"] for q in qm.quant.values())))
+    assert seen == [("rtn", ["rtn"] * 14), ("head8", ["head8"] + ["rtn"] * 14)]
+    assert [r["pass"] for r in qm.history] == ["rtn", "head8"]
+
+
+def _claiming(name, claims, options_of):
+    """A pass that provides ``claims`` with ``options_of``'s options but changes nothing."""
+    from ptqc.pipeline import Pass, PassResult
+
+    return type(name, (Pass,), {"name": name, "provides": frozenset({claims}),
+                                "Options": pipeline.get_pass(options_of).Options,
+                                "run": lambda self, qm, ctx: PassResult(changed=False)})
+
+
+@pytest.mark.parametrize("claims, options_of, what", [
+    ("weight_quant", "rtn", r"model\.layers\.0\.self_attn\.q_proj still reads a float weight \(and 13 more\)"),
+    ("weight_quant", "int8", r"model\.layers\.0\.self_attn\.q_proj still reads a float weight"),
+    ("act_quant", "act_quant", r"model\.layers\.0\.self_attn\.q_proj reads an unquantized input \(and 13 more\)"),
+    ("kv_quant", "kv", r"model\.layers\.0\.self_attn reads an unquantized K or V \(and 1 more\)"),
+])
+def test_provided_properties_are_checked_after_the_pass(loaded, claims, options_of, what):
+    liar = _claiming("liar", claims, options_of)
+    with pytest.raises(PtqcError, match=rf"after pass 'liar': it provides '{claims}', but {what}"):
+        pipeline.PassManager([liar()]).run(loaded("qwen2"), pipeline.PassContext(quiet=True))
+    pipeline.PassManager([liar()], check=False).run(loaded("qwen2"), pipeline.PassContext(quiet=True))
+    pipeline.PassManager([liar(exclude="*")]).run(loaded("qwen2"), pipeline.PassContext(quiet=True))  # selects nothing
+
+
+def test_properties_hold_after_the_builtin_passes(loaded):
+    """The checks accept what the passes do, including modules kept float by overrides."""
+    qm = loaded("qwen2")
+    p = pipeline.get_pass("w4a8")(overrides={"layers.1.*": "skip", "down_proj": {"a_bits": 16}})
+    head = pipeline.get_pass("rtn")(include="lm_head", exclude="", group=32)
+    pipeline.PassManager([p, pipeline.get_pass("kv")(k="head"), head]).run(qm, pipeline.PassContext(quiet=True))
+    assert {"weight_quant", "act_quant", "kv_quant"} <= qm.properties
+    assert "model.layers.1.mlp.down_proj" not in qm.quant and qm.quant["lm_head"]["weight"]["method"] == "rtn"
