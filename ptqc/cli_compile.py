@@ -26,13 +26,16 @@ def _passes(pipeline_str, recipe, target, no_pack) -> tuple[list, dict]:
         passes, settings = pipeline.load_recipe(recipe)
     else:
         passes = pipeline.parse_pipeline(pipeline_str) if pipeline_str else []
-    if target == "ascend" and "ascend" not in {p.name for p in passes}:
-        passes.append(pipeline.get_pass("ascend")())
-    if not no_pack and any("weight_quant" in p.provides for p in passes) and "pack" not in {p.name for p in passes}:
-        at = next((i for i, p in enumerate(passes) if "lowered" in p.provides), len(passes))
-        passes.insert(at, pipeline.get_pass("pack")())  # real storage: <= 4-bit codes two per byte, before lowering
+    passes = pipeline.complete(passes, target=target, pack=not no_pack)
     pipeline.check_order(passes, {"canonical"})
     return passes, settings
+
+
+def _short_summary(summary: dict, width: int = 160) -> str:
+    """A pass's summary on one line: lists longer than 3 shown by their length (the manifest keeps all)."""
+    short = {k: (f"<{len(v)} items>" if isinstance(v, list) and len(v) > 3 else v) for k, v in summary.items()}
+    text = json.dumps(short)
+    return text if len(text) <= width else text[:width - 3] + "..."
 
 
 def _write_diagnostics(model, qm, ctx, cfg, report_dir, dtype, dev, trust_remote_code, force, quiet):
@@ -127,12 +130,12 @@ def compile(model, out, pipeline_str, recipe, plugins, dtype, device, trust_remo
                                 seed=calib_seed, field=calib_field, batch_size=calib_batch_size)
     ctx = pipeline.PassContext(device=dev, quiet=quiet, calib=cfg)
     with _offloaded(qm, out, offload_mb):
-        for rec in pm.run(qm, ctx):
-            log(quiet, f"  {rec['pass']:10s} {rec['seconds']:8.2f}s  {json.dumps(rec['summary'])}")
+        for rec in pm.iter_run(qm, ctx):
+            log(quiet, f"  {rec['pass']:10s} {rec['seconds']:8.2f}s  {_short_summary(rec['summary'])}")
         artifact.save(qm, out, force=force, dumps=dumps,
                       extra={"timing": {"trace_s": round(trace_s, 3), "total_s": round(time.perf_counter() - t0, 3)},
                              "pipeline": [repr(p) for p in passes], "recipe": str(recipe) if recipe else None,
-                             "calibration": dataclasses.asdict(cfg) if ctx._ids is not None else None})
+                             "calibration": dataclasses.asdict(cfg) if ctx.calibration_used else None})
         if report is not None:
             _write_diagnostics(model, qm, ctx, cfg, report, dtype, dev, trust_remote_code, force, quiet)
     log(quiet, f"wrote {out} in {time.perf_counter() - t0:.1f}s")

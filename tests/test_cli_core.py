@@ -149,3 +149,11 @@ def test_allocator_fixed_only_for_commands_streaming_weights(models, monkeypatch
     monkeypatch.setattr(ptqc.model, "steady_malloc", lambda: calls.append(1))
     assert cli("passes").exit_code == 0 and cli("recipes").exit_code == 0 and calls == []
     assert cli("eval", models["qwen2"], "--max-windows", "1", "--seqlen", "32").exit_code == 0 and calls == [1]
+
+
+def test_pass_log_line_shortens_long_lists():
+    from ptqc.cli_compile import _short_summary
+
+    line = _short_summary({"layers": 8, "scales": [{"layer": i} for i in range(32)], "skipped": []})
+    assert line == '{"layers": 8, "scales": "<32 items>", "skipped": []}'
+    assert len(_short_summary({"x": "y" * 500})) == 160
