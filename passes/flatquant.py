@@ -71,7 +71,7 @@ from ptqc.passes.flatquant_model import LayerModel, layer_weights
 from ptqc.passes.flatquant_plan import LayerPlan, plan_layers
 from ptqc.passes.flatquant_train import retrain_outliers, train_layers
 from ptqc.pipeline import Pass, PassResult, register
-from ptqc.weights import in_features, select_linears, set_quantized_weight
+from ptqc.weights import plan, set_quantized_weight
 
 
 @register
@@ -128,6 +128,9 @@ class FlatQuant(Pass):
             if self.auto < 0:
                 raise PtqcError(f"auto={self.auto} must be >= 0 (0 = off)")
 
+        def weight_spec(self) -> quant.QuantSpec | None:
+            return quant.QuantSpec(self.w_bits, self.w_group, self.w_sym) if self.w_bits < 16 else None
+
     def __init__(self, **options):
         super().__init__(**options)
         o = self.options
@@ -138,18 +141,11 @@ class FlatQuant(Pass):
     # -- planning --
     def select(self, qm) -> dict:
         """The linears to transform and quantize: linear name -> its options."""
-        o = self.options
         selected = {}
-        for n in select_linears(qm, o.include, o.exclude):
-            mo = self.options_for(qm, n)
-            if mo is None:
-                continue
-            m = info(n)
-            if m.get("layer") is None:
-                raise PtqcError(f"flatquant transforms decoder-layer linears only; {m['module']} is outside them: "
-                                "exclude it (exclude=lm_head) and quantize it with rtn or w4a4")
-            if mo.w_bits < 16:
-                quant.QuantSpec(mo.w_bits, mo.w_group, mo.w_sym).check_fits(in_features(qm, n), m["module"])
+        for n, mo, _ in plan(qm, self):
+            if info(n).get("layer") is None:
+                raise PtqcError(f"flatquant transforms decoder-layer linears only; {info(n)['module']} is outside "
+                                "them: exclude it (exclude=lm_head) and quantize it with rtn or w4a4")
             selected[n.name] = mo
         return selected
 

@@ -105,8 +105,8 @@ class LayerModel:
         self.specs = {}
         for g in plan.groups:
             for name, mo in g.selected.items():
-                if mo.w_bits < 16:
-                    self.specs[name] = quant.QuantSpec(mo.w_bits, mo.w_group, mo.w_sym)
+                if mo.weight_spec() is not None:
+                    self.specs[name] = mo.weight_spec()
         produced = {n.name for n in seg.nodes}
         self.outputs = sorted(k for k in seg.keep if k in produced)
         self.p: dict[str, torch.Tensor] = {}
