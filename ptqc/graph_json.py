@@ -68,6 +68,9 @@ def _resolve_target(s: str):
     return _attr_path(importlib.import_module(mod if mod != "_operator" else "operator"), qual.split("."))
 
 
+_TORCH_ENUMS = {torch.dtype: "dtype", torch.layout: "layout", torch.memory_format: "memory_format"}
+
+
 def _enc(a):
     if isinstance(a, fx.Node):
         return {"node": a.name}
@@ -79,14 +82,11 @@ def _enc(a):
         return {("list" if isinstance(a, list) else "tuple"): [_enc(x) for x in a]}
     if isinstance(a, dict):
         return {"dict": {k: _enc(v) for k, v in a.items()}}
-    if isinstance(a, torch.dtype):
-        return {"dtype": str(a).removeprefix("torch.")}
+    for kind, tag in _TORCH_ENUMS.items():
+        if isinstance(a, kind):
+            return {tag: str(a).removeprefix("torch.")}
     if isinstance(a, torch.device):
         return {"device": str(a)}
-    if isinstance(a, torch.layout):
-        return {"layout": str(a).removeprefix("torch.")}
-    if isinstance(a, torch.memory_format):
-        return {"memory_format": str(a).removeprefix("torch.")}
     if isinstance(a, slice):
         return {"slice": [_enc(a.start), _enc(a.stop), _enc(a.step)]}
     raise PtqcError(f"cannot serialize graph argument {a!r} of type {type(a).__name__}")
@@ -105,7 +105,7 @@ def _dec(a, nodes):
             return tuple(_dec(x, nodes) for x in v)
         if k == "dict":
             return {kk: _dec(vv, nodes) for kk, vv in v.items()}
-        if k in ("dtype", "layout", "memory_format"):
+        if k in _TORCH_ENUMS.values():
             return getattr(torch, v)
         if k == "device":
             return torch.device(v)
