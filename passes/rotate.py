@@ -102,6 +102,42 @@ def _is_scalar(a) -> bool:
     return shape is not None and all(d == 1 for d in shape)
 
 
+def _add_linear(n: fx.Node, ins: list[fx.Node], kind: dict, plan: ResidualPlan) -> None:
+    """A linear writes to the stream (o, down) or reads it (READERS), nothing else."""
+    role = info(n).get("role")
+    if role in WRITERS:
+        if ins:
+            raise PtqcError(f"rotate: {_where(n)} ({role}) reads the residual stream; expected it to write to it")
+        kind[n] = "res"
+        plan.writers.append(n)
+    elif ins:
+        if role not in READERS or ins != [n.args[0]]:
+            raise PtqcError(f"rotate: {_where(n)} (role {role}) reads the residual stream; only "
+                            f"{', '.join(READERS)} linears may")
+        plan.readers.append(n)
+        if isinstance(kind[ins[0]], fx.Node):  # the norm behind its input
+            plan.norms[kind[ins[0]]].append(n)
+
+
+def _stream_kind(n: fx.Node, ins: list[fx.Node], kind: dict, plan: ResidualPlan):
+    """What a non-linear node reading the stream carries: "res", or the rms_norm it normalizes."""
+    normed = [kind[a] for a in ins if isinstance(kind[a], fx.Node)]  # the norm(s) behind n's inputs
+    if normed:  # a normalized value may only reach linears, through shape ops
+        if len(ins) == 1 and _keeps_rows(n, plan.hidden):
+            return normed[0]
+        raise PtqcError(f"rotate: {_where(normed[0])} feeds {_where(n)}, not only linears: its weight cannot "
+                        "be folded into the next linears, so this architecture cannot be rotated")
+    if is_op(n, ops.RMS_NORM) and ins == [n.args[0]]:
+        plan.norms[n] = []
+        return n
+    if (n.target == aten.add.Tensor and not n.kwargs and len(ins) == 2 and list(n.args) == ins
+            or n.target == aten.mul.Tensor and len(ins) == 1 and _is_scalar(n.args[1 - n.args.index(ins[0])])
+            or len(ins) == 1 and _keeps_rows(n, plan.hidden)):  # the mul: Gemma's embedding scale commutes with Q
+        return "res"
+    raise PtqcError(f"rotate: {_where(n)} reads the residual stream; only adds, scalar multiplies, "
+                    "RMSNorm and the q/k/v/gate/up/lm_head linears may (a rotation would change its result)")
+
+
 def residual_plan(qm) -> ResidualPlan:
     """Follow the residual stream from the token embedding through the graph and list the
     embeddings, norms, readers and writers to rotate. Raises PtqcError naming the first node
@@ -109,14 +145,11 @@ def residual_plan(qm) -> ResidualPlan:
     kind: dict[fx.Node, object] = {}  # node -> "res" (rotated residual) or the rms_norm it normalizes
     plan: ResidualPlan | None = None
     for n in qm.graph.nodes:
-        if n.op == "output":
-            if any(a in kind for a in n.all_input_nodes):
-                raise PtqcError("rotate: the graph returns the residual stream itself, not logits from lm_head")
-            continue
+        if n.op == "output" and any(a in kind for a in n.all_input_nodes):
+            raise PtqcError("rotate: the graph returns the residual stream itself, not logits from lm_head")
         if n.op != "call_function":
             continue
-        role = info(n).get("role")
-        if n.target == aten.embedding.default and role == "embed":
+        if n.target == aten.embedding.default and info(n).get("role") == "embed":
             w = n.args[0]
             if not (isinstance(w, fx.Node) and w.op == "get_attr"):
                 raise PtqcError(f"rotate: {_where(n)} does not read a plain embedding table")
@@ -131,41 +164,10 @@ def residual_plan(qm) -> ResidualPlan:
         ins = [a for a in n.all_input_nodes if a in kind]
         if plan is None and (ins or is_op(n, ops.LINEAR)):
             raise PtqcError(f"rotate: {_where(n)} comes before the token embedding; cannot follow the residual stream")
-        if is_op(n, ops.LINEAR) and role in WRITERS:
-            if ins:
-                raise PtqcError(f"rotate: {_where(n)} ({role}) reads the residual stream; expected it to write to it")
-            kind[n] = "res"
-            plan.writers.append(n)
-            continue
-        if not ins:
-            continue
-        normed = [kind[a] for a in ins if isinstance(kind[a], fx.Node)]  # the norm(s) behind n's inputs
         if is_op(n, ops.LINEAR):
-            if role not in READERS or ins != [n.args[0]]:
-                raise PtqcError(f"rotate: {_where(n)} (role {role}) reads the residual stream; only "
-                                f"{', '.join(READERS)} linears may")
-            plan.readers.append(n)
-            if normed:
-                plan.norms[normed[0]].append(n)
-            continue
-        if normed:  # a normalized value may only reach linears, through shape ops
-            if len(ins) == 1 and _keeps_rows(n, plan.hidden):
-                kind[n] = normed[0]
-                continue
-            raise PtqcError(f"rotate: {_where(normed[0])} feeds {_where(n)}, not only linears: its weight cannot "
-                            "be folded into the next linears, so this architecture cannot be rotated")
-        if is_op(n, ops.RMS_NORM) and ins == [n.args[0]]:
-            kind[n] = n
-            plan.norms[n] = []
-        elif n.target == aten.add.Tensor and not n.kwargs and len(ins) == 2 and list(n.args) == ins:
-            kind[n] = "res"
-        elif n.target == aten.mul.Tensor and len(ins) == 1 and _is_scalar(n.args[1 - n.args.index(ins[0])]):
-            kind[n] = "res"  # Gemma's embedding scale: a scalar commutes with Q
-        elif len(ins) == 1 and _keeps_rows(n, plan.hidden):
-            kind[n] = "res"
-        else:
-            raise PtqcError(f"rotate: {_where(n)} reads the residual stream; only adds, scalar multiplies, "
-                            "RMSNorm and the q/k/v/gate/up/lm_head linears may (a rotation would change its result)")
+            _add_linear(n, ins, kind, plan)
+        elif ins:
+            kind[n] = _stream_kind(n, ins, kind, plan)
     if plan is None:
         raise PtqcError("rotate: no token embedding (role embed) found; nothing to rotate")
     if not plan.readers or not plan.writers:
@@ -205,21 +207,97 @@ def _factor(n: int, what: str, fix: str) -> tuple[int, int]:
         raise PtqcError(f"rotate: {e}") from None
 
 
-def _add_transform(qm, before: fx.Node, x: fx.Node, a_name: str, b_name: str, meta: dict) -> fx.Node:
-    g = qm.graph
-    with g.inserting_before(before):
-        t = g.call_function(ops.TRANSFORM, (x, g.get_attr(a_name), g.get_attr(b_name)))
-    info(t).update({"module": meta["module"], "layer": meta.get("layer"), "role": "online_hadamard"})
-    return t
-
-
-def _store_factors(qm, base: str, n: int) -> torch.Tensor:
-    """Store ``base_a``/``base_b`` (float32 factors of hadamard(n)) and return the exact
-    float64 ``a kron b`` the online transform applies, for the offline fold."""
+def _online_hadamard(qm, before: fx.Node, xs, base: str, n: int) -> tuple[torch.Tensor, list[fx.Node]]:
+    """Store ``base_a``/``base_b`` (float32 factors of hadamard(n)), insert ``ptqc.transform(x, a, b)`` before
+    ``before`` for each of ``xs``; return the exact float64 ``a kron b`` (for a fold) and the transforms."""
     a, b = (t.float().contiguous() for t in hadamard.kron_factors(n))
-    qm.store[f"{base}_a"] = a
-    qm.store[f"{base}_b"] = b
-    return torch.kron(a.double(), b.double())
+    qm.store[f"{base}_a"], qm.store[f"{base}_b"] = a, b
+    g, meta, ts = qm.graph, info(before), []
+    with g.inserting_before(before):
+        for x in xs:
+            ts.append(g.call_function(ops.TRANSFORM, (x, g.get_attr(f"{base}_a"), g.get_attr(f"{base}_b"))))
+            info(ts[-1]).update({"module": meta["module"], "layer": meta.get("layer"), "role": "online_hadamard"})
+    return torch.kron(a.double(), b.double()), ts
+
+
+@dataclass
+class _Rewrite:
+    """A model's weight edits per tensor name (applied in order in float64, written once) and summary per layer."""
+    qm: object
+    fns: dict[str, list[Callable[[torch.Tensor], torch.Tensor]]] = field(default_factory=dict)
+    layers: dict = field(default_factory=dict)
+
+    def edit(self, name: str, fn) -> None:
+        self.fns.setdefault(name, []).append(fn)
+
+    def layer(self, n: fx.Node) -> dict:
+        return self.layers.setdefault(info(n).get("layer"), {})
+
+    def fuse_norms(self, plan: ResidualPlan) -> None:
+        """a. Each norm's ``offset + w`` into the columns of the linears it feeds; its weight to ``1 - offset``."""
+        for norm, lins in plan.norms.items():
+            offset = float(_arg(norm, 3, "offset", 0.0))
+            w_name = norm.args[1].target
+            scale = self.qm.store[w_name].double() + offset
+            for lin in lins:
+                self.edit(lin.args[1].target, lambda w, s=scale: w * s[None, :])
+            self.edit(w_name, lambda w, v=1.0 - offset: torch.full_like(w, v))
+            roles = "/".join(info(n)["role"] for n in lins)
+            self.layer(norm).setdefault("fused", []).append(f"{info(norm).get('role')} -> {roles}")
+
+    def rotate_residual(self, plan: ResidualPlan, Q: torch.Tensor) -> None:
+        """b. Embeddings and readers ``W <- W Q``; writers ``W <- Q^T W``, ``b <- b Q``."""
+        for e in plan.embeds:
+            self.edit(e.args[0].target, lambda w: w @ Q)
+        for n in plan.readers:
+            self.edit(n.args[1].target, lambda w: w @ Q)
+            self.layer(n).setdefault("readers", []).append(info(n)["role"])
+        for n in plan.writers:
+            self.edit(n.args[1].target, lambda w: Q.t() @ w)
+            b = _arg(n, 2, "b")
+            if b is not None:
+                self.edit(b.target, lambda v: v @ Q)
+            self.layer(n).setdefault("writers", []).append(info(n)["role"])
+
+    def online_hadamards(self, downs: list[fx.Node], qk_dims: dict[fx.Node, int]) -> None:
+        """c. Online Hadamards on down_proj's input (folded into its weight); d. on q and k, after RoPE."""
+        for n in downs:
+            H, (t,) = _online_hadamard(self.qm, n, [n.args[0]], f"{info(n)['module']}.hadamard",
+                                       self.qm.store.spec(n.args[1].target)[0][1])
+            n.args = (t, *n.args[1:])
+            self.edit(n.args[1].target, lambda w, H=H: w @ H)
+            self.layer(n)["online_down"] = H.shape[0]
+        for attn, d in qk_dims.items():
+            _, (q, k) = _online_hadamard(self.qm, attn, attn.args[:2], f"{info(attn)['module']}.qk_hadamard", d)
+            attn.args = (q, k, *attn.args[2:])
+            self.layer(attn)["qk"] = d
+
+    def fold_v(self, v_pairs: dict, head_dims: dict[fx.Node, int]) -> None:
+        """e. A per-head Hadamard folded into v_proj (rows, bias) and o_proj (columns)."""
+        for attn, (v_lin, o_lin) in v_pairs.items():
+            d = head_dims[attn]
+            Hd = hadamard.hadamard(d)
+            self.edit(v_lin.args[1].target, lambda w, H=Hd, d=d: (H.t() @ w.reshape(-1, d, w.shape[-1])).reshape(w.shape))
+            b = _arg(v_lin, 2, "b")
+            if b is not None:
+                self.edit(b.target, lambda v, H=Hd, d=d: (v.reshape(-1, d) @ H).reshape(v.shape))
+            self.edit(o_lin.args[1].target, lambda w, H=Hd, d=d: (w.reshape(w.shape[0], -1, d) @ H).reshape(w.shape))
+            self.layer(attn)["v"] = d
+
+    def apply(self) -> list[str]:
+        """Untie aliases of edited tensors, then write every edited tensor; returns the untied aliases."""
+        store, untied = self.qm.store, []
+        for alias, target in list(store.aliases.items()):
+            if alias in self.fns or target in self.fns:  # e.g. lm_head.weight -> model.embed_tokens.weight
+                store[alias] = store[alias]  # materialize: the two now get different edits
+                untied.append(alias)
+        for name, fns in self.fns.items():
+            t = store[name].double()
+            for fn in fns:
+                t = fn(t)
+            store[name] = t.to(self.qm.dtype).contiguous()
+            store.release([name])
+        return untied
 
 
 @register
@@ -248,117 +326,38 @@ class Rotate(Pass):
         o = self.options
         if "rotated" in qm.properties:
             raise PtqcError("rotate: the model is already rotated")
-        # ---- plan and check everything before changing anything ----
-        plan = residual_plan(qm)
-        hidden = plan.hidden
+        plan = residual_plan(qm)  # plan and check everything before changing anything
         if o.residual == "hadamard":
-            k, p2 = _factor(hidden, "hidden size", "use rotate:residual=orthogonal")
-            how = f"random hadamard {hidden} = {k}*{p2} (seed {o.seed})"
+            k, p2 = _factor(plan.hidden, "hidden size", "use rotate:residual=orthogonal")
+            how = f"random hadamard {plan.hidden} = {k}*{p2} (seed {o.seed})"
         else:
-            how = f"random orthogonal {hidden} (seed {o.seed})"
+            how = f"random orthogonal {plan.hidden} (seed {o.seed})"
         downs = [n for n in plan.writers if info(n)["role"] == "down"] if o.online_down else []
-        inter = sorted({qm.store.spec(n.args[1].target)[0][1] for n in downs})
-        for size in inter:
-            _factor(size, "intermediate size", "use rotate:online_down=false")
-        attns = list(qm.nodes(ops.ATTENTION)) if (o.qk or o.v) else []
-        head_dims = {}
-        for attn in attns:
+        inter = {str(s): "%d*%d" % _factor(s, "intermediate size", "use rotate:online_down=false")
+                 for s in sorted({qm.store.spec(n.args[1].target)[0][1] for n in downs})}
+        head_dims = {}  # attention -> head_dim
+        for attn in (qm.nodes(ops.ATTENTION) if (o.qk or o.v) else []):
             shapes = [a.meta.get("shape") if isinstance(a, fx.Node) else None for a in attn.args[:3]]
             if any(s is None or len(s) != 4 for s in shapes) or len({s[3] for s in shapes}) != 1:
                 raise PtqcError(f"rotate: cannot read the head layout of {_where(attn)}; use qk=false and v=false")
             head_dims[attn] = shapes[0][3]
-        for d in sorted(set(head_dims.values())):
-            _factor(d, "head_dim", "use rotate:qk=false,v=false")
-        v_pairs = {attn: self._v_pair(qm, attn) for attn in attns} if o.v else {}
-
-        # ---- weight edits, per tensor name, applied in order in float64 ----
-        edits: dict[str, list[Callable[[torch.Tensor], torch.Tensor]]] = {}
-
-        def edit(name: str, fn) -> None:
-            edits.setdefault(name, []).append(fn)
-
-        Q = (hadamard.random_hadamard(hidden, o.seed) if o.residual == "hadamard"
-             else hadamard.random_orthogonal(hidden, o.seed))
-        layers: dict = {}  # layer -> what was done there (the summary)
-
-        def note(n: fx.Node, key: str, value, many: bool = False) -> None:
-            rec = layers.setdefault(info(n).get("layer"), {})
-            if many:
-                rec.setdefault(key, []).append(value)
-            else:
-                rec[key] = value
-
-        # a. norm weights into the linears they feed
-        for norm, lins in plan.norms.items():
-            offset = float(_arg(norm, 3, "offset", 0.0))
-            w_name = norm.args[1].target
-            scale = qm.store[w_name].double() + offset
-            for lin in lins:
-                edit(lin.args[1].target, lambda w, s=scale: w * s[None, :])
-            edit(w_name, lambda w, v=1.0 - offset: torch.full_like(w, v))
-            note(norm, "fused", f"{info(norm).get('role')} -> {'/'.join(info(n)['role'] for n in lins)}", many=True)
-        # b. the residual rotation
-        for e in plan.embeds:
-            edit(e.args[0].target, lambda w: w @ Q)
-        for n in plan.readers:
-            edit(n.args[1].target, lambda w: w @ Q)
-            note(n, "readers", info(n)["role"], many=True)
-        for n in plan.writers:
-            edit(n.args[1].target, lambda w: Q.t() @ w)
-            b = _arg(n, 2, "b")
-            if b is not None:
-                edit(b.target, lambda v: v @ Q)
-            note(n, "writers", info(n)["role"], many=True)
-        # c. online Hadamard on down_proj's input, folded into its weight
-        for n in downs:
-            meta = info(n)
-            H = _store_factors(qm, f"{meta['module']}.hadamard", qm.store.spec(n.args[1].target)[0][1])
-            t = _add_transform(qm, n, n.args[0], f"{meta['module']}.hadamard_a", f"{meta['module']}.hadamard_b", meta)
-            n.args = (t, *n.args[1:])
-            edit(n.args[1].target, lambda w, H=H: w @ H)
-            note(n, "online_down", H.shape[0])
-        # d. online Hadamard on q and k (after RoPE): scores unchanged
-        if o.qk:
-            for attn in attns:
-                meta = info(attn)
-                base = f"{meta['module']}.qk_hadamard"
-                _store_factors(qm, base, head_dims[attn])
-                q = _add_transform(qm, attn, attn.args[0], f"{base}_a", f"{base}_b", meta)
-                k = _add_transform(qm, attn, attn.args[1], f"{base}_a", f"{base}_b", meta)
-                attn.args = (q, k, *attn.args[2:])
-                note(attn, "qk", head_dims[attn])
-        # e. per-head Hadamard folded into v_proj (rows, bias) and o_proj (columns)
-        for attn, (v_lin, o_lin) in v_pairs.items():
-            d = head_dims[attn]
-            Hd = hadamard.hadamard(d)
-            edit(v_lin.args[1].target, lambda w, H=Hd, d=d: (H.t() @ w.reshape(-1, d, w.shape[-1])).reshape(w.shape))
-            b = _arg(v_lin, 2, "b")
-            if b is not None:
-                edit(b.target, lambda v, H=Hd, d=d: (v.reshape(-1, d) @ H).reshape(v.shape))
-            edit(o_lin.args[1].target, lambda w, H=Hd, d=d: (w.reshape(w.shape[0], -1, d) @ H).reshape(w.shape))
-            note(attn, "v", d)
-
-        # ---- untie, then write every edited tensor once ----
-        untied = []
-        for alias, target in list(qm.store.aliases.items()):
-            if alias in edits or target in edits:  # e.g. lm_head.weight -> model.embed_tokens.weight
-                qm.store[alias] = qm.store[alias]  # materialize: the two now get different edits
-                untied.append(alias)
-        for name, fns in edits.items():
-            t = qm.store[name].double()
-            for fn in fns:
-                t = fn(t)
-            qm.store[name] = t.to(qm.dtype).contiguous()
-            qm.store.release([name])
-
-        per_layer = [{"layer": i, **layers[i]} for i in sorted(layers, key=lambda i: (i is None, i or 0))]
+        heads = {str(d): "%d*%d" % _factor(d, "head_dim", "use rotate:qk=false,v=false")
+                 for d in sorted(set(head_dims.values()))}
+        v_pairs = {attn: self._v_pair(qm, attn) for attn in head_dims} if o.v else {}
+        Q = (hadamard.random_hadamard if o.residual == "hadamard" else hadamard.random_orthogonal)(plan.hidden, o.seed)
+        rw = _Rewrite(qm)
+        rw.fuse_norms(plan)
+        rw.rotate_residual(plan, Q)
+        rw.online_hadamards(downs, head_dims if o.qk else {})
+        rw.fold_v(v_pairs, head_dims)
+        untied = rw.apply()
+        layers = [{"layer": i, **rw.layers[i]} for i in sorted(rw.layers, key=lambda i: (i is None, i or 0))]
         return PassResult(changed=True, summary={
-            "residual": how, "hidden": hidden, "norms_fused": len(plan.norms),
+            "residual": how, "hidden": plan.hidden, "norms_fused": len(plan.norms),
             "embeddings": [e.args[0].target for e in plan.embeds], "untied": untied,
-            "online_down": {str(s): "%d*%d" % hadamard.factor(s) for s in inter},
-            "head_dim": {str(d): "%d*%d" % hadamard.factor(d) for d in sorted(set(head_dims.values()))},
-            "transforms_inserted": len(downs) + (2 * len(attns) if o.qk else 0),
-            "v_folded": len(v_pairs), "layers": per_layer})
+            "online_down": inter, "head_dim": heads,
+            "transforms_inserted": len(downs) + (2 * len(head_dims) if o.qk else 0),
+            "v_folded": len(v_pairs), "layers": layers})
 
     @staticmethod
     def _v_pair(qm, attn: fx.Node) -> tuple[fx.Node, fx.Node]:
