@@ -17,7 +17,7 @@ quantization unless ``--no-pack`` is given. The model computes exactly the same 
 from __future__ import annotations
 
 from ptqc import ops, quant
-from ptqc.ir import info, is_op
+from ptqc.ir import info
 from ptqc.pipeline import Pass, PassResult, register
 
 
@@ -55,7 +55,3 @@ class Pack(Pass):
             packed += 1
             saved += codes.numel() // 2
         return PassResult(changed=bool(packed), summary={"packed": packed, "bytes_saved": saved})
-
-
-def is_packed(node) -> bool:
-    return is_op(node, ops.UNPACK_INT4)

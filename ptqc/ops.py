@@ -28,8 +28,6 @@ import torch.nn.functional as F
 
 from ptqc import quant
 
-lib = "ptqc"
-
 
 @torch.library.custom_op("ptqc::linear", mutates_args=())
 def linear(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None) -> torch.Tensor:

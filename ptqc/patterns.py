@@ -1,8 +1,8 @@
 """Finding structure in a ptqc graph: the matching helpers passes share.
 
 Passes ask structural questions ("which linears read this norm's output?", "which linears share
-one input?", "which linear produces what o_proj reads?"). Answers come from a networkx view of
-the graph in which shape-only ops (view, reshape, transpose, casts...) are transparent.
+one input?", "which linear produces what o_proj reads?"). Shape-only ops (view, reshape, transpose,
+casts...) are transparent to them.
 
     norm_groups(qm)        [(rms_norm node, [linears it feeds])]      e.g. input_norm -> q, k, v
     shared_input_groups(qm)[(producer node, [linears reading it])]    q/k/v, gate/up share inputs
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import fnmatch
 
-import networkx as nx
 import torch
 import torch.fx as fx
 
@@ -28,18 +27,6 @@ TRANSPARENT = {
     aten.permute.default, aten.clone.default, aten.contiguous.default, aten._to_copy.default,
     aten.unsqueeze.default, aten.squeeze.dim, aten.expand.default,
 }
-
-
-def to_networkx(qm: QModel) -> nx.DiGraph:
-    """Data-flow graph: one vertex per node name, with op/role/layer attributes."""
-    g = nx.DiGraph()
-    for n in qm.graph.nodes:
-        m = n.meta.get("ptqc", {})
-        g.add_node(n.name, op=str(n.target) if n.op == "call_function" else n.op,
-                   role=m.get("role"), layer=m.get("layer"), node=n)
-        for a in n.all_input_nodes:
-            g.add_edge(a.name, n.name)
-    return g
 
 
 def activation_input(linear: fx.Node) -> fx.Node:
@@ -85,11 +72,6 @@ def producer_linear(qm: QModel, linear: fx.Node) -> fx.Node | None:
             if is_op(a, ops.LINEAR):
                 return a
     return None
-
-
-def layer_subgraph(qm: QModel, layer: int) -> list[fx.Node]:
-    """All call nodes of one decoder layer, in graph order."""
-    return [n for n in qm.graph.nodes if n.op == "call_function" and n.meta.get("ptqc", {}).get("layer") == layer]
 
 
 # ---- a small pattern language over fx nodes (after tinygrad's UPat) ---------------------------------

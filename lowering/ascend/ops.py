@@ -52,7 +52,6 @@ from ptqc.lowering.ascend.ops_quant import (  # noqa: F401
 
 DYNAMIC_QUANT = torch.ops.ptqc_npu.dynamic_quant.default
 QUANTIZE = torch.ops.ptqc_npu.quantize.default
-TRANS_QUANT_PARAM = torch.ops.ptqc_npu.trans_quant_param.default
 QUANT_MATMUL = torch.ops.ptqc_npu.quant_matmul.default
 WEIGHT_QUANT_BATCHMATMUL = torch.ops.ptqc_npu.weight_quant_batchmatmul.default
 RMS_NORM = torch.ops.ptqc_npu.rms_norm.default
@@ -66,4 +65,3 @@ SWIGLU_QUANT = torch.ops.ptqc_npu.swiglu_quant.default
 DYNAMIC_QUANT_INT4 = torch.ops.ptqc_npu.dynamic_quant_int4.default
 KRONECKER_QUANT = torch.ops.ptqc_npu.kronecker_quant.default
 ROTATE_QUANT = torch.ops.ptqc_npu.rotate_quant.default
-CONVERT_WEIGHT_TO_INT4PACK = torch.ops.ptqc_npu.convert_weight_to_int4pack.default
