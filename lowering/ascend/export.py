@@ -45,7 +45,8 @@ from ptqc import ops, quant
 from ptqc.artifact import AtomicDir
 from ptqc.errors import PtqcError
 from ptqc.ir import QModel, info, is_op
-from ptqc.model import hf_names, other_files, tensor_specs, write_safetensors
+from ptqc.lowering import checkpoint
+from ptqc.model import tensor_specs
 
 DESCRIPTION = "quant_model_description.json"
 WEIGHTS = "quant_model_weights-00001-of-00001.safetensors"
@@ -59,11 +60,14 @@ REQUIRED = {  # suffixes every linear of a type must have (besides .weight)
     "W8A16": ("weight_scale", "weight_offset"),
     "W4A16": ("weight_scale", "weight_offset"),
 }
-
-
-def _codes(qm: QModel, dq) -> torch.Tensor:
-    c = dq.args[0]
-    return quant.unpack_int4(qm.store[c.args[0].target]) if is_op(c, ops.UNPACK_INT4) else qm.store[c.target]
+SUFFIX_RULES = {  # suffix -> (dtypes, shapes of a linear [out, in] with cols scale columns, what is expected)
+    "weight_scale": (("F32",), lambda out, cols: ((out, cols),), "float32 [{out}, {cols}]"),
+    "weight_offset": (("F32",), lambda out, cols: ((out, cols),), "float32 [{out}, {cols}]"),
+    "input_scale": (("F32",), lambda out, cols: ((1,), ()), "float32 [1]"),
+    "input_offset": (("F32",), lambda out, cols: ((1,), ()), "float32 [1]"),
+    "deq_scale": (("I64", "F32"), lambda out, cols: ((out,),), "int64 (or float32 for bf16 models) [{out}]"),
+    "quant_bias": (("I32",), lambda out, cols: ((out,),), "int32 [{out}]"),
+}
 
 
 def classify(lin, wq: dict | None) -> str:
@@ -119,97 +123,74 @@ def _kv_shape(qm: QModel) -> tuple[int, int]:
     return hkv, d
 
 
+def _static_tensors(qm: QModel, lin, codes: torch.Tensor, scale: torch.Tensor) -> dict:
+    """input_scale, input_offset, deq_scale and quant_bias of a static W8A8 linear."""
+    q = lin.args[0]
+    s_in = qm.store[q.args[1].target].float().reshape(1)
+    off = qm.store[q.args[2].target].float().reshape(1) if q.args[2] is not None else torch.zeros(1)
+    deq = (s_in * scale.reshape(-1)).float()
+    # msModelSlim writes the float32 bit pattern as int64 (no npu_trans_quant_param flag, not
+    # truncated: the runtime converts it); float32 for a bf16 model
+    deq_store = deq if qm.dtype == torch.bfloat16 else deq.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    b = lin.args[2] if len(lin.args) > 2 else None
+    qb = qm.store[b.target].float() / deq if b is not None else torch.zeros_like(deq)
+    qb = torch.round(qb) - codes.float().sum(1) * off
+    return {"input_scale": s_in, "input_offset": off, "deq_scale": deq_store, "quant_bias": qb.to(torch.int32)}
+
+
+def _linear_tensors(qm: QModel, lin, kind: str) -> tuple[dict, set]:
+    """(the tensors of a quantized linear by suffix, the store names they replace)."""
+    dq = lin.args[1]
+    codes = checkpoint.weight_codes(qm, dq)
+    scale = qm.store[dq.args[1].target].float()
+    zp = qm.store[dq.args[2].target].float() if dq.args[2] is not None else torch.zeros_like(scale)
+    handled = checkpoint.store_inputs(dq, dq.args[0])
+    t = {"weight": quant.pack_int4(codes) if kind == "W4A16" else codes.to(torch.int8),
+         "weight_scale": scale.reshape(scale.shape[0], -1), "weight_offset": (-zp).reshape(scale.shape[0], -1)}
+    if kind == "W8A8":
+        t |= _static_tensors(qm, lin, codes, scale)
+        handled |= checkpoint.store_inputs(lin.args[0])
+    return t, handled
+
+
 def export(qm: QModel, out, *, force: bool = False) -> dict:
     """Write ``qm`` (a fake-quant ptqc graph) in the Ascend deployment format; returns the description."""
     if any(str(n.target).startswith("ptqc_npu.") for n in qm.graph.nodes if n.op == "call_function"):
         raise PtqcError("export the fake-quant artifact, not a lowered one (compile without the ascend pass)")
-    tensors: dict[str, torch.Tensor] = {}  # quantized linears' tensors, computed here
-    desc: dict = {}
-    groups = set()
-    kinds: dict[str, int] = {}
-    handled = set()
+    tensors, desc, kinds, groups, handled = {}, {}, {}, set(), set()
     for lin in qm.linears():
-        dq = lin.args[1]
-        m = info(lin)
-        base = m["module"]
-        wq = m.get("quant", {}).get("weight") if is_op(dq, ops.DEQUANTIZE_WEIGHT) else None
-        kind = classify(lin, wq)
+        dq, base = lin.args[1], info(lin)["module"]
+        kind = classify(lin, info(lin).get("quant", {}).get("weight") if is_op(dq, ops.DEQUANTIZE_WEIGHT) else None)
         if kind == "FLOAT":
             continue
         kinds[kind] = kinds.get(kind, 0) + 1
-        codes = _codes(qm, dq)
-        scale = qm.store[dq.args[1].target].float()
-        zp = qm.store[dq.args[2].target].float() if dq.args[2] is not None else torch.zeros_like(scale)
-        handled |= {n.target for n in dq.all_input_nodes if n.op == "get_attr"}
-        handled |= {a.target for a in getattr(dq.args[0], "all_input_nodes", []) if a.op == "get_attr"}
-        out_t = {}
-        if kind == "W4A16":
-            if dq.args[3]:
-                groups.add(dq.args[3])
-            out_t["weight"] = quant.pack_int4(codes)
-        else:
-            out_t["weight"] = codes.to(torch.int8)
-        out_t["weight_scale"] = scale.reshape(scale.shape[0], -1)
-        out_t["weight_offset"] = (-zp).reshape(scale.shape[0], -1)
-        if kind == "W8A8":
-            q = lin.args[0]
-            s_in = qm.store[q.args[1].target].float().reshape(1)
-            off = qm.store[q.args[2].target].float().reshape(1) if q.args[2] is not None else torch.zeros(1)
-            handled |= {a.target for a in q.all_input_nodes if a.op == "get_attr"}
-            deq = (s_in * scale.reshape(-1)).float()
-            # msModelSlim writes the float32 bit pattern as int64 (no npu_trans_quant_param flag, not
-            # truncated: the runtime converts it); float32 for a bf16 model
-            deq_store = deq if qm.dtype == torch.bfloat16 else deq.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
-            deq_f = deq
-            b = lin.args[2] if len(lin.args) > 2 else None
-            qb = qm.store[b.target].float() / deq_f if b is not None else torch.zeros_like(deq)
-            qb = torch.round(qb) - codes.float().sum(1) * off
-            out_t.update({"input_scale": s_in, "input_offset": off, "deq_scale": deq_store,
-                          "quant_bias": qb.to(torch.int32)})
-        for suffix, t in out_t.items():
-            name = f"{base}.{suffix}"
-            tensors[name] = t.contiguous()
-            desc[name] = kind
+        if kind == "W4A16" and dq.args[3]:
+            groups.add(dq.args[3])
+        t, done = _linear_tensors(qm, lin, kind)
+        handled |= done
+        for suffix, v in t.items():
+            tensors[f"{base}.{suffix}"] = v.contiguous()
+            desc[f"{base}.{suffix}"] = kind
     if len(groups) > 1:
         raise PtqcError(f"W4A16 linears use several group sizes {sorted(groups)}; the Ascend format has one group_size")
     c8, why = _c8_tensors(qm)
-    for n, t in c8.items():
-        tensors[n] = t
-        desc[n] = "C8"
+    tensors |= c8
+    desc |= dict.fromkeys(c8, "C8")
     if c8:  # the K/V quantizers' own scale tensors are replaced by the C8 ones
-        for q in qm.graph.nodes:
-            if is_op(q, ops.QUANTIZE_ACT) and str(info(q).get("role", "")).endswith("_cache_quant"):
-                handled |= {a.target for a in q.all_input_nodes if a.op == "get_attr"}
-    floats = [n for n in qm.weight_names() if n not in handled and n not in tensors]
-    aliases = {n: qm.store.aliases[n] for n in floats if n in qm.store.aliases}
-    floats = sorted(set(floats) - set(aliases) | set(aliases.values()))
-    buffers = hf_names(qm.config)[1]
-    floats = [n for n in floats if n not in buffers]  # rotary inv_freq...: recomputed, not in checkpoints
-    for n in floats:
-        desc[n] = "FLOAT"
+        handled |= checkpoint.store_inputs(*(q for q in qm.nodes(ops.QUANTIZE_ACT)
+                                             if str(info(q).get("role", "")).endswith("_cache_quant")))
+    desc |= dict.fromkeys(checkpoint.unchanged(qm, handled | set(tensors))[0], "FLOAT")
     main = max(kinds, key=kinds.get) if kinds else "FLOAT"
     head = {"model_quant_type": main, "version": "1.0.0", "group_size": next(iter(groups), 0),
             **({"kv_cache_type": "C8", "kv_quant_type": "C8"} if c8 else {}),  # msModelSlim writes both
             "metadata": {"producer": "ptqc", "linears": kinds},
             "optional": {"kv_cache": "C8" if c8 else f"not exported ({why})" if why else "none"}}
     names = sorted(desc)
-
-    def spec(n):
-        if n in tensors:
-            return tuple(tensors[n].shape), tensors[n].dtype
-        return qm.store.spec(n)
-
-    def get(n):
-        return tensors[n] if n in tensors else qm.store[n].to(qm.dtype) if qm.store[n].is_floating_point() else qm.store[n]
-
-    src = Path(qm.source) if qm.source else None
     with AtomicDir(out, force) as tmp:
-        if src is not None and (src / "config.json").is_file():
-            shutil.copy2(src / "config.json", tmp / "config.json")
-            for f in other_files(src):
-                if f.name not in ("ptqc.json", "graph.json"):
-                    shutil.copy2(f, tmp / f.name)
-        total = write_safetensors(tmp / WEIGHTS, names, spec, get, metadata={"format": "pt", "producer": "ptqc"})
+        if qm.source and (Path(qm.source) / "config.json").is_file():
+            shutil.copy2(Path(qm.source) / "config.json", tmp / "config.json")
+        checkpoint.copy_source_files(qm, tmp)
+        total = checkpoint.save(qm, tmp / WEIGHTS, names, tensors)
         (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total},
                                              "weight_map": {n: WEIGHTS for n in names}}, indent=1))
         (tmp / DESCRIPTION).write_text(json.dumps({**head, **{n: desc[n] for n in names}}, indent=1))
@@ -217,43 +198,19 @@ def export(qm: QModel, out, *, force: bool = False) -> dict:
 
 
 # ---- checker -----------------------------------------------------------------------------------
-def check(path) -> list[str]:
-    """Problems of an Ascend export directory (empty list: valid). Each is one line."""
-    path = Path(path)
-    problems: list[str] = []
-    dfile = path / DESCRIPTION
-    if not dfile.is_file():
-        return [f"{DESCRIPTION} is missing"]
-    try:
-        desc = json.loads(dfile.read_text())
-    except json.JSONDecodeError as e:
-        return [f"{DESCRIPTION} is not valid JSON: {e}"]
-    if "model_quant_type" not in desc:
-        problems.append(f"{DESCRIPTION} has no model_quant_type")
-    types = {k: v for k, v in desc.items() if k not in META_KEYS}
-    bad = sorted({v for v in types.values() if v not in TYPES})
-    if bad:
-        problems.append(f"unknown quantization type {bad[0]!r} in {DESCRIPTION} (known: {', '.join(TYPES)})")
-    files = sorted(path.glob("quant_model_weight*.safetensors"))
-    if not files:
-        return problems + ["no quant_model_weight*.safetensors file"]
-    meta = tensor_specs(files)
-    for n in sorted(set(types) - set(meta)):
-        problems.append(f"{n} is in {DESCRIPTION} but in no weight file")
-    for n in sorted(set(meta) - set(types)):
-        problems.append(f"{n} is in the weight files but not in {DESCRIPTION}")
-    group = desc.get("group_size", 0) or 0
+def _linear_problems(types: dict, meta: dict, group: int) -> list[str]:
+    """Every quantized linear has the tensors of its type, with their dtypes and shapes."""
+    problems = []
     for w in sorted(n for n, t in types.items() if t in REQUIRED and n.endswith(".weight")):
-        kind = types[w]
-        base = w.removesuffix(".weight")
+        kind, base = types[w], w.removesuffix(".weight")
         if w not in meta:
             continue
         shape, dtype = meta[w]
         if dtype != "I8":
             problems.append(f"{w}: {kind} weight must be int8, found {dtype}")
             continue
-        out = shape[0]
-        k = shape[1] * (2 if kind == "W4A16" else 1)
+        out, k = shape[0], shape[1] * (2 if kind == "W4A16" else 1)
+        cols = (k // group) if (kind == "W4A16" and group) else 1
         for suffix in REQUIRED[kind]:
             name = f"{base}.{suffix}"
             if name not in meta:
@@ -262,21 +219,17 @@ def check(path) -> list[str]:
             if types.get(name) != kind:
                 problems.append(f"{name}: described as {types.get(name)}, but its linear is {kind}")
             s, dt = meta[name]
-            if suffix in ("weight_scale", "weight_offset"):
-                cols = (k // group) if (kind == "W4A16" and group) else 1
-                if dt != "F32" or s != (out, cols):
-                    problems.append(f"{name}: expected float32 [{out}, {cols}], found {dt} {list(s)}")
-            elif suffix in ("input_scale", "input_offset"):
-                if dt != "F32" or s not in ((1,), ()):
-                    problems.append(f"{name}: expected float32 [1], found {dt} {list(s)}")
-            elif suffix == "deq_scale":
-                if dt not in ("I64", "F32") or s != (out,):
-                    problems.append(f"{name}: expected int64 (or float32 for bf16 models) [{out}], found {dt} {list(s)}")
-            elif suffix == "quant_bias":
-                if dt != "I32" or s != (out,):
-                    problems.append(f"{name}: expected int32 [{out}], found {dt} {list(s)}")
+            dtypes, shapes, expected = SUFFIX_RULES[suffix]
+            if dt not in dtypes or s not in shapes(out, cols):
+                problems.append(f"{name}: expected {expected.format(out=out, cols=cols)}, found {dt} {list(s)}")
         if kind == "W4A16" and group and k % group:
             problems.append(f"{w}: input dimension {k} is not a multiple of group_size {group}")
+    return problems
+
+
+def _c8_problems(desc: dict, types: dict, meta: dict) -> list[str]:
+    """C8: kv_cache_type says so, and both k_proj and v_proj of every attention have their vectors."""
+    problems = []
     c8 = sorted(n for n, t in types.items() if t == "C8")
     if c8 and desc.get("kv_cache_type") != "C8":
         problems.append(f"{c8[0]} is C8 but {DESCRIPTION} has no kv_cache_type \"C8\"")
@@ -302,6 +255,30 @@ def check(path) -> list[str]:
                 if f"{att}.{which}" not in projs:
                     problems.append(f"{att}: C8 needs scales for both k_proj and v_proj, {which} has none")
     return problems
+
+
+def check(path) -> list[str]:
+    """Problems of an Ascend export directory (empty list: valid). Each is one line."""
+    path = Path(path)
+    dfile = path / DESCRIPTION
+    if not dfile.is_file():
+        return [f"{DESCRIPTION} is missing"]
+    try:
+        desc = json.loads(dfile.read_text())
+    except json.JSONDecodeError as e:
+        return [f"{DESCRIPTION} is not valid JSON: {e}"]
+    problems = [] if "model_quant_type" in desc else [f"{DESCRIPTION} has no model_quant_type"]
+    types = {k: v for k, v in desc.items() if k not in META_KEYS}
+    bad = sorted({v for v in types.values() if v not in TYPES})
+    if bad:
+        problems.append(f"unknown quantization type {bad[0]!r} in {DESCRIPTION} (known: {', '.join(TYPES)})")
+    files = sorted(path.glob("quant_model_weight*.safetensors"))
+    if not files:
+        return problems + ["no quant_model_weight*.safetensors file"]
+    meta = tensor_specs(files)
+    problems += [f"{n} is in {DESCRIPTION} but in no weight file" for n in sorted(set(types) - set(meta))]
+    problems += [f"{n} is in the weight files but not in {DESCRIPTION}" for n in sorted(set(meta) - set(types))]
+    return problems + _linear_problems(types, meta, desc.get("group_size", 0) or 0) + _c8_problems(desc, types, meta)
 
 
 # ---- loader ------------------------------------------------------------------------------------

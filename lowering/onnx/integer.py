@@ -32,7 +32,8 @@ from onnx import TensorProto
 
 from ptqc import ops, quant
 from ptqc.ir import is_op
-from ptqc.lowering.onnx.export import F32, I32, MS_DOMAIN, _bytes, act_codes, act_qparams
+from ptqc.lowering.onnx.dialect import act_codes, act_qparams
+from ptqc.lowering.onnx.emitter import F32, I32, MS_DOMAIN, _bytes
 
 NBITS_MAX_PER_CHANNEL_BLOCK = 256
 
