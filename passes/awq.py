@@ -22,9 +22,10 @@ k = 0..grid-1; the candidate (or no scaling) with the lowest output MSE
 ``||Q(W s)(x/s) - W x||^2`` wins.
 
 Clip search (``clip=true``, AutoAWQ's): for every linear except q/k (attention logits are
-sensitive), per output row and group, weights are clamped to ``[-r m, r m]`` (``m``: the group's
-max |w|; the other end of an asymmetric group keeps its range) with the r in 1, 0.95, ... 0.55
-giving the lowest error of the group's partial outputs on 512 of the samples.
+sensitive), scaled or not (o_proj under GQA), per output row and group, weights are clamped to
+``[-r m, r m]`` (``m``: the group's max |w|; the other end of an asymmetric group keeps its
+range) with the r in 1, 0.95, ... 0.55 giving the lowest error of the group's partial outputs
+on 512 of the samples.
 
 Then (``quantize=true``, default) the weights are quantized round-to-nearest with the shared
 quantizer. With ``quantize=false`` only scales and clipping are applied, for pipelines such as
@@ -151,8 +152,12 @@ class AWQ(Pass):
             plan.setdefault(layer, []).append((prev, lins))
         records: list[dict] = []
 
-        def observe(i):
-            return {lins[0]: {"x": Samples(max_tokens=o.samples), "mean": MeanAbs()} for _, lins in plan.get(i, [])}
+        def observe(i):  # each scaling group's input, and the input of unscaled linears to clip (GQA o_proj)
+            grouped = {n for _, lins in plan.get(i, []) for n in lins}
+            obs = {n: {"x": Samples(max_tokens=o.samples)} for n in qm.linears(layer=i) if o.clip and
+                   n.name in spec_of and n not in grouped and n.meta["ptqc"]["role"] not in ("q", "k")}
+            return obs | {lins[0]: {"x": Samples(max_tokens=o.samples), "mean": MeanAbs()}
+                          for _, lins in plan.get(i, [])}
 
         def apply(i, stats):
             xs = {}
@@ -168,29 +173,32 @@ class AWQ(Pass):
                                 "linears": [n.meta["ptqc"]["role"] for n in lins],
                                 **{k: (round(v, 8) if isinstance(v, float) else v) for k, v in rec.items()}})
             for n in qm.linears(layer=i):
-                if n.name not in spec_of:
-                    continue
-                spec, w = spec_of[n.name], weight_of(qm, n).float()
-                if o.clip and n.name in xs and n.meta["ptqc"]["role"] not in ("q", "k"):
-                    w = search_clip(xs[n.name], w, spec)
-                    qm.store[n.args[1].target] = w.to(qm.dtype)
-                if o.quantize:
-                    scale, zp = quant.compute_qparams(w, spec)
-                    set_quantized_weight(qm, n, spec, quant.quantize(w, scale, zp, spec), scale, zp, "awq",
-                                         {"scaled": n.name in xs, "clipped": bool(o.clip and n.name in xs)})
+                if n.name in spec_of:
+                    x = xs[n.name] if n.name in xs else stats[n]["x"].result().float() if n in stats else None
+                    self._clip_quantize(qm, n, spec_of[n.name], x, n.name in xs)
 
         summary = calibrate(qm, ctx, observe, apply, propagate="float", layers=sorted(plan), desc="awq")
-        if o.quantize:  # linears outside any scaling group (e.g. GQA o_proj) still get quantized
+        if o.quantize:  # linears outside the calibrated layers (e.g. an included lm_head) still get quantized
             for n in select_linears(qm, o.include, o.exclude):
                 if n.name in spec_of:
-                    spec, w = spec_of[n.name], weight_of(qm, n).float()
-                    scale, zp = quant.compute_qparams(w, spec)
-                    set_quantized_weight(qm, n, spec, quant.quantize(w, scale, zp, spec), scale, zp, "awq",
-                                         {"scaled": False, "clipped": False})
+                    self._clip_quantize(qm, n, spec_of[n.name], None, False)
         gain = [r["loss_after"] / r["loss_before"] for r in records if r["loss_before"] > 0]
         return PassResult(changed=bool(spec_of), summary={
             **summary, "groups_scaled": len(records), "linears": len(spec_of),
             "mean_loss_ratio": round(sum(gain) / max(len(gain), 1), 4), "scales": records})
+
+    def _clip_quantize(self, qm, n, spec: quant.QuantSpec, x: torch.Tensor | None, scaled: bool) -> None:
+        """Clip search on the sampled input ``x`` (as AutoAWQ: every linear but q/k, scaled or not),
+        then quantize (``quantize=true``)."""
+        w = weight_of(qm, n).float()
+        clip = self.options.clip and x is not None and n.meta["ptqc"]["role"] not in ("q", "k")
+        if clip:
+            w = search_clip(x, w, spec)
+            qm.store[n.args[1].target] = w.to(qm.dtype)
+        if self.options.quantize:
+            scale, zp = quant.compute_qparams(w, spec)
+            set_quantized_weight(qm, n, spec, quant.quantize(w, scale, zp, spec), scale, zp, "awq",
+                                 {"scaled": scaled, "clipped": clip})
 
     @staticmethod
     def _foldable(qm, prev, lins) -> bool:

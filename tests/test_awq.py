@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ptqc import pipeline, quant
-from ptqc.weights import is_quantized
+from ptqc.weights import dequantized_weight, is_quantized
 
 awq = importlib.import_module("ptqc.passes.awq")
 
@@ -104,6 +104,19 @@ def test_clip_search_clamps_symmetrically_on_the_autoawq_grid():
     assert (r < 1).any() and ((r * 20).round() % 2 == 1).any()  # some r = 0.95, 0.85, ...
     many = torch.randn(4096, 64)
     assert torch.equal(awq.search_clip(many, w, spec), awq.search_clip(many[::8], w, spec))  # 512 tokens
+
+
+def test_o_proj_is_clipped_under_gqa(loaded, ids):
+    """As AutoAWQ, every linear but q/k gets the clip search, also o_proj where GQA rules out the
+    v -> o scale (it used to get plain RTN)."""
+    qm = loaded("qwen2")
+    o = qm.linears(role="o", layer=0)[0]
+    w = qm.store[o.args[1].target].clone()
+    _run(qm, "awq:bits=3,group=32", ids(4, 16))
+    rec = {n.meta["ptqc"]["role"]: qm.quant[n.meta["ptqc"]["module"]]["weight"] for n in qm.linears(layer=0)}
+    assert rec["o"]["clipped"] and not rec["o"]["scaled"]
+    assert [r for r in rec if rec[r]["clipped"]] == [r for r in rec if r not in ("q", "k")]
+    assert not torch.equal(dequantized_weight(qm, o), quant.fake_quantize(w, quant.QuantSpec(3, 32, False)))
 
 
 def test_awq_then_gptq_composes(loaded, ids):
