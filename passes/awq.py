@@ -21,9 +21,11 @@ group-normalized weights), normalized by ``sqrt(max(s) min(s))``, for ``a`` in `
 k = 0..grid-1; the candidate (or no scaling) with the lowest output MSE
 ``||Q(W s)(x/s) - W x||^2`` wins.
 
-Clip search (``clip=true``): for every linear except q/k (attention logits are sensitive), per
-output row and group, the weight range is shrunk by ratios 1, 0.95, ... 0.5 and the ratio
-giving the lowest error of that group's partial outputs is kept; weights are clamped to it.
+Clip search (``clip=true``, AutoAWQ's): for every linear except q/k (attention logits are
+sensitive), scaled or not (o_proj under GQA), per output row and group, weights are clamped to
+``[-r m, r m]`` (``m``: the group's max |w|; the other end of an asymmetric group keeps its
+range) with the r in 1, 0.95, ... 0.55 giving the lowest error of the group's partial outputs
+on 512 of the samples.
 
 Then (``quantize=true``, default) the weights are quantized round-to-nearest with the shared
 quantizer. With ``quantize=false`` only scales and clipping are applied, for pipelines such as
@@ -55,12 +57,10 @@ def search_scale(x: torch.Tensor, x_mean: torch.Tensor, ws: list[torch.Tensor], 
     w_mean = (wg / wg.amax(-1, keepdim=True).clamp_min(1e-12)).reshape(W.shape).mean(0)
 
     def loss(s):
-        yq = (x / s) @ quant.fake_quantize(W * s, spec).t()
-        return (yq - y).pow(2).mean().item()
+        return ((x / s) @ quant.fake_quantize(W * s, spec).t() - y).pow(2).mean().item()
 
-    best_s, best, base = torch.ones_like(x_mean), None, None
+    best_s, best_a = torch.ones_like(x_mean), None
     base = best = loss(best_s)
-    best_a = None
     for k in range(grid):
         a = k / grid
         s = (x_mean.pow(a) / w_mean.pow(1 - a).clamp_min(1e-4)).clamp_min(1e-4)
@@ -71,22 +71,23 @@ def search_scale(x: torch.Tensor, x_mean: torch.Tensor, ws: list[torch.Tensor], 
     return best_s, {"alpha": best_a, "loss_before": base, "loss_after": best}
 
 
-def search_clip(x: torch.Tensor, w: torch.Tensor, spec: quant.QuantSpec, steps: int = 10, shrink: float = 0.5,
-                rows_per_batch: int = 256) -> torch.Tensor:
-    """Clamp ``w`` per (row, group) to the shrink ratio minimizing the group's output error."""
+def search_clip(x: torch.Tensor, w: torch.Tensor, spec: quant.QuantSpec, grid: int = 20, max_shrink: float = 0.5,
+                tokens: int = 512, rows_per_batch: int = 256) -> torch.Tensor:
+    """Clamp ``w`` per (row, group) to ``[-r m, r m]``, m the group's max |w|, with the r in 1, 1 - 1/grid,
+    ... > 1 - max_shrink minimizing the group's output error on ``tokens`` rows of ``x`` (AutoAWQ)."""
     g = spec.group_size if spec.group_size > 0 else w.shape[1]
+    x = x[::max(1, x.shape[0] // tokens)]
     xg = x.reshape(x.shape[0], -1, g)  # [n, groups, g]
     out = []
     for r0 in range(0, w.shape[0], rows_per_batch):
         wb = w[r0:r0 + rows_per_batch]
         wg = wb.reshape(wb.shape[0], -1, g)  # [rows, groups, g]
         ref = torch.einsum("ngc,rgc->nrg", xg, wg)
-        hi, lo = wg.amax(-1, keepdim=True), wg.amin(-1, keepdim=True)
+        m = wg.abs().amax(-1, keepdim=True)
         best_err = torch.full(wg.shape[:2], float("inf"))
         best = wg
-        for i in range(int(steps * shrink) + 1):
-            r = 1 - i / steps
-            cw = torch.maximum(torch.minimum(wg, hi * r), lo * r)
+        for i in range(int(grid * max_shrink)):
+            cw = torch.maximum(torch.minimum(wg, m * (1 - i / grid)), -m * (1 - i / grid))
             q = quant.fake_quantize(cw.reshape(wb.shape), spec).reshape(wg.shape)
             err = (torch.einsum("ngc,rgc->nrg", xg, q) - ref).pow(2).mean(0)
             better = err < best_err
@@ -146,8 +147,12 @@ class AWQ(Pass):
             folds.setdefault(layer, []).append((prev, lins))
         records: list[dict] = []
 
-        def observe(i):
-            return {lins[0]: {"x": Samples(max_tokens=o.samples), "mean": MeanAbs()} for _, lins in folds.get(i, [])}
+        def observe(i):  # each scaling group's input, and the input of unscaled linears to clip (GQA o_proj)
+            grouped = {n for _, lins in folds.get(i, []) for n in lins}
+            obs = {n: {"x": Samples(max_tokens=o.samples)} for n in qm.linears(layer=i) if o.clip and
+                   n.name in spec_of and n not in grouped and n.meta["ptqc"]["role"] not in ("q", "k")}
+            return obs | {lins[0]: {"x": Samples(max_tokens=o.samples), "mean": MeanAbs()}
+                          for _, lins in folds.get(i, [])}
 
         def apply(i, stats):
             xs = {}
@@ -163,29 +168,32 @@ class AWQ(Pass):
                                 "linears": [n.meta["ptqc"]["role"] for n in lins],
                                 **{k: (round(v, 8) if isinstance(v, float) else v) for k, v in rec.items()}})
             for n in qm.linears(layer=i):
-                if n.name not in spec_of:
-                    continue
-                spec, w = spec_of[n.name], weight_of(qm, n).float()
-                if o.clip and n.name in xs and n.meta["ptqc"]["role"] not in ("q", "k"):
-                    w = search_clip(xs[n.name], w, spec)
-                    qm.store[n.args[1].target] = w.to(qm.dtype)
-                if o.quantize:
-                    scale, zp = quant.compute_qparams(w, spec)
-                    set_quantized_weight(qm, n, spec, quant.quantize(w, scale, zp, spec), scale, zp, "awq",
-                                         {"scaled": n.name in xs, "clipped": bool(o.clip and n.name in xs)})
+                if n.name in spec_of:
+                    x = xs[n.name] if n.name in xs else stats[n]["x"].result().float() if n in stats else None
+                    self._clip_quantize(qm, n, spec_of[n.name], x, n.name in xs)
 
         summary = calibrate(qm, ctx, observe, apply, propagate="float", layers=sorted(folds), desc="awq")
-        if o.quantize:  # linears outside any scaling group (e.g. GQA o_proj) still get quantized
+        if o.quantize:  # linears outside the calibrated layers (e.g. an included lm_head) still get quantized
             for n in select_linears(qm, o.include, o.exclude):
                 if n.name in spec_of:
-                    spec, w = spec_of[n.name], weight_of(qm, n).float()
-                    scale, zp = quant.compute_qparams(w, spec)
-                    set_quantized_weight(qm, n, spec, quant.quantize(w, scale, zp, spec), scale, zp, "awq",
-                                         {"scaled": False, "clipped": False})
+                    self._clip_quantize(qm, n, spec_of[n.name], None, False)
         gain = [r["loss_after"] / r["loss_before"] for r in records if r["loss_before"] > 0]
         return PassResult(changed=bool(spec_of), summary={
             **summary, "groups_scaled": len(records), "linears": len(spec_of),
             "mean_loss_ratio": round(sum(gain) / max(len(gain), 1), 4), "scales": records})
+
+    def _clip_quantize(self, qm, n, spec: quant.QuantSpec, x: torch.Tensor | None, scaled: bool) -> None:
+        """Clip search on the sampled input ``x`` (as AutoAWQ: every linear but q/k, scaled or not),
+        then quantize (``quantize=true``)."""
+        w = weight_of(qm, n).float()
+        clip = self.options.clip and x is not None and n.meta["ptqc"]["role"] not in ("q", "k")
+        if clip:
+            w = search_clip(x, w, spec)
+            qm.store[n.args[1].target] = w.to(qm.dtype)
+        if self.options.quantize:
+            scale, zp = quant.compute_qparams(w, spec)
+            set_quantized_weight(qm, n, spec, quant.quantize(w, scale, zp, spec), scale, zp, "awq",
+                                 {"scaled": scaled, "clipped": clip})
 
     @staticmethod
     def _foldable(qm, prev, lins) -> bool:

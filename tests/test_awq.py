@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ptqc import pipeline, quant
-from ptqc.weights import is_quantized
+from ptqc.weights import dequantized_weight, is_quantized
 
 awq = importlib.import_module("ptqc.passes.awq")
 
@@ -84,6 +84,39 @@ def test_clip_search_never_increases_the_error():
     err = lambda v: (x @ quant.fake_quantize(v, spec).t() - x @ w.t()).pow(2).mean()  # noqa: E731
     assert err(clipped) <= err(w) + 1e-7
     assert not torch.equal(clipped, w)
+
+
+def test_clip_search_clamps_symmetrically_on_the_autoawq_grid():
+    """AutoAWQ's clip: each group clamped to [-r m, r m] (m = max|w|, r in 1, 0.95, ... 0.55), so a
+    group with one large positive weight keeps its negative end (the search used to shrink both
+    ends in proportion on a 0.1 grid, a coarser search with a higher output error)."""
+    torch.manual_seed(0)
+    w = torch.randn(32, 64)
+    w[:, ::32] = 6.0  # asymmetric groups: range about [-2.5, 6]
+    x = torch.randn(512, 64)
+    spec = quant.QuantSpec(3, 32, False)
+    wg = w.reshape(32, 2, 32)
+    cg = awq.search_clip(x, w, spec).reshape(32, 2, 32)
+    m = wg.abs().amax(-1, keepdim=True)
+    r = (cg.amax(-1, keepdim=True) / m * 20).round() / 20
+    assert torch.equal(cg, torch.maximum(torch.minimum(wg, r * m), -r * m))
+    assert ((r >= 0.55) & (r <= 1)).all() and torch.equal(cg.amin(-1), wg.amin(-1))
+    assert (r < 1).any() and ((r * 20).round() % 2 == 1).any()  # some r = 0.95, 0.85, ...
+    many = torch.randn(4096, 64)
+    assert torch.equal(awq.search_clip(many, w, spec), awq.search_clip(many[::8], w, spec))  # 512 tokens
+
+
+def test_o_proj_is_clipped_under_gqa(loaded, ids):
+    """As AutoAWQ, every linear but q/k gets the clip search, also o_proj where GQA rules out the
+    v -> o scale (it used to get plain RTN)."""
+    qm = loaded("qwen2")
+    o = qm.linears(role="o", layer=0)[0]
+    w = qm.store[o.args[1].target].clone()
+    _run(qm, "awq:bits=3,group=32", ids(4, 16))
+    rec = {n.meta["ptqc"]["role"]: qm.quant[n.meta["ptqc"]["module"]]["weight"] for n in qm.linears(layer=0)}
+    assert rec["o"]["clipped"] and not rec["o"]["scaled"]
+    assert [r for r in rec if rec[r]["clipped"]] == [r for r in rec if r not in ("q", "k")]
+    assert not torch.equal(dequantized_weight(qm, o), quant.fake_quantize(w, quant.QuantSpec(3, 32, False)))
 
 
 def test_awq_then_gptq_composes(loaded, ids):
