@@ -33,7 +33,7 @@ quantizer. With ``quantize=false`` only scales and clipping are applied, for pip
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -42,6 +42,7 @@ from ptqc.calib import calibrate
 from ptqc.errors import PtqcError
 from ptqc.ir import is_op
 from ptqc.observers import MeanAbs, Samples
+from ptqc.options import WeightOptions
 from ptqc.patterns import activation_input, producer_linear
 from ptqc.pipeline import Pass, PassResult, register
 from ptqc.weights import fold_input_scale, plan, select_linears, set_quantized_weight, weight_of
@@ -111,26 +112,25 @@ class AWQ(Pass):
     provides = frozenset({"weight_quant", "awq_scaled"})
 
     @dataclass
-    class Options:
-        bits: int = 4
-        group: int = 128
-        sym: bool = False
+    class Options(WeightOptions):
         grid: int = 20
         clip: bool = True
         quantize: bool = True
         samples: int = 512  # token rows per input used by the searches
-        include: list[str] = field(default_factory=lambda: ["*"])
-        exclude: list[str] = field(default_factory=lambda: ["lm_head"])
 
         def validate(self):
-            if not 2 <= self.bits <= 8:
-                raise PtqcError(f"bits={self.bits} is outside 2..8")
-            if self.group < 0 or self.grid < 1 or self.samples < 1:
-                raise PtqcError("group must be >= 0, grid and samples >= 1")
+            super().validate()
+            if self.grid < 1 or self.samples < 1:
+                raise PtqcError("grid and samples must be >= 1")
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        if not self.options.quantize:  # fold and clip only: the weights stay float (checked after the pass)
+            self.provides = frozenset({"awq_scaled"})
 
     def run(self, qm, ctx) -> PassResult:
         o = self.options
-        todo = plan(qm, self, spec_of=lambda mo: quant.QuantSpec(mo.bits, mo.group, mo.sym))
+        todo = plan(qm, self)
         spec_of = {n.name: spec for n, _, spec in todo}
         # scaling groups per layer: (producer node, all linears reading its output)
         readers: dict = {}

@@ -124,3 +124,13 @@ def test_awq_then_gptq_composes(loaded, ids):
     rec = _run(qm, "awq:quantize=false,gptq:bits=4,group=32", ids(4, 16))
     assert {q["weight"]["method"] for q in qm.quant.values()} == {"gptq"}
     assert rec[0]["summary"]["groups_scaled"] > 0
+
+
+def test_quantize_false_does_not_claim_weight_quant():
+    """``awq:quantize=false`` only scales and clips: it must not claim quantized weights, so the
+    compile pipeline adds no ``pack`` after it, while a quantizing awq still gets one."""
+    scale_only = pipeline.complete(pipeline.parse_pipeline("awq:quantize=false"))
+    assert [p.name for p in scale_only] == ["awq"]
+    assert "weight_quant" not in scale_only[0].provides and "awq_scaled" in scale_only[0].provides
+    assert [p.name for p in pipeline.complete(pipeline.parse_pipeline("awq"))] == ["awq", "pack"]
+    assert [p.name for p in pipeline.complete(pipeline.parse_pipeline("awq:quantize=false,gptq"))] == ["awq", "gptq", "pack"]
