@@ -196,10 +196,26 @@ def test_dynamic_kv_cache_is_refused_with_the_reason_or_kept(kv8):
     assert ops.ATTENTION in _targets(low) and npu.QUANT_MATMUL in _targets(low)
 
 
-# ---- C8 export ---------------------------------------------------------------------------------
-def test_c8_export_tensors_check_and_round_trip(kv8, ids, tmp_path):
+# ---- C8 export (vllm-ascend loads C8 for Qwen3, not Qwen2: tests/test_vllm_ascend_load.py) -------
+@pytest.fixture(scope="module")
+def c8(tmp_path_factory):
+    from make_tiny_model import make_model
+
+    from ptqc import frontend
+
+    torch.manual_seed(0)
+    calib = torch.randint(0, 300, (4, 32))
+    base = frontend.load(make_model(tmp_path_factory.mktemp("qwen3"), "qwen3", layers=2))
+    out = {}
+    for name, text in (("channel", "int8,kv:k=channel,v=channel"), ("kvonly", "kv:k=channel,v=tensor,sym=false")):
+        out[name] = base.clone()
+        _run(out[name], text, calib)
+    return out
+
+
+def test_c8_export_tensors_check_and_round_trip(c8, ids, tmp_path):
     for name in ("channel", "kvonly"):
-        qm = kv8[name]
+        qm = c8[name]
         out = tmp_path / name
         res = ax.export(qm, out)
         assert res["kv_cache_type"] == "C8" and ax.check(out) == []
@@ -217,9 +233,9 @@ def test_c8_export_tensors_check_and_round_trip(kv8, ids, tmp_path):
         assert torch.equal(ax.load(out)(x), qm(x))
 
 
-def test_c8_checker_catches_broken_exports(kv8, tmp_path):
+def test_c8_checker_catches_broken_exports(c8, tmp_path):
     good = tmp_path / "good"
-    ax.export(kv8["channel"], good)
+    ax.export(c8["channel"], good)
     wfile = next(good.glob("quant_model_weight*.safetensors"))
     base = "model.layers.0.self_attn"
 
@@ -250,7 +266,7 @@ def test_c8_checker_catches_broken_exports(kv8, tmp_path):
     def short(t):
         t[f"{base}.k_proj.kv_cache_scale"] = t[f"{base}.k_proj.kv_cache_scale"][:5].clone()
 
-    n = kv8["channel"].store[f"{base}.k_scale"].numel()
+    n = c8["channel"].store[f"{base}.k_scale"].numel()
     assert any(f"expected a float vector [{n}]" in x for x in broken("shape", short))
 
     def no_type(d):
@@ -285,10 +301,15 @@ def test_msmodelslim_c8_export_checks_loads_lowers_and_reexports_bit_for_bit(tmp
     _run(low, "ascend:truncate=false,int_bias=false")  # exact up to float order: int8 cache + FIA antiquant
     assert _targets(low).count(npu.FUSED_INFER_ATTENTION_SCORE) == qm.num_layers
     assert _rel(low(x), ref) < 1e-5
+    with pytest.raises(PtqcError, match="C8 .* does not load for model_type 'qwen2'"):
+        ax.export(qm, tmp_path / "again")  # msModelSlim writes it, vllm-ascend's Qwen2 cannot load it
+    qm.config.model_type = "qwen3"  # to compare the tensors the writer gives with the peer's
     ax.export(qm, tmp_path / "again")
     mine = load_file(str(next((tmp_path / "again").glob("quant_model_weight*.safetensors"))))
-    assert sorted(mine) == sorted(peer) and all(mine[k].dtype == peer[k].dtype and torch.equal(mine[k], peer[k])
-                                                for k in peer)
+    assert sorted(mine) == sorted(peer)
+    for k in peer:  # input_offset: int8, the dtype of vllm-ascend's parameter (msModelSlim: float32)
+        assert mine[k].dtype == (torch.int8 if k.endswith(".input_offset") else peer[k].dtype), k
+        assert torch.equal(mine[k].to(peer[k].dtype), peer[k]), k
     d_peer = json.loads((PEER_C8 / ax.DESCRIPTION).read_text())
     d_mine = json.loads((tmp_path / "again" / ax.DESCRIPTION).read_text())
     assert all(d_mine.get(k) == v for k, v in d_peer.items())

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-ARCHS = ("llama", "qwen2", "mistral")
+ARCHS = ("llama", "qwen2", "qwen3", "mistral")
 
 
 def make_tokenizer(out: Path, vocab_size: int) -> None:
@@ -43,6 +43,9 @@ def make_config(arch: str, layers: int, hidden: int, intermediate: int, heads: i
         return LlamaConfig(**common)
     if arch == "qwen2":
         return Qwen2Config(**common)
+    if arch == "qwen3":
+        from transformers import Qwen3Config
+        return Qwen3Config(**common, head_dim=hidden // heads)
     if arch == "mistral":
         return MistralConfig(**common, sliding_window=sliding_window)
     raise SystemExit(f"unknown arch {arch}; choose from {', '.join(ARCHS)}")

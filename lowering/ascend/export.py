@@ -10,17 +10,24 @@ Per linear (from the fake-quant graph of an artifact; ``.weight`` always int8 [o
     W8A8_DYNAMIC   int8 per-channel symmetric weights + dynamic per-token int8 activations:
                    .weight, .weight_scale f32 [out, 1], .weight_offset f32 [out, 1]
     W8A8           + static per-tensor activations: .weight, .input_scale f32 [1],
-                   .input_offset f32 [1] (codes = round(x / input_scale + input_offset)),
+                   .input_offset int8 [1] (codes = round(x / input_scale + input_offset); int8 as
+                   vllm-ascend's parameter: msModelSlim writes float32, which it casts),
                    .deq_scale [out] = input_scale * weight_scale (int64 holding the float32 bit
                    pattern, as msModelSlim writes it; float32 for a bf16 model), .quant_bias
                    int32 [out] = round(bias / deq_scale) - sum_k W * offset (both checked
                    bit for bit against a real msModelSlim export in tests/data),
                    .weight_scale, .weight_offset; the float .bias is kept too
     W8A16          int8 weights, float activations: .weight, .weight_scale, .weight_offset
-    W4A16          <=4-bit weights: .weight packed two per int8 byte along the input dimension,
-                   low nibble first [out, in / 2]; .weight_scale / .weight_offset f32
-                   [out, in / group] (or [out, 1]); ``group_size`` in the description
     FLOAT          everything else (norms, embeddings, lm_head, biases)
+
+Refused (one line, nothing written), where vllm-ascend 0.23.0's loader cannot take the export:
+<=4-bit weight-only linears (it has W4A16 for MoE experts only: a dense W4A16 linear raises
+NotImplementedError when built), and C8 for a model class whose load_weights has no C8 patch
+(only Qwen3, Glm4Moe and MiniMaxM2; Qwen2/Llama fail with a KeyError on ``qkv_proj.kv_cache_offset``).
+The checker and :func:`load` still read W4A16 (packed two per int8 byte along the input
+dimension, low nibble first [out, in / 2]; scales [out, in / group_size]) written by others.
+The description has ``version`` "1.0.0" (msModelSlim's) and no ``group_size`` (no grouped type
+is exported; vllm-ascend reads it only for W4A8 / MoE W4A16).
 
 ``weight_offset`` is minus ptqc's zero point (Ascend adds it: ``(w + offset) * scale``).
     C8             int8 KV cache (``kv_cache_type: "C8"``), per attention module, named after its
@@ -52,6 +59,7 @@ DESCRIPTION = "quant_model_description.json"
 WEIGHTS = "quant_model_weights-00001-of-00001.safetensors"
 INDEX = "quant_model_weights.safetensors.index.json"
 TYPES = ("W8A8", "W8A8_DYNAMIC", "W8A16", "W4A16", "C8", "FLOAT")
+C8_MODEL_TYPES = ("qwen3", "glm4_moe", "minimax_m2")  # vllm-ascend 0.23.0 patches their load_weights for C8
 C8_SUFFIXES = ("kv_cache_scale", "kv_cache_offset")
 META_KEYS = ("model_quant_type", "version", "group_size", "kv_cache_type", "kv_quant_type", "metadata", "optional")
 REQUIRED = {  # suffixes every linear of a type must have (besides .weight)
@@ -64,7 +72,7 @@ SUFFIX_RULES = {  # suffix -> (dtypes, shapes of a linear [out, in] with cols sc
     "weight_scale": (("F32",), lambda out, cols: ((out, cols),), "float32 [{out}, {cols}]"),
     "weight_offset": (("F32",), lambda out, cols: ((out, cols),), "float32 [{out}, {cols}]"),
     "input_scale": (("F32",), lambda out, cols: ((1,), ()), "float32 [1]"),
-    "input_offset": (("F32",), lambda out, cols: ((1,), ()), "float32 [1]"),
+    "input_offset": (("I8", "F32"), lambda out, cols: ((1,), ()), "int8 (or float32) [1]"),
     "deq_scale": (("I64", "F32"), lambda out, cols: ((out,),), "int64 (or float32 for bf16 models) [{out}]"),
     "quant_bias": (("I32",), lambda out, cols: ((out,),), "int32 [{out}]"),
 }
@@ -79,13 +87,17 @@ def classify(lin, wq: dict | None) -> str:
         bits, group, sym = a.args[3], a.args[4], a.args[5]
         if bits != 8 or wq["bits"] != 8 or wq["group"] != 0 or not wq["sym"]:
             raise PtqcError(f"{info(lin)['module']}: W{wq['bits']}A{bits} has no Ascend export type; "
-                            "export supports W8A8 (static), W8A8_DYNAMIC, W8A16 and W4A16")
+                            "export supports W8A8 (static), W8A8_DYNAMIC and W8A16")
         if a.args[1] is None:
             if group != 0 or not sym:
                 raise PtqcError(f"{info(lin)['module']}: dynamic activations must be per-token symmetric for W8A8_DYNAMIC")
             return "W8A8_DYNAMIC"
         return "W8A8"
-    return "W8A16" if wq["bits"] == 8 else "W4A16"
+    if wq["bits"] != 8 or wq["group"] != 0:
+        raise PtqcError(f"{info(lin)['module']}: W{wq['bits']}A16{'g' + str(wq['group']) if wq['group'] else ''} "
+                        "has no dense linear in vllm-ascend 0.23 (its W4A16 is for MoE experts only); compile "
+                        "w8a16 (W8A16) or int8 (W8A8) for --format ascend, or export --format compressed-tensors")
+    return "W8A16"
 
 
 def _c8_tensors(qm: QModel) -> tuple[dict, str | None]:
@@ -111,6 +123,10 @@ def _c8_tensors(qm: QModel) -> tuple[dict, str | None]:
             proj = f"{base}.{which}_proj"
             out[f"{proj}.kv_cache_scale"] = scale.contiguous()
             out[f"{proj}.kv_cache_offset"] = off.contiguous()
+    mtype = getattr(qm.config, "model_type", None)
+    if mtype not in C8_MODEL_TYPES:
+        raise PtqcError(f"C8 (static int8 KV cache) does not load for model_type {mtype!r} in vllm-ascend 0.23 "
+                        f"(its C8 weights load only for {', '.join(C8_MODEL_TYPES)}); compile without the kv pass")
     return out, None
 
 
@@ -135,7 +151,8 @@ def _static_tensors(qm: QModel, lin, codes: torch.Tensor, scale: torch.Tensor) -
     b = lin.args[2] if len(lin.args) > 2 else None
     qb = qm.store[b.target].float() / deq if b is not None else torch.zeros_like(deq)
     qb = torch.round(qb) - codes.float().sum(1) * off
-    return {"input_scale": s_in, "input_offset": off, "deq_scale": deq_store, "quant_bias": qb.to(torch.int32)}
+    return {"input_scale": s_in, "input_offset": off.to(torch.int8), "deq_scale": deq_store,
+            "quant_bias": qb.to(torch.int32)}
 
 
 def _linear_tensors(qm: QModel, lin, kind: str) -> tuple[dict, set]:
@@ -145,7 +162,7 @@ def _linear_tensors(qm: QModel, lin, kind: str) -> tuple[dict, set]:
     scale = qm.store[dq.args[1].target].float()
     zp = qm.store[dq.args[2].target].float() if dq.args[2] is not None else torch.zeros_like(scale)
     handled = checkpoint.store_inputs(dq, dq.args[0])
-    t = {"weight": quant.pack_int4(codes) if kind == "W4A16" else codes.to(torch.int8),
+    t = {"weight": codes.to(torch.int8),
          "weight_scale": scale.reshape(scale.shape[0], -1), "weight_offset": (-zp).reshape(scale.shape[0], -1)}
     if kind == "W8A8":
         t |= _static_tensors(qm, lin, codes, scale)
@@ -157,22 +174,18 @@ def export(qm: QModel, out, *, force: bool = False) -> dict:
     """Write ``qm`` (a fake-quant ptqc graph) in the Ascend deployment format; returns the description."""
     if any(str(n.target).startswith("ptqc_npu.") for n in qm.graph.nodes if n.op == "call_function"):
         raise PtqcError("export the fake-quant artifact, not a lowered one (compile without the ascend pass)")
-    tensors, desc, kinds, groups, handled = {}, {}, {}, set(), set()
+    tensors, desc, kinds, handled = {}, {}, {}, set()
     for lin in qm.linears():
         dq, base = lin.args[1], info(lin)["module"]
         kind = classify(lin, info(lin).get("quant", {}).get("weight") if is_op(dq, ops.DEQUANTIZE_WEIGHT) else None)
         if kind == "FLOAT":
             continue
         kinds[kind] = kinds.get(kind, 0) + 1
-        if kind == "W4A16" and dq.args[3]:
-            groups.add(dq.args[3])
         t, done = _linear_tensors(qm, lin, kind)
         handled |= done
         for suffix, v in t.items():
             tensors[f"{base}.{suffix}"] = v.contiguous()
             desc[f"{base}.{suffix}"] = kind
-    if len(groups) > 1:
-        raise PtqcError(f"W4A16 linears use several group sizes {sorted(groups)}; the Ascend format has one group_size")
     c8, why = _c8_tensors(qm)
     tensors |= c8
     desc |= dict.fromkeys(c8, "C8")
@@ -181,7 +194,7 @@ def export(qm: QModel, out, *, force: bool = False) -> dict:
                                              if str(info(q).get("role", "")).endswith("_cache_quant")))
     desc |= dict.fromkeys(checkpoint.unchanged(qm, handled | set(tensors))[0], "FLOAT")
     main = max(kinds, key=kinds.get) if kinds else "FLOAT"
-    head = {"model_quant_type": main, "version": "1.0.0", "group_size": next(iter(groups), 0),
+    head = {"model_quant_type": main, "version": "1.0.0",
             **({"kv_cache_type": "C8", "kv_quant_type": "C8"} if c8 else {}),  # msModelSlim writes both
             "metadata": {"producer": "ptqc", "linears": kinds},
             "optional": {"kv_cache": "C8" if c8 else f"not exported ({why})" if why else "none"}}

@@ -1,0 +1,255 @@
+#!/usr/bin/env python
+"""Load Ascend export directories with vllm-ascend's real loader on the CPU and report what
+every parameter received.
+
+Runs in the peer venv made by ``tools/vllm_ascend_env.py`` (vllm-ascend 0.23.0, vllm 0.23.0's
+source on PYTHONPATH, CPU torch), not in ptqc's:
+
+    $(python3 tools/vllm_ascend_env.py --print python) tools/vllm_ascend_load.py \
+        EXPORT_DIR [EXPORT_DIR ...] [--dtype float16|bfloat16] [--json OUT.json]
+
+Each directory is built as vLLM builds it (``EngineArgs(quantization="ascend")``, the model class
+of its config, the Ascend linear / C8 methods of its ``quant_model_description.json``), loaded
+and post-processed (``process_weights_after_loading``). Every parameter's ``weight_loader`` is
+wrapped to record each tensor it receives (checkpoint name, shard id, dtype, shape). The report,
+one JSON object per directory (``{"dirs": {DIR: report}}``):
+
+    ok              true when it loaded (else ``error``: the exception's last line)
+    params          parameter -> {"dtype", "shape" as created, "calls": [{"shard", "dtype", "shape",
+                    "param_dtype", "sha256"} of each tensor its weight_loader received]}
+    unfilled        parameters no tensor reached (vLLM lets these pass for post-processed layers)
+    refilled        parameters a shard (or the whole tensor) reached more than once
+    casts           parameter <- tensor of another dtype (vLLM casts silently)
+    loaded          quantization tensors (int8 weights, scales, offsets, deq_scale, quant_bias, C8
+                    scales) after loading -> {"dtype", "shape", "sha256"} (fused layers: qkv_proj,
+                    gate_up_proj); ``processed``: the same after process_weights_after_loading;
+                    ``--save PREFIX`` also writes both as safetensors (``saved``)
+
+Setup (CPU, no NPU): a stub ``torch_npu``, ``VLLM_PLUGINS=none``, vLLM's CPU platform, the
+Ascend config, no NZ format, a gloo world of one process on loopback.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.machinery
+import importlib.util
+import json
+import os
+import sys
+import tempfile
+import traceback
+import types
+
+os.environ["VLLM_PLUGINS"] = "none"
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+QUANT_SUFFIXES = ("weight", "weight_scale", "weight_offset", "input_scale", "input_offset", "deq_scale",
+                  "quant_bias", "k_cache_scale", "k_cache_offset", "v_cache_scale", "v_cache_offset")
+
+
+def install_torch_npu_stub() -> None:
+    """A ``torch_npu`` with only what vllm-ascend's imports touch (no NPU: nothing runs)."""
+    import torch
+
+    class _Placeholder:
+        def __init__(self, *a, **k):
+            pass
+
+    npu = types.ModuleType("torch.npu")
+    for name in ("Stream", "Event", "ExternalEvent", "NPUGraph"):
+        setattr(npu, name, type(name, (_Placeholder,), {}))
+    npu.is_available = lambda: False
+    npu.device_count = lambda: 0
+    pkg = types.ModuleType("torch_npu")
+    pkg.__path__ = []
+    pkg.npu = npu
+    pkg.__version__ = "0.0.0+stub"
+    c = types.ModuleType("torch_npu._C")
+    c._NPUTaskGroupHandle = type("_NPUTaskGroupHandle", (_Placeholder,), {})
+    pkg._C = c
+    for name in ("float4_e2m1fn_x2", "float8_e8m0fnu", "hifloat8"):
+        setattr(pkg, name, getattr(torch, name, torch.uint8))
+    for m in (pkg, npu, c):
+        m.__spec__ = importlib.machinery.ModuleSpec(m.__name__, None)
+    sys.modules.update({"torch_npu": pkg, "torch_npu.npu": npu, "torch_npu._C": c, "torch.npu": npu})
+    torch.npu = npu
+
+
+def setup_cpu() -> None:
+    """vLLM's CPU platform, the Ascend quantization config registered, NZ off, the C8 patch."""
+    install_torch_npu_stub()
+    import vllm.platforms
+    from vllm.platforms.cpu import CpuPlatform
+
+    vllm.platforms._current_platform = CpuPlatform()
+    from vllm_ascend.quantization import AscendModelSlimConfig  # noqa: F401  (registers quantization="ascend")
+    import vllm_ascend.utils
+
+    vllm_ascend.utils._should_trans_nz = lambda *a, **k: False
+    _load_c8_patch()
+
+
+def _load_c8_patch() -> None:
+    """vllm-ascend's C8 load_weights patch (Qwen3 / Glm4Moe / MiniMaxM2), by file: importing
+    the ``patch.worker`` package pulls in torchvision."""
+    import vllm_ascend
+
+    path = os.path.join(os.path.dirname(vllm_ascend.__file__), "patch", "worker", "patch_gqa_c8.py")
+    spec = importlib.util.spec_from_file_location("vllm_ascend_patch_gqa_c8", path)
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))
+
+
+def init_world() -> None:
+    """A gloo process group of one on loopback, model parallel of one."""
+    from vllm.distributed import init_distributed_environment, initialize_model_parallel
+
+    port = _free_port()
+    init_distributed_environment(world_size=1, rank=0, distributed_init_method=f"tcp://127.0.0.1:{port}",
+                                 local_rank=0, backend="gloo")
+    initialize_model_parallel(1, 1)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Recorder:
+    """Wraps every parameter's weight_loader; ``calls[name]`` lists what reached it, ``made[name]``
+    is the parameter's (dtype, shape) as the quant method created it."""
+
+    def __init__(self, model):
+        self.calls: dict[str, list[dict]] = {}
+        self.params = dict(model.named_parameters())
+        self.made = {n: (_dt(p.dtype), list(p.shape)) for n, p in self.params.items()}
+        for name, p in self.params.items():
+            self._wrap(name, p)
+
+    def _wrap(self, name, p):
+        from vllm.model_executor.model_loader.weight_utils import default_weight_loader
+
+        inner = getattr(p, "weight_loader", default_weight_loader)
+        calls = self.calls.setdefault(name, [])
+
+        def loader(param, loaded, *args, **kwargs):
+            shard = args[0] if args else kwargs.get("loaded_shard_id")
+            calls.append({"shard": shard if isinstance(shard, (int, str)) or shard is None else str(shard),
+                          "dtype": _dt(loaded.dtype), "shape": list(loaded.shape), "param_dtype": _dt(param.dtype),
+                          "sha256": _digest(loaded)["sha256"]})
+            return inner(param, loaded, *args, **kwargs)
+
+        try:
+            p.weight_loader = loader
+        except AttributeError:  # vLLM's BasevLLMParameter keeps it in _weight_loader
+            p._weight_loader = loader
+
+
+def _dt(dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _digest(t) -> dict:
+    import torch
+
+    t = t.detach().cpu().contiguous()
+    return {"dtype": _dt(t.dtype), "shape": list(t.shape),
+            "sha256": hashlib.sha256(t.reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()}
+
+
+def quant_state(model) -> dict:
+    """The quantization tensors of ``model`` (int8 weights, scales, offsets, deq_scale, quant_bias,
+    C8 scales), cloned."""
+    out = {}
+    for n, t in model.state_dict().items():
+        suffix = n.rsplit(".", 1)[-1]
+        if suffix in QUANT_SUFFIXES and (suffix != "weight" or not t.dtype.is_floating_point):
+            out[n] = t.detach().clone().contiguous()
+    return out
+
+
+def summarize(rec: Recorder) -> dict:
+    """params / unfilled / refilled / casts from the recorded calls."""
+    params, unfilled, refilled, casts = {}, [], [], []
+    for name, calls in rec.calls.items():
+        dtype, shape = rec.made[name]
+        params[name] = {"dtype": dtype, "shape": shape, "calls": calls}
+        if not calls:
+            unfilled.append(name)
+        shards = [str(c["shard"]) for c in calls]
+        if len(shards) != len(set(shards)):
+            refilled.append(name)
+        casts += [f"{name}[{c['shard']}]: {c['dtype']} -> {c['param_dtype']}" for c in calls
+                  if c["dtype"] != c["param_dtype"]]
+    return {"ok": True, "params": params, "unfilled": unfilled, "refilled": refilled, "casts": casts}
+
+
+def load_one(path: str, dtype: str, save: str | None = None) -> dict:
+    """Build, load and post-process one export directory with the recorder on."""
+    import torch
+    from vllm.config import set_current_vllm_config
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.model_executor.model_loader import get_model_loader
+    from vllm.utils.torch_utils import set_default_torch_dtype
+    from vllm_ascend.ascend_config import init_ascend_config
+
+    args = EngineArgs(model=path, quantization="ascend", dtype=dtype, enforce_eager=True,
+                      max_model_len=64, skip_tokenizer_init=True)
+    cfg = args.create_engine_config()
+    init_ascend_config(cfg)
+    loader = get_model_loader(cfg.load_config)
+    with set_current_vllm_config(cfg), set_default_torch_dtype(getattr(torch, dtype)), torch.device("cpu"):
+        from vllm.model_executor.model_loader.utils import initialize_model, process_weights_after_loading
+
+        model = initialize_model(vllm_config=cfg, model_config=cfg.model_config)
+        rec = Recorder(model)
+        loader.load_weights(model, cfg.model_config)
+        loaded = quant_state(model)
+        process_weights_after_loading(model, cfg.model_config, torch.device("cpu"))
+        processed = quant_state(model)
+    out = summarize(rec)
+    if save:
+        from safetensors.torch import save_file
+
+        save_file(loaded, f"{save}.loaded.safetensors")
+        save_file(processed, f"{save}.processed.safetensors")
+        out["saved"] = {"loaded": f"{save}.loaded.safetensors", "processed": f"{save}.processed.safetensors"}
+    out["loaded"] = {n: _digest(t) for n, t in loaded.items()}
+    out["processed"] = {n: _digest(t) for n, t in processed.items()}
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("dirs", nargs="+")
+    ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
+    ap.add_argument("--json", help="Write the report here (default: stdout).")
+    ap.add_argument("--save", help="Also write the quantization tensors as loaded (before and after "
+                                   "process_weights_after_loading) to SAVE<i>.{loaded,processed}.safetensors.")
+    a = ap.parse_args(argv)
+    setup_cpu()
+    report = {"dtype": a.dtype, "dirs": {}}
+    from vllm.config import DeviceConfig, VllmConfig, set_current_vllm_config
+
+    with set_current_vllm_config(VllmConfig(device_config=DeviceConfig("cpu"))):
+        init_world()
+    for i, d in enumerate(a.dirs):
+        try:
+            report["dirs"][d] = load_one(d, a.dtype, f"{a.save}{i}" if a.save else None)
+        except Exception as e:  # noqa: BLE001  (the report says which directory failed, and why)
+            last = str(e).strip().splitlines()[-1] if str(e).strip() else ""
+            report["dirs"][d] = {"ok": False, "error": f"{type(e).__name__}: {last}",
+                                 "trace": traceback.format_exc()[-4000:]}
+    text = json.dumps(report, indent=1)
+    if a.json:
+        with open(a.json, "w") as f:
+            f.write(text)
+    else:
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
