@@ -7,7 +7,7 @@ from collections import Counter
 import torch.fx as fx
 
 from ptqc.ir import QModel
-from ptqc.pipeline import _short
+from ptqc.passmanager import _short
 
 
 def _quant_str(n: fx.Node) -> str:
