@@ -15,16 +15,10 @@ chi the quadratic character of GF(q) and the Jacobsthal matrix ``J[a, b] = chi(a
     Paley II  q = 1 mod 4:  order 2(q + 1): C = [[0, 1^T], [1, J]]               (C symmetric)
                             H = C kron [[1, 1], [1, -1]] + I kron [[1, -1], [-1, -1]]
 
-(k = 12: q = 11; 20: q = 19; 28: q = 13 (II); 36: q = 17 (II); 108: q = 107; 148: q = 73 (II);
-344: q = 7^3). :func:`factor` picks the smallest such k; a size with none (e.g. 92 = 4 * 23,
-whose Hadamard matrices need other constructions, or any odd size > 1) is refused.
-
-``random_hadamard(n, seed) = hadamard(n) diag(s)`` with random signs s (QuaRot's randomized
-Hadamard: still orthogonal, spreads outliers the same way, differs per seed).
-
-:func:`kron_factors` splits ``hadamard(n)`` into two small orthonormal matrices ``a`` (n1 x n1)
-and ``b`` (n2 x n2) with ``a kron b == hadamard(n)``, n1 n2 = n and n1 ~ n2, so an online transform
-``ptqc.transform(x, a, b)`` costs ``n (n1 + n2)`` multiply-adds per token instead of ``n^2``.
+(e.g. k = 28: q = 13 (II); 344: q = 7^3). :func:`factor` picks the smallest such k; a size with
+none (e.g. 92 = 4 * 23, or any odd size > 1) is refused. :func:`kron_factors` splits
+``hadamard(n)`` into two small factors, so an online transform costs ``n (n1 + n2)``
+multiply-adds per token instead of ``n^2``.
 """
 from __future__ import annotations
 

@@ -159,8 +159,7 @@ def fake_quant_act(x: torch.Tensor, scale: torch.Tensor | None, zero_point: torc
     Otherwise static with the given broadcastable scale (:func:`quantize_static`); a static
     scale already includes any clipping, so ``spec.clip_ratio`` only shrinks dynamic ranges."""
     if scale is None:
-        s, zp = compute_qparams(x, spec)
-        return dequantize(quantize(x, s, zp, spec), s, zp, spec.group_size)
+        return fake_quantize(x.float(), spec)
     return dequantize_static(quantize_static(x, scale, zero_point, spec), scale, zero_point)
 
 
