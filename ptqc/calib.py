@@ -1,11 +1,12 @@
 """Layer-by-layer execution: calibration, evaluation and diagnostics on bounded memory.
 
-The graph is cut into **segments**: ``prefix`` (embedding, rotary tables), one per decoder
-layer, and ``suffix`` (final norm, lm_head). A :class:`LayerRunner` pushes every calibration
-batch through one segment at a time and keeps, per batch, only the values later segments read
-(the residual stream, rotary tables, symbolic sizes). A segment's weights are read from the
-safetensors files when it runs and released after it, so running a model needs one decoder
-layer of weights plus the activations of the calibration set, never the whole model.
+The graph is cut into **segments** (:func:`split`): ``prefix`` (embedding, rotary tables), one
+per decoder layer, and ``suffix`` (final norm, lm_head). A node goes with its
+``meta["ptqc"]["layer"]``; nodes computed from weights only go with their first user; other
+unannotated nodes go to the prefix before the first layer, the suffix after the last, else to
+the preceding layer. A :class:`LayerRunner` pushes every batch through one segment at a time,
+keeping per batch only the values later segments read, and reads a segment's weights when it
+runs and releases them after: one decoder layer of weights is ever loaded.
 
 :func:`calibrate` is the loop every calibrated pass uses::
 
@@ -17,20 +18,11 @@ layer of weights plus the activations of the calibration set, never the whole mo
 
     calibrate(qm, ctx, observe, apply, propagate="quantized")
 
-For each layer: run the layer on its inputs with the observers attached, call ``apply``, then
-compute the layer's outputs (the next layer's inputs) either from the quantized layer
-(``propagate="quantized"``, the GPTQ convention: later layers see and compensate earlier
-errors) or from the float layer (``"float"``: the outputs of the observation run are kept).
-``propagate="sequential"`` goes further inside the layer: ``apply`` is called once per
-observed input (q/k/v, then o, then gate/up, then down) with only those statistics, as soon
-as they are complete, and later linears are observed with the earlier ones already quantized
-(GPTQ's true-sequential order); each node runs once per batch (:meth:`LayerRunner.run_staged`).
-Non-finite activations stop with the layer and module named.
-
-How nodes are assigned to segments: a node's ``meta["ptqc"]["layer"]`` decides; nodes
-computed only from weights (e.g. ``dequantize_weight``) go with their first user; other
-unannotated nodes go to the prefix before the first layer, the suffix after the last, and to
-the preceding layer in between.
+Per layer: observe, ``apply``, then the next layer's inputs come from the quantized layer
+(``"quantized"``, GPTQ's convention) or from the observation run (``"float"``).
+``"sequential"`` calls ``apply`` once per observed input (q/k/v, o, gate/up, down) as soon as
+its statistics are complete, later linears observed with the earlier ones quantized
+(:meth:`LayerRunner.run_staged`). Non-finite activations stop with the layer and module named.
 """
 from __future__ import annotations
 
@@ -183,15 +175,12 @@ class LayerRunner:
         self._frozen: dict[str, Segment] | None = None
 
     def segments(self) -> dict[str, Segment]:
-        if self._frozen is not None:
-            return self._frozen
-        return {s.key: s for s in split(self.qm.graph)}
+        return self._frozen if self._frozen is not None else {s.key: s for s in split(self.qm.graph)}
 
     def freeze(self) -> dict[str, Segment]:
         """Split the graph once and reuse the segments: for callers that run many segments
         without changing the graph (evaluation, diagnostics). Passes that rewrite must not."""
-        self._frozen = None
-        self._frozen = self.segments()
+        self._frozen = {s.key: s for s in split(self.qm.graph)}
         return self._frozen
 
     @property
@@ -227,13 +216,10 @@ class LayerRunner:
         o.update(x)
 
     def run_staged(self, key: str, stages: list[tuple[dict, Callable[[], None]]]) -> None:
-        """Run segment ``key`` once, pausing before each stage's observed nodes: the nodes before
-        them run for every batch, their inputs feed the stage's observers ({node: {name:
-        observer}}, ``where="input"``), then the stage's callback runs and may quantize those
-        nodes' weights (rewriting the graph), and execution continues with the new weights.
-        Every node runs once per batch, so a quantize-as-you-go pass (GPTQ's true-sequential
-        order: q/k/v, then o, then gate/up, then down) needs one forward per layer instead of
-        two. All batches' live values are kept between stages. The results are committed."""
+        """Run segment ``key`` once (committed), pausing before each stage's observed nodes
+        ({node: {name: observer}}, ``where="input"``): they are fed for every batch, then the
+        stage's callback may rewrite those nodes' weights and execution continues with the new
+        ones. Every node runs once per batch; all batches' live values are kept between stages."""
         seg = self.segments()[key]
         order = {n.name: i for i, n in enumerate(seg.nodes)}
         it = _SegmentInterpreter(self, seg)
@@ -296,5 +282,3 @@ def calibrate(qm: QModel, ctx, observe: Callable[[int], dict], apply: Callable[[
     return {"layers": len(wanted & set(range(n))), "samples": int(ids.shape[0]),
             "tokens": int(ids.numel()), "propagate": propagate}
 
-
-__all__ = ["Segment", "split", "LayerRunner", "calibrate", "calibration_batches"]

@@ -68,7 +68,6 @@ def _tasks(qm, tok, path, tasks, limit, batch_size, dev, include_path, as_json, 
 def eval_cmd(path, text, seqlen, batch_size, max_windows, dtype, device, trust_remote_code, as_json, gen,
              max_new_tokens, tasks, limit, include_path, quiet, target="torch"):
     """Perplexity of an artifact or a model on a text (non-overlapping windows)."""
-    from ptqc import artifact, device as devices, evaluate
     from ptqc import artifact, device as devices, evaluate, progress
     from ptqc.errors import CollapseError
 

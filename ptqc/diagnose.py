@@ -1,39 +1,22 @@
 """Where does a quantized model lose accuracy? Layer-by-layer comparison against its float model.
 
-:func:`compare` runs two :class:`~ptqc.calib.LayerRunner` s (the float model and the quantized
-one) in lockstep over the same calibration windows, one decoder layer and one batch at a time,
-and measures the quantized values against the float ones:
-
-* for every decoder layer, every linear in it (matched between the two graphs by module path,
-  ``meta["ptqc"]["module"]``) and the layer's output (the residual-stream value leaving the
-  layer's segment, i.e. what the next layer reads);
-* for the final logits;
-
-in two **modes**:
+:func:`compare` runs two :class:`~ptqc.calib.LayerRunner` s (float and quantized) in lockstep
+over the same calibration windows, one decoder layer and one batch at a time, and measures
+every decoder layer's output (the residual stream the next layer reads), every linear in it
+(matched by module path, ``meta["ptqc"]["module"]``) and the logits, in two **modes**:
 
 ``local``
-    the quantized layer run on the *float* model's inputs to that layer: the error this layer
-    adds by itself. (The quantized segment is run with ``commit=False`` on a copy of the float
-    runner's state; the state is keyed by node names, which both graphs share unless a pass
-    renamed the residual stream, in which case :func:`compare` raises naming the missing values.)
+    the quantized layer on the *float* model's inputs to it: the error this layer adds by
+    itself (including its earlier quantized linears: gate/up see the quantized attention).
+    Runs on a copy of the float runner's state, keyed by node names; a pass that renamed the
+    residual stream makes :func:`compare` raise naming the missing values.
 ``accumulated``
-    the quantized layer on the quantized model's own inputs: the error seen at this point of
-    the quantized model, including everything upstream. For layer 0 both modes coincide (unless
-    the prefix, e.g. the embedding, is quantized).
+    the quantized layer on the quantized model's own inputs: everything upstream included.
 
-The metrics (mse, rel_error, sqnr_db) are running sums over all tokens of all windows, never
-all outputs at once (:mod:`ptqc.diagnose_metrics`). The report names the **sensitive layers**
-and linears (:mod:`ptqc.diagnose_sensitivity`: a median + k x MAD outlier rule on the local
-metric); :func:`write_report` writes it (:mod:`ptqc.diagnose_report`).
-
-A linear's *local* metric is its output when the quantized layer runs on the float layer
-inputs, so it includes the error of the quantized linears before it in the same layer (gate/up
-see the quantized attention output); the *accumulated* one includes everything upstream.
-
-Memory: one decoder layer of weights per model plus the calibration activations of both
-models, and for the batch being processed the float outputs of the layer's linears (or the
-float logits in the suffix: batch x seqlen x vocab floats, so keep the batch small for large
-vocabularies).
+Metrics are running sums (:mod:`ptqc.diagnose_metrics`); the sensitive layers and linears come
+from :mod:`ptqc.diagnose_sensitivity`, the files from :mod:`ptqc.diagnose_report`. Memory: one
+decoder layer of weights per model, both models' calibration activations, and for the batch
+being run the float outputs of the layer's linears (or its float logits: batch x seqlen x vocab).
 """
 from __future__ import annotations
 

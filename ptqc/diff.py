@@ -1,34 +1,13 @@
 """``ptqc diff A B``: run two backends on the same tokens and compare every intermediate they share.
 
-Specs (``PATH[:TARGET]``; a suffix that is not a target name is part of the path;
-:mod:`ptqc.diff_targets`):
-
-    model/            a Hugging Face model directory: the float graph, run by torch  (target ``torch``)
-    out/              a ptqc artifact: its (fake-quant) graph, run by torch          (target ``torch``)
-    out/:onnx         the artifact exported to ONNX (``mode="fake"``), run by onnxruntime with every
-                      graph optimization disabled (the reference session)
-    out/:onnx-int     the same with ``mode="integer"`` (MatMulInteger / MatMulNBits kernels)
-    out/:ascend       the artifact lowered in memory to Ascend kernels (``ptqc_npu`` ops), run by
-                      torch: the documented CPU emulation, or torch_npu with ``device=npu``. Options
-                      follow the target, comma-separated: ``out/:ascend,fuse=false,truncate=false,
-                      int_bias=false,fallback=false,device=npu:0,dtype=float16`` (defaults: the
-                      ``ascend`` pass's, except ``fallback=true`` so a partly lowerable graph still
-                      diffs; ``device=cpu``; ``dtype``: the artifact's, else its float parameters
-                      ``*.weight``/``*.bias`` are cast, quantization scales stay float32).
-                      An artifact compiled with the ``ascend`` pass is run as it is.
-
-The backends (:mod:`ptqc.backends`) offer the targets other than ``torch``; a plugin adds one
-with :func:`register_target`.
+A side is a spec ``PATH[:TARGET[,key=value...]]`` (:mod:`ptqc.diff_targets`): a model directory
+or an artifact run by torch (``torch``, the default), or a target a backend offers
+(:mod:`ptqc.backends`: ``onnx``, ``onnx-int``, ``ascend``); ``ptqc diff --help`` lists them.
 
 What is compared: the *probes* of each side (:mod:`ptqc.probes`: the embedding, every linear,
-every decoder layer output, the logits), matched by key. ONNX targets expose the probes as extra
-graph outputs by FX node name (the lowering keeps the names); in a graph lowered to a backend's
-kernels the backend finds them (Ascend: :mod:`ptqc.lowering.ascend.backend`). Probes found on
-one side only are listed in ``unmatched``, never an error.
-
-A side compiled with ``rotate`` computes the embedding, layer outputs and o_proj/down_proj (and,
-with ``v``, v_proj) outputs in a rotated basis; its values are mapped back to the float basis
-(:mod:`ptqc.basis`) before comparing, and the report lists it under ``unrotated``.
+every decoder layer output, the logits), matched by key; probes found on one side only are
+listed in ``unmatched``, never an error. A side compiled with ``rotate`` has its values mapped
+back to the float basis first (:mod:`ptqc.basis`; listed under ``unrotated``).
 
 Depth order is the order of A's graph. With ``x`` the values of A (the reference) and ``y``
 those of B, summed over every element of every window (:mod:`ptqc.diff_metrics`):

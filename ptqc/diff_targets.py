@@ -2,9 +2,8 @@
 
 ``torch`` (the ptqc graph run by torch) is built in; :func:`register_target` adds more, and the
 backends (:mod:`ptqc.backends`) offer theirs (``onnx``, ``onnx-int``, ``ascend``). A target is a class
-with ``run(batch, names) -> {name: tensor}``; one that declares ``OPTIONS`` ({name: type}; or
-overrides ``option_types()``) accepts ``PATH:<name>,key=value,...``. A suffix that is not a
-target name is part of the path.
+with ``run(batch, names) -> {name: tensor}``; one whose ``option_types()`` names options accepts
+``PATH:<name>,key=value,...``. A suffix that is not a target name is part of the path.
 """
 from __future__ import annotations
 
@@ -13,6 +12,7 @@ from pathlib import Path
 import torch
 
 from ptqc.errors import PtqcError
+from ptqc.options import parse_bool
 from ptqc.probes import Probe, capture, graph_probes, wanted
 
 TARGETS: dict[str, type] = {}
@@ -47,7 +47,6 @@ class Target:
     """A model (QModel) and a way to compute the values of its graph nodes on token windows."""
 
     target = "?"
-    OPTIONS: dict[str, type] = {}  # spec options (``PATH:TARGET,key=value``) and their types
 
     def __init__(self, path: Path, qm, spec: str, options: dict | None = None):
         self.path, self.qm, self.spec = path, qm, spec
@@ -55,7 +54,8 @@ class Target:
 
     @classmethod
     def option_types(cls) -> dict[str, type]:
-        return cls.OPTIONS
+        """The spec options (``PATH:TARGET,key=value``) and their types."""
+        return {}
 
     def probes(self) -> list[Probe]:
         """The comparable points of this side (default: from its ptqc graph)."""
@@ -122,14 +122,6 @@ def cast_parameters(qm, dtype) -> int:
     return n
 
 
-def _bool(v: str) -> bool:
-    if v.lower() in ("1", "true", "yes", "on"):
-        return True
-    if v.lower() in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(v)
-
-
 def parse_options(t, options: dict) -> dict:
     """Check and convert a target's spec options (strings from the spec, or typed values)."""
     out = {}
@@ -140,7 +132,7 @@ def parse_options(t, options: dict) -> dict:
             raise PtqcError(f"diff target {t.target!r} has no option {k!r} ({have})")
         typ = types[k]
         try:
-            out[k] = (_bool(v) if typ is bool else typ(v)) if isinstance(v, str) else typ(v)
+            out[k] = parse_bool(v) if typ is bool and isinstance(v, str) else typ(v)
         except ValueError:
             raise PtqcError(f"diff target {t.target!r}: option {k}={v!r} is not a {typ.__name__}") from None
     return out

@@ -90,13 +90,6 @@ def first_nonfinite(qm: QModel, ids: torch.Tensor, device=None) -> str:
     return f"node {n.name} ({m.get('module') or '?'}, layer {m.get('layer')})"
 
 
-def _chunk_windows(qm: QModel, seqlen: int, budget_bytes: int) -> int:
-    """How many windows fit the activation budget (hidden states of a window, ~4 live copies)."""
-    hidden = getattr(qm.config, "hidden_size", 4096)
-    per_window = seqlen * hidden * 4 * 4
-    return max(1, budget_bytes // per_window)
-
-
 @torch.no_grad()
 def perplexity(qm: QModel, ids: torch.Tensor, seqlen: int, *, batch_size: int = 8, device=None,
                max_windows: int | None = None, progress=None, activation_budget: int = 1 << 30) -> dict:
@@ -111,7 +104,8 @@ def perplexity(qm: QModel, ids: torch.Tensor, seqlen: int, *, batch_size: int = 
     if max_windows:
         w = w[:max_windows]
     nll, count = 0.0, 0
-    chunk = max(batch_size, _chunk_windows(qm, seqlen, activation_budget) // batch_size * batch_size)
+    per_window = seqlen * getattr(qm.config, "hidden_size", 4096) * 4 * 4  # float32 hidden states, ~4 live copies
+    chunk = max(batch_size, max(1, activation_budget // per_window) // batch_size * batch_size)
     chunks = list(torch.split(w, chunk))
     n_layers = None
     bar = progress(total=len(chunks) * (qm.num_layers + 2), desc="ppl", unit="segment") if progress else None

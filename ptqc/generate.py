@@ -190,24 +190,13 @@ def _distinct(seqs: list[list[int]], k: int) -> float | None:
 
 
 def collapse_signals(outputs: list[dict], tokenizer=None, vocab: set[str] | None = None) -> dict:
-    """Collapse signals of greedy outputs and the verdict ``collapsed`` (with ``reasons``).
-
-    * ``eos_rate``: share of outputs that ended with EOS;
-    * ``loop``: the longest back-to-back repeat (period x repeats) over all outputs, and
-      ``looping``: share of outputs where one loop covers >= LOOP_FRACTION of the tokens;
-    * ``degenerate``: share of outputs that are looping or whose >= MIN_LEN tokens hold at most
-      FEW_TOKENS distinct tokens (text alternating among a few tokens without a strict period);
-    * ``distinct_1`` / ``distinct_2``: distinct tokens / bigrams over all generated tokens;
-    * ``known_words`` (with ``vocab``, :func:`vocabulary` of a reference text such as the model's
-      eval.txt): share of the generated words found in it. Text made of broken words ("thearal
-      ripuil tmdmsomd") neither loops nor repeats, so only this signal sees it.
-
-    Collapsed when any logits were non-finite, or more than DEGENERATE_OUTPUTS of the outputs are
-    degenerate, or distinct_2 < MIN_DISTINCT_2, or every output is empty, or (at least MIN_WORDS
-    words) known_words < MIN_KNOWN_WORDS. Healthy text keeps
-    adding distinct tokens (the example model: >= 11 in any 16), so the per-output rules do not
-    depend on the generation length; distinct_2 does (it falls slowly as outputs grow).
-    """
+    """Collapse signals of greedy outputs and the verdict ``collapsed`` (with ``reasons``):
+    ``eos_rate``, the longest ``loop``, the shares of ``looping`` and ``degenerate`` outputs (see
+    the constants above), ``distinct_1``/``distinct_2`` over all generated tokens and, with
+    ``vocab`` (:func:`vocabulary` of a reference text), ``known_words``: broken words ("thearal
+    ripuil") neither loop nor repeat, so only this signal sees them. Healthy text keeps adding
+    distinct tokens (the example model: >= 11 in any 16), so the per-output rules do not depend on
+    the generation length; distinct_2 does (it falls slowly as outputs grow)."""
     seqs = [o["ids"] for o in outputs]
     loops = [longest_loop(s) for s in seqs]
     looping = [lp["tokens"] >= LOOP_FRACTION * len(s) and lp["tokens"] > 0 for lp, s in zip(loops, seqs)]

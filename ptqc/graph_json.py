@@ -155,5 +155,3 @@ def graph_from_json(data: dict) -> fx.Graph:
     g.lint()
     return g
 
-
-__all__ = ["graph_to_json", "graph_from_json", "load_op_namespace", "OPS_ENTRY_POINT_GROUP"]

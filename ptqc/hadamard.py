@@ -15,16 +15,10 @@ chi the quadratic character of GF(q) and the Jacobsthal matrix ``J[a, b] = chi(a
     Paley II  q = 1 mod 4:  order 2(q + 1): C = [[0, 1^T], [1, J]]               (C symmetric)
                             H = C kron [[1, 1], [1, -1]] + I kron [[1, -1], [-1, -1]]
 
-(k = 12: q = 11; 20: q = 19; 28: q = 13 (II); 36: q = 17 (II); 108: q = 107; 148: q = 73 (II);
-344: q = 7^3). :func:`factor` picks the smallest such k; a size with none (e.g. 92 = 4 * 23,
-whose Hadamard matrices need other constructions, or any odd size > 1) is refused.
-
-``random_hadamard(n, seed) = hadamard(n) diag(s)`` with random signs s (QuaRot's randomized
-Hadamard: still orthogonal, spreads outliers the same way, differs per seed).
-
-:func:`kron_factors` splits ``hadamard(n)`` into two small orthonormal matrices ``a`` (n1 x n1)
-and ``b`` (n2 x n2) with ``a kron b == hadamard(n)``, n1 n2 = n and n1 ~ n2, so an online transform
-``ptqc.transform(x, a, b)`` costs ``n (n1 + n2)`` multiply-adds per token instead of ``n^2``.
+(e.g. k = 28: q = 13 (II); 344: q = 7^3). :func:`factor` picks the smallest such k; a size with
+none (e.g. 92 = 4 * 23, or any odd size > 1) is refused. :func:`kron_factors` splits
+``hadamard(n)`` into two small factors, so an online transform costs ``n (n1 + n2)``
+multiply-adds per token instead of ``n^2``.
 """
 from __future__ import annotations
 
@@ -51,19 +45,24 @@ def prime_power(q: int) -> tuple[int, int] | None:
     return (p, e) if q == 1 else None
 
 
+def _polymod(r: list, f: tuple, p: int) -> list:
+    """The remainder of polynomial r modulo the monic f over GF(p) (coefficients lowest degree first)."""
+    r, e = list(r), len(f) - 1
+    for d in range(len(r) - 1, e - 1, -1):
+        c = r[d]
+        if c:
+            for t in range(e + 1):
+                r[d - e + t] = (r[d - e + t] - c * f[t]) % p
+    return r[:e]
+
+
 def _polymulmod(x: tuple, y: tuple, f: tuple, p: int) -> tuple:
-    """x * y mod (f, p); polynomials are coefficient tuples, lowest degree first, f monic."""
-    e = len(f) - 1
-    prod = [0] * (2 * e - 1)
+    """x * y mod (f, p)."""
+    prod = [0] * (len(x) + len(y) - 1)
     for i, a in enumerate(x):
         for j, b in enumerate(y):
             prod[i + j] = (prod[i + j] + a * b) % p
-    for d in range(len(prod) - 1, e - 1, -1):  # reduce by the monic f
-        c = prod[d]
-        if c:
-            for t in range(e + 1):
-                prod[d - e + t] = (prod[d - e + t] - c * f[t]) % p
-    return tuple(prod[:e])
+    return tuple(_polymod(prod, f, p))
 
 
 def _irreducible(p: int, e: int) -> tuple:
@@ -72,18 +71,8 @@ def _irreducible(p: int, e: int) -> tuple:
         for code in range(p ** deg):
             yield tuple((code // p ** i) % p for i in range(deg)) + (1,)
 
-    def divides(g, f):
-        r = list(f)
-        dg = len(g) - 1
-        for d in range(len(r) - 1, dg - 1, -1):
-            c = r[d]
-            if c:
-                for t in range(dg + 1):
-                    r[d - dg + t] = (r[d - dg + t] - c * g[t]) % p
-        return not any(r[:dg])
-
     for f in polys(e):
-        if all(not divides(g, f) for d in range(1, e // 2 + 1) for g in polys(d)):
+        if all(any(_polymod(f, g, p)) for d in range(1, e // 2 + 1) for g in polys(d)):
             return f
     raise AssertionError(f"no irreducible polynomial of degree {e} over GF({p})")  # cannot happen
 
@@ -146,12 +135,11 @@ def _hadamard_pm1(k: int) -> torch.Tensor:
     q = int(how.split("q=")[1])
     j = _jacobsthal(q).double()
     ones = torch.ones(q, 1, dtype=torch.float64)
-    if how.startswith("paley1"):
-        c = torch.cat([torch.cat([torch.zeros(1, 1, dtype=torch.float64), ones.t()], 1),
-                       torch.cat([-ones, j], 1)], 0)
-        return torch.eye(q + 1, dtype=torch.float64) + c
+    paley1 = how.startswith("paley1")
     c = torch.cat([torch.cat([torch.zeros(1, 1, dtype=torch.float64), ones.t()], 1),
-                   torch.cat([ones, j], 1)], 0)
+                   torch.cat([-ones if paley1 else ones, j], 1)], 0)
+    if paley1:
+        return torch.eye(q + 1, dtype=torch.float64) + c
     one = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64)
     zero = torch.tensor([[1.0, -1.0], [-1.0, -1.0]], dtype=torch.float64)
     return torch.kron(c, one) + torch.kron(torch.eye(q + 1, dtype=torch.float64), zero)
@@ -162,17 +150,11 @@ def factor(n: int, what: str = "size", fix: str = "") -> tuple[int, int]:
     """``(k, 2^m)`` with ``n = k * 2^m`` and a Hadamard matrix of order k buildable here (the
     smallest such k). Raises PtqcError with one line naming ``what`` (e.g. "hidden size") and
     ``fix`` (e.g. "use residual=orthogonal") otherwise."""
-    if n >= 1:
-        p2 = n & -n  # largest power of two dividing n
-        while p2 >= 1:
-            k = n // p2
-            if construction(k) is not None:
-                return k, p2
-            p2 //= 2
-    tried = []
-    if n >= 1:
-        p2 = n & -n
-        tried = sorted({n // (p2 >> i) for i in range(p2.bit_length())})
+    p2 = n & -n if n >= 1 else 0  # largest power of two dividing n
+    tried = [n // (p2 >> i) for i in range(p2.bit_length())]  # k = n / 2^m, smallest first
+    k = next((k for k in tried if construction(k) is not None), None)
+    if k is not None:
+        return k, n // k
     hint = f"; {fix}" if fix else ""
     raise PtqcError(f"{what} {n} has no Hadamard factorization k*2^m with k in {{1, 2, q+1 (q = 3 mod 4), "
                     f"2(q+1) (q = 1 mod 4); q a prime power, k <= {MAX_ORDER}}} "
@@ -217,7 +199,3 @@ def kron_factors(n: int, dtype: torch.dtype = torch.float64) -> tuple[torch.Tens
     a = torch.kron(_hadamard_pm1(k), _sylvester(j)) / math.sqrt(n1)
     b = _sylvester(n2) / math.sqrt(n2)
     return a.to(dtype), b.to(dtype)
-
-
-__all__ = ["factor", "construction", "hadamard", "random_hadamard", "random_orthogonal", "kron_factors",
-           "prime_power", "MAX_ORDER"]

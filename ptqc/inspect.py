@@ -4,14 +4,12 @@ from __future__ import annotations
 import json
 from collections import Counter
 
-import torch.fx as fx
-
 from ptqc.ir import QModel
-from ptqc.pipeline import _short
+from ptqc.passmanager import _short
 
 
-def _quant_str(n: fx.Node) -> str:
-    q = n.meta.get("ptqc", {}).get("quant", {})
+def _quant_str(q: dict) -> str:
+    """A node's quantization parameters (``meta["ptqc"]["quant"]``) on one line."""
     parts = []
     for k, v in q.items():
         per_row = "ch" if k == "weight" else "tok"  # group 0: per output channel / per token
@@ -20,10 +18,11 @@ def _quant_str(n: fx.Node) -> str:
     return "; ".join(parts)
 
 
-def rows(qm: QModel, layer=None, op=None, role=None, include_attrs=False) -> list[dict]:
+def rows(qm: QModel, layer=None, op=None, role=None) -> list[dict]:
+    """The call nodes (and placeholders, output) with these layer, op and role, as dicts."""
     out = []
     for n in qm.graph.nodes:
-        if n.op in ("get_attr",) and not include_attrs:
+        if n.op == "get_attr":
             continue
         m = n.meta.get("ptqc", {})
         opname = _short(n.target) if n.op == "call_function" else n.op
@@ -56,10 +55,10 @@ def _shape(s) -> str:
     return "[" + ", ".join(map(str, s)) + "]" if s is not None else ""
 
 
-def text_table(qm: QModel, rs: list[dict]) -> str:
+def text_table(rs: list[dict]) -> str:
     cols = ["name", "op", "module", "layer", "role", "shape", "dtype", "quant"]
     table = [[r["name"], r["op"], r["module"], "" if r["layer"] is None else str(r["layer"]), r["role"] or "",
-              _shape(r["shape"]), r["dtype"] or "", _quant_str(next(n for n in qm.graph.nodes if n.name == r["name"]))]
+              _shape(r["shape"]), r["dtype"] or "", _quant_str(r["quant"])]
              for r in rs]
     widths = [max([len(c)] + [len(row[i]) for row in table]) for i, c in enumerate(cols)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths)).rstrip()]
@@ -80,13 +79,12 @@ def quant_table(qm: QModel) -> str:
     return "\n".join(lines)
 
 
-def dot(qm: QModel, rs: list[dict]) -> str:
+def dot(rs: list[dict]) -> str:
     keep = {r["name"] for r in rs}
     lines = ["digraph ptqc {", "  rankdir=TB; node [shape=box, fontsize=10];"]
     for r in rs:
         label = f"{r['name']}\\n{r['op']}" + (f"\\n{r['module']}" if r["module"] else "")
-        q = _quant_str(next(n for n in qm.graph.nodes if n.name == r["name"]))
-        color = ', style=filled, fillcolor="#ffe0b0"' if q else ""
+        color = ', style=filled, fillcolor="#ffe0b0"' if r["quant"] else ""
         lines.append(f'  "{r["name"]}" [label="{label}"{color}];')
         for i in r["inputs"]:
             if i in keep:
@@ -101,10 +99,10 @@ def render(qm: QModel, fmt: str = "text", layer=None, op=None, role=None) -> str
         return json.dumps({"nodes": rs, "op_counts": op_counts(qm), "quant": qm.quant,
                            "properties": sorted(qm.properties)}, indent=1)
     if fmt == "dot":
-        return dot(qm, rs)
+        return dot(rs)
     counts = op_counts(qm)
     return "\n".join([
-        text_table(qm, rs), "",
+        text_table(rs), "",
         "op counts: " + ", ".join(f"{k}={v}" for k, v in counts.items()),
         f"properties: {', '.join(sorted(qm.properties))}", "",
         "quantized modules:", quant_table(qm)])

@@ -88,17 +88,10 @@ def score(qm, pairs: list[tuple[list[int], list[int]]], max_length: int, batch_s
 
 def rolling_pairs(tokens: list[int], prefix: int, max_length: int) -> list[tuple[list[int], list[int]]]:
     """(context, continuation) windows scoring every token once (lm-eval, context_len=1)."""
-    out = []
-    if not tokens:
-        return out
-    first = min(max_length, len(tokens))
-    out.append(([prefix], tokens[:first]))
-    done = first
-    while done < len(tokens):
-        n = min(len(tokens) - done, max_length)
-        end = done + n
+    out = [([prefix], tokens[:max_length])] if tokens else []
+    for done in range(max_length, len(tokens), max_length):
+        end = min(done + max_length, len(tokens))
         out.append((tokens[max(0, end - max_length - 1): done], tokens[done:end]))
-        done = end
     return out
 
 

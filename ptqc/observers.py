@@ -28,11 +28,13 @@ class Observer:
         self.where = where
         self.tokens = 0
 
-    @staticmethod
-    def rows(x: torch.Tensor) -> torch.Tensor:
-        return x.reshape(-1, x.shape[-1])
+    def update(self, x: torch.Tensor) -> None:
+        """Add one batch: the token rows [tokens, channels] of x."""
+        rows = x.detach().reshape(-1, x.shape[-1])
+        self.tokens += rows.shape[0]
+        self.add(rows)
 
-    def update(self, x: torch.Tensor) -> None:  # pragma: no cover - abstract
+    def add(self, x: torch.Tensor) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def result(self):  # pragma: no cover - abstract
@@ -45,11 +47,9 @@ class AbsMax(Observer):
         self.per_channel = per_channel
         self.value = None
 
-    def update(self, x):
-        x = self.rows(x).detach()
+    def add(self, x):
         m = x.abs().amax(0).float() if self.per_channel else x.abs().amax().float()
         self.value = m if self.value is None else torch.maximum(self.value, m)
-        self.tokens += x.shape[0]
 
     def result(self) -> torch.Tensor:
         return self.value
@@ -61,12 +61,11 @@ class MinMax(Observer):
         self.per_channel = per_channel
         self.min = self.max = None
 
-    def update(self, x):
-        x = self.rows(x).detach().float()
+    def add(self, x):
+        x = x.float()
         lo, hi = (x.amin(0), x.amax(0)) if self.per_channel else (x.amin(), x.amax())
         self.min = lo if self.min is None else torch.minimum(self.min, lo)
         self.max = hi if self.max is None else torch.maximum(self.max, hi)
-        self.tokens += x.shape[0]
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.min, self.max
@@ -97,9 +96,8 @@ class Percentile(Observer):
         self.gen = torch.Generator().manual_seed(seed)
         self.sample = self.keys = None
 
-    def update(self, x):
-        v = x.detach().reshape(-1).float().cpu()
-        self.tokens += self.rows(x).shape[0]
+    def add(self, x):
+        v = x.reshape(-1).float().cpu()
         self.sample, self.keys = _bottom_k(self.sample, self.keys, v.abs() if self.absolute else v,
                                            self.max_values, self.gen)
 
@@ -116,11 +114,9 @@ class MeanAbs(Observer):
         super().__init__(where)
         self.sum = None
 
-    def update(self, x):
-        x = self.rows(x).detach().float()
-        s = x.abs().sum(0)
+    def add(self, x):
+        s = x.float().abs().sum(0)
         self.sum = s if self.sum is None else self.sum + s
-        self.tokens += x.shape[0]
 
     def result(self) -> torch.Tensor:
         return self.sum / max(self.tokens, 1)
@@ -134,13 +130,12 @@ class Hessian(Observer):
         self.dtype = dtype
         self.sum = None
 
-    def update(self, x):
-        x = self.rows(x).detach().to(self.dtype)
+    def add(self, x):
+        x = x.to(self.dtype)
         if self.sum is None:
             self.sum = x.t() @ x
         else:
             self.sum.addmm_(x.t(), x)  # in place: no [in, in] temporary per batch
-        self.tokens += x.shape[0]
 
     def result(self) -> torch.Tensor:
         return self.sum * (2.0 / max(self.tokens, 1))
@@ -155,13 +150,8 @@ class Samples(Observer):
         self.gen = torch.Generator().manual_seed(seed)
         self.sample = self.keys = None
 
-    def update(self, x):
-        r = self.rows(x).detach()
-        self.tokens += r.shape[0]
-        self.sample, self.keys = _bottom_k(self.sample, self.keys, r, self.max_tokens, self.gen)
+    def add(self, x):
+        self.sample, self.keys = _bottom_k(self.sample, self.keys, x, self.max_tokens, self.gen)
 
     def result(self) -> torch.Tensor:
         return self.sample
-
-
-__all__ = ["Observer", "AbsMax", "MinMax", "Percentile", "MeanAbs", "Hessian", "Samples"]

@@ -110,6 +110,15 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def parse_bool(value) -> bool:
+    """A bool, or a string such as true/false, yes/no, on/off, 1/0; ValueError otherwise."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        return value.lower() in ("1", "true", "yes", "on")
+    raise ValueError(value)
+
+
 def _coerce(value, tp, where: str):
     origin = typing.get_origin(tp)
     if _is_union(tp):
@@ -137,13 +146,10 @@ def _coerce(value, tp, where: str):
         items = value.split("|") if isinstance(value, str) else list(value)
         return [_coerce(v, inner, where) for v in items if v != ""]
     if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
-            return True
-        if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
-            return False
-        raise PtqcError(f"{where}: {value!r} is not a bool (true/false)")
+        try:
+            return parse_bool(value)
+        except ValueError:
+            raise PtqcError(f"{where}: {value!r} is not a bool (true/false)") from None
     if tp is int:
         if isinstance(value, bool):
             raise PtqcError(f"{where}: {value!r} is not an int")
@@ -166,25 +172,17 @@ def _coerce(value, tp, where: str):
 def option_fields(cls) -> list[tuple[str, Any, Any]]:
     """(name, type, default) of a pass class's options."""
     hints = typing.get_type_hints(cls.Options)
-    out = []
-    for f in dataclasses.fields(cls.Options):
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-        out.append((f.name, hints[f.name], default))
-    return out
+    return [(f.name, hints[f.name], f.default if f.default is not dataclasses.MISSING else (
+        f.default_factory() if f.default_factory is not dataclasses.MISSING else None))
+        for f in dataclasses.fields(cls.Options)]
 
 
 def describe_options(cls) -> str:
     fields = option_fields(cls)
     if not fields:
         return "(no options)"
-    return ", ".join(f"{n}={_fmt(d)} ({_type_name(t)})" for n, t, d in fields)
-
-
-def _fmt(v) -> str:
-    if isinstance(v, list):
-        return "|".join(map(str, v))
-    return str(v)
+    return ", ".join(f"{n}={'|'.join(map(str, d)) if isinstance(d, list) else d} ({_type_name(t)})"
+                     for n, t, d in fields)
 
 
 def make_options(p, raw: dict):

@@ -12,8 +12,11 @@ import dataclasses
 import time
 from collections import Counter
 
+from ptqc import ops
 from ptqc.errors import PtqcError
+from ptqc.ir import is_op, propagate
 from ptqc.pipeline import PASSES, Pass, PassContext, PassResult, load_builtin_passes
+from ptqc.weights import plan
 
 
 def check_order(passes: list[Pass], initial: set[str]) -> None:
@@ -36,9 +39,6 @@ def check_order(passes: list[Pass], initial: set[str]) -> None:
 
 def lint(qm) -> None:
     """Structural and type checks of a QModel; raises PtqcError describing the first problem."""
-    from ptqc import ops
-    from ptqc.ir import propagate
-
     try:
         qm.graph.lint()
     except Exception as e:  # noqa: BLE001
@@ -53,25 +53,15 @@ def lint(qm) -> None:
 
 # ---- what a provided property means ----------------------------------------------------------
 def _reads_float_weight(qm, p) -> list:
-    from ptqc.weights import plan
-
     return [n for n, _, spec in plan(qm, p) if spec is not None]
 
 
 def _reads_float_input(qm, p) -> list:
-    from ptqc import ops
-    from ptqc.ir import is_op
-    from ptqc.weights import plan
-
     act = plan(qm, p, qm.linears(), spec_of=lambda mo: mo.act_spec() if hasattr(mo, "act_spec") else None)
     return [n for n, _, spec in act if spec is not None and not is_op(n.args[0], ops.QUANTIZE_ACT)]
 
 
 def _float_cache(qm, p) -> list:
-    from ptqc import ops
-    from ptqc.ir import is_op
-    from ptqc.weights import plan
-
     return [n for n, _, _ in plan(qm, p, qm.nodes(ops.ATTENTION))
             if not all(is_op(a, ops.QUANTIZE_ACT) for a in n.args[1:3])]
 

@@ -172,8 +172,8 @@ def load_builtin_passes() -> None:
     load_entry_points()
 
 
-def load_entry_points() -> list[str]:
-    names = []
+def load_entry_points() -> None:
+    """Register the pass classes of the ptqc.passes entry-point group (other packages' passes)."""
     for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
         try:
             obj = ep.load()
@@ -181,8 +181,6 @@ def load_entry_points() -> list[str]:
             raise PtqcError(f"cannot load pass plugin entry point {ep.name!r} ({ep.value}): {e}") from None
         if isinstance(obj, type) and issubclass(obj, Pass):
             register(obj)
-        names.append(ep.name)
-    return names
 
 
 def load_plugin(path: str | Path) -> list[str]:

@@ -4,6 +4,7 @@ Off the terminal (CI logs, pipes, files) a bar would print one line per refresh,
 there; the log lines (pass timings, "wrote ...") still say what happens."""
 from __future__ import annotations
 
+import functools
 import sys
 
 
@@ -23,6 +24,4 @@ def bar(iterable=None, *, quiet: bool = False, **kw):
 
 def factory(quiet: bool = False):
     """``progress(iterable=None, **kw)`` as library functions take it (diagnose, diff, perplexity)."""
-    def progress(iterable=None, **kw):
-        return bar(iterable, quiet=quiet, **kw)
-    return progress
+    return functools.partial(bar, quiet=quiet)

@@ -81,10 +81,6 @@ def _grouped(x: torch.Tensor, group_size: int) -> torch.Tensor:
     return x.reshape(*x.shape[:-1], x.shape[-1] // g, g)
 
 
-def _ungrouped(xg: torch.Tensor, shape) -> torch.Tensor:
-    return xg.reshape(shape)
-
-
 def compute_qparams(x: torch.Tensor, spec: QuantSpec, *, xmin: torch.Tensor | None = None,
                     xmax: torch.Tensor | None = None):
     """Scale and zero point (None when symmetric) for ``x`` under ``spec``.
@@ -118,7 +114,7 @@ def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | No
     if zero_point is not None:
         q = q + zero_point.float().unsqueeze(-1)
     q = torch.clamp(q, spec.qmin, spec.qmax)
-    return _ungrouped(q, x.shape).to(torch.int8)
+    return q.reshape(x.shape).to(torch.int8)
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
@@ -127,7 +123,7 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tenso
     qg = _grouped(codes, group_size)
     if zero_point is not None:
         qg = qg - zero_point.float().unsqueeze(-1)
-    return _ungrouped(qg * scale.unsqueeze(-1), codes.shape)
+    return (qg * scale.unsqueeze(-1)).reshape(codes.shape)
 
 
 def fake_quantize(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
@@ -163,18 +159,15 @@ def fake_quant_act(x: torch.Tensor, scale: torch.Tensor | None, zero_point: torc
     Otherwise static with the given broadcastable scale (:func:`quantize_static`); a static
     scale already includes any clipping, so ``spec.clip_ratio`` only shrinks dynamic ranges."""
     if scale is None:
-        s, zp = compute_qparams(x, spec)
-        return dequantize(quantize(x, s, zp, spec), s, zp, spec.group_size)
+        return fake_quantize(x.float(), spec)
     return dequantize_static(quantize_static(x, scale, zero_point, spec), scale, zero_point)
 
 
 def static_qparams(xmin: torch.Tensor, xmax: torch.Tensor, spec: QuantSpec):
     """Scale (and zero point) from an observed range, any shape (per tensor: 0-d or [1])."""
-    xmin, xmax = xmin.float().reshape(-1, 1), xmax.float().reshape(-1, 1)
-    shape = xmin.shape[:1]
-    scale, zp = compute_qparams(torch.zeros(shape[0], 1), QuantSpec(spec.bits, 0, spec.symmetric, spec.clip_ratio),
-                                xmin=xmin[:, 0], xmax=xmax[:, 0])
-    return scale, zp
+    xmin, xmax = xmin.float().reshape(-1), xmax.float().reshape(-1)
+    return compute_qparams(torch.zeros(xmin.shape[0], 1), QuantSpec(spec.bits, 0, spec.symmetric, spec.clip_ratio),
+                           xmin=xmin, xmax=xmax)
 
 
 # ---- storage ---------------------------------------------------------------------------------
