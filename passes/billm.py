@@ -47,12 +47,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ptqc.calib import calibrate
 from ptqc.errors import PtqcError
 from ptqc.ir import info
-from ptqc.observers import Hessian
 from ptqc.gptq_core import SingularHessian, drop_dead_inputs, error_feedback, inverse_cholesky, output_error
 from ptqc.options import Selection
+from ptqc.passes.gptq import calibrate_hessians
 from ptqc.pipeline import Pass, PassResult, register
 from ptqc.weights import grouped_targets, set_weight, weight_of
 
@@ -223,16 +222,11 @@ class BiLLM(Pass):
         opts, groups = grouped_targets(qm, self)
         stats_all = {"err_billm": [], "err_sign": [], "params": 0, "bases": 0.0}
 
-        def observe(i):
-            return {lins[0]: {"h": Hessian()} for lins in groups.get(i, [])}
+        def quantize(lins, h):
+            for n in lins:  # one by one: each linear picks its own salient columns
+                self._binarize(qm, n, opts[n.name], h.float(), stats_all)
 
-        def apply(i, stats):
-            for lins in groups.get(i, []):
-                h = stats[lins[0]]["h"].result().float()
-                for n in lins:  # one by one: each linear picks its own salient columns
-                    self._binarize(qm, n, opts[n.name], h, stats_all)
-
-        summary = calibrate(qm, ctx, observe, apply, propagate=o.propagate, layers=sorted(groups), desc="billm")
+        summary = calibrate_hessians(qm, ctx, groups, quantize, o.propagate, "billm")
         k = max(len(stats_all["err_billm"]), 1)
         return PassResult(changed=bool(opts), summary={
             **summary, "linears": len(opts), "storage": "float",

@@ -55,6 +55,20 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: quant.QuantSpec, *, bl
     return codes, scale, zp, used
 
 
+def calibrate_hessians(qm, ctx, groups: dict, quantize, propagate: str, desc: str) -> dict:
+    """Calibrate layer by layer with one Hessian per group of linears sharing an input (``groups``:
+    layer -> [linears], from ``grouped_targets``); ``quantize(lins, h)`` once a group's is complete."""
+    def observe(i):
+        return {lins[0]: {"h": Hessian()} for lins in groups.get(i, [])}
+
+    def apply(i, stats):
+        for lins in groups.get(i, []):
+            if lins[0] in stats:  # sequential: only this stage's inputs are observed yet
+                quantize(lins, stats[lins[0]]["h"].result())
+
+    return calibrate(qm, ctx, observe, apply, propagate=propagate, layers=sorted(groups), desc=desc)
+
+
 @register
 class GPTQ(Pass):
     """GPTQ weight quantization: column-wise rounding with inverse-Hessian error feedback.
@@ -96,16 +110,8 @@ class GPTQ(Pass):
         o = self.options
         opts, groups = grouped_targets(qm, self)
         errs = {"gptq": [], "rtn": []}
-
-        def observe(i):
-            return {lins[0]: {"h": Hessian()} for lins in groups.get(i, [])}
-
-        def apply(i, stats):
-            for lins in groups.get(i, []):
-                if lins[0] in stats:  # sequential: only this stage's inputs are observed yet
-                    self.quantize_group(qm, lins, opts, stats[lins[0]]["h"].result(), errs)
-
-        summary = calibrate(qm, ctx, observe, apply, propagate=o.propagate, layers=sorted(groups), desc="gptq")
+        summary = calibrate_hessians(qm, ctx, groups, lambda lins, h: self.quantize_group(qm, lins, opts, h, errs),
+                                     o.propagate, "gptq")
         k = max(len(errs["gptq"]), 1)
         return PassResult(changed=bool(opts), summary={
             **summary, "linears": len(opts),

@@ -51,11 +51,10 @@ from functools import partial
 import torch
 
 from ptqc import quant
-from ptqc.calib import calibrate
 from ptqc.errors import PtqcError
-from ptqc.observers import Hessian
 from ptqc.gptq_core import SingularHessian, inverse_cholesky, output_error, quantize_groups
 from ptqc.options import WeightOptions
+from ptqc.passes.gptq import calibrate_hessians
 from ptqc.pipeline import Pass, PassResult, register
 from ptqc.weights import grouped_targets, set_quantized_weight, weight_of
 
@@ -206,16 +205,11 @@ class SliM(Pass):
         opts, groups = grouped_targets(qm, self)
         acc = {"err_slim": [], "err_rtn": [], "bits": {}, "params": 0, "bit_sum": 0, "mixed": 0}
 
-        def observe(i):
-            return {lins[0]: {"h": Hessian()} for lins in groups.get(i, [])}
+        def quantize(lins, h):
+            for n in lins:  # one by one: each linear has its own allocation
+                self._quantize(qm, n, opts[n.name], h.float(), acc)
 
-        def apply(i, stats):
-            for lins in groups.get(i, []):
-                h = stats[lins[0]]["h"].result().float()
-                for n in lins:  # one by one: each linear has its own allocation
-                    self._quantize(qm, n, opts[n.name], h, acc)
-
-        summary = calibrate(qm, ctx, observe, apply, propagate=o.propagate, layers=sorted(groups), desc="slim")
+        summary = calibrate_hessians(qm, ctx, groups, quantize, o.propagate, "slim")
         k = max(len(acc["err_slim"]), 1)
         return PassResult(changed=bool(opts), summary={
             **summary, "linears": len(opts), "mixed_linears": acc["mixed"], "avg_bits": round(acc["bit_sum"] / max(acc["params"], 1), 4),
