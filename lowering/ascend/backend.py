@@ -27,15 +27,11 @@ from ptqc.errors import PtqcError
 from ptqc.ir import info
 from ptqc.lowering.ascend import export as exporter
 from ptqc.lowering.ascend import ops as npu
-from ptqc.lowering.ascend.lower import kernel_report, lower
+from ptqc.lowering.ascend.lower import is_lowered, kernel_report, lower
 from ptqc.probes import Probe, chunk_name, layer_output, logits_node
 
 SUM_INDEX = {npu.ADD_RMS_NORM: 2, npu.ADD_RMS_NORM_QUANT: 1, npu.ADD_RMS_NORM_DYNAMIC_QUANT: 1}  # x1 + x2 output
 MATMULS = (npu.QUANT_MATMUL, npu.WEIGHT_QUANT_BATCHMATMUL, ops.LINEAR)
-
-
-def is_lowered(qm) -> bool:
-    return any(str(n.target).startswith("ptqc_npu.") for n in qm.graph.nodes if n.op == "call_function")
 
 
 def _layer_outputs(g: fx.Graph) -> dict[int, str]:
