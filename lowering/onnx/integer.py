@@ -1,26 +1,19 @@
 """``mode="integer"``: real integer kernels for quantized linears.
 
-W8A8 (and WnA8 with n <= 8: any int8 weight codes) linear, when its input is a symmetric int
-``quantize_act`` (dynamic per token, or static per tensor) and its weight symmetric per output
-channel::
+A linear with int8 (or fewer-bit) symmetric per-channel weight codes whose input is a symmetric
+int ``quantize_act`` (dynamic per token, or static per tensor) runs as::
 
-    s_x   = Where(ReduceMax(Abs(x)) / qmax > 0, ., 1)          <qact>/scale  [.., 1] float32
-    q_x   = Cast(Clip(Round(Div(x, s_x)), qmin, qmax), int8)    <qact>/codes  (shared by q/k/v...)
+    q_x   = <qact>/codes (int8, shared by q/k/v...), s_x = <qact>/scale
     acc   = MatMulInteger(q_x, Transpose(q_w))                  <linear>/acc  int32
     y     = Mul(Mul(Cast(acc, float), s_x), s_w) (+ b)          <linear>
 
-which equals, bit for bit, ``(q_x.int() @ q_w.int().T).float() * s_x * s_w (+ b)`` computed from
-the codes of :mod:`ptqc.quant` (the fake-quant graph accumulates the dequantized values in float,
-so it differs from this by float rounding only).
-
-Weight-only linears (float input) use ``com.microsoft.MatMulNBits`` when it can hold the codes:
-signed codes ``q`` in ``[-2^(b-1), 2^(b-1))`` are stored unsigned as ``q + 8`` (4 bits, for b <= 4)
-or ``q + 128`` (8 bits), zero points likewise (absent when symmetric: MatMulNBits' default zero
-point is exactly that offset); the block size is the group size when it is a power of two >= 16,
-and for per-channel weights the largest power of two in 16..256 dividing K with the channel
-scale repeated over the blocks. Otherwise the linear stays ``DequantizeLinear`` + ``MatMul``.
-Derived initializers are named after the HF tensor: ``<w>.int8`` (unpacked codes),
-``<w>.nbits``, ``<w>_scale.nbits``, ``<w>_zero_point.nbits``.
+bit for bit ``(q_x.int() @ q_w.int().T).float() * s_x * s_w (+ b)`` from :mod:`ptqc.quant`'s codes.
+Weight-only linears use ``com.microsoft.MatMulNBits`` when it can hold the codes: signed codes
+stored unsigned as ``q + 8`` (4 bits) or ``q + 128`` (8 bits), zero points likewise (absent when
+symmetric: the kernel's default), block size the group size when a power of two >= 16 (per
+channel: the largest power of two in 16..256 dividing K, the scale repeated over the blocks);
+otherwise ``DequantizeLinear`` + ``MatMul``. Derived initializers are named after the HF tensor:
+``<w>.int8``, ``<w>.uint8``, ``<w>.nbits``, ``<w>_scale.nbits``, ``<w>_zero_point.nbits``.
 """
 from __future__ import annotations
 
