@@ -124,13 +124,10 @@ class FlatQuant(Pass):
             selected[n.name] = mo
         return selected
 
-    def plan(self, qm) -> dict[int, LayerPlan]:
-        return plan_layers(qm, self.select(qm))
-
     # -- training --
     def run(self, qm, ctx) -> PassResult:
         o = self.options
-        plans = self.plan(qm)
+        plans = plan_layers(qm, self.select(qm))
         if not plans:
             return PassResult(changed=False, summary={"layers": []})
         ids = ctx.calibration_ids(qm)
@@ -230,6 +227,3 @@ def _insert_k_transform(qm, pl: LayerPlan, k_mats: tuple) -> None:
         info(t).update({"module": base, "layer": pl.layer, "role": "transform",
                         "transform": {"kind": f"k_cache_{which}", "dims": [pl.head_dim]}})
     pl.attn.args = (tq, tk, *pl.attn.args[2:])
-
-
-__all__ = ["FlatQuant"]

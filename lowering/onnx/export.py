@@ -155,8 +155,7 @@ class ExportResult:
 
 
 def export(qm: QModel, path, mode: str = "fake", *, outputs=(), external_data: bool | None = None,
-           int4: bool = True, check: bool = True, examples: dict | None = None,
-           int_kernel: str = "s8s8") -> ExportResult:
+           int4: bool = True, examples: dict | None = None, int_kernel: str = "s8s8") -> ExportResult:
     """Write ``qm`` as an ONNX model at ``path`` (``.onnx``).
 
     ``outputs``: extra graph outputs (FX node names, or helper values such as
@@ -167,14 +166,10 @@ def export(qm: QModel, path, mode: str = "fake", *, outputs=(), external_data: b
     L = build(qm, mode, outputs, int4, examples, int_kernel)
     total = sum(i.nbytes for i in L.inits.values())
     data_path = writer.write(L, path, writer.external(total, external_data))
-    if check:
-        writer.check(path)
+    writer.check(path)
     return ExportResult(path=path, data_path=data_path, mode=mode, nodes=len(L.nodes), initializers=len(L.inits),
                         weight_bytes=total, outputs=[o.name for o in L.graph_outputs], fused=list(L.fused),
                         integer_linears=list(L.integer_linears), nbits_linears=list(L.nbits_linears))
-
-
-__all__ = ["export", "export_graph", "build", "ExportResult"]
 
 
 def export_graph(graph: fx.Graph, weights: dict, examples: dict, path, mode: str = "fake", **kw) -> ExportResult:

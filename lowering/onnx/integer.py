@@ -209,6 +209,3 @@ def _nbits(L, n, x, w, b):
     y = L.op("MatMulNBits", L.v(x), bv, sv, zv, None, bias, domain=MS_DOMAIN, K=K, N=N, bits=bits,
              block_size=block, accuracy_level=1)
     return L.cast(y, torch.float32, L.dt(n))
-
-
-__all__ = ["plan", "linear", "act_int"]
