@@ -1,25 +1,12 @@
-"""act_quant: place activation quantizers on linear inputs (quantize/dequantize placement).
+"""act_quant: place activation quantizers on linear inputs.
 
-Every selected linear's input gets a ``ptqc.quantize_act`` node, the fake-quant of the shared
-quantizer (:func:`ptqc.quant.fake_quant_act`), so ``ptqc inspect`` shows where each activation
-is quantized and every backend lowers the same node (Ascend: ``npu_dynamic_quant`` /
-``npu_quantize``; ONNX: QuantizeLinear/DequantizeLinear). Linears that read the same value
-(q/k/v after the input norm, gate/up after the post-attention norm) share **one** node:
-deployment quantizes that activation once.
-
-    dynamic (default)   scale computed at run time from the activation itself:
-                        group 0 per token (rowmax|x| / qmax, Ascend's npu_dynamic_quant),
-                        g > 0 per group of g channels, -1 per tensor
-    static              one calibrated per-tensor scale (and zero point when asymmetric),
-                        stored as ``<module>.input_scale`` / ``.input_zero_point`` of the
-                        first linear of the group; ``method`` picks the range:
-                          absmax      max |x| (min/max when asymmetric) over the calibration set
-                          percentile  the ``percentile``-th percentile of |x| (or of x, both ends)
-                          mse         the clip ratio in 1.0, 0.95, ... 0.5 of absmax with the lowest
-                                      fake-quant MSE on a sample of calibration tokens
-
-Static scales are calibrated layer by layer on the model as quantized so far (each layer sees
-the already-quantized activations of the layers before it, as it will in deployment).
+Every selected linear's input gets a ``ptqc.quantize_act`` node (the shared quantizer,
+:func:`ptqc.quant.fake_quant_act`), one per distinct input (q/k/v and gate/up share theirs), which
+every backend lowers. ``dynamic`` (default): scales from the activation at run time (group 0 per
+token, g > 0 per group, -1 per tensor). ``static``: one calibrated per-tensor scale (and zero
+point when asymmetric) stored as ``<module>.input_scale`` / ``.input_zero_point`` of the group's
+first linear, from ``method`` absmax, percentile or mse (the clip ratio in 1.0, 0.95 .. 0.5 of
+absmax with the lowest fake-quant MSE), calibrated layer by layer on the model as quantized so far.
 Linears whose input is already quantized (e.g. by flatquant) are left alone.
 """
 from __future__ import annotations

@@ -1,45 +1,24 @@
 """billm: ~1-bit weights by salient-column residual binarization and a bell-shaped split (Huang et al., 2024).
 
-BiLLM binarizes a linear's weights inside the GPTQ framework: columns are processed in blocks of
-``block`` (128) in their natural order; inside a block every column is binarized with parameters
-fitted when the block starts, and its error is fed back onto the columns not yet binarized through
-the upper Cholesky factor U of H^-1 (H = 2/n X X^T from the ``Hessian`` observer), with
-:mod:`ptqc.gptq_core`'s loop. What BiLLM adds is how a block is binarized:
+Inside :mod:`ptqc.gptq_core`'s error-feedback loop (blocks of ``block`` columns in natural order,
+each column's error fed back through U, the upper Cholesky factor of H^-1), a block is binarized
+with parameters fitted when it starts:
 
-1. **Salient columns.** A weight's saliency is the OBS score w_ij^2 / U_jj^2 (U_jj^2 is the
-   inverse-Hessian diagonal of column j once the columns before it are fixed, the ``d`` GPTQ
-   divides by). Columns are ranked by their summed saliency; the top k are salient. k is chosen per
-   block (0..``max_salient``) to minimize the block's binarization error, or fixed with
-   ``salient_frac``. Salient columns get **residual binarization**, two binary bases per row:
-   w ~ m1 + a1*sign(w - m1) + m2 + a2*sign(r - m2) with r = w - (m1 + a1*sign(w - m1)).
-2. **Bell-shaped split of the rest.** Non-salient weights are roughly bell-shaped, so one scale per
-   row fits the many small weights and the few large ones badly. A break-point p on |w| splits them
-   into a concentrated group (|w| < p) and a sparse group (|w| >= p), each binarized per row with
-   its own mean and scale, m + a*sign(w - m). p is searched over the 10%..90% quantiles of |w|.
+1. **Salient columns** (OBS saliency w_ij^2 / U_jj^2 summed per column; the top k, k searched per
+   block in 0..``max_salient`` or fixed by ``salient_frac``) get residual binarization, two binary
+   bases per row: w ~ m1 + a1*sign(w - m1) + m2 + a2*sign(r - m2).
+2. **The rest** is split at a break-point p on |w| (searched over quantiles of |w|) into a
+   concentrated and a sparse group, each binarized per row as m + a*sign(w - m).
 
-Every binarization fits m (the row mean over the group's weights) and a (the mean absolute
-deviation from m, the L2-optimal binary scale). All search errors are the GPTQ loss of the block,
-sum_ij (w_ij - q_ij)^2 / U_jj^2. (The reference code searches k with order-2 residual binarization
-standing in for the split, on the saliency matrix; we score the actual scheme on the weights. It
-also binarizes a block without feedback between its own columns; we feed back column by column.)
+m is the row mean over a group, a the mean |w - m| (the L2-optimal binary scale); searches score
+the block's GPTQ loss sum (w - q)^2 / U_jj^2. Unlike the reference code we score the actual scheme
+and feed back column by column inside a block. ``avg_bits`` is the paper's count, 1 + the salient
+fraction; ``mask_bits`` (the split flags) and the per-row parameters are not counted there.
 
-Bits: the paper's count is binary bases per weight, 1 + (fraction of salient columns), ~1.1 bits,
-recorded as ``avg_bits``. Not counted there (nor by the paper): the per-weight flag of the
-non-salient split and a salient flag per column (``mask_bits``: 1 per non-salient weight, plus
-1/rows), and the per-row, per-block means and scales.
-
-**Storage is float (simulated quantization).** A binarized weight is a per-element choice among
-several per-row, per-block values (m +- a, the residual sums), selected by sign bits and group masks:
-it is not the uniform integer grid (q - zero_point) * scale that ``ptqc.quant`` and every backend's
-``dequantize_weight`` implement, so there are no codes to store. The pass stores the binarized
-(dequantized) weight with ``set_weight`` in the model dtype; the graph keeps a plain float linear.
-The manifest (``qm.quant``) and the linear's ``meta["ptqc"]["quant"]`` say ``method: billm``,
-``bits: 1``, ``storage: float``, so ``ptqc inspect`` shows what happened. A real 1-bit kernel would
-need the sign bits, masks and per-row parameters as separate tensors.
-
-Per linear the manifest records the salient columns chosen, ``avg_bits`` and the relative output
-error tr(dW H dW^T) / tr(W H W^T) of BiLLM and of plain sign binarization a*sign(w) per row
-(``err_billm`` vs ``err_sign``, the RTN of binarization).
+**Storage is float (simulated).** A binarized weight is not the uniform integer grid every
+backend's ``dequantize_weight`` implements, so the binarized weight is stored in the model dtype
+(a plain float linear); the manifest says ``method: billm``, ``bits: 1``, ``storage: float`` and
+records per linear the salient columns and ``err_billm`` vs ``err_sign`` (plain a*sign(w) per row).
 """
 from __future__ import annotations
 
@@ -47,12 +26,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ptqc.calib import calibrate
 from ptqc.errors import PtqcError
 from ptqc.ir import info
-from ptqc.observers import Hessian
 from ptqc.gptq_core import SingularHessian, drop_dead_inputs, error_feedback, inverse_cholesky, output_error
 from ptqc.options import Selection
+from ptqc.passes.gptq import calibrate_hessians
 from ptqc.pipeline import Pass, PassResult, register
 from ptqc.weights import grouped_targets, set_weight, weight_of
 
@@ -223,16 +201,11 @@ class BiLLM(Pass):
         opts, groups = grouped_targets(qm, self)
         stats_all = {"err_billm": [], "err_sign": [], "params": 0, "bases": 0.0}
 
-        def observe(i):
-            return {lins[0]: {"h": Hessian()} for lins in groups.get(i, [])}
+        def quantize(lins, h):
+            for n in lins:  # one by one: each linear picks its own salient columns
+                self._binarize(qm, n, opts[n.name], h.float(), stats_all)
 
-        def apply(i, stats):
-            for lins in groups.get(i, []):
-                h = stats[lins[0]]["h"].result().float()
-                for n in lins:  # one by one: each linear picks its own salient columns
-                    self._binarize(qm, n, opts[n.name], h, stats_all)
-
-        summary = calibrate(qm, ctx, observe, apply, propagate=o.propagate, layers=sorted(groups), desc="billm")
+        summary = calibrate_hessians(qm, ctx, groups, quantize, o.propagate, "billm")
         k = max(len(stats_all["err_billm"]), 1)
         return PassResult(changed=bool(opts), summary={
             **summary, "linears": len(opts), "storage": "float",

@@ -1,58 +1,33 @@
 """flatquant: learned affine transforms + clipping for W4A4 (FlatQuant, Sun et al., 2024).
 
 Per group of linears sharing one input, a learnable invertible transform ``P = P1 (x) P2``
-(Kronecker product of two small matrices, ``n1 * n2 = in_features``, ``n1 ~ n2``: 256 = 16 x 16,
-384 = 16 x 24) and a per-channel scale ``s`` make the activation easy to quantize::
+(Kronecker factors, ``n1 * n2 = in_features``, n1 ~ n2) and a per-channel scale ``s``::
 
     y = Q_a((x / s) P) . Q_w((W s) P^-T)^T          (= x W^T in float)
 
-with learnable clipping: weights per output row (``sigmoid(logit) * max`` and ``* min``) and
-activations per tensor (the dynamic per-token range shrunk by ``sigmoid(logit)``), logits
-initialised at 4 (0.982). ``s`` starts SmoothQuant-style, ``max|x|^alpha / max|W|^(1 - alpha)``
-(alpha 0.3); the matrices start as random orthogonal ones (seeded).
+with learnable clipping (weights per row, activations per tensor; sigmoid logits starting at 4).
+``s`` starts SmoothQuant-style (alpha 0.3), the matrices as seeded random orthogonal ones.
 
 Where the transforms go (per decoder layer)::
 
-    input_norm -> q, k, v     1/s folded into the norm weight; P online (`ptqc.transform` node
-                              before q/k/v); P^-T and s folded into q/k/v's columns
+    input_norm -> q, k, v     1/s folded into the norm weight; P online before q/k/v
     post_norm  -> gate, up    the same with the post-attention norm
     act(gate)*up -> down      1/s folded into up_proj's rows (and bias); P online before down
-    attention -> o_proj       P = O (x) V over (heads, head_dim): the per-head V (D x D) is folded
-                              into v_proj's output rows (and bias) -- it commutes with attention,
-                              is the same for every head so it is exact under GQA, and costs
-                              nothing at run time; the head-mixing O (H x H) cannot pass through
-                              attention (each head has its own attention weights), so it stays
-                              online (an H x H matmul per token: negligible). o_proj's columns
-                              get O^-T (x) V^-T. No per-channel scale here (as in FlatQuant: V
-                              subsumes a per-head-dim scale).
-    q, k (after RoPE)         k_transform: k <- k K, q <- q K^-T (D x D, online) so that the K
-                              cache the `kv` pass quantizes afterwards is flat; trained only if
-                              `kv_bits` < 16 simulates that cache quantization (per token and KV
-                              head, like `kv:k=head`); otherwise it stays a random rotation.
+    attention -> o_proj       P = O (x) V over (heads, head_dim): V folded into v_proj's rows
+                              (exact under GQA), the head-mixing O online; no scale
+    q, k (after RoPE)         k_transform: k <- k K, q <- q K^-T (online), trained only when
+                              ``kv_bits`` < 16 simulates the cache quantization of a later `kv`
 
-Training: decoder layer by decoder layer, on the float model's layer inputs (FlatQuant's
-convention), AdamW (clips at 10x lr, cosine schedule to lr/1000) on the MSE between the
-quantized layer's output and the float layer's output, ``epochs`` passes over the calibration
-batches (the calibration batch size). Fake quantizers use a straight-through estimator on the
-rounding; gradients reach the clip logits through the scales. The training interpreter runs
-the layer segment's nodes with :data:`ptqc.ops.EAGER` and the learnable pieces substituted, and
-its forward values equal the rewritten graph's.
-
-After training the graph gets the transform nodes, one dynamic per-token ``quantize_act`` node
-(``a_bits``, learned clip) per transformed input (shared by q/k/v and by gate/up), and
-(``quantize=true``) per-channel (or ``w_group``) weight codes from the clipped transformed weights
-(shared quantizer + ``set_quantized_weight``); ``quantize=false`` leaves clipped transformed
-float weights for a later weight pass (``flatquant:quantize=false,gptq:group=0,sym=true``).
-
-``auto=N``: after training, layers whose final loss (relative: MSE / mean square of the float
-output, so depth does not dominate) is an outlier by median + 3 x 1.4826 x MAD
-(:func:`ptqc.diagnose.outliers`) are re-trained from scratch with N x epochs; the better run is
-kept. Per-layer ``lr``/``epochs`` also come from recipe overrides (the options of the layer's
-first selected linear).
+Training (:mod:`.flatquant_train`): layer by layer on the float model's layer inputs, AdamW on the
+MSE between the quantized and the float layer output; straight-through rounding. Then the graph
+gets the transform nodes, one dynamic per-token ``quantize_act`` per transformed input and
+(``quantize=true``) weight codes of the clipped transformed weights; ``quantize=false`` leaves
+float weights for a later weight pass. ``auto=N`` re-trains outlier layers (relative loss over
+median + 3 MAD) with N x epochs and keeps the better run.
 
 Modules: this one (the pass, the graph rewrite), ``flatquant_plan`` (which linears share which
-transform), ``flatquant_model`` (numerics, parameters, the layer interpreter), ``flatquant_train``
-(the layer-by-layer training), ``flatquant_plot`` (the loss plot).
+transform), ``flatquant_model`` (numerics, parameters, the layer interpreter), ``flatquant_train``,
+``flatquant_plot``.
 """
 from __future__ import annotations
 
@@ -149,13 +124,10 @@ class FlatQuant(Pass):
             selected[n.name] = mo
         return selected
 
-    def plan(self, qm) -> dict[int, LayerPlan]:
-        return plan_layers(qm, self.select(qm))
-
     # -- training --
     def run(self, qm, ctx) -> PassResult:
         o = self.options
-        plans = self.plan(qm)
+        plans = plan_layers(qm, self.select(qm))
         if not plans:
             return PassResult(changed=False, summary={"layers": []})
         ids = ctx.calibration_ids(qm)
@@ -255,6 +227,3 @@ def _insert_k_transform(qm, pl: LayerPlan, k_mats: tuple) -> None:
         info(t).update({"module": base, "layer": pl.layer, "role": "transform",
                         "transform": {"kind": f"k_cache_{which}", "dims": [pl.head_dim]}})
     pl.attn.args = (tq, tk, *pl.attn.args[2:])
-
-
-__all__ = ["FlatQuant"]

@@ -265,7 +265,3 @@ class QuantizedLayer(EagerLayer):
             k = fake_quant_act(k, m.kv_bits, m.kv_sym)
             v = fake_quant_act(v, m.kv_bits, m.kv_sym)
         return ops.EAGER[ops.ATTENTION](q, k, v, *args[3:], **kwargs)
-
-
-__all__ = ["LayerModel", "EagerLayer", "QuantizedLayer", "kron_dims", "init_matrix", "fake_quant_act",
-           "fake_quant_weight", "clip_weight", "f32", "layer_weights", "CLIP_INIT"]

@@ -135,6 +135,3 @@ def _k_transform(qm, pl: LayerPlan) -> None:
         getattr(cfg, "hidden_size", 0) // heads if heads else 0)
     if len(attn) == 1 and d:
         pl.attn, pl.head_dim = attn[0], int(d)
-
-
-__all__ = ["Group", "LayerPlan", "plan_layers"]

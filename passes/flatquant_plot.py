@@ -30,6 +30,3 @@ def plot_losses(summary: dict, path) -> None:
         ax.legend(fontsize=7, ncol=2 if n > 8 else 1)
     fig.tight_layout()
     fig.savefig(str(path), dpi=110)
-
-
-__all__ = ["plot_losses"]

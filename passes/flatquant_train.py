@@ -145,6 +145,3 @@ def retrain_outliers(qm, ctx, plans: dict, batches, params: dict, records: dict,
         if better:
             params[i] = new_p[i]
     return auto
-
-
-__all__ = ["train_layer", "train_layers", "retrain_outliers", "float_targets"]

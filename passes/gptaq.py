@@ -1,16 +1,10 @@
 """gptaq: GPTQ with asymmetric calibration (Li et al., "GPTQv2", ICML 2025).
 
-GPTQ makes each quantized layer reproduce *its own* float output on the quantized model's
-inputs: min ||W X_q - Q X_q||. The error already accumulated in earlier layers (X_q != X_fp)
-is never corrected. GPTAQ targets the float model instead, min ||W X_fp - Q X_q||, which adds
-one term to GPTQ's update: with dXX^T = 2/n (X_fp - X_q) X_q^T and U the upper Cholesky factor
-of H^-1, P = alpha * triu_1(dXX^T U^T) U, and every column update also subtracts w P[i, i:]
-(see ``quantize_groups`` in ptqc/gptq_core.py, shared with gptq; ``alpha`` 0.25 as published).
-
-Calibration runs two models in lockstep, one batch at a time, layer by layer: the float
-model (inputs X_fp, float propagation) and the model being quantized (inputs X_q, quantized
-propagation). Only one batch of float activations is held, so memory stays one layer plus
-the calibration set's hidden states (twice: float and quantized).
+GPTQ makes a layer reproduce its own float output on the quantized model's inputs, min ||W X_q -
+Q X_q||; GPTAQ targets the float model's, min ||W X_fp - Q X_q||, which adds one term to GPTQ's
+update (with dXX^T = 2/n (X_fp - X_q) X_q^T, see ``quantize_groups`` in ptqc/gptq_core.py).
+Calibration runs the float and the quantized model in lockstep, one batch at a time, layer by
+layer, holding one batch of float activations.
 """
 from __future__ import annotations
 

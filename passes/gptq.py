@@ -1,28 +1,13 @@
 """gptq: weight quantization with inverse-Hessian error feedback (Frantar et al., 2022).
 
-GPTQ quantizes each weight column by column and spreads every column's rounding error over the
-columns not yet quantized through the inverse Hessian of the calibration inputs; the loop, the
-dampening (``damp``, grown 10x up to ``retries`` times when the Cholesky factorization fails,
-recorded in the manifest) and the group handling (``act_order``: columns by decreasing diag(H)
-with static groups, the contiguous layout every backend reads) are in :mod:`ptqc.gptq_core`.
-
-Linears that read the same activation (q/k/v, gate/up) share one Hessian and are quantized
-together as one stacked matrix (GPTQ is row-independent for a fixed H). Propagation:
-
-    sequential (default)  inside each layer q/k/v are quantized first, then o_proj's Hessian
-                          is taken with them quantized, then gate/up, then down (GPTQ's
-                          "true sequential"); each node runs once per calibration batch, so
-                          calibration costs one forward per layer. Keeps every batch's live
-                          activations of one layer between stages (a few [tokens, hidden]
-                          tensors; use ``quantized`` if that does not fit).
-    quantized             the whole layer is observed with float weights (inputs from the
-                          quantized previous layers), quantized, then re-run to get its
-                          outputs: two forwards per layer (llm-compressor's sequential pipeline).
-    float                 inputs from the float model throughout.
-
-Per linear the manifest records the dampening used and the relative output error
-tr(dW H dW^T) / tr(W H W^T) of GPTQ and of plain RTN with the same scheme (``err_gptq`` vs
-``err_rtn``), so the gain is visible layer by layer.
+The column loop, the dampening (``damp``, grown 10x up to ``retries`` times when Cholesky fails)
+and ``act_order`` (static groups: the contiguous layout every backend reads) are in
+:mod:`ptqc.gptq_core`. Linears reading the same activation (q/k/v, gate/up) share one Hessian and
+are quantized as one stacked matrix. ``propagate``: ``sequential`` (default; GPTQ's "true
+sequential": q/k/v, then o_proj on their quantized outputs, then gate/up, then down, one forward
+per layer), ``quantized`` (the layer observed, quantized, then re-run: llm-compressor's pipeline)
+or ``float``. Per linear the manifest records the dampening and the relative output error
+tr(dW H dW^T) / tr(W H W^T) of GPTQ and of RTN with the same scheme (``err_gptq``, ``err_rtn``).
 """
 from __future__ import annotations
 
@@ -53,6 +38,20 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: quant.QuantSpec, *, bl
         w, h, [spec.bits] * groups, spec.group_size, sym=spec.symmetric, block=block, damp=damp,
         act_order=act_order, retries=retries, dxxt=dxxt, alpha=alpha)
     return codes, scale, zp, used
+
+
+def calibrate_hessians(qm, ctx, groups: dict, quantize, propagate: str, desc: str) -> dict:
+    """Calibrate layer by layer with one Hessian per group of linears sharing an input (``groups``:
+    layer -> [linears], from ``grouped_targets``); ``quantize(lins, h)`` once a group's is complete."""
+    def observe(i):
+        return {lins[0]: {"h": Hessian()} for lins in groups.get(i, [])}
+
+    def apply(i, stats):
+        for lins in groups.get(i, []):
+            if lins[0] in stats:  # sequential: only this stage's inputs are observed yet
+                quantize(lins, stats[lins[0]]["h"].result())
+
+    return calibrate(qm, ctx, observe, apply, propagate=propagate, layers=sorted(groups), desc=desc)
 
 
 @register
@@ -96,16 +95,8 @@ class GPTQ(Pass):
         o = self.options
         opts, groups = grouped_targets(qm, self)
         errs = {"gptq": [], "rtn": []}
-
-        def observe(i):
-            return {lins[0]: {"h": Hessian()} for lins in groups.get(i, [])}
-
-        def apply(i, stats):
-            for lins in groups.get(i, []):
-                if lins[0] in stats:  # sequential: only this stage's inputs are observed yet
-                    self.quantize_group(qm, lins, opts, stats[lins[0]]["h"].result(), errs)
-
-        summary = calibrate(qm, ctx, observe, apply, propagate=o.propagate, layers=sorted(groups), desc="gptq")
+        summary = calibrate_hessians(qm, ctx, groups, lambda lins, h: self.quantize_group(qm, lins, opts, h, errs),
+                                     o.propagate, "gptq")
         k = max(len(errs["gptq"]), 1)
         return PassResult(changed=bool(opts), summary={
             **summary, "linears": len(opts),

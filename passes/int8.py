@@ -1,23 +1,11 @@
 """int8 (W8A8) and its presets w4a4, w4a8, w8a16, w4a16: weight + activation quantization.
 
-One pass, two steps, both with the shared quantizer (:mod:`ptqc.quant`):
-
-1. **Weights** of every selected linear that is still float: round-to-nearest
-   (:func:`ptqc.passes.rtn.quantize_linear`), int8 per output channel symmetric by default.
-   Linears an earlier pass already quantized (gptq, awq...) keep their codes, so
-   ``rotate,gptq:bits=4,group=0,sym=true,w4a4`` gives GPTQ weights with W4A4 activations.
-2. **Activations** (unless ``a_bits`` is 16): a ``quantize_act`` node on each distinct linear
-   input (:mod:`ptqc.passes.act_quant`): dynamic per token by default (the Ascend
-   ``npu_dynamic_quant`` + ``npu_quant_matmul(pertoken_scale)`` path), or ``static=true`` for
-   one calibrated per-tensor scale per input (the ``npu_quantize`` + ``deq_scale`` path).
-
-Presets are the same pass with other defaults:
-
-    int8    W8 per channel sym   A8 dynamic per token      (W8A8)
-    w4a8    W4 per channel sym   A8 dynamic per token
-    w4a4    W4 per channel sym   A4 dynamic per token      (QuaRot/FlatQuant setting; rotate first)
-    w8a16   W8 per channel sym   activations float         (weight-only)
-    w4a16   W4 g128 asym         activations float         (weight-only, msModelSlim W4A16)
+Weights of every selected linear that is still float are rounded to nearest
+(:func:`ptqc.passes.rtn.quantize_linear`); linears an earlier pass quantized (gptq, awq...) keep
+their codes, so ``rotate,gptq:bits=4,group=0,sym=true,w4a4`` gives GPTQ weights with W4A4
+activations. Activations (unless ``a_bits`` is 16) get :mod:`ptqc.passes.act_quant` quantizers,
+dynamic per token by default or ``static=true``. The presets are the same pass with other
+defaults (their docstrings below).
 """
 from __future__ import annotations
 

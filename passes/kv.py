@@ -1,22 +1,12 @@
 """kv: KV-cache quantization (KV8, KV4) at the cache boundary of every attention op.
 
-Keys and values are quantized where they enter the cache, i.e. as the ``k`` and ``v`` inputs
-of ``ptqc.attention`` (after RoPE and after any online rotation such as rotate's or
-flatquant's K transform), so every later query reads the quantized cache. A
-``quantize_act`` node (the shared quantizer) is inserted on each:
-
-    k=channel  static, one scale per (KV head, head-dim channel), calibrated     (default for K:
-               keys have outlier channels; Ascend's per-channel antiquant_scale)
-    k=head     dynamic, per token and KV head over head_dim
-    k=tensor   static, one scale for the whole K cache of the layer
-    v=token    dynamic, per token and KV head over head_dim                      (default for V)
-    v=channel  static per (KV head, channel);  v=tensor  static per tensor
-
-Static scales (``<attention module>.k_scale`` ``[heads_kv, 1, head_dim]`` or ``[1]``, plus
-``.k_zero_point`` when asymmetric; same for v) come from the min/max over the calibration set
-(``clip`` < 1 shrinks them), calibrated layer by layer on the model as quantized so far.
-Note: in a prefill-only evaluation this is exactly what a quantized cache does, since each
-token's K/V is quantized once and read by all later positions.
+A ``quantize_act`` node goes on the ``k`` and ``v`` inputs of ``ptqc.attention`` (after RoPE and
+any online rotation), so every later query reads the quantized cache. ``k=channel`` (default:
+keys have outlier channels; Ascend's per-channel antiquant_scale) and ``v=channel`` are static per
+(KV head, channel), ``tensor`` static per tensor, ``k=head`` / ``v=token`` (default) dynamic per
+token and KV head. Static scales (``<attention>.k_scale`` ``[heads_kv, 1, head_dim]`` or ``[1]``,
+``.k_zero_point`` when asymmetric; same for v) come from the calibration min/max (``clip`` < 1
+shrinks them), layer by layer on the model as quantized so far.
 """
 from __future__ import annotations
 

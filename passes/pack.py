@@ -1,18 +1,10 @@
 """pack: store weight codes of 4 bits or fewer two per byte (real weight-only storage).
 
-Quantization passes store one code per int8 byte (easy to read and to rewrite). This pass
-replaces the codes of every weight quantized with at most 4 bits by the packed form the Ascend
-W4A16 format uses: two signed 4-bit codes per int8 byte along the input dimension, low nibble
-first (``ptqc.quant.pack_int4``), saved under the same ``<module>.weight`` name; the graph
-unpacks them in front of the dequantize node::
-
-    w_p = get_attr  model.layers.0.mlp.down_proj.weight     (int8 [out, in/2], packed)
-    w_q = ptqc.unpack_int4(w_p)                              (int8 [out, in])
-    w   = ptqc.dequantize_weight(w_q, scale, zero_point, group, dtype)
-
-W3 and W2 codes are packed as int4 as well (NPUs have no 2/3-bit matmul; their codes fit in
-a nibble). W5..W8 stay one code per byte. ``ptqc compile`` appends this pass after weight
-quantization unless ``--no-pack`` is given. The model computes exactly the same values.
+Codes of at most 4 bits (W3 and W2 too: NPUs have no 2/3-bit matmul) become the Ascend W4A16
+layout, two signed int4 codes per int8 byte along the input dimension, low nibble first
+(``ptqc.quant.pack_int4``), under the same ``<module>.weight`` name; a ``ptqc.unpack_int4`` node
+goes in front of the dequantize node, so the model computes exactly the same values. ``ptqc
+compile`` appends this pass after weight quantization unless ``--no-pack`` is given.
 """
 from __future__ import annotations
 

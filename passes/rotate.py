@@ -1,46 +1,26 @@
 """rotate: QuaRot-style orthogonal rotations (Ashkboos et al., 2024), exact in float.
 
-Activation outliers (a few huge channels) make per-token activation and KV-cache quantization
-hard. Multiplying an activation by an orthogonal matrix spreads every channel over all of them
-(``max|x Q| ~ ||x|| / sqrt(n)`` for a Hadamard ``Q``), and the inverse can be folded into the
-weights, so the float model computes exactly the same function. This pass rotates, before any
-quantization or smoothing (``rotate,gptq``, ``rotate,w4a4``, ``rotate,kv``):
+Multiplying an activation by an orthogonal Q spreads outlier channels over all of them, and the
+inverse folds into the weights, so the float model is unchanged. Run it before any quantization:
 
-a. Norm fusion. ``RMSNorm(x) = (x / rms(x)) * (offset + w)``: the per-channel ``offset + w`` is
-   folded into the columns of the linears the norm feeds (q/k/v, gate/up; the final norm into
-   lm_head) and the norm's weight set to one (``1 - offset``: 0 for Gemma's ``1 + w``).
-   ``x / rms(x)`` commutes with any orthogonal Q, since ``||x Q|| = ||x||``.
-
-b. Residual rotation by Q (``hidden x hidden``; ``residual=hadamard``: randomized Hadamard
-   ``H diag(+-1)`` drawn from ``seed``; ``orthogonal``: random orthogonal from a QR, for hidden
-   sizes without a Hadamard factorization). Every value on the residual stream becomes ``h Q``:
-
-       embedding           E <- E Q                   (rows: one per token)
-       readers             W <- W Q                   q, k, v, gate, up, lm_head: (h Q)(W Q)^T = h W^T
-       writers             W <- Q^T W,  b <- b Q      o_proj, down_proj: outputs land in the rotated basis
-
-   The residual adds then add rotated values and the (unit-weight) norms commute with Q.
-   lm_head is untied from the embedding (they now differ by the final norm's weight); the
-   artifact saves both.
-
-c. ``online_down``: ``ptqc.transform(x, a, b)`` (``x (a kron b) = x H``, H the Hadamard of the
-   intermediate size, as two small factors) on down_proj's input, and ``W <- W H``:
-   ``(x H)(W H)^T = x H H^T W^T = x W^T``. down_proj then reads an outlier-free activation.
-
-d. ``qk``: the same online transform with the head_dim Hadamard on attention's q and k inputs,
-   after RoPE: ``(q H)(k H)^T = q k^T``, so scores are unchanged while the K cache (quantized at
-   that input by the ``kv`` pass) has no outlier channels.
-
-e. ``v``: a per-head Hadamard folded offline into v_proj's output rows (and bias),
-   ``W_v[h] <- H^T W_v[h]``, and o_proj's input columns, ``W_o[:, h] <- W_o[:, h] H``.
-   Attention only mixes tokens, so each query head's output is in its KV head's basis: exact
-   with grouped-query attention too. The V cache and o_proj's input are then rotated.
+a. Norm fusion: each RMSNorm's ``offset + w`` into the columns of the linears it feeds (the final
+   norm into lm_head), its weight set to ``1 - offset``; ``x / rms(x)`` commutes with Q.
+b. Residual rotation (``residual=hadamard``: randomized Hadamard from ``seed``; ``orthogonal``:
+   a random QR, for sizes without a Hadamard factorization): embeddings and readers (q, k, v,
+   gate, up, lm_head) ``W <- W Q``; writers (o_proj, down_proj) ``W <- Q^T W``, ``b <- b Q``.
+   lm_head is untied from the embedding (both are saved).
+c. ``online_down``: ``ptqc.transform`` by the intermediate-size Hadamard on down_proj's input,
+   folded into its weight.
+d. ``qk``: the head_dim Hadamard online on attention's q and k after RoPE (scores unchanged, the
+   K cache the ``kv`` pass quantizes has no outlier channels).
+e. ``v``: a per-head Hadamard folded into v_proj's rows (and bias) and o_proj's columns (exact
+   with grouped-query attention too).
 
 Everything is checked before any weight changes: the residual stream is followed from the
-embedding through adds, scalar multiplies and shape ops; a value read by anything else (a norm
-feeding a non-linear, Gemma-2's post-norms feeding the residual add, a MoE router...) is refused
-with the node named, as is a size without a Hadamard factorization (naming the option that
-avoids it). Weights are edited one at a time in float64 and written once.
+embedding through adds, scalar multiplies and shape ops, and any other reader (a norm feeding a
+non-linear, Gemma-2's post-norms, a MoE router...) is refused with the node named, as is a size
+without a Hadamard factorization (naming the option that avoids it). Weights are edited in
+float64 and written once.
 """
 from __future__ import annotations
 

@@ -1,20 +1,11 @@
 """sensitive: mixed precision from measured sensitivity.
 
-A few layers often ruin an aggressively quantized model (the W4A4 case study: a handful of
-down_proj layers with massive activations). This pass finds them on calibration data and
-writes a **precision plan** that the weight passes after it read (``Pass.options_for``):
-the chosen layers are kept in float (``keep=float``) or get more bits (``keep=8``).
-
-How sensitivity is measured: layer by layer on float inputs (``propagate="float"``, nothing
-is changed while measuring), each linear's input is sampled (``Samples``) and its output
-``y = x W^T`` is compared with the output of a probe quantization ``Q_a(x) Q_w(W)^T`` (RTN
-weights at ``w_bits``/``w_group``; with ``a_bits`` > 0 also per-token dynamic activations).
-A layer's score is the relative output error of all its linears together,
-``sqrt(sum ||y_q - y||^2 / sum ||y||^2)``. ``unit=linear`` ranks single linears instead.
-
-Selection: the ``top`` highest scores, plus (with ``k`` > 0) every score above
-``median + k * MAD`` (MAD scaled by 1.4826, a robust outlier rule). The plan, the scores and
-the choice are recorded in the manifest.
+Writes a **precision plan** that the weight passes after it read (``Pass.options_for``): the
+chosen layers (or linears, ``unit=linear``) are kept float (``keep=float``) or get more bits
+(``keep=8``). A linear's sensitivity is measured on float inputs as the output error of a probe
+quantization (RTN weights at ``w_bits``/``w_group``, per-token activations with ``a_bits``); a
+unit's score is ``sqrt(sum ||y_q - y||^2 / sum ||y||^2)`` over its linears. Chosen: the ``top``
+highest scores plus (``k`` > 0) every score above ``median + k * 1.4826 * MAD``.
 """
 from __future__ import annotations
 

@@ -1,47 +1,23 @@
 """slim: salience-driven mixed-precision groups with GPTQ inside (SliM-LLM, Huang et al., 2024).
 
-At 2-3 bits a few column groups of a weight matter much more than the rest. SliM-LLM gives each
-group of ``group`` input columns its own bit width among {bits-1, bits, bits+1}, with as many groups
-up as down, so the average is exactly ``bits``, and then quantizes with GPTQ where each group uses
-its own grid. Per linear:
+Each group of ``group`` input columns gets its own bit width among {bits-1, bits, bits+1}, as many
+groups up as down (the average is exactly ``bits``). Per linear:
 
-1. **Group salience.** The OBS saliency of a weight is w_ij^2 / U_jj^2 (U: the upper Cholesky factor
-   of H^-1 in the order GPTQ will visit the columns, so U_jj^2 is column j's inverse-Hessian diagonal
-   once the columns before it are fixed). A group's salience is the sum over its columns and rows.
-2. **Salience-determined bit allocation (SliM-LLM's "SBA").** Groups are ranked by salience;
-   candidate i (i = 0 .. G/2) puts the i least salient groups at bits-1 and the i most salient at
-   bits+1 (i = 0 is uniform ``bits``). ``search=gptq`` (default) quantizes every candidate with
-   step 3 and keeps the one with the lowest output error tr(dW H dW^T): G/2 + 1 GPTQ runs per
-   linear, and never worse than plain GPTQ on the calibration data (candidate 0 is exactly GPTQ at
-   ``bits``, recorded as ``err_gptq``). ``search=rtn`` scores the candidates by the output error of
-   round-to-nearest (cheap: consecutive candidates differ in two groups, so dW H is updated
-   incrementally) and quantizes only the best one, close to the reference code, which scores RTN
-   candidates by the KL divergence of the layer's softmaxed outputs. On examples/tiny-qwen2 that
-   proxy misjudges: GPTQ's error feedback cuts the 2-bit error of linears with correlated inputs
-   10-50x but cannot rescue a 1-bit group, so RTN-picked mixes were worse than uniform GPTQ.
-3. **GPTQ with per-group grids.** :mod:`ptqc.gptq_core`'s column loop with inverse-Hessian error
-   feedback, where a column is rounded on its group's grid (``act_order``: columns by decreasing
-   diag(H), group parameters computed up front, "static groups"; otherwise a group's parameters come
-   from the error-corrected weights when its first column is reached).
+1. **Group salience**: the OBS saliency w_ij^2 / U_jj^2 (U: the upper Cholesky factor of H^-1 in
+   GPTQ's column order) summed over a group's columns and rows.
+2. **Allocation** (SliM-LLM's "SBA"): candidate i = 0 .. G/2 puts the i least salient groups at
+   bits-1 and the i most salient at bits+1 (i = 0 is uniform ``bits``). ``search=gptq`` quantizes
+   every candidate and keeps the lowest output error tr(dW H dW^T), so never worse than plain GPTQ
+   on the calibration data; ``search=rtn`` picks by the RTN error (the reference code's proxy,
+   which on examples/tiny-qwen2 picked mixes worse than uniform GPTQ) and runs GPTQ once.
+3. **GPTQ with per-group grids** (:mod:`ptqc.gptq_core`), static groups with ``act_order``.
 
-1-bit groups (bits=2 gives 1/2/3-bit groups): ``ptqc.quant``'s 1-bit asymmetric grid maps the range
-[min(w, 0), max(w, 0)] onto two levels, so it always contains 0 and keeps one sign only. With
-``one_bit=sign`` (default) a 1-bit group is binarized like SliM-LLM/BiLLM do, a*sign(w) per row
-with a = mean |w| (the L2-optimal scale): codes -1/+1, scale a, zero point 0. ``one_bit=grid`` uses
-the shared quantizer's 1-bit grid instead.
-
-Storage: real codes. Every group's scale, zero point and codes are computed by ``ptqc.quant``
-(``compute_qparams``/``quantize``) with its own bit width, so codes of a b-bit group lie in
-[-2^(b-1), 2^(b-1)-1] (sign codes of 1-bit groups, the one thing computed here, in {-1, +1}) and its
-scale and zero point encode its grid: the generic ``dequantize`` (q - zero_point) * scale, which the
-GPTQ loop itself uses, reproduces exactly the values the loop used. The artifact stores int8 codes, float32 scales
-[out, groups] and int8 zero points with a QuantSpec of the largest bit width used (``bits`` in the
-manifest); the manifest lists each group's bits (``group_bits``) and ``avg_bits``. A backend that
-packs codes must read ``group_bits`` to pack each group at its own width.
-
-Per linear the manifest also records the relative output error tr(dW H dW^T) / tr(W H W^T) of
-SliM (``err_slim``), of GPTQ at uniform ``bits`` (``err_gptq``, with search=gptq), of uniform RTN
-(``err_rtn``, as gptq's record) and of RTN with the chosen allocation (``err_rtn_mixed``).
+1-bit groups (bits=2): ``one_bit=sign`` binarizes them a*sign(w) per row (a = mean |w|; codes
+-1/+1, zero point 0); ``one_bit=grid`` uses the shared quantizer's 1-bit grid, which always
+contains 0. Storage is real: every group's codes, scale and zero point come from ``ptqc.quant`` at
+its own width, stored as int8 codes with a QuantSpec of the widest width; the manifest lists
+``group_bits`` (a backend that packs codes must pack each group at its width), ``avg_bits`` and
+the errors ``err_slim``, ``err_gptq``, ``err_rtn`` and ``err_rtn_mixed``.
 """
 from __future__ import annotations
 
@@ -51,11 +27,10 @@ from functools import partial
 import torch
 
 from ptqc import quant
-from ptqc.calib import calibrate
 from ptqc.errors import PtqcError
-from ptqc.observers import Hessian
 from ptqc.gptq_core import SingularHessian, inverse_cholesky, output_error, quantize_groups
 from ptqc.options import WeightOptions
+from ptqc.passes.gptq import calibrate_hessians
 from ptqc.pipeline import Pass, PassResult, register
 from ptqc.weights import grouped_targets, set_quantized_weight, weight_of
 
@@ -206,16 +181,11 @@ class SliM(Pass):
         opts, groups = grouped_targets(qm, self)
         acc = {"err_slim": [], "err_rtn": [], "bits": {}, "params": 0, "bit_sum": 0, "mixed": 0}
 
-        def observe(i):
-            return {lins[0]: {"h": Hessian()} for lins in groups.get(i, [])}
+        def quantize(lins, h):
+            for n in lins:  # one by one: each linear has its own allocation
+                self._quantize(qm, n, opts[n.name], h.float(), acc)
 
-        def apply(i, stats):
-            for lins in groups.get(i, []):
-                h = stats[lins[0]]["h"].result().float()
-                for n in lins:  # one by one: each linear has its own allocation
-                    self._quantize(qm, n, opts[n.name], h, acc)
-
-        summary = calibrate(qm, ctx, observe, apply, propagate=o.propagate, layers=sorted(groups), desc="slim")
+        summary = calibrate_hessians(qm, ctx, groups, quantize, o.propagate, "slim")
         k = max(len(acc["err_slim"]), 1)
         return PassResult(changed=bool(opts), summary={
             **summary, "linears": len(opts), "mixed_linears": acc["mixed"], "avg_bits": round(acc["bit_sum"] / max(acc["params"], 1), 4),

@@ -1,30 +1,13 @@
 """smooth: SmoothQuant scale migration (Xiao et al., 2023), folded so the float model is unchanged.
 
-Activation outliers sit in a few input channels; weights are smooth. SmoothQuant divides each
-input channel ``j`` of an activation by ``s_j`` and multiplies the matching weight column by
-it, moving difficulty from activations to weights:
-
-    s_j = max|X_j|^alpha / max|W_:,j|^(1 - alpha)        (max over the linears sharing X)
-
-``1/s`` is folded into the op that produces the activation (exactly, see
-:func:`ptqc.weights.fold_input_scale`):
-
-    input_norm  -> q, k, v     norm weight / s
-    post_norm   -> gate, up    norm weight / s
-    v_proj      -> o_proj      v rows (and bias) / s; under grouped-query attention the
-                               query heads sharing a KV head share one scale (max over them)
-    up_proj     -> down_proj   up rows (and bias) / s   (down reads act(gate) * up)
-
-With ``fold=false`` nothing is folded: ``1/s`` stays an explicit per-channel multiply in front of
-the linears (``x * (1/s)``, role ``smooth_scale``), which Ascend's dynamic quantization kernels
-take as their ``smooth_scales`` argument (the ``ascend`` lowering fuses it into
-npu_dynamic_quant / npu_add_rms_norm_dynamic_quant / npu_swiglu_quant; a static quantizer keeps
-it as a float multiply). Any producer works then, and o_proj's scales need no GQA tie.
-
-``max|X_j|`` is observed on calibration data layer by layer on the float model. ``alpha``
-(default 0.5) can be set per layer with recipe ``overrides`` (``{match: "layers.0.*", alpha:
-0.8}``); ``o=false`` / ``down=false`` skip those folds. Run it before any quantization pass
-(``smooth,int8``); it only changes float weights.
+Each input channel j of an activation is divided by ``s_j = max|X_j|^alpha / max|W_:,j|^(1 - alpha)``
+(max over the linears sharing X) and the matching weight columns multiplied by it. ``1/s`` is
+folded into the producer (:func:`ptqc.weights.fold_input_scale`): the input norm (q, k, v), the
+post-attention norm (gate, up), v_proj for o_proj (query heads sharing a KV head share one scale
+under GQA) and up_proj for down_proj. With ``fold=false`` ``1/s`` stays an explicit multiply in
+front of the linears (role ``smooth_scale``), which the ascend lowering passes to its dynamic
+quantization kernels as ``smooth_scales``. ``max|X_j|`` is observed layer by layer on the float
+model; ``alpha`` can be set per layer by recipe overrides; ``o=false`` / ``down=false`` skip folds.
 """
 from __future__ import annotations
 

@@ -2,14 +2,9 @@
 ``ptqc diff PATH:ascend`` target, the probes of a lowered graph, ``ptqc eval --target ascend``,
 ``ptqc export --format ascend`` / ``check-export`` and ``ptqc inspect --ops``.
 
-Probes of a graph lowered to Ascend kernels (:func:`lowered_probes`): a linear is the
-``quant_matmul`` / ``weight_quant_batchmatmul`` node carrying its module path (the float add
-after it when the static path keeps a float bias; a linear left as a fake-quant op by
-``fallback`` is itself); the merged ``mlp.gate_up_proj`` matmul is split along its last
-dimension into its halves, probed as ``mlp.gate_proj`` (first) and ``mlp.up_proj`` (second);
-``layers.<i>`` is the ``x1 + x2`` output of the fused ``add_rms_norm*`` kernel that adds layer
-i's last residual branch (it runs in layer i+1's input norm, or the final norm), a ``getitem``
-for it being added to the in-memory graph when the lowering dropped it as unused.
+Probes of a lowered graph (:func:`lowered_probes`): a linear is its matmul kernel (or the float
+bias add after it; the merged ``gate_up_proj`` is probed as its two halves), ``layers.<i>`` the
+residual sum output of the fused norm kernel after layer i.
 """
 from __future__ import annotations
 
@@ -27,15 +22,11 @@ from ptqc.errors import PtqcError
 from ptqc.ir import info
 from ptqc.lowering.ascend import export as exporter
 from ptqc.lowering.ascend import ops as npu
-from ptqc.lowering.ascend.lower import kernel_report, lower
+from ptqc.lowering.ascend.lower import is_lowered, kernel_report, lower
 from ptqc.probes import Probe, chunk_name, layer_output, logits_node
 
 SUM_INDEX = {npu.ADD_RMS_NORM: 2, npu.ADD_RMS_NORM_QUANT: 1, npu.ADD_RMS_NORM_DYNAMIC_QUANT: 1}  # x1 + x2 output
 MATMULS = (npu.QUANT_MATMUL, npu.WEIGHT_QUANT_BATCHMATMUL, ops.LINEAR)
-
-
-def is_lowered(qm) -> bool:
-    return any(str(n.target).startswith("ptqc_npu.") for n in qm.graph.nodes if n.op == "call_function")
 
 
 def _layer_outputs(g: fx.Graph) -> dict[int, str]:

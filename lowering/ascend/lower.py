@@ -32,6 +32,9 @@ TRANSFORM_QUANT = (npu.KRONECKER_QUANT, npu.ROTATE_QUANT)  # transform + quantiz
 ATTENTION_MODES = ("fia", "softmax", "add_softmax", "keep")
 ATTENTION_KERNELS = (npu.FUSED_INFER_ATTENTION_SCORE, npu.SCALED_MASKED_SOFTMAX, npu.DROPOUT_WITH_ADD_SOFTMAX)
 CACHE_ROLES = ("k_cache_quant", "v_cache_quant")
+COUNTED = {**dict.fromkeys(QUANT_KERNELS + INT4_QUANT_KERNELS, "standalone_quant"),  # kernel -> kernel_counts key
+           **dict.fromkeys(FUSED_QUANT + TRANSFORM_QUANT, "fused_quant"),
+           **dict.fromkeys(ATTENTION_KERNELS, "attention"), npu.QUANT_MATMUL: "quant_matmul", npu.WEIGHT_QUANT_BATCHMATMUL: "weight_quant_matmul"}
 
 
 @dataclass(frozen=True)
@@ -173,28 +176,23 @@ def kernel_counts(qm: QModel) -> dict:
             continue
         c = out.setdefault(layer, {"standalone_quant": 0, "fused_quant": 0, "quant_matmul": 0, "weight_quant_matmul": 0,
                                    "cache_quant": 0, "attention": 0})
-        if n.target in QUANT_KERNELS and info(n).get("role") in CACHE_ROLES:
-            c["cache_quant"] += 1  # writing K/V into the int8 cache (C8), not an activation quantization
-        elif n.target in ATTENTION_KERNELS:
-            c["attention"] += 1
-        elif n.target in QUANT_KERNELS:
-            c["standalone_quant"] += 1
-        elif n.target in FUSED_QUANT or n.target in TRANSFORM_QUANT:
-            c["fused_quant"] += 1
-        elif n.target in INT4_QUANT_KERNELS:
-            c["standalone_quant"] += 1
-        elif info(n).get("role") == "float_transform":  # a transform run as plain float matmuls (key only when > 0)
-            c["float_transform"] = c.get("float_transform", 0) + 1
-        elif n.target == npu.QUANT_MATMUL:
-            c["quant_matmul"] += 1
-        elif n.target == npu.WEIGHT_QUANT_BATCHMATMUL:
-            c["weight_quant_matmul"] += 1
+        role = info(n).get("role")
+        if n.target in QUANT_KERNELS and role in CACHE_ROLES:
+            key = "cache_quant"  # writing K/V into the int8 cache (C8), not an activation quantization
+        else:  # float_transform: a transform run as plain float matmuls (key only when > 0)
+            key = COUNTED.get(n.target) or ("float_transform" if role == "float_transform" else None)
+        if key is not None:
+            c[key] = c.get(key, 0) + 1
     return dict(sorted(out.items()))
 
 
 def lower(qm: QModel, fuse: bool = True, truncate: bool = True, fallback: bool = False, int_bias: bool = True,
           attention: str = "fia", seqlen: int = 0) -> dict:
     return Lowering(qm, fuse, truncate, fallback, int_bias, attention, seqlen).run()
+
+
+def is_lowered(qm: QModel) -> bool:
+    return any(str(n.target).startswith("ptqc_npu.") for n in qm.graph.nodes if n.op == "call_function")
 
 
 def kernel_report(qm: QModel) -> list[dict]:
@@ -206,7 +204,7 @@ def kernel_report(qm: QModel) -> list[dict]:
                 "cache_quant": c.get("cache_quant", 0), "attention": c.get("attention", 0),
                 "float_transform": c.get("float_transform", 0)}
 
-    if any(str(n.target).startswith("ptqc_npu.") for n in qm.graph.nodes if n.op == "call_function"):
+    if is_lowered(qm):
         return [{"layer": k, "fused": c["standalone_quant"], **lowered(c)} for k, c in kernel_counts(qm).items()]
     shared, fused = qm.clone(), qm.clone()
     lower(shared, fuse=False, fallback=True)

@@ -3,36 +3,16 @@
 Every op a lowered graph calls is registered once, in a module per kind of kernel (ops_quant:
 int8 and int4 quantization, scale conversion; ops_matmul; ops_norm: norms and SwiGLU;
 ops_attention), and gathered here: ``from ptqc.lowering.ascend import ops as npu``. When its
-first tensor lives on an NPU the op calls the torch_npu kernel; otherwise it runs an emulation
-written from the torch_npu documentation (``torch_npu/_op_plugin_docs.py`` in the wheel; summary in
-``shared/reference/ascend-ops.md``). torch_npu is imported only inside the NPU branch.
+first tensor lives on an NPU the op calls the torch_npu kernel (imported only then); otherwise it
+runs an emulation written from the torch_npu documentation (``torch_npu/_op_plugin_docs.py``;
+summary in ``shared/reference/ascend-ops.md``) that reproduces its documented numerics bit for bit
+(int32 accumulation, division by the scale, half-to-even rounding with saturation, the 19-bit
+``npu_trans_quant_param`` scale, one rounding to the output dtype): each op's docstring says
+which, and what it chose where the documentation is silent (float32 intermediate arithmetic; the
+fused add+RMSNorm+quant kernels quantize the float32 norm output; a zero token row gets scale 0).
 
-Documented numerics the emulation reproduces bit for bit:
-
-* int8 x int8 matmuls accumulate in **int32** (``torch._int_mm``); an int32 bias is added to the
-  accumulator, a float bias after scaling;
-* quantization **divides** by the scale (``div_mode=True``), rounds **half to even** and
-  **saturates** to [-128, 127]; static quantization adds the offset **before** rounding
-  (``round(x / scale + offset)``), dynamic quantization is symmetric per token
-  (``scale = rowmax|x * smooth| / 127``);
-* ``npu_trans_quant_param`` keeps only the top 19 bits of a float32 scale (sign, exponent, 10
-  mantissa bits): ``int64 = (bits & 0xFFFFE000) | 1 << 46``; ``npu_quant_matmul`` reads that
-  truncated scale back;
-* ``npu_weight_quant_batchmatmul`` **adds** ``antiquant_offset`` (= minus the zero point):
-  ``x @ ((w + offset) * scale)``; the weight is dequantized in x's dtype (fp16/bf16);
-* outputs are rounded to the requested dtype (fp16/bf16) once, at the end;
-* int4 (W4A4): per-token ``scale = rowmax / 7`` (times ``clip_ratio`` for npu_kronecker_quant),
-  half-to-even rounding saturated to [-8, 7], codes packed 8 per int32 (element j in bits
-  [4j, 4j + 4): the docs only say "interleaved", this is the W4A16 byte layout read as int32);
-  ``npu_quant_matmul`` on int32 operands unpacks them and accumulates exactly with ``_int_mm``.
-
-Where the documentation is silent the choice is stated: intermediate arithmetic is float32;
-the fused add+RMSNorm+quant kernels quantize the float32 norm output (the unfused sequence
-quantizes the fp16/bf16-rounded ``npu_rms_norm`` output, so the two can differ in the last
-code); a token row of zeros gets scale 0 and codes 0.
-
-Shape limits the lowering must respect are checked by ``check_*`` functions that return the
-reason a kernel cannot take a shape (or None).
+``check_*`` functions return the reason a kernel cannot take a shape (or None); the lowering
+checks them before it rewrites.
 """
 from __future__ import annotations
 

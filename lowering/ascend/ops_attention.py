@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 from ptqc.errors import PtqcError
-from ptqc.lowering.ascend.ops_quant import _npu, _torch_npu
+from ptqc.lowering.ascend.ops_quant import _npu, _require, _torch_npu
 
 
 # ---- softmax -----------------------------------------------------------------------------------
@@ -26,9 +26,7 @@ def scaled_masked_softmax(x: torch.Tensor, mask: torch.Tensor, scale: float = 1.
     """npu_scaled_masked_softmax: softmax((x * scale).masked_fill(mask, -inf)) (mask True = masked)."""
     if _npu(x):
         return _torch_npu().npu_scaled_masked_softmax(x, mask, scale, fixed_triu_mask)
-    why = check_scaled_masked_softmax(tuple(x.shape))
-    if why:
-        raise PtqcError(why)
+    _require(check_scaled_masked_softmax(tuple(x.shape)))
     if fixed_triu_mask:
         h, w = x.shape[-2:]
         mask = torch.ones(h, w, dtype=torch.bool, device=x.device).triu(1)
@@ -65,9 +63,7 @@ def dropout_with_add_softmax(x: torch.Tensor, x1: torch.Tensor, alpha: float, pr
     if dim != -1 or x.dim() != 4 or x1.shape != x.shape:
         raise PtqcError(f"npu_dropout_with_add_softmax takes two 4-d tensors of one shape and dim=-1 "
                         f"(got {tuple(x.shape)}, {tuple(x1.shape)}, dim={dim})")
-    why = check_dropout_with_add_softmax(tuple(x.shape))
-    if why:
-        raise PtqcError(why)
+    _require(check_dropout_with_add_softmax(tuple(x.shape)))
     if prob != 0.0:
         raise PtqcError("the emulation of npu_dropout_with_add_softmax is for inference: prob must be 0")
     y = torch.softmax(x1.float() + x.float() * alpha, -1).to(x.dtype)

@@ -7,7 +7,8 @@ from typing import Optional
 import torch
 
 from ptqc.errors import PtqcError
-from ptqc.lowering.ascend.ops_quant import _npu, _saturate_round, _torch_npu, deq_scale_value, unpack_int4x8
+from ptqc.lowering.ascend.ops_quant import (_npu, _require, _saturate_round, _torch_npu, deq_scale_value,
+                                             unpack_int4x8)
 
 MAX_KN = 65535  # npu_quant_matmul: K and N at most 65535
 
@@ -36,9 +37,7 @@ def quant_matmul(x1: torch.Tensor, x2: torch.Tensor, scale: torch.Tensor, offset
     if x1.dtype == torch.int32 and x2.dtype == torch.int32:  # int4 x int4, packed 8 per int32
         x1, x2 = _int4_operands(x1, x2)
     k, n = x2.shape
-    why = check_quant_matmul(k, n)
-    if why:
-        raise PtqcError(why)
+    _require(check_quant_matmul(k, n))
     if x1.dtype != torch.int8 or x2.dtype != torch.int8:
         raise PtqcError(f"quant_matmul emulation takes int8 operands or int4 ones packed in int32 "
                         f"(got {x1.dtype}, {x2.dtype})")
@@ -96,9 +95,7 @@ def weight_quant_batchmatmul(x: torch.Tensor, weight: torch.Tensor, antiquant_sc
     if _npu(x):
         return _torch_npu().npu_weight_quant_batchmatmul(x, weight, antiquant_scale, antiquant_offset, None, None,
                                                          bias, antiquant_group_size)
-    why = check_weight_quant_batchmatmul(antiquant_group_size)
-    if why:
-        raise PtqcError(why)
+    _require(check_weight_quant_batchmatmul(antiquant_group_size))
     w = weight.float()
     s = antiquant_scale.to(x.dtype).float()
     o = antiquant_offset.to(x.dtype).float() if antiquant_offset is not None else None

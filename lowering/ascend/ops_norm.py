@@ -6,8 +6,7 @@ from typing import Optional
 
 import torch
 
-from ptqc.errors import PtqcError
-from ptqc.lowering.ascend.ops_quant import _npu, _torch_npu, dynamic_quant, quantize
+from ptqc.lowering.ascend.ops_quant import _npu, _require, _torch_npu, dynamic_quant, quantize
 
 
 def _rms(h: torch.Tensor, gamma: torch.Tensor, eps: float):
@@ -96,9 +95,7 @@ def swiglu_quant(x: torch.Tensor, activate_left: bool = True,
     group) multiplied in first. The last dim is even and at most 8192. Returns (codes, scale)."""
     if _npu(x):
         return _torch_npu().npu_swiglu_quant(x, smooth_scales=smooth_scales, activate_left=activate_left, quant_mode=1)
-    why = check_swiglu_quant(x.shape[-1])
-    if why:
-        raise PtqcError(why)
+    _require(check_swiglu_quant(x.shape[-1]))
     a, b = x.float().chunk(2, -1)
     h = torch.nn.functional.silu(a) * b if activate_left else torch.nn.functional.silu(b) * a
     return dynamic_quant(h, None if smooth_scales is None else smooth_scales.reshape(-1))

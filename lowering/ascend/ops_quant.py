@@ -20,8 +20,22 @@ def _torch_npu():
     return torch_npu
 
 
+def _require(why: str | None) -> None:
+    """Raise the reason a kernel cannot take its inputs (a ``check_*`` result), if any."""
+    if why:
+        raise PtqcError(why)
+
+
 def _saturate_round(v: torch.Tensor) -> torch.Tensor:
     return torch.clamp(torch.round(v), -128, 127).to(torch.int8)
+
+
+def _per_token(h: torch.Tensor, qmax: int, clip: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token symmetric codes of float32 ``h`` [..., n]: scale = rowmax|h| * clip / qmax, codes =
+    round half-even(h / scale) saturated to [-qmax - 1, qmax] (clip < 1 makes the saturation bite)."""
+    scale = h.abs().amax(-1) * clip / qmax
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return torch.clamp(torch.round(h / safe.unsqueeze(-1)), -qmax - 1, qmax), scale
 
 
 # ---- activation quantization ------------------------------------------------------------------
@@ -30,12 +44,8 @@ def dynamic_quant(x: torch.Tensor, smooth_scales: Optional[torch.Tensor] = None)
     """npu_dynamic_quant: per-token symmetric int8. Returns (codes int8, scale float32 x.shape[:-1])."""
     if _npu(x):
         return _torch_npu().npu_dynamic_quant(x, smooth_scales=smooth_scales)
-    h = x.float()
-    if smooth_scales is not None:
-        h = h * smooth_scales.float()
-    scale = h.abs().amax(-1) / 127.0
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return _saturate_round(h / safe.unsqueeze(-1)), scale
+    codes, scale = _per_token(x.float() if smooth_scales is None else x.float() * smooth_scales.float(), 127)
+    return codes.to(torch.int8), scale
 
 
 @dynamic_quant.register_fake
@@ -118,12 +128,14 @@ def unpack_int4x8(packed: torch.Tensor) -> torch.Tensor:
 
 
 def _int4_codes(h: torch.Tensor, clip: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token symmetric int4 of float32 ``h`` [..., n]: scale = rowmax|h| * clip / 7, codes =
-    round half-even(h / scale) saturated to [-8, 7] (clip < 1 makes the saturation bite), packed."""
-    scale = h.abs().amax(-1) * clip / 7.0
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    codes = torch.clamp(torch.round(h / safe.unsqueeze(-1)), -8, 7)
+    """Per-token symmetric int4 of float32 ``h`` (:func:`_per_token`, qmax 7), packed 8 per int32."""
+    codes, scale = _per_token(h, 7, clip)
     return pack_int4x8(codes), scale
+
+
+def _int4_fake(x, *args, **kwargs):
+    return (x.new_empty((*x.shape[:-1], x.shape[-1] // 8), dtype=torch.int32),
+            x.new_empty(x.shape[:-1], dtype=torch.float32))
 
 
 @torch.library.custom_op("ptqc_npu::convert_weight_to_int4pack", mutates_args=())
@@ -156,19 +168,11 @@ def dynamic_quant_int4(x: torch.Tensor, smooth_scales: Optional[torch.Tensor] = 
     arithmetic, half-to-even rounding and saturation to [-8, 7] as the int8 path."""
     if _npu(x):
         return _torch_npu().npu_dynamic_quant(x, smooth_scales=smooth_scales, dst_type=torch.quint4x2)
-    why = check_int4_last_dim(x.shape[-1])
-    if why:
-        raise PtqcError(why)
-    h = x.float()
-    if smooth_scales is not None:
-        h = h * smooth_scales.float()
-    return _int4_codes(h)
+    _require(check_int4_last_dim(x.shape[-1]))
+    return _int4_codes(x.float() if smooth_scales is None else x.float() * smooth_scales.float())
 
 
-@dynamic_quant_int4.register_fake
-def _(x, smooth_scales=None):
-    return (x.new_empty((*x.shape[:-1], x.shape[-1] // 8), dtype=torch.int32),
-            x.new_empty(x.shape[:-1], dtype=torch.float32))
+dynamic_quant_int4.register_fake(_int4_fake)
 
 
 def check_kronecker_quant(m: int, n: int) -> str | None:
@@ -199,9 +203,7 @@ def kronecker_quant(x: torch.Tensor, kronecker_p1: torch.Tensor, kronecker_p2: t
                  for c in torch.split(x3, MAX_KRONECKER_TOKENS, 0)]
         codes = torch.cat([p[0] for p in parts]).reshape(*lead, m * n // 8)
         return codes, torch.cat([p[1].reshape(-1) for p in parts]).reshape(lead)
-    why = check_kronecker_quant(m, n)
-    if why:
-        raise PtqcError(why)
+    _require(check_kronecker_quant(m, n))
     if x.shape[-1] != m * n:
         raise PtqcError(f"npu_kronecker_quant: last dim {x.shape[-1]} != M * N = {m} * {n}")
     h = x.float().reshape(*lead, m, n)
@@ -209,10 +211,7 @@ def kronecker_quant(x: torch.Tensor, kronecker_p1: torch.Tensor, kronecker_p2: t
     return _int4_codes(y.reshape(*lead, m * n), clip_ratio)
 
 
-@kronecker_quant.register_fake
-def _(x, kronecker_p1, kronecker_p2, clip_ratio=1.0):
-    return (x.new_empty((*x.shape[:-1], x.shape[-1] // 8), dtype=torch.int32),
-            x.new_empty(x.shape[:-1], dtype=torch.float32))
+kronecker_quant.register_fake(_int4_fake)
 
 
 def check_rotate_quant(k: int, n: int) -> str | None:
@@ -240,9 +239,7 @@ def rotate_quant(x: torch.Tensor, rotation: torch.Tensor, int4: bool = True) -> 
         y, s = _torch_npu().npu_rotate_quant(x.reshape(-1, n), rotation,
                                              dst_dtype=torch.quint4x2 if int4 else torch.int8)
         return y.reshape(*lead, y.shape[-1]), s.reshape(lead)
-    why = check_rotate_quant(k, n)
-    if why:
-        raise PtqcError(why)
+    _require(check_rotate_quant(k, n))
     h = (x.float().reshape(*lead, n // k, k) @ rotation.float()).reshape(*lead, n)
     if int4:
         return _int4_codes(h)
@@ -251,7 +248,5 @@ def rotate_quant(x: torch.Tensor, rotation: torch.Tensor, int4: bool = True) -> 
 
 @rotate_quant.register_fake
 def _(x, rotation, int4=True):
-    n = x.shape[-1]
-    codes = (x.new_empty((*x.shape[:-1], n // 8), dtype=torch.int32) if int4
-             else x.new_empty(x.shape, dtype=torch.int8))
-    return codes, x.new_empty(x.shape[:-1], dtype=torch.float32)
+    return _int4_fake(x) if int4 else (x.new_empty(x.shape, dtype=torch.int8),
+                                       x.new_empty(x.shape[:-1], dtype=torch.float32))

@@ -59,15 +59,13 @@ def _kv_cache(lw, att: fx.Node, hkv: int, d: int):
                           "decoding (query length <= 16), a prompt needs static K and V scales (kv:k=channel,v=channel)")
         scales.append(lw.value(scale).float())
         offsets.append(None if zp is None else -lw.value(zp).float())
-    if all(s.numel() == 1 for s in scales):  # per tensor: shape (2,)
-        sc = torch.cat([s.reshape(1) for s in scales])
-        of = None if all(o is None for o in offsets) else torch.cat(
-            [(o if o is not None else torch.zeros(1)).reshape(1) for o in offsets])
-    else:  # per channel (a per-tensor side expands exactly): (2, KV_N, 1, D)
-        sc = torch.stack([s.expand(hkv, 1, d) for s in scales])
-        of = None if all(o is None for o in offsets) else torch.stack(
-            [(o if o is not None else torch.zeros(1)).expand(hkv, 1, d) for o in offsets])
-    return (sc, of), None
+    per_tensor = all(s.numel() == 1 for s in scales)
+
+    def pair(ts):  # per tensor: (2,); per channel (a per-tensor side expands exactly): (2, KV_N, 1, D)
+        ts = [torch.zeros(1) if t is None else t for t in ts]
+        return torch.cat([t.reshape(1) for t in ts]) if per_tensor else \
+            torch.stack([t.expand(hkv, 1, d) for t in ts])
+    return (pair(scales), None if all(o is None for o in offsets) else pair(offsets)), None
 
 
 def check_fia(lw, m) -> str | None:

@@ -194,20 +194,18 @@ def quant_matmul(lw, lin: fx.Node, codes_x: fx.Node, tscale: fx.Node | None, q: 
     wc, ws, _, _ = weight_parts(lin)
     bias = lin.args[2] if len(lin.args) > 2 else None
     base = info(lin)["module"]
+    int4 = q.args[3] == 4
     with lw.g.inserting_before(lin):
-        if q.args[3] == 4:  # W4A4: weight packed offline 8 per int32 along K ([n, k / 8]), passed as its .t()
-            packed = npu.convert_weight_to_int4pack(codes_value(lw, wc).to(torch.int32))
-            wt = lw.new(aten.t.default, (lw.const(f"{base}.weight_packed", packed),), lin, role="weight_t")
+        if int4:  # W4A4: weight packed offline 8 per int32 along K ([n, k / 8]), passed as its .t()
+            wc = lw.const(f"{base}.weight_packed", npu.convert_weight_to_int4pack(codes_value(lw, wc).to(torch.int32)))
+        wt = lw.new(aten.t.default, (wc,), lin, role="weight_t")
+        if tscale is None:
+            y = _static_matmul(lw, lin, codes_x, wt, q)
+        else:  # dynamic: per-channel weight scale, per-token activation scale
             wsv = lw.new(aten.view.default, (ws, [-1]), lin, role="weight_scale")
-            y = lw.new(npu.QUANT_MATMUL, (codes_x, wt, wsv, None, tscale, None, lw.dtype), lin)
-            if bias is not None:  # int4 takes an int32 bias only: the float bias is added after (as vllm-ascend)
+            y = lw.new(npu.QUANT_MATMUL, (codes_x, wt, wsv, None, tscale, None if int4 else bias, lw.dtype), lin)
+            if int4 and bias is not None:  # int4 takes an int32 bias only: the float bias added after (vllm-ascend)
                 y = lw.new(aten.add.Tensor, (y, bias), lin)
-        elif tscale is not None:  # dynamic: per-channel weight scale, per-token activation scale
-            wt = lw.new(aten.t.default, (wc,), lin, role="weight_t")
-            wsv = lw.new(aten.view.default, (ws, [-1]), lin, role="weight_scale")
-            y = lw.new(npu.QUANT_MATMUL, (codes_x, wt, wsv, None, tscale, bias, lw.dtype), lin)
-        else:
-            y = _static_matmul(lw, lin, codes_x, lw.new(aten.t.default, (wc,), lin, role="weight_t"), q)
     lin.replace_all_uses_with(y)
     lw.g.erase_node(lin)
 

@@ -42,9 +42,7 @@ def weight_t(L, dq: fx.Node) -> str:
     codes, scale, zero_point, group_size, dtype = dq.args
     saved, L.prefix = L.prefix, dq.name
     try:
-        packed = _packed_codes(L, codes) if L.int4 else None
-        cv = int4_weight(L, packed) if packed is not None else L.v(codes)
-        n_in = L.shape(codes)[-1]
+        cv, n_in = _codes_value(L, codes), L.shape(codes)[-1]
         if zero_point is not None:
             y = L.op("Transpose", explicit_dequantize(L, cv, scale, zero_point, group_size, n_in), perm=[1, 0],
                      name="T")
@@ -105,6 +103,12 @@ def _attention(L, n, q, k, v, scale, causal=True, window=-1):
     if rep > 1:
         o = L.op("Reshape", o, L.ints([0, H, -1, Dv]))
     return o
+
+
+def _codes_value(L, codes: fx.Node) -> str:
+    """Weight codes as an ONNX value: packed int4 codes read directly as an INT4 initializer (``int4``)."""
+    packed = _packed_codes(L, codes) if L.int4 else None
+    return int4_weight(L, packed) if packed is not None else L.v(codes)
 
 
 def _packed_codes(L, codes) -> fx.Node | None:
@@ -184,24 +188,10 @@ def _dequantize_weight(L, n, codes, scale, zero_point, group_size, dtype):
         return None
     if L.rank(codes) != 2:
         raise PtqcError(f"node {n.name}: dequantize_weight of a {L.rank(codes)}-d tensor is not supported")
-    packed = _packed_codes(L, codes) if L.int4 else None
-    cv = int4_weight(L, packed) if packed is not None else L.v(codes)
-    n_in = L.shape(codes)[-1]
+    cv, n_in = _codes_value(L, codes), L.shape(codes)[-1]
     y = (explicit_dequantize(L, cv, scale, zero_point, group_size, n_in) if zero_point is not None
          else dequantize_linear(L, cv, scale, group_size, n_in))
     return L.cast(y, torch.float32, _torch_dtype(dtype))
-
-
-def _grouped(L, h: str, rank: int, n_last: int, group: int) -> str:
-    if group > 0 and group != n_last:
-        return L.op("Reshape", h, L.ints([0] * (rank - 1) + [n_last // group, group]))
-    return h
-
-
-def _ungrouped(L, h: str, rank: int, n_last: int, group: int) -> str:
-    if group > 0 and group != n_last:
-        return L.op("Reshape", h, L.ints([0] * (rank - 1) + [n_last]))
-    return h
 
 
 def act_qparams(L, hg: str, bits: int, group: int, sym: bool, clip: float) -> tuple[str, str | None]:
@@ -214,8 +204,7 @@ def act_qparams(L, hg: str, bits: int, group: int, sym: bool, clip: float) -> tu
         if clip != 1.0:
             amax = L.op("Mul", amax, L.const(clip))
         s = L.op("Div", amax, L.const(float(qmax)))
-        s = L.op("Where", L.op("Greater", s, L.const(0.0)), s, L.const(1.0), name="scale", dtype=F32)
-        return s, None
+        return L.op("Where", L.op("Greater", s, L.const(0.0)), s, L.const(1.0), name="scale", dtype=F32), None
     lo = L.op("ReduceMin", hg, *axes, keepdims=1)
     hi = L.op("ReduceMax", hg, *axes, keepdims=1)
     if clip != 1.0:
@@ -247,23 +236,22 @@ def act_codes(L, hg: str, s: str, z: str | None, bits: int, offset: int = 0) -> 
 def _quantize_act(L, n, x, scale, zero_point, bits, group, sym, clip=1.0):
     if n.name in L.skip:  # integer mode: every reader uses the codes directly
         return None
-    dt = L.dt(x)
+    dt, lead, last = L.dt(x), [0] * (L.rank(x) - 1), L.shape(x)[-1]
     h = L.cast(L.v(x), dt, torch.float32)
+    grouped = scale is None and group > 0 and group != last
+    if grouped:
+        h = L.op("Reshape", h, L.ints(lead + [last // group, group]))
     if scale is None:  # dynamic
-        r, last = L.rank(x), L.shape(x)[-1]
-        hg = _grouped(L, h, r, last, group)
-        s, z = act_qparams(L, hg, bits, group, sym, clip)
-        q = L.op("Cast", act_codes(L, hg, s, z, bits), to=F32)
-        if z is not None:
-            q = L.op("Sub", q, z)
-        y = _ungrouped(L, L.op("Mul", q, s), r, last, group)
+        s, z = act_qparams(L, h, bits, group, sym, clip)
     else:  # static: calibrated scale broadcast against x
         s = L.cast(L.v(scale), L.dt(scale), torch.float32)
         z = None if zero_point is None else L.op("Cast", L.v(zero_point), to=F32)
-        q = L.op("Cast", act_codes(L, h, s, z, bits), to=F32)
-        if z is not None:
-            q = L.op("Sub", q, z)
-        y = L.op("Mul", q, s)
+    q = L.op("Cast", act_codes(L, h, s, z, bits), to=F32)
+    if z is not None:
+        q = L.op("Sub", q, z)
+    y = L.op("Mul", q, s)
+    if grouped:
+        y = L.op("Reshape", y, L.ints(lead + [last]))
     return L.cast(y, torch.float32, dt)
 
 

@@ -256,11 +256,7 @@ class Lowering:
 
     def _bind(self, n: fx.Node, out: str, start: int) -> None:
         is_sym = out in self.sym
-        produced = None
-        for k in range(len(self.nodes) - 1, start - 1, -1):
-            if out in self.nodes[k].output:
-                produced = k
-                break
+        produced = next((k for k in range(len(self.nodes) - 1, start - 1, -1) if out in self.nodes[k].output), None)
         if produced is None or n.name in self._names:
             # an existing value (identity-like op): a named Identity keeps the node in the graph
             if n.name in self._names:

@@ -1,38 +1,21 @@
 """FX -> ONNX: lower a ptqc graph node by node with one translation table.
 
-Why a direct emitter and not ``torch.onnx.export(dynamo=True, custom_translation_table=...)``:
-the dynamo exporter re-traces the GraphModule with ``torch.export``, which renames every node
-after its op (``linear_default_3`` becomes ``node_linear_3``, the nodes inside a translation
-become ``node_Mul_16``), so ONNX nodes could not be matched to the ptqc graph (and its
-diagnostics, ``ptqc inspect``, ``ptqc diff``) by name. Here each FX node is lowered by
-``TABLE[node.target]`` and
+Not ``torch.onnx.export(dynamo=True)``: it re-traces the graph and renames every node, so ONNX
+nodes could not be matched to the ptqc graph (diagnostics, ``ptqc inspect``, ``ptqc diff``) by
+name. Here each FX node is lowered by ``TABLE[node.target]``; the ONNX node computing an FX node's
+value and its output are named **exactly** like the FX node, helper nodes ``<fx name>/<OpType>[_k]``
+(e.g. ``linear_default/acc``); weights are initializers under their Hugging Face names;
+``input_ids`` is ``int64 [batch, seq]`` (symbolic) and ``logits`` the output; any FX node or
+helper value can be added as an extra output.
 
-* the ONNX node computing an FX node's value is named **exactly** like the FX node and so is its
-  output value; helper nodes are named ``<fx name>/<OpType>[_k]`` (e.g. ``linear_default/acc``);
-* weights are initializers named by their Hugging Face tensor names (the ``get_attr`` targets);
-* ``input_ids`` is ``int64 [batch, seq]`` with symbolic ``batch``/``seq``; the logits are the
-  ``logits`` output; any FX node (or helper value) can be added as an extra graph output.
-
-Modes (``mode=``):
-
-``fake`` (default)
-    a faithful reference of the graph: float ops, ``quantize_act`` as the explicit quantizer of
-    :mod:`ptqc.quant` (``ReduceMax(Abs(x)) / qmax`` dynamic scales computed in the graph, ``Div``
-    never a reciprocal multiply, half-to-even ``Round``, ``Clip`` before ``Cast(int8)``, then
-    dequantized), ``dequantize_weight`` as ``DequantizeLinear`` (per channel ``axis=0``, per
-    group opset-21 ``block_size``, per tensor scalar; packed int4 codes become a true ``INT4``
-    initializer holding the same bytes).
-``integer``
-    W8A8 linears (dynamic per-token or static per-tensor symmetric int activations, per-channel
-    symmetric int weights) run in integers: activation codes as above, ``MatMulInteger(int8,
-    int8) -> Cast(float) -> Mul(token scale) -> Mul(weight scale) (+ bias)``; weight-only
-    linears use ``com.microsoft.MatMulNBits`` (bits 4 or 8 after offsetting the signed codes,
-    block size a power of two >= 16; a per-channel scale is repeated over blocks), else
-    ``DequantizeLinear``. Everything else as in ``fake``. ``int_kernel``: ``s8s8`` (default, the
-    brief's reference: exact on every CPU, but onnxruntime has no fast int8 x int8 kernel),
-    ``u8u8`` (codes + 128 on both sides with zero points 128: the same int32 sums, exact on every
-    CPU, faster) or ``u8s8`` (activations + 128: fastest, exact with AVX512-VNNI/AVX-VNNI, may
-    saturate int16 pair sums on AVX2-only CPUs).
+Modes: ``fake`` (default) is a faithful reference of the graph: float ops, ``quantize_act`` as
+the explicit quantizer of :mod:`ptqc.quant` (``Div``, never a reciprocal multiply, half-to-even
+``Round``, ``Clip`` before ``Cast``), ``dequantize_weight`` as ``DequantizeLinear`` (opset-21
+``block_size`` per group; packed int4 codes as a true ``INT4`` initializer). ``integer`` runs
+quantized linears in integer kernels (:mod:`.integer`); ``int_kernel`` picks MatMulInteger's
+operands: ``s8s8`` (default, exact everywhere), ``u8u8`` (codes + 128 with zero points 128: the
+same int32 sums, faster) or ``u8s8`` (fastest, exact with AVX512-VNNI/AVX-VNNI, may saturate
+int16 pair sums on AVX2-only CPUs).
 
 An FX op with no entry in :data:`TABLE` raises a one-line PtqcError naming the op and the node.
 """
@@ -172,8 +155,7 @@ class ExportResult:
 
 
 def export(qm: QModel, path, mode: str = "fake", *, outputs=(), external_data: bool | None = None,
-           int4: bool = True, check: bool = True, examples: dict | None = None,
-           int_kernel: str = "s8s8") -> ExportResult:
+           int4: bool = True, examples: dict | None = None, int_kernel: str = "s8s8") -> ExportResult:
     """Write ``qm`` as an ONNX model at ``path`` (``.onnx``).
 
     ``outputs``: extra graph outputs (FX node names, or helper values such as
@@ -184,14 +166,10 @@ def export(qm: QModel, path, mode: str = "fake", *, outputs=(), external_data: b
     L = build(qm, mode, outputs, int4, examples, int_kernel)
     total = sum(i.nbytes for i in L.inits.values())
     data_path = writer.write(L, path, writer.external(total, external_data))
-    if check:
-        writer.check(path)
+    writer.check(path)
     return ExportResult(path=path, data_path=data_path, mode=mode, nodes=len(L.nodes), initializers=len(L.inits),
                         weight_bytes=total, outputs=[o.name for o in L.graph_outputs], fused=list(L.fused),
                         integer_linears=list(L.integer_linears), nbits_linears=list(L.nbits_linears))
-
-
-__all__ = ["export", "export_graph", "build", "ExportResult"]
 
 
 def export_graph(graph: fx.Graph, weights: dict, examples: dict, path, mode: str = "fake", **kw) -> ExportResult:

@@ -1,26 +1,19 @@
 """``mode="integer"``: real integer kernels for quantized linears.
 
-W8A8 (and WnA8 with n <= 8: any int8 weight codes) linear, when its input is a symmetric int
-``quantize_act`` (dynamic per token, or static per tensor) and its weight symmetric per output
-channel::
+A linear with int8 (or fewer-bit) symmetric per-channel weight codes whose input is a symmetric
+int ``quantize_act`` (dynamic per token, or static per tensor) runs as::
 
-    s_x   = Where(ReduceMax(Abs(x)) / qmax > 0, ., 1)          <qact>/scale  [.., 1] float32
-    q_x   = Cast(Clip(Round(Div(x, s_x)), qmin, qmax), int8)    <qact>/codes  (shared by q/k/v...)
+    q_x   = <qact>/codes (int8, shared by q/k/v...), s_x = <qact>/scale
     acc   = MatMulInteger(q_x, Transpose(q_w))                  <linear>/acc  int32
     y     = Mul(Mul(Cast(acc, float), s_x), s_w) (+ b)          <linear>
 
-which equals, bit for bit, ``(q_x.int() @ q_w.int().T).float() * s_x * s_w (+ b)`` computed from
-the codes of :mod:`ptqc.quant` (the fake-quant graph accumulates the dequantized values in float,
-so it differs from this by float rounding only).
-
-Weight-only linears (float input) use ``com.microsoft.MatMulNBits`` when it can hold the codes:
-signed codes ``q`` in ``[-2^(b-1), 2^(b-1))`` are stored unsigned as ``q + 8`` (4 bits, for b <= 4)
-or ``q + 128`` (8 bits), zero points likewise (absent when symmetric: MatMulNBits' default zero
-point is exactly that offset); the block size is the group size when it is a power of two >= 16,
-and for per-channel weights the largest power of two in 16..256 dividing K with the channel
-scale repeated over the blocks. Otherwise the linear stays ``DequantizeLinear`` + ``MatMul``.
-Derived initializers are named after the HF tensor: ``<w>.int8`` (unpacked codes),
-``<w>.nbits``, ``<w>_scale.nbits``, ``<w>_zero_point.nbits``.
+bit for bit ``(q_x.int() @ q_w.int().T).float() * s_x * s_w (+ b)`` from :mod:`ptqc.quant`'s codes.
+Weight-only linears use ``com.microsoft.MatMulNBits`` when it can hold the codes: signed codes
+stored unsigned as ``q + 8`` (4 bits) or ``q + 128`` (8 bits), zero points likewise (absent when
+symmetric: the kernel's default), block size the group size when a power of two >= 16 (per
+channel: the largest power of two in 16..256 dividing K, the scale repeated over the blocks);
+otherwise ``DequantizeLinear`` + ``MatMul``. Derived initializers are named after the HF tensor:
+``<w>.int8``, ``<w>.uint8``, ``<w>.nbits``, ``<w>_scale.nbits``, ``<w>_zero_point.nbits``.
 """
 from __future__ import annotations
 
@@ -30,8 +23,9 @@ import torch
 import torch.fx as fx
 from onnx import TensorProto
 
-from ptqc import ops, quant
+from ptqc import ops
 from ptqc.ir import is_op
+from ptqc.lowering.checkpoint import weight_codes
 from ptqc.lowering.onnx.dialect import act_codes, act_qparams
 from ptqc.lowering.onnx.emitter import F32, I32, MS_DOMAIN, _bytes
 
@@ -48,13 +42,6 @@ def _codes_source(w: fx.Node):
     return None
 
 
-def _dq_args(w: fx.Node):
-    codes, scale, zp, group, dtype = (list(w.args) + [None] * 5)[:5]
-    kw = dict(w.kwargs)
-    return (kw.get("codes", codes), kw.get("scale", scale), kw.get("zero_point", zp),
-            kw.get("group_size", group), kw.get("dtype", dtype))
-
-
 def _act_ok(qa: fx.Node, L) -> bool:
     x, scale, zp, bits, group, sym, *rest = (list(qa.args) + [1.0])[:7]
     if not sym or zp is not None or bits > 8:
@@ -62,14 +49,6 @@ def _act_ok(qa: fx.Node, L) -> bool:
     if scale is None:
         return group == 0 or group == L.shape(x)[-1]  # per token
     return isinstance(scale, fx.Node) and math.prod(L.shape(scale)) == 1  # static per tensor
-
-
-def _w_per_channel(w: fx.Node, L) -> bool:
-    if not is_op(w, ops.DEQUANTIZE_WEIGHT) or _codes_source(w) is None:
-        return False
-    codes, scale, zp, group, dtype = _dq_args(w)
-    k = L.shape(codes)[-1] * (2 if is_op(codes, ops.UNPACK_INT4) else 1)
-    return zp is None and (group == 0 or group == k)
 
 
 def _weight_bits(lin: fx.Node, L, w: fx.Node) -> int:
@@ -101,17 +80,14 @@ def plan(L) -> None:
     L.int_plan = {}
     for lin in L.qm.linears():
         x, w = lin.args[0], lin.args[1]
-        if not is_op(w, ops.DEQUANTIZE_WEIGHT) or _codes_source(w) is None:
+        if not is_op(w, ops.DEQUANTIZE_WEIGHT) or _codes_source(w) is None or L.dt(x) != torch.float32:
             continue
-        if L.dt(x) != torch.float32:
-            continue
-        if is_op(x, ops.QUANTIZE_ACT):
-            if _act_ok(x, L) and _w_per_channel(w, L):
-                L.int_plan[lin.name] = "w8a8"
-            continue
-        codes, scale, zp, group, dtype = _dq_args(w)
+        codes, _, zp, group, _ = w.args
         k = L.shape(codes)[-1] * (2 if is_op(codes, ops.UNPACK_INT4) else 1)
-        if group != -1 and _nbits_block(group, k) is not None:
+        if is_op(x, ops.QUANTIZE_ACT):
+            if _act_ok(x, L) and zp is None and group in (0, k):  # symmetric per-channel weights
+                L.int_plan[lin.name] = "w8a8"
+        elif group != -1 and _nbits_block(group, k) is not None:
             L.int_plan[lin.name] = "nbits"
 
     def only_integer_readers(node, arg):
@@ -128,26 +104,19 @@ def plan(L) -> None:
             L.skip.add(n.name)
 
 
-def _int8_codes(L, src: fx.Node, packed: bool) -> str:
-    """Weight codes as an int8 initializer [out, in] (packed int4 codes unpacked at export)."""
-    if not packed:
+def _weight_codes(L, w: fx.Node, u8: bool) -> str:
+    """The codes [out, in] of dequantize_weight ``w`` as an initializer: int8 (packed int4 codes
+    unpacked at export: ``<w>.int8``), or (``u8``, for the u8u8 kernel) + 128 as uint8 (``<w>.uint8``)."""
+    src, packed = _codes_source(w)
+    if not (packed or u8):
         return L.weight(src)
     shape, _ = L.qm.store.spec(src.target)
-    dims = [*shape[:-1], shape[-1] * 2]
-    return L.add_init(f"{L.weight_name(src)}.int8", TensorProto.INT8, dims,
-                      lambda t=src.target: _bytes(quant.unpack_int4(L.qm.store[t])), math.prod(dims))
-
-
-def _uint8_codes(L, src: fx.Node, packed: bool) -> str:
-    """Weight codes + 128 as a uint8 initializer (``<w>.uint8``) for the u8u8 kernel."""
-    shape, _ = L.qm.store.spec(src.target)
-    dims = [*shape[:-1], shape[-1] * (2 if packed else 1)]
-
-    def data(t=src.target):
-        c = L.qm.store[t]
-        c = quant.unpack_int4(c) if packed else c
-        return _bytes((c.to(torch.int16) + 128).to(torch.uint8))
-    return L.add_init(f"{L.weight_name(src)}.uint8", TensorProto.UINT8, dims, data, math.prod(dims))
+    dims = [shape[0], shape[1] * (2 if packed else 1)]
+    if u8:
+        data = lambda: _bytes((weight_codes(L.qm, w).to(torch.int16) + 128).to(torch.uint8))  # noqa: E731
+        return L.add_init(f"{L.weight_name(src)}.uint8", TensorProto.UINT8, dims, data, math.prod(dims))
+    return L.add_init(f"{L.weight_name(src)}.int8", TensorProto.INT8, dims, lambda: _bytes(weight_codes(L.qm, w)),
+                      math.prod(dims))
 
 
 def act_int(L, qa: fx.Node) -> tuple[str, str]:
@@ -175,29 +144,21 @@ def act_int(L, qa: fx.Node) -> tuple[str, str]:
 
 
 def linear(L, n: fx.Node, x, w, b=None) -> str | None:
+    """The planned integer kernel of linear ``n``, or None (no integer kernel: lowered as in fake mode)."""
     kind = L.int_plan.get(n.name)
-    if kind == "w8a8":
-        return _w8a8(L, n, x, w, b)
-    if kind == "nbits":
-        return _nbits(L, n, x, w, b)
-    return None
+    return None if kind is None else {"w8a8": _w8a8, "nbits": _nbits}[kind](L, n, x, w, b)
 
 
 def _w8a8(L, n, x, w, b):
     s_x, q_x = act_int(L, x)
-    src, packed = _codes_source(w)
-    codes, scale, zp, group, dtype = _dq_args(w)
-    q_w = _int8_codes(L, src, packed)
-    zps = []
-    if L.int_kernel != "s8s8":  # same int32 sums: (q_x + 128 - 128) (q_w [+ 128 - 128])
-        zps = [L.const(128, TensorProto.UINT8)]
-        if L.int_kernel == "u8u8":
-            q_w = _uint8_codes(L, src, packed)
-            zps.append(L.const(128, TensorProto.UINT8))
+    u8 = L.int_kernel == "u8u8"
+    q_w = _weight_codes(L, w, u8)
+    # same int32 sums: (q_x + 128 - 128) (q_w [+ 128 - 128])
+    zps = [] if L.int_kernel == "s8s8" else [L.const(128, TensorProto.UINT8)] * (1 + u8)
     acc = L.op("MatMulInteger", q_x, L.op("Transpose", q_w, perm=[1, 0], name="w_t"), *zps, name="acc", dtype=I32,
                shape=L.shape(n))
     y = L.op("Mul", L.op("Cast", acc, to=F32), s_x)
-    y = L.op("Mul", y, L.op("Reshape", L.v(scale), L.ints([-1])))
+    y = L.op("Mul", y, L.op("Reshape", L.v(w.args[1]), L.ints([-1])))
     if b is not None:
         y = L.op("Add", y, L.cast(L.v(b), L.dt(b), torch.float32))
     L.integer_linears.append(n.name)
@@ -206,7 +167,7 @@ def _w8a8(L, n, x, w, b):
 
 def _nbits(L, n, x, w, b):
     src, packed = _codes_source(w)
-    codes, scale, zp, group, dtype = _dq_args(w)
+    _, scale, zp, group, _ = w.args
     shape, _ = L.qm.store.spec(src.target)
     N, K = shape[0], shape[1] * (2 if packed else 1)
     group = 0 if group == K else group
@@ -218,9 +179,7 @@ def _nbits(L, n, x, w, b):
     base = L.weight_name(src)
 
     def codes_u8():
-        c = L.qm.store[src.target]
-        c = quant.unpack_int4(c) if packed else c
-        u = (c.to(torch.int16) + offset).to(torch.uint8).reshape(N, K)
+        u = (weight_codes(L.qm, w).to(torch.int16) + offset).to(torch.uint8).reshape(N, K)
         if bits == 4:
             u = u[:, 0::2] | (u[:, 1::2] << 4)
         return _bytes(u.contiguous())
@@ -250,6 +209,3 @@ def _nbits(L, n, x, w, b):
     y = L.op("MatMulNBits", L.v(x), bv, sv, zv, None, bias, domain=MS_DOMAIN, K=K, N=N, bits=bits,
              block_size=block, accuracy_level=1)
     return L.cast(y, torch.float32, L.dt(n))
-
-
-__all__ = ["plan", "linear", "act_int"]

@@ -1,12 +1,6 @@
-"""Running an exported model with onnxruntime (CPU).
-
-* :func:`session` with ``reference=True`` (default) disables every graph optimization
-  (``GraphOptimizationLevel.ORT_DISABLE_ALL``): no fusion or constant folding changes the
-  arithmetic, so the session computes exactly the ONNX graph (for ``ptqc diff`` and tests);
-  ``reference=False`` enables all optimizations (for speed: ``ptqc eval --target onnx``, the bench).
-* :func:`perplexity` is :func:`ptqc.evaluate.perplexity` with the logits from onnxruntime: the
-  same windows (:func:`ptqc.evaluate.windows`) and the same next-token NLL sum.
-"""
+"""Running an exported model with onnxruntime (CPU): :func:`session` (``reference=True``: no graph
+optimization changes the arithmetic, for ``ptqc diff`` and tests; ``False``: all, for speed) and
+:func:`perplexity`, :func:`ptqc.evaluate.perplexity` with the logits from onnxruntime."""
 from __future__ import annotations
 
 import math
@@ -71,9 +65,6 @@ def perplexity(sess, ids: torch.Tensor, seqlen: int, *, batch_size: int = 8, max
     mean = nll / count
     return {"ppl": math.exp(mean) if mean < 700 else float("inf"), "nll": mean, "windows": int(w.shape[0]),
             "seqlen": seqlen, "tokens": count, "layers": None}
-
-
-__all__ = ["session", "run", "logits", "perplexity", "perplexity_of"]
 
 
 def perplexity_of(qm, ids: torch.Tensor, seqlen: int, *, mode: str = "fake", batch_size: int = 8,
