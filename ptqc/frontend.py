@@ -307,6 +307,15 @@ def annotate(g: fx.Graph, config) -> None:
         n.meta.pop("moe_args", None)
 
 
+def mark_float32(g: fx.Graph, dt: torch.dtype, keys) -> None:
+    """Checkpoint tensors the model holds in float32 while it runs in ``dt`` (e.g. DeepSeek-V3-style
+    routers and their e_score_correction_bias) are marked ``{"dtype": "float32"}``: the store reads
+    them uncast."""
+    for n in g.nodes:
+        if n.op == "get_attr" and dt != torch.float32 and _dtype(n) == torch.float32 and n.target in keys:
+            info(n)["dtype"] = "float32"
+
+
 def annotate_moe(g: fx.Graph) -> None:
     """Experts are named by their stacks (``...mlp.experts``, role ``experts``); the linear giving
     the routing logits is the ``router``, and the routing op takes its module (role ``route``)."""
@@ -360,7 +369,9 @@ def trace(path: Path, config, dt: torch.dtype, trust_remote_code: bool, bar=None
     canonicalize(g)
     check_canonical(g)
     untie(g, tied)
-    moe.rename_to_checkpoint(g, weight_files(Path(path)).keys(), getattr(config, "model_type", None))
+    keys = weight_files(Path(path)).keys()
+    moe.rename_to_checkpoint(g, keys, getattr(config, "model_type", None))
+    mark_float32(g, dt, keys)
     annotate(g, config)
     for n in g.nodes:  # arange(..., device=meta) from the meta trace: run on CPU by default
         if n.op == "call_function" and "device" in n.kwargs:
@@ -451,6 +462,7 @@ def load(model_dir, dtype: str | torch.dtype = "float32", trust_remote_code: boo
         if name not in files:
             store.overlay[name] = b
     moe.register_stacks(g, store)
+    store.keep_dtype = {n.target for n in g.nodes if n.op == "get_attr" and info(n).get("dtype") == "float32"}
     resolve_tied(g, store, tied, files, path)
     qm = QModel(graph=g, store=store, config=config, dtype=dt, source=str(path.resolve()),
                 properties={"canonical"})

@@ -199,6 +199,7 @@ class WeightStore:
         self.cast = True  # cast float tensors from files to `dtype` (False for artifacts)
         self.overlay: dict[str, torch.Tensor] = {}
         self.stacks: dict[str, list[str]] = {}  # never mutated in place: clones share it
+        self.keep_dtype: set[str] = set()  # read as stored, not cast (float32 routers of bf16 models)
         self._cache: dict[str, torch.Tensor] = {}
         self._handles: dict[Path, SafetensorsFile] = {}
         self.offload_dir: Path | None = None
@@ -239,7 +240,8 @@ class WeightStore:
         t = self._handle(self.files[n]).read(n)
         if not self._is_spilled(n):
             check_finite(n, t)
-        if self.cast and t.is_floating_point() and t.dtype != self.dtype and not self._is_spilled(n):
+        if self.cast and t.is_floating_point() and t.dtype != self.dtype and not self._is_spilled(n) \
+                and n not in self.keep_dtype:
             t = t.to(self.dtype)
         return t
 
@@ -282,7 +284,7 @@ class WeightStore:
         if n not in self.files:
             raise PtqcError(f"weight {name!r} is missing from the checkpoint")
         shape, dtype = self._handle(self.files[n]).spec(n)
-        if self.cast and dtype.is_floating_point and not self._is_spilled(n):
+        if self.cast and dtype.is_floating_point and not self._is_spilled(n) and n not in self.keep_dtype:
             dtype = self.dtype
         return shape, dtype
 

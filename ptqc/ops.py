@@ -197,15 +197,17 @@ def _(logits, bias, top_k, scoring="softmax", norm_topk_prob=False, n_group=1, t
 def _moe_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate: torch.Tensor,
                  up: torch.Tensor, down: torch.Tensor, act: str = "silu") -> torch.Tensor:
     """x [T, H]; weights, ids [T, k]; gate, up [E, I, H]; down [E, H, I]. Each token's output is
-    the sum over its k experts e of weight * down_e(act(gate_e x) * up_e x), in x's dtype."""
+    the sum over its k experts e of weight * down_e(act(gate_e x) * up_e x): products in the
+    promoted dtype of the expert output and the weights, summed in float32 (as transformers'
+    default grouped_mm experts), cast to x's dtype."""
     f = MOE_ACTS[act]
-    out = torch.zeros_like(x)
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     for e in ids.unique().tolist():
         tok, pos = torch.where(ids == e)
         h = x[tok]
         y = F.linear(f(F.linear(h, gate[e])) * F.linear(h, up[e]), down[e])
-        out.index_add_(0, tok, (y * weights[tok, pos, None]).to(out.dtype))
-    return out
+        out.index_add_(0, tok, (y * weights[tok, pos, None]).float())
+    return out.to(x.dtype)
 
 
 @torch.library.custom_op("ptqc::moe_experts", mutates_args=())

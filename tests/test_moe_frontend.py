@@ -57,6 +57,20 @@ def test_logits_match_transformers(moe_models, moe_loaded, ids, arch, shape):
     torch.testing.assert_close(moe_loaded(arch)(x), want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("arch", ["mixtral", "glm4_moe"])
+def test_bfloat16_matches_transformers(moe_models, ids, arch):
+    """bf16: experts combined in float32 as transformers does; GLM's float32 router weight and
+    e_score_correction_bias read uncast (rounding them to bf16 moves logits by 3e-2 here)."""
+    qm = frontend.load(moe_models[arch], "bfloat16")
+    x = ids(2, 16)
+    with torch.no_grad():
+        want = _ref(moe_models[arch], torch.bfloat16)(x).logits
+    torch.testing.assert_close(qm(x).float(), want.float(), atol=1e-2, rtol=0)
+    fp32 = {"model.layers.1.mlp.gate.weight", "model.layers.1.mlp.gate.e_score_correction_bias"}
+    assert qm.store.keep_dtype == (fp32 if arch == "glm4_moe" else set())
+    assert all(qm.store[n].dtype == torch.float32 for n in qm.store.keep_dtype)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_graph_shows_router_route_experts(moe_loaded, arch):
     qm = moe_loaded(arch)
