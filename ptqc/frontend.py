@@ -462,7 +462,8 @@ def load(model_dir, dtype: str | torch.dtype = "float32", trust_remote_code: boo
         if name not in files:
             store.overlay[name] = b
     moe.register_stacks(g, store)
-    store.keep_dtype = {n.target for n in g.nodes if n.op == "get_attr" and info(n).get("dtype") == "float32"}
+    store.keep_dtype = {n.target for n in g.nodes if n.op == "get_attr"
+                        and n.meta.get("ptqc", {}).get("dtype") == "float32"}
     resolve_tied(g, store, tied, files, path)
     qm = QModel(graph=g, store=store, config=config, dtype=dt, source=str(path.resolve()),
                 properties={"canonical"})
