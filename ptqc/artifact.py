@@ -3,6 +3,8 @@
     OUT/config.json, tokenizer files, ...   copied from the input model (never modified)
     OUT/model.safetensors                   every tensor the graph reads, under its HF name
                                             (quantized: int8 codes + .weight_scale/.weight_zero_point);
+                                            MoE expert stacks one tensor per expert, as checkpoints
+                                            hold them (ptqc.moe)
                                             sharded with an index above --shard-size
     OUT/graph.json                          the ptqc graph (see ptqc.ir.graph_to_json)
     OUT/ptqc.json                           the manifest: versions, source, passes and options,
@@ -24,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from ptqc import moe
 from ptqc.errors import PtqcError
 from ptqc.ir import QModel, graph_from_json, graph_to_json
 from ptqc.model import WeightStore, other_files, parse_dtype, weight_files, write_safetensors
@@ -101,41 +104,63 @@ class AtomicDir:
         return False
 
 
-def _save_weights(qm: QModel, tmp: Path, shard_bytes: int) -> dict:
-    """Write the weights the graph reads, one tensor at a time (never the whole model)."""
+def _entries(qm: QModel) -> dict[str, tuple[str, int | None]]:
+    """{saved name: (store name, expert index or None)}: the weights the graph reads, tied ones
+    once, expert stacks [E, ...] split into E tensors under the checkpoint's per-expert names."""
     used = set(qm.weight_names())
     aliases = {n: qm.store.aliases[n] for n in used if n in qm.store.aliases}  # tied: save once
-    names = sorted((used - set(aliases)) | set(aliases.values()))
+    stacked = moe.stacked_weights(qm.graph)
+    out: dict[str, tuple[str, int | None]] = {}
+    for n in sorted((used - set(aliases)) | set(aliases.values())):
+        if n in stacked:
+            out.update({moe.expert_name(n, e): (n, e) for e in range(qm.store.spec(n)[0][0])})
+        else:
+            out[n] = (n, None)
+    return out
+
+
+def _save_weights(qm: QModel, tmp: Path, shard_bytes: int) -> dict:
+    """Write the weights the graph reads, one tensor at a time (never the whole model)."""
+    aliases = {n: qm.store.aliases[n] for n in qm.weight_names() if n in qm.store.aliases}
+    entries = _entries(qm)
+    order = sorted(entries, key=lambda o: (entries[o][0], entries[o][1] or 0))  # a stack's experts in a row
+    held: dict[str, torch.Tensor] = {}  # the stack being split
+
+    def spec(out):
+        src, e = entries[out]
+        shape, dtype = qm.store.spec(src)
+        return (shape if e is None else shape[1:]), dtype
+
+    def get(out):
+        src, e = entries[out]
+        if src not in held:
+            held.clear()
+            held[src] = qm.store[src]
+            if src not in qm.store.overlay:
+                qm.store.release([src])
+        return held[src] if e is None else held[src][e]
+
     shards: list[list[str]] = [[]]
     size = 0
-    for n in names:
-        shape, dtype = qm.store.spec(n)
+    for n in order:
+        shape, dtype = spec(n)
         nbytes = torch.Size(shape).numel() * dtype.itemsize
         if shards[-1] and size + nbytes > shard_bytes:
             shards.append([])
             size = 0
         shards[-1].append(n)
         size += nbytes
-    files = []
-    weight_map = {}
-    total = 0
-
-    def get(n):
-        t = qm.store[n]
-        if n not in qm.store.overlay:
-            qm.store.release([n])
-        return t
-
+    files, weight_map, total = [], {}, 0
     for i, group in enumerate(shards):
         fname = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        total += write_safetensors(tmp / fname, group, qm.store.spec, get,
-                                   metadata={"format": "pt", "producer": "ptqc"})
+        total += write_safetensors(tmp / fname, group, spec, get, metadata={"format": "pt", "producer": "ptqc"})
+        held.clear()
         files.append(fname)
         weight_map.update({n: fname for n in group})
     if len(shards) > 1:
         (tmp / "model.safetensors.index.json").write_text(json.dumps(
             {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
-    return {"files": files, "tensors": len(names), "bytes": total, "aliases": aliases}
+    return {"files": files, "tensors": len(entries), "bytes": total, "aliases": aliases}
 
 
 def save(qm: QModel, out, *, force: bool = False, extra: dict | None = None, dumps: dict | None = None,
@@ -202,6 +227,7 @@ def load(path, trust_remote_code: bool = False) -> QModel:
     store = WeightStore(weight_files(path), dtype=dtype)
     store.cast = False  # artifact tensors are stored exactly as compiled
     store.aliases.update(manifest.get("weights", {}).get("aliases", {}))
+    moe.register_stacks(graph, store)
     return QModel(graph=graph, store=store, config=config, dtype=dtype, source=str(path.resolve()),
                   properties=set(manifest.get("properties", [])), history=list(manifest.get("passes", [])),
                   quant=dict(manifest.get("quant", {})), plan=dict(manifest.get("plan", {})))

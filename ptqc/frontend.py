@@ -7,6 +7,10 @@
    pow/mean/rsqrt/mul -> ptqc.rms_norm, repeat_kv + SDPA -> ptqc.attention, no-op casts dropped;
 4. annotate every node with its module path, decoder layer and role (:data:`ROLE_TABLE`).
 
+MoE blocks are swapped for traceable ones before export (:mod:`ptqc.moe`): their router becomes a
+``ptqc.linear`` (role ``router``) and ``ptqc.moe_route``, their experts one ``ptqc.moe_experts``
+(role ``experts``) on [E, out, in] stacks; weights keep the checkpoint's names.
+
 No code here names an architecture: anything with the common decoder-only layout works.
 """
 from __future__ import annotations
@@ -18,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.fx as fx
 
-from ptqc import ops
+from ptqc import moe, ops
 from ptqc.errors import PtqcError
 from ptqc.ir import QModel, info, is_op, propagate
 from ptqc.model import WeightStore, build_meta_model, load_config, parse_dtype, weight_files
@@ -35,7 +39,7 @@ ROLE_TABLE = {
     "lm_head": "lm_head", "embed_tokens": "embed", "tok_embeddings": "embed",
     "input_layernorm": "input_norm", "attention_norm": "input_norm",
     "post_attention_layernorm": "post_attention_norm", "ffn_norm": "post_attention_norm",
-    "self_attn": "attention", "attention": "attention",
+    "self_attn": "attention", "attention": "attention", "shared_expert_gate": "shared_expert_gate",
 }
 FINAL_NORM_NAMES = ("norm", "final_layernorm", "ln_f")
 _LAYER_RE = re.compile(r"\.(\d+)(?:\.|$)")
@@ -181,8 +185,24 @@ def rule_attention(node: fx.Node) -> bool:
     return True
 
 
+def rule_moe_args(node: fx.Node) -> bool:
+    """ptqc.moe_route / moe_experts: tensors positional, every other argument a keyword (defaults
+    written out), so the routing rule is data in the node."""
+    if node.target not in (ops.MOE_ROUTE, ops.MOE_EXPERTS) or node.meta.get("moe_args"):
+        return False
+    n_tensors = 2 if node.target == ops.MOE_ROUTE else 6
+    schema = node.target._schema.arguments
+    given = {a.name: v for a, v in zip(schema, node.args)} | dict(node.kwargs)
+    values = {a.name: given[a.name] if a.name in given else a.default_value for a in schema}
+    names = [a.name for a in schema]
+    node.args = tuple(values[k] for k in names[:n_tensors])
+    node.kwargs = {k: values[k] for k in names[n_tensors:]}
+    node.meta["moe_args"] = True
+    return True
+
+
 # The canonicalization table: each rule looks at one node and rewrites it in place.
-RULES = (rule_drop_noops, rule_linear, rule_rms_norm, rule_attention)
+RULES = (rule_drop_noops, rule_linear, rule_rms_norm, rule_attention, rule_moe_args)
 
 
 def canonicalize(g: fx.Graph) -> None:
@@ -272,6 +292,7 @@ def annotate(g: fx.Graph, config) -> None:
         elif n.target == ops.LINEAR and role is None and path.endswith("lm_head"):
             role = "lm_head"
         meta["role"] = role
+    annotate_moe(g)
     for n in g.nodes:
         n.meta.pop("val", None)
         n.meta.pop("tensor_meta", None)
@@ -283,6 +304,32 @@ def annotate(g: fx.Graph, config) -> None:
         n.meta.pop("seq_nr", None)
         n.meta.pop("torch_fn", None)
         n.meta.pop("sdpa", None)
+        n.meta.pop("moe_args", None)
+
+
+def mark_float32(g: fx.Graph, dt: torch.dtype, keys) -> None:
+    """Checkpoint tensors the model holds in float32 while it runs in ``dt`` (e.g. DeepSeek-V3-style
+    routers and their e_score_correction_bias) are marked ``{"dtype": "float32"}``: the store reads
+    them uncast."""
+    for n in g.nodes:
+        if n.op == "get_attr" and dt != torch.float32 and _dtype(n) == torch.float32 and n.target in keys:
+            info(n)["dtype"] = "float32"
+
+
+def annotate_moe(g: fx.Graph) -> None:
+    """Experts are named by their stacks (``...mlp.experts``, role ``experts``); the linear giving
+    the routing logits is the ``router``, and the routing op takes its module (role ``route``)."""
+    for n in g.nodes:
+        if is_op(n, ops.MOE_EXPERTS) and isinstance(n.args[3], fx.Node) and n.args[3].op == "get_attr":
+            info(n).update({"module": n.args[3].target.rsplit(".", 2)[0], "role": "experts"})
+        elif is_op(n, ops.MOE_ROUTE):
+            lin = n.args[0]
+            while isinstance(lin, fx.Node) and lin.target in _CASTS:
+                lin = lin.args[0]
+            if is_op(lin, ops.LINEAR):
+                info(lin)["role"] = "router"
+                info(n).update({"module": info(lin)["module"], "layer": info(lin)["layer"]})
+            info(n)["role"] = "route"
 
 
 def check_canonical(g: fx.Graph) -> None:
@@ -306,6 +353,7 @@ def trace(path: Path, config, dt: torch.dtype, trust_remote_code: bool, bar=None
             bar.set_postfix_str(msg)
 
     model = build_meta_model(config, dt, trust_remote_code)
+    moe.swap_moe(model, getattr(config, "hidden_act", "silu"))
     buffers = {n: b.detach().clone() for n, b in model.named_buffers() if b.device.type != "meta"}
     by_param: dict[int, set[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
@@ -321,6 +369,9 @@ def trace(path: Path, config, dt: torch.dtype, trust_remote_code: bool, bar=None
     canonicalize(g)
     check_canonical(g)
     untie(g, tied)
+    keys = weight_files(Path(path)).keys()
+    moe.rename_to_checkpoint(g, keys, getattr(config, "model_type", None))
+    mark_float32(g, dt, keys)
     annotate(g, config)
     for n in g.nodes:  # arange(..., device=meta) from the meta trace: run on CPU by default
         if n.op == "call_function" and "device" in n.kwargs:
@@ -410,6 +461,9 @@ def load(model_dir, dtype: str | torch.dtype = "float32", trust_remote_code: boo
     for name, b in buffers.items():
         if name not in files:
             store.overlay[name] = b
+    moe.register_stacks(g, store)
+    store.keep_dtype = {n.target for n in g.nodes if n.op == "get_attr"
+                        and n.meta.get("ptqc", {}).get("dtype") == "float32"}
     resolve_tied(g, store, tied, files, path)
     qm = QModel(graph=g, store=store, config=config, dtype=dt, source=str(path.resolve()),
                 properties={"canonical"})

@@ -182,6 +182,9 @@ class WeightStore:
     Float tensors read from files are cast to ``dtype``. Never modify a tensor from the store
     in place (clones of a QModel share tensors): compute a new one and assign it.
 
+    Stacks: ``stacks[name]`` lists tensors read and stacked along a new first dimension under
+    ``name`` (the per-expert tensors of an MoE expert stack, see :mod:`ptqc.moe`).
+
     Offloading: with ``offload_dir`` set, once the overlay (tensors written by passes) holds more
     than ``offload_bytes`` it is written to a safetensors file there and read back lazily, so a
     pass that quantizes a model larger than RAM never holds all its outputs.
@@ -195,6 +198,8 @@ class WeightStore:
         self.cache = cache
         self.cast = True  # cast float tensors from files to `dtype` (False for artifacts)
         self.overlay: dict[str, torch.Tensor] = {}
+        self.stacks: dict[str, list[str]] = {}  # never mutated in place: clones share it
+        self.keep_dtype: set[str] = set()  # read as stored, not cast (float32 routers of bf16 models)
         self._cache: dict[str, torch.Tensor] = {}
         self._handles: dict[Path, SafetensorsFile] = {}
         self.offload_dir: Path | None = None
@@ -207,10 +212,10 @@ class WeightStore:
 
     def __contains__(self, name: str) -> bool:
         n = self._resolve(name)
-        return n in self.overlay or n in self.files
+        return n in self.overlay or n in self.files or n in self.stacks
 
     def names(self) -> list[str]:
-        return sorted(set(self.files) | set(self.overlay) | set(self.aliases))
+        return sorted(set(self.files) | set(self.overlay) | set(self.aliases) | set(self.stacks))
 
     def _handle(self, path: Path) -> SafetensorsFile:
         h = self._handles.get(path)
@@ -224,16 +229,33 @@ class WeightStore:
             return self.overlay[n]
         if n in self._cache:
             return self._cache[n]
-        if n not in self.files:
+        if n not in self.files and n not in self.stacks:
             raise PtqcError(f"weight {name!r} is missing from the checkpoint")
-        t = self._handle(self.files[n]).read(n)
-        if not self._is_spilled(n):
-            check_finite(n, t)
-        if self.cast and t.is_floating_point() and t.dtype != self.dtype and not self._is_spilled(n):
-            t = t.to(self.dtype)
+        t = self._read(n) if n in self.files else self._read_stack(n)
         if self.cache:
             self._cache[n] = t
         return t
+
+    def _read(self, n: str) -> torch.Tensor:
+        t = self._handle(self.files[n]).read(n)
+        if not self._is_spilled(n):
+            check_finite(n, t)
+        if self.cast and t.is_floating_point() and t.dtype != self.dtype and not self._is_spilled(n) \
+                and n not in self.keep_dtype:
+            t = t.to(self.dtype)
+        return t
+
+    def _read_stack(self, n: str) -> torch.Tensor:
+        """The stack of ``stacks[n]``, read part by part into one tensor (one part extra in memory)."""
+        parts = self.stacks[n]
+        shape, dtype = self.spec(n)
+        out = torch.empty(shape, dtype=dtype)
+        for i, p in enumerate(parts):
+            t = self[p] if p in self.overlay or p in self._cache else self._read(self._resolve(p))
+            if tuple(t.shape) != tuple(shape[1:]):
+                raise PtqcError(f"weight {p} is {tuple(t.shape)}, unlike {parts[0]} {tuple(shape[1:])}")
+            out[i] = t
+        return out
 
     def configure_offload(self, directory: Path, budget_bytes: int | None = None) -> None:
         """Offload pass outputs to ``directory`` beyond ``budget_bytes`` in memory (default: 5 % of
@@ -256,10 +278,13 @@ class WeightStore:
         if n in self._cache:
             t = self._cache[n]
             return tuple(t.shape), t.dtype
+        if n not in self.files and n in self.stacks:
+            shape, dtype = self.spec(self.stacks[n][0])
+            return (len(self.stacks[n]), *shape), dtype
         if n not in self.files:
             raise PtqcError(f"weight {name!r} is missing from the checkpoint")
         shape, dtype = self._handle(self.files[n]).spec(n)
-        if self.cast and dtype.is_floating_point and not self._is_spilled(n):
+        if self.cast and dtype.is_floating_point and not self._is_spilled(n) and n not in self.keep_dtype:
             dtype = self.dtype
         return shape, dtype
 
@@ -296,6 +321,8 @@ class WeightStore:
         self._cache.pop(name, None)
         self.aliases.pop(name, None)
         self.files.pop(name, None)
+        if name in self.stacks:
+            self.stacks = {k: v for k, v in self.stacks.items() if k != name}
 
     def release(self, names=None) -> None:
         """Drop cached file tensors (all, or the given names); overlay tensors are kept."""

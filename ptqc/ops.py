@@ -15,6 +15,10 @@ propagates shapes and re-exports with ``torch.export``.
                                              scale broadcast against x)
     transform(x, a, b)                       x @ (a kron b) along the last dim (x @ a without b):
                                              online Hadamard / FlatQuant Kronecker transforms
+    moe_route(logits, bias, top_k, ...)      router logits [T, E] -> top-k (weights, ids) [T, k]:
+                                             softmax or sigmoid scores, grouped top-k, renorm, scale
+    moe_experts(x, weights, ids, gate, up, down, act)   sum over k of weights * expert_ids(x);
+                                             per-expert weights stacked [E, out, in]
 
 ``EAGER`` maps each op to a plain differentiable function (activation fake-quant with a
 straight-through estimator) for passes that train through a layer (flatquant).
@@ -147,6 +151,76 @@ def _(x, a, b=None):
     return x.new_empty((*x.shape[:-1], n))
 
 
+MOE_ACTS = {"silu": F.silu, "swish": F.silu, "gelu": F.gelu, "relu": F.relu,
+            "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+
+
+def _moe_route(logits: torch.Tensor, bias: Optional[torch.Tensor], top_k: int, scoring: str = "softmax",
+               norm_topk_prob: bool = False, n_group: int = 1, topk_group: int = 1, scale: float = 1.0,
+               weights_dtype: Optional[torch.dtype] = None):
+    """Top-k routing of tokens (rows of ``logits`` [T, E]) to experts: (weights, int64 ids), both [T, k].
+
+    Scores are softmax or sigmoid of the logits (in float32); experts are chosen on scores + ``bias``
+    (DeepSeek-V3's e_score_correction_bias), among the ``topk_group`` best of ``n_group`` groups
+    (a group scores its two best experts) when ``n_group`` > 1; weights are the chosen scores,
+    renormalized to sum 1 if ``norm_topk_prob``, times ``scale``, cast to ``weights_dtype``
+    (None: the logits' dtype)."""
+    scores = logits.float().softmax(-1) if scoring == "softmax" else logits.float().sigmoid()
+    choice = scores if bias is None else scores + bias.float()
+    if n_group > 1:
+        t, e = choice.shape
+        grouped = choice.view(t, n_group, e // n_group)
+        best = grouped.topk(2, dim=-1).values.sum(-1).topk(topk_group, dim=-1).indices
+        keep = torch.zeros(t, n_group, dtype=torch.bool, device=logits.device).scatter_(1, best, True)
+        choice = choice.masked_fill(~keep.unsqueeze(-1).expand_as(grouped).reshape(t, e), float("-inf"))
+    ids = choice.topk(top_k, dim=-1).indices
+    w = scores.gather(1, ids)
+    if norm_topk_prob:
+        w = w / (w.sum(-1, keepdim=True) + 1e-20)
+    return (w * scale).to(weights_dtype or logits.dtype), ids
+
+
+@torch.library.custom_op("ptqc::moe_route", mutates_args=())
+def moe_route(logits: torch.Tensor, bias: Optional[torch.Tensor], top_k: int, scoring: str = "softmax",
+              norm_topk_prob: bool = False, n_group: int = 1, topk_group: int = 1, scale: float = 1.0,
+              weights_dtype: Optional[torch.dtype] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    return _moe_route(logits, bias, top_k, scoring, norm_topk_prob, n_group, topk_group, scale, weights_dtype)
+
+
+@moe_route.register_fake
+def _(logits, bias, top_k, scoring="softmax", norm_topk_prob=False, n_group=1, topk_group=1, scale=1.0,
+      weights_dtype=None):
+    shape = (*logits.shape[:-1], top_k)
+    return logits.new_empty(shape, dtype=weights_dtype or logits.dtype), logits.new_empty(shape, dtype=torch.long)
+
+
+def _moe_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate: torch.Tensor,
+                 up: torch.Tensor, down: torch.Tensor, act: str = "silu") -> torch.Tensor:
+    """x [T, H]; weights, ids [T, k]; gate, up [E, I, H]; down [E, H, I]. Each token's output is
+    the sum over its k experts e of weight * down_e(act(gate_e x) * up_e x): products in the
+    promoted dtype of the expert output and the weights, summed in float32 (as transformers'
+    default grouped_mm experts), cast to x's dtype."""
+    f = MOE_ACTS[act]
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for e in ids.unique().tolist():
+        tok, pos = torch.where(ids == e)
+        h = x[tok]
+        y = F.linear(f(F.linear(h, gate[e])) * F.linear(h, up[e]), down[e])
+        out.index_add_(0, tok, (y * weights[tok, pos, None]).float())
+    return out.to(x.dtype)
+
+
+@torch.library.custom_op("ptqc::moe_experts", mutates_args=())
+def moe_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
+                down: torch.Tensor, act: str = "silu") -> torch.Tensor:
+    return _moe_experts(x, weights, ids, gate, up, down, act)
+
+
+@moe_experts.register_fake
+def _(x, weights, ids, gate, up, down, act="silu"):
+    return torch.empty_like(x)
+
+
 # The ops a pass may find in a canonical graph, by short name.
 LINEAR = torch.ops.ptqc.linear.default
 RMS_NORM = torch.ops.ptqc.rms_norm.default
@@ -155,6 +229,8 @@ DEQUANTIZE_WEIGHT = torch.ops.ptqc.dequantize_weight.default
 UNPACK_INT4 = torch.ops.ptqc.unpack_int4.default
 QUANTIZE_ACT = torch.ops.ptqc.quantize_act.default
 TRANSFORM = torch.ops.ptqc.transform.default
+MOE_ROUTE = torch.ops.ptqc.moe_route.default
+MOE_EXPERTS = torch.ops.ptqc.moe_experts.default
 
 
 def _quantize_act_ste(x, scale, zero_point, bits, group, sym, clip=1.0):
@@ -171,4 +247,6 @@ EAGER = {
     ATTENTION: _attention,
     TRANSFORM: _transform,
     QUANTIZE_ACT: _quantize_act_ste,
+    MOE_ROUTE: _moe_route,
+    MOE_EXPERTS: _moe_experts,
 }

@@ -20,6 +20,9 @@ from typing import Any
 from ptqc.errors import PtqcError
 
 
+KEEP_FLOAT = ("lm_head", "router", "shared_expert_gate")  # default exclude: head, MoE routing gates
+
+
 def modules(*patterns: str):
     """A list-of-module-patterns option defaulting to ``patterns``."""
     return field(default_factory=lambda: list(patterns))
@@ -35,7 +38,7 @@ class Selection:
     """Which modules a pass works on: patterns (full path, suffix such as ``down_proj`` or
     ``layers.0.*``, or a role such as ``lm_head``) separated by ``|``."""
     include: list[str] = modules("*")
-    exclude: list[str] = modules("lm_head")
+    exclude: list[str] = modules(*KEEP_FLOAT)
 
 
 @dataclass
@@ -45,7 +48,7 @@ class WeightOptions:
     group: int = 128  # 0 = per output channel
     sym: bool = False
     include: list[str] = modules("*")
-    exclude: list[str] = modules("lm_head")
+    exclude: list[str] = modules(*KEEP_FLOAT)
 
     def weight_spec(self):
         """The QuantSpec of the weights under these options (None: weights stay float)."""

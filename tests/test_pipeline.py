@@ -31,7 +31,7 @@ def test_parse_pipeline_options_follow_their_pass():
     assert [p.name for p in ps] == ["rtn", "head8", "mark"]
     assert (ps[0].options.bits, ps[0].options.group, ps[0].options.sym) == (3, 64, True)
     assert ps[1].options.bits == 6
-    assert ps[0].options.exclude == ["lm_head"]  # default kept
+    assert ps[0].options.exclude == ["lm_head", "router", "shared_expert_gate"]  # default kept
 
 
 def test_list_options_split_on_bar():

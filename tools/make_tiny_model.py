@@ -14,7 +14,22 @@ from pathlib import Path
 
 import torch
 
-ARCHS = ("llama", "qwen2", "qwen3", "mistral")
+ARCHS = ("llama", "qwen2", "qwen3", "mistral", "mixtral", "qwen2_moe", "qwen3_moe", "glm4_moe")
+
+# Mixture-of-experts layouts (hidden 64+, moe_intermediate = intermediate // 4, top-2):
+# mixtral 4 experts; qwen2_moe 4 experts + sigmoid-gated shared expert, layer 0 dense;
+# qwen3_moe 8 experts, norm_topk_prob; glm4_moe (DeepSeek-V3's MoE) 8 experts in 4 groups (2 kept),
+# sigmoid scores + e_score_correction_bias, routed_scaling_factor 2.5, a shared expert, layer 0 dense.
+MOE = {
+    "mixtral": lambda i: dict(num_local_experts=4, num_experts_per_tok=2),
+    "qwen2_moe": lambda i: dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=i // 4,
+                                shared_expert_intermediate_size=i // 2, mlp_only_layers=[0]),
+    "qwen3_moe": lambda i: dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=i // 4,
+                                norm_topk_prob=True),
+    "glm4_moe": lambda i: dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=i // 4,
+                               n_shared_experts=1, first_k_dense_replace=1, n_group=4, topk_group=2,
+                               routed_scaling_factor=2.5, norm_topk_prob=True),
+}
 
 
 def make_tokenizer(out: Path, vocab_size: int) -> None:
@@ -34,7 +49,7 @@ def make_tokenizer(out: Path, vocab_size: int) -> None:
 
 def make_config(arch: str, layers: int, hidden: int, intermediate: int, heads: int, kv_heads: int,
                 vocab: int, tie: bool, sliding_window: int | None):
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import AutoConfig, LlamaConfig, MistralConfig, Qwen2Config
 
     common = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
                   num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
@@ -48,6 +63,8 @@ def make_config(arch: str, layers: int, hidden: int, intermediate: int, heads: i
         return Qwen3Config(**common, head_dim=hidden // heads)
     if arch == "mistral":
         return MistralConfig(**common, sliding_window=sliding_window)
+    if arch in MOE:
+        return AutoConfig.for_model(arch, **common, **MOE[arch](intermediate))
     raise SystemExit(f"unknown arch {arch}; choose from {', '.join(ARCHS)}")
 
 
@@ -69,12 +86,15 @@ def make_model(out, arch: str = "qwen2", layers: int = 2, hidden: int = 128, int
         model = AutoModelForCausalLM.from_config(cfg).eval()
         with torch.no_grad():  # larger-than-default init so random models have visible activations
             for name, p in model.named_parameters():
-                if p.dim() == 2:
-                    p.normal_(0, 0.5 / p.shape[1] ** 0.5 * 4)
+                if p.dim() >= 2:  # matrices and [E, out, in] expert stacks
+                    p.normal_(0, 0.5 / p.shape[-1] ** 0.5 * 4)
                 elif "norm" in name:
                     p.copy_(1 + 0.1 * torch.randn_like(p))
                 else:
                     p.normal_(0, 0.02)
+            for name, b in model.named_buffers():
+                if name.endswith("e_score_correction_bias"):  # DeepSeek-V3 routing: a bias that matters
+                    b.normal_(0, 0.1)
         model.to(getattr(torch, dtype))
         max_shard = None
         if shards > 1:
