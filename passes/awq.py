@@ -15,11 +15,15 @@ op that produces the activation, so the float model is unchanged:
 
 Gemma-style norms ``x * (1 + w)`` are folded as ``(1 + w) / s - 1``.
 
-Scale search, per group of linears sharing an input, on calibration samples of that input
-(float inputs, layer by layer): ``s = mean|x|^a / mean|w|^(1-a)`` (``mean|w|`` of the
+Scale search (AutoAWQ's), per layer, on the float layer: for each group of linears sharing an
+input, the candidates ``s = mean|x|^a / (mean|w|^(1-a) + 1e-4)`` (``mean|w|`` of the
 group-normalized weights), normalized by ``sqrt(max(s) min(s))``, for ``a`` in ``k/grid``,
-k = 0..grid-1; the candidate (or no scaling) with the lowest output MSE
-``||Q(W s)(x/s) - W x||^2`` wins.
+k = 0..grid-1, and no scaling, are scored by the mean squared error of the output of the block
+the group feeds (AutoAWQ's ``module2inspect``: the attention block up to o_proj for q/k/v, the MLP
+for gate/up, the linear itself for v -> o and up -> down) with the group's weights replaced by
+``Q(W s) / s``, against the float block, on ``windows`` calibration windows; the block runs the
+layer's own graph nodes. All groups of a layer are searched before any scale is folded; the next
+layer reads the float layer's output.
 
 Clip search (``clip=true``, AutoAWQ's): for every linear except q/k (attention logits are
 sensitive), scaled or not (o_proj under GQA), per output row and group, weights are clamped to
@@ -33,12 +37,15 @@ quantizer. With ``quantize=false`` only scales and clipping are applied, for pip
 """
 from __future__ import annotations
 
+from collections import ChainMap
 from dataclasses import dataclass
 
 import torch
+import torch.fx as fx
 
 from ptqc import ops, quant
-from ptqc.calib import calibrate
+from ptqc.calib import LayerRunner, calibration_batches
+from ptqc.interpreter import Interpreter
 from ptqc.errors import PtqcError
 from ptqc.ir import is_op
 from ptqc.observers import MeanAbs, Samples
@@ -48,28 +55,98 @@ from ptqc.pipeline import Pass, PassResult, register
 from ptqc.weights import fold_input_scale, plan, select_linears, set_quantized_weight, weight_of
 
 
-def search_scale(x: torch.Tensor, x_mean: torch.Tensor, ws: list[torch.Tensor], spec: quant.QuantSpec,
-                 grid: int) -> tuple[torch.Tensor, dict]:
-    """Best per-input-channel scale for linears ``ws`` (each [out, in]) reading ``x`` [n, in]."""
-    W = torch.cat(ws)
-    y = x @ W.t()
-    g = spec.group_size if spec.group_size > 0 else W.shape[1]
+def scale_candidates(x_mean: torch.Tensor, W: torch.Tensor, group: int, grid: int):
+    """AutoAWQ's duo-scaling grid: ``(a, s)`` with ``s = mean|x|^a / (mean|w|^(1-a) + 1e-4)``
+    (``mean|w|``: column mean of |W| normalized by each (row, group) max), clamped at 1e-4 and
+    divided by ``sqrt(max(s) min(s))``, for a = k/grid, k = 0..grid-1."""
+    g = group if group > 0 else W.shape[1]
     wg = W.abs().reshape(W.shape[0], -1, g)
-    w_mean = (wg / wg.amax(-1, keepdim=True).clamp_min(1e-12)).reshape(W.shape).mean(0)
-
-    def loss(s):
-        return ((x / s) @ quant.fake_quantize(W * s, spec).t() - y).pow(2).mean().item()
-
-    best_s, best_a = torch.ones_like(x_mean), None
-    base = best = loss(best_s)
+    w_mean = (wg / (wg.amax(-1, keepdim=True) + 1e-6)).reshape(W.shape).mean(0)
     for k in range(grid):
         a = k / grid
-        s = (x_mean.pow(a) / w_mean.pow(1 - a).clamp_min(1e-4)).clamp_min(1e-4)
+        s = (x_mean.pow(a) / (w_mean.pow(1 - a) + 1e-4)).clamp_min(1e-4)
         s = s / (s.max() * s.min()).sqrt()
+        yield a, torch.where(torch.isfinite(s), s, torch.ones_like(s))
+
+
+def search_scale(x_mean: torch.Tensor, ws: list[torch.Tensor], spec: quant.QuantSpec, grid: int,
+                 loss) -> tuple[torch.Tensor, dict]:
+    """The per-input-channel scale among :func:`scale_candidates` (and no scaling) of the linears
+    ``ws`` (each [out, in]) with the lowest ``loss(s)``."""
+    best_s, best_a = torch.ones_like(x_mean), None
+    base = best = loss(best_s)
+    for a, s in scale_candidates(x_mean, torch.cat(ws), spec.group_size, grid):
         cur = loss(s)
         if cur < best:
             best, best_s, best_a = cur, s, a
     return best_s, {"alpha": best_a, "loss_before": base, "loss_after": best}
+
+
+class Block:
+    """What one scaling group is scored on (AutoAWQ's ``module2inspect``): after a norm, the
+    first linear its linears reach (o_proj for q/k/v: the attention block; down_proj for gate/up:
+    the MLP), after a linear (v -> o, up -> down) the linears themselves. The block's nodes run
+    with the layer's own graph on the float values at their start (``snapshots``, one env per
+    calibration batch); :meth:`loss` is the mean squared error of its output with some weights
+    replaced, against the float output."""
+
+    def __init__(self, qm, seg, prev: fx.Node, lins: list[fx.Node], snapshots: list[dict], device=None):
+        self.qm, self.consts, self.device = qm, seg.consts, device
+        self.outs = self._outputs(seg.nodes, prev, lins)
+        pos = {n: i for i, n in enumerate(seg.nodes)}
+        start, need, todo = min(pos[n] for n in lins), set(), list(self.outs)
+        while todo:  # the outputs' ancestors from the block's start on (weight-only nodes anywhere)
+            n = todo.pop()
+            if n not in need and n in pos and (pos[n] >= start or n.name in seg.consts):
+                need.add(n)
+                todo.extend(n.all_input_nodes)
+        self.nodes = [n for n in seg.nodes if n in need]
+        self.snapshots = snapshots
+        self.refs = self._run({})
+
+    @staticmethod
+    def _outputs(nodes, prev, lins) -> list[fx.Node]:
+        if not is_op(prev, ops.RMS_NORM):
+            return list(lins)
+        reach = set(lins)
+        for n in nodes[min(nodes.index(x) for x in lins):]:
+            if n not in reach and any(a in reach for a in n.all_input_nodes):
+                if is_op(n, ops.LINEAR):
+                    return [n]
+                reach.add(n)
+        return list(lins)
+
+    def _run(self, overrides: dict) -> list[list[torch.Tensor]]:
+        it = Interpreter(self.nodes, ChainMap(overrides, self.qm.store), device=self.device, const=self.consts)
+        out = []
+        for snap in self.snapshots:
+            env = dict(snap)
+            it.run(env)
+            out.append([env[o.name].float() for o in self.outs])
+        return out
+
+    def loss(self, overrides: dict) -> float:
+        """Mean squared error of the block's output with weights ``overrides`` {tensor name: value}."""
+        err = count = 0
+        for ys, refs in zip(self._run(overrides), self.refs):
+            for y, r in zip(ys, refs):
+                err += (y - r).pow(2).sum().item()
+                count += y.numel()
+        return err / max(count, 1)
+
+
+def snapshots(qm, seg, inputs: list[dict], starts: list[int], device=None) -> dict[int, list[dict]]:
+    """The live float values of segment ``seg`` just before each node index in ``starts``, per
+    batch (``inputs``: the segment's input environments)."""
+    it = Interpreter(seg.nodes, qm.store, device=device, keep=seg.keep, const=seg.consts)
+    out: dict[int, list[dict]] = {s: [] for s in starts}
+    for env0 in inputs:
+        env, pos = dict(env0), 0
+        for s in sorted(out):
+            it.run(env, seg.nodes[pos:s])
+            out[s].append(dict(env))
+            pos = s
+    return out
 
 
 def search_clip(x: torch.Tensor, w: torch.Tensor, spec: quant.QuantSpec, grid: int = 20, max_shrink: float = 0.5,
@@ -102,7 +179,7 @@ def search_clip(x: torch.Tensor, w: torch.Tensor, spec: quant.QuantSpec, grid: i
 class AWQ(Pass):
     """AWQ: activation-aware per-channel scales folded into the previous norm/linear, clip search, RTN.
 
-    Scales are searched on calibration samples (grid over the exponent a of mean|x|^a) and folded
+    Scales are searched on the block each group feeds (grid over the exponent a of mean|x|^a) and folded
     exactly into the preceding RMSNorm (q/k/v, gate/up) or linear (v -> o, up -> down); weights are
     then clipped and quantized (`quantize=false`: fold and clip only, e.g. before gptq).
     """
@@ -116,12 +193,13 @@ class AWQ(Pass):
         grid: int = 20
         clip: bool = True
         quantize: bool = True
-        samples: int = 512  # token rows per input used by the searches
+        samples: int = 512  # token rows per input for mean|x| samples and the clip search
+        windows: int = 32  # calibration windows the scale search scores on (0: all)
 
         def validate(self):
             super().validate()
-            if self.grid < 1 or self.samples < 1:
-                raise PtqcError("grid and samples must be >= 1")
+            if self.grid < 1 or self.samples < 1 or self.windows < 0:
+                raise PtqcError("grid and samples must be >= 1, windows >= 0")
 
     def __init__(self, **options):
         super().__init__(**options)
@@ -130,9 +208,33 @@ class AWQ(Pass):
 
     def run(self, qm, ctx) -> PassResult:
         o = self.options
-        todo = plan(qm, self)
-        spec_of = {n.name: spec for n, _, spec in todo}
-        # scaling groups per layer: (producer node, all linears reading its output)
+        spec_of = {n.name: spec for n, _, spec in plan(qm, self)}
+        folds = self._groups(qm, spec_of)
+        records: list[dict] = []
+        ids = ctx.calibration_ids(qm)
+        runner = LayerRunner(qm, calibration_batches(ids, ctx.calib_batch_size), device=ctx.device)
+        runner.run_prefix()
+        n_search = -(-o.windows // ctx.calib_batch_size) if o.windows else len(runner.state)
+        for i in ctx.progress(range(runner.num_layers), desc="awq", unit="layer"):
+            if i not in folds:
+                runner.run_layer(i)
+                continue
+            inputs, stats = runner.state[:n_search], self._observers(qm, i, folds[i], spec_of)
+            runner.run_layer(i, observers=stats)  # float propagation: the next layer sees this float layer
+            records += self._apply(qm, ctx, runner.segments()[f"layer.{i}"], folds[i], spec_of, stats, inputs)
+            qm.store.release()
+        if o.quantize:  # linears outside the calibrated layers (e.g. an included lm_head) still get quantized
+            for n in select_linears(qm, o.include, o.exclude):
+                if n.name in spec_of:
+                    self._clip_quantize(qm, n, spec_of[n.name], None, False)
+        gain = [r["loss_after"] / r["loss_before"] for r in records if r["loss_before"] > 0]
+        return PassResult(changed=bool(spec_of), summary={
+            "layers": len(folds), "samples": int(ids.shape[0]), "tokens": int(ids.numel()), "propagate": "float",
+            "groups_scaled": len(records), "linears": len(spec_of),
+            "mean_loss_ratio": round(sum(gain) / max(len(gain), 1), 4), "scales": records})
+
+    def _groups(self, qm, spec_of) -> dict[int, list]:
+        """Scaling groups per layer: (the op producing the input, all linears reading it), foldable."""
         readers: dict = {}
         for n in qm.linears():
             readers.setdefault(activation_input(n), []).append(n)
@@ -142,45 +244,46 @@ class AWQ(Pass):
             if layer is None or not any(n.name in spec_of for n in lins):
                 continue
             prev = src if is_op(src, ops.RMS_NORM) else producer_linear(qm, lins[0])
-            if prev is None or not self._foldable(qm, prev, lins):
-                continue
-            folds.setdefault(layer, []).append((prev, lins))
-        records: list[dict] = []
+            if prev is not None and self._foldable(qm, prev, lins):
+                folds.setdefault(layer, []).append((prev, lins))
+        return folds
 
-        def observe(i):  # each scaling group's input, and the input of unscaled linears to clip (GQA o_proj)
-            grouped = {n for _, lins in folds.get(i, []) for n in lins}
-            obs = {n: {"x": Samples(max_tokens=o.samples)} for n in qm.linears(layer=i) if o.clip and
-                   n.name in spec_of and n not in grouped and n.meta["ptqc"]["role"] not in ("q", "k")}
-            return obs | {lins[0]: {"x": Samples(max_tokens=o.samples), "mean": MeanAbs()}
-                          for _, lins in folds.get(i, [])}
+    def _observers(self, qm, i, groups, spec_of) -> dict:
+        """Each group's input (mean |x|, samples), and the input of unscaled linears to clip (GQA o_proj)."""
+        o = self.options
+        grouped = {n for _, lins in groups for n in lins}
+        obs = {n: {"x": Samples(max_tokens=o.samples)} for n in qm.linears(layer=i) if o.clip and
+               n.name in spec_of and n not in grouped and n.meta["ptqc"]["role"] not in ("q", "k")}
+        return obs | {lins[0]: {"x": Samples(max_tokens=o.samples), "mean": MeanAbs()} for _, lins in groups}
 
-        def apply(i, stats):
-            xs = {}
-            for prev, lins in folds.get(i, []):
-                x, x_mean = stats[lins[0]]["x"].result().float(), stats[lins[0]]["mean"].result()
-                spec = spec_of.get(lins[0].name) or next(spec_of[n.name] for n in lins if n.name in spec_of)
-                s, rec = search_scale(x, x_mean, [weight_of(qm, n).float() for n in lins if n.name in spec_of],
-                                      spec, o.grid)
-                fold_input_scale(qm, prev, lins, s)
-                for n in lins:
-                    xs[n.name] = x / s
-                records.append({"layer": i, "into": prev.meta["ptqc"].get("module"),
-                                "linears": [n.meta["ptqc"]["role"] for n in lins],
-                                **{k: (round(v, 8) if isinstance(v, float) else v) for k, v in rec.items()}})
-            for n in qm.linears(layer=i):
-                if n.name in spec_of:
-                    x = xs[n.name] if n.name in xs else stats[n]["x"].result().float() if n in stats else None
-                    self._clip_quantize(qm, n, spec_of[n.name], x, n.name in xs)
+    def _apply(self, qm, ctx, seg, groups, spec_of, stats, inputs) -> list[dict]:
+        """As AutoAWQ, per layer: search every group's scale on the float layer (scored on its
+        block's output), fold them all, then clip and quantize each linear on its scaled input."""
+        pos = {n: k for k, n in enumerate(seg.nodes)}
+        snaps = snapshots(qm, seg, inputs, sorted({min(pos[n] for n in lins) for _, lins in groups}), ctx.device)
+        found, records = [], []
+        for prev, lins in groups:
+            block = Block(qm, seg, prev, lins, snaps[min(pos[n] for n in lins)], ctx.device)
+            ws = {n.args[1].target: (weight_of(qm, n).float(), spec_of[n.name]) for n in lins if n.name in spec_of}
 
-        summary = calibrate(qm, ctx, observe, apply, propagate="float", layers=sorted(folds), desc="awq")
-        if o.quantize:  # linears outside the calibrated layers (e.g. an included lm_head) still get quantized
-            for n in select_linears(qm, o.include, o.exclude):
-                if n.name in spec_of:
-                    self._clip_quantize(qm, n, spec_of[n.name], None, False)
-        gain = [r["loss_after"] / r["loss_before"] for r in records if r["loss_before"] > 0]
-        return PassResult(changed=bool(spec_of), summary={
-            **summary, "groups_scaled": len(records), "linears": len(spec_of),
-            "mean_loss_ratio": round(sum(gain) / max(len(gain), 1), 4), "scales": records})
+            def loss(s, ws=ws, block=block):  # Q(W s) / s in place of W, the rest of the block float
+                return block.loss({k: (quant.fake_quantize(w * s, sp) / s).to(qm.dtype) for k, (w, sp) in ws.items()})
+
+            s, rec = search_scale(stats[lins[0]]["mean"].result(), [w for w, _ in ws.values()],
+                                  next(iter(ws.values()))[1], self.options.grid, loss)
+            found.append((prev, lins, s))
+            records.append({"layer": seg.layer, "into": prev.meta["ptqc"].get("module"),
+                            "linears": [n.meta["ptqc"]["role"] for n in lins],
+                            **{k: (round(v, 8) if isinstance(v, float) else v) for k, v in rec.items()}})
+        xs = {}
+        for prev, lins, s in found:
+            fold_input_scale(qm, prev, lins, s)
+            xs |= {n.name: stats[lins[0]]["x"].result().float() / s for n in lins}
+        for n in qm.linears(layer=seg.layer):
+            if n.name in spec_of:
+                x = xs[n.name] if n.name in xs else stats[n]["x"].result().float() if n in stats else None
+                self._clip_quantize(qm, n, spec_of[n.name], x, n.name in xs)
+        return records
 
     def _clip_quantize(self, qm, n, spec: quant.QuantSpec, x: torch.Tensor | None, scaled: bool) -> None:
         """Clip search on the sampled input ``x`` (as AutoAWQ: every linear but q/k, scaled or not),

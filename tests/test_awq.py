@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from ptqc import pipeline, quant
+from ptqc.calib import LayerRunner
 from ptqc.weights import dequantized_weight, is_quantized
 
 awq = importlib.import_module("ptqc.passes.awq")
@@ -134,3 +135,26 @@ def test_quantize_false_does_not_claim_weight_quant():
     assert "weight_quant" not in scale_only[0].provides and "awq_scaled" in scale_only[0].provides
     assert [p.name for p in pipeline.complete(pipeline.parse_pipeline("awq"))] == ["awq", "pack"]
     assert [p.name for p in pipeline.complete(pipeline.parse_pipeline("awq:quantize=false,gptq"))] == ["awq", "gptq", "pack"]
+
+
+def test_scale_search_scores_the_block_output(loaded, ids):
+    """As AutoAWQ's module2inspect: q/k/v are scored on o_proj's output (the attention block),
+    gate/up on down_proj's (the MLP), v -> o and up -> down on the linear itself; the block runs
+    the layer's own nodes, so with float weights its loss is 0 and it sees a changed weight."""
+    qm = loaded("llama")
+    runner = LayerRunner(qm, [ids(2, 16), ids(2, 16)])
+    runner.run_prefix()
+    seg = runner.segments()["layer.0"]
+    groups = awq.AWQ()._groups(qm, {n.name: None for n in qm.linears()})[0]
+    pos = {n: k for k, n in enumerate(seg.nodes)}
+    starts = {min(pos[n] for n in lins) for _, lins in groups}
+    snaps = awq.snapshots(qm, seg, runner.state, sorted(starts))
+    closes = {}
+    for prev, lins in groups:
+        block = awq.Block(qm, seg, prev, lins, snaps[min(pos[n] for n in lins)])
+        roles = tuple(n.meta["ptqc"]["role"] for n in lins)
+        closes[roles] = [n.meta["ptqc"]["role"] for n in block.outs]
+        assert block.loss({}) == 0
+        w = lins[0].args[1].target
+        assert block.loss({w: qm.store[w] * 1.01}) > 0
+    assert closes == {("q", "k", "v"): ["o"], ("o",): ["o"], ("gate", "up"): ["down"], ("down",): ["down"]}
