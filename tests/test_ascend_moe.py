@@ -219,3 +219,50 @@ def test_lowered_moe_artifact_round_trip_and_inspect_ops(moe_models, ids, tmp_pa
     assert [(x["moe_routing"], x["grouped_matmul"]) for x in rows] == [(0, 0), (3, 2)]  # layer 0 is dense
     r = CliRunner().invoke(main, ["inspect", str(moe_models["mixtral"]), "--ops"], catch_exceptions=False)
     assert "moe_routing" in r.output and "grouped_matmul" in r.output
+
+
+# ---- W8A8 dynamic experts (the kernels; the quantized moe_experts form and its rule come later) ------------
+def test_w8a8_grouped_matmul_is_the_dense_dynamic_int8_matmul_per_group():
+    torch.manual_seed(0)
+    xq, w = torch.randint(-127, 128, (9, 32), dtype=torch.int8), torch.randint(-127, 128, (3, 32, 16), dtype=torch.int8)
+    ws, ts, sizes = torch.rand(3, 16) * 0.01, torch.rand(9) * 0.02, torch.tensor([4, 0, 5])
+    got = npu.grouped_matmul(xq, w, sizes, None, ws, ts, 1, torch.float32)
+    want = torch.cat([npu.quant_matmul(xq[:4], w[0], ws[0], None, ts[:4], None, torch.float32),
+                      npu.quant_matmul(xq[4:], w[2], ws[2], None, ts[4:], None, torch.float32)])
+    assert torch.equal(got, want)  # int32 accumulation, then * per-channel scale * per-token scale
+    with pytest.raises(PtqcError, match="needs scale and per_token_scale"):
+        npu.grouped_matmul(xq, w, sizes, group_list_type=1)
+
+
+def test_w8a8_dynamic_expert_chain_matches_fake_quant():
+    """init_routing (quant_mode 1: per-token int8 of each token copy) -> int8 grouped matmul gate|up
+    -> swiglu -> dynamic_quant -> int8 grouped matmul down -> finalize, against fake-quant experts."""
+    from ptqc import quant
+
+    torch.manual_seed(0)
+    t, h, i, e = 13, 32, 16, 4
+    x = torch.randn(t, h)
+    w, ids, _ = npu.moe_gating_top_k_softmax(torch.randn(t, e), None, 2)
+    codes = {p: torch.randint(-127, 128, s, dtype=torch.int8) for p, s in (("gate", (e, i, h)), ("up", (e, i, h)),
+                                                                           ("down", (e, h, i)))}
+    scales = {p: torch.rand(e, c.shape[1]) * 0.01 + 1e-3 for p, c in codes.items()}  # per channel [E, out]
+    ex, row_idx, counts, xs = npu.moe_init_routing_v2(x, ids, expert_num=e, expert_tokens_num_type=1, quant_mode=1,
+                                                      active_expert_range=[0, e])
+    gu = torch.cat([codes["gate"], codes["up"]], 1).transpose(1, 2)
+    y = npu.grouped_matmul(ex, gu, counts, None, torch.cat([scales["gate"], scales["up"]], 1), xs, 1, torch.float32)
+    hq, hs = npu.dynamic_quant(npu.swiglu(y))
+    d = npu.grouped_matmul(hq, codes["down"].transpose(1, 2), counts, None, scales["down"], hs, 1, torch.float32)
+    out = npu.moe_finalize_routing(d, None, None, None, w, row_idx, None, 2)
+
+    fq = lambda v: quant.fake_quant_act(v, None, None, quant.QuantSpec(8, 0, True))  # noqa: E731
+    dq = {p: codes[p].float() * scales[p].unsqueeze(-1) for p in codes}
+    ref, first = torch.zeros(t, h), torch.zeros(t, 2 * i)
+    for tok, k in ((a, b) for a in range(t) for b in range(2)):
+        j = int(ids[tok, k])
+        a = fq(x[tok:tok + 1])
+        g, u = a @ dq["gate"][j].t(), a @ dq["up"][j].t()
+        first[tok] = torch.cat([g, u], 1)[0] if k == 0 else first[tok]
+        ref[tok] += w[tok, k] * (fq(torch.nn.functional.silu(g) * u) @ dq["down"][j].t())[0]
+    rows0 = row_idx.reshape(t, 2)[:, 0].long()  # each token's first copy
+    torch.testing.assert_close(y[rows0], first, atol=1e-5, rtol=1e-5)  # same codes: int32 vs float sums only
+    assert ((out - ref).norm() / ref.norm()).item() < 5e-3  # the intermediate's rounding may flip a code
