@@ -119,7 +119,7 @@ def counts_text(qm: QModel, per_layer: bool = False, fmt: str = "text") -> str:
 
 
 KERNEL_COLUMNS = ("layer", "naive", "shared", "fused", "fused_kernels", "quant_matmul", "cache_quant", "attention",
-                  "float_transform")
+                  "float_transform", "moe_routing", "grouped_matmul")
 
 
 def kernel_table(rows: list[dict]) -> str:

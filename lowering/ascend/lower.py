@@ -22,6 +22,7 @@ from ptqc.ir import QModel, info
 from ptqc.lowering.ascend import ops as npu
 from ptqc.lowering.ascend import rules_attention as A
 from ptqc.lowering.ascend import rules_linear as L
+from ptqc.lowering.ascend import rules_moe as M
 from ptqc.lowering.ascend import rules_norm as N
 from ptqc.patterns import Pat
 
@@ -32,9 +33,12 @@ TRANSFORM_QUANT = (npu.KRONECKER_QUANT, npu.ROTATE_QUANT)  # transform + quantiz
 ATTENTION_MODES = ("fia", "softmax", "add_softmax", "keep")
 ATTENTION_KERNELS = (npu.FUSED_INFER_ATTENTION_SCORE, npu.SCALED_MASKED_SOFTMAX, npu.DROPOUT_WITH_ADD_SOFTMAX)
 CACHE_ROLES = ("k_cache_quant", "v_cache_quant")
+MOE_ROUTING = (npu.MOE_GATING_TOP_K_SOFTMAX, npu.MOE_GATING_TOP_K, npu.MOE_INIT_ROUTING_V2, npu.MOE_FINALIZE_ROUTING)
+MOE_COUNTS = ("moe_routing", "grouped_matmul")  # kernel_counts keys of layers with MoE kernels only
 COUNTED = {**dict.fromkeys(QUANT_KERNELS + INT4_QUANT_KERNELS, "standalone_quant"),  # kernel -> kernel_counts key
            **dict.fromkeys(FUSED_QUANT + TRANSFORM_QUANT, "fused_quant"),
-           **dict.fromkeys(ATTENTION_KERNELS, "attention"), npu.QUANT_MATMUL: "quant_matmul", npu.WEIGHT_QUANT_BATCHMATMUL: "weight_quant_matmul"}
+           **dict.fromkeys(ATTENTION_KERNELS, "attention"), npu.QUANT_MATMUL: "quant_matmul", npu.WEIGHT_QUANT_BATCHMATMUL: "weight_quant_matmul",
+           **dict.fromkeys(MOE_ROUTING, "moe_routing"), npu.GROUPED_MATMUL: "grouped_matmul"}
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,12 @@ RULES = (  # phase, name, doc, kernels, pattern, rewrite, check, when
     Rule("attention", "attention_softmax", "causal float attention (attention=softmax|add_softmax): q k^T, "
          "a masked softmax kernel, @ v", ("npu_scaled_masked_softmax", "npu_dropout_with_add_softmax"),
          A.FLOAT, A.rewrite_softmax, A.check_softmax, lambda lw, m: lw.attention in ("softmax", "add_softmax")),
+    Rule("moe", "moe_route", "MoE router top-k: softmax top-k kernel (renorm/scale after it), or the grouped "
+         "sigmoid/bias gating kernel", ("npu_moe_gating_top_k_softmax", "npu_moe_gating_top_k"), M.ROUTE,
+         M.rewrite_route, M.check_route),
+    Rule("moe", "moe_experts", "float MoE experts: init_routing, grouped matmul gate|up, swiglu, grouped matmul "
+         "down, finalize_routing", ("npu_moe_init_routing_v2", "npu_grouped_matmul", "npu_swiglu",
+                                    "npu_moe_finalize_routing"), M.EXPERTS, M.rewrite_experts, M.check_experts),
     Rule("act_quant", "w4a4_transform", "int4 per-token quantization of a rotation / FlatQuant transform (with its "
          "clip ratio) in one kernel", ("npu_kronecker_quant", "npu_rotate_quant", QMM),
          L.INT4_TRANSFORM, L.rewrite_int4, L.check_int4, L.transform_fits),
@@ -166,7 +176,8 @@ def kernel_counts(qm: QModel) -> dict:
     """Per decoder layer: standalone quantization kernels (int8 and int4 dynamic_quant, quantize),
     fused norm/activation/transform + quant kernels (kronecker_quant and rotate_quant count here),
     quantized matmuls (the numbers ``ptqc inspect --ops`` shows); ``float_transform`` (transforms
-    run as plain float matmuls) appears only in layers that have one."""
+    run as plain float matmuls), ``moe_routing`` (gating, init_routing, finalize_routing) and
+    ``grouped_matmul`` appear only in layers that have them."""
     out: dict = {}
     for n in qm.graph.nodes:
         if n.op != "call_function":
@@ -202,13 +213,17 @@ def kernel_report(qm: QModel) -> list[dict]:
     def lowered(c):  # what the fused lowering runs besides standalone quantization
         return {"fused_kernels": c.get("fused_quant", 0), "quant_matmul": c.get("quant_matmul", 0),
                 "cache_quant": c.get("cache_quant", 0), "attention": c.get("attention", 0),
-                "float_transform": c.get("float_transform", 0)}
+                "float_transform": c.get("float_transform", 0),
+                **({k: c.get(k, 0) for k in MOE_COUNTS} if moe else {})}
 
     if is_lowered(qm):
-        return [{"layer": k, "fused": c["standalone_quant"], **lowered(c)} for k, c in kernel_counts(qm).items()]
+        counts = kernel_counts(qm)
+        moe = any(k in c for c in counts.values() for k in MOE_COUNTS)
+        return [{"layer": k, "fused": c["standalone_quant"], **lowered(c)} for k, c in counts.items()]
     shared, fused = qm.clone(), qm.clone()
     lower(shared, fuse=False, fallback=True)
     lower(fused, fuse=True, fallback=True)
     s, f = kernel_counts(shared), kernel_counts(fused)
+    moe = any(k in c for c in f.values() for k in MOE_COUNTS)
     return [{"layer": k, "naive": s[k]["quant_matmul"], "shared": s[k]["standalone_quant"],
              "fused": f.get(k, {}).get("standalone_quant", 0), **lowered(f.get(k, {}))} for k in s]
