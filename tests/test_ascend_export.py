@@ -38,8 +38,8 @@ def exports(loaded, tmp_path_factory):
     root = tmp_path_factory.mktemp("exports")
     out = {}
     for name, text in (("dyn", "int8"), ("static", "int8:static=true"), ("w8a16", "w8a16")):
-        qm = _compile(loaded("qwen2"), text, calib)
-        ax.export(qm, root / name)
+        qm = _compile(loaded("qwen2", "float16"), text, calib)
+        ax.export(qm, root / name)  # served in the artifact's dtype
         out[name] = (root / name, qm)
     return out
 
@@ -55,7 +55,7 @@ def test_dynamic_w8a8_tensors_and_description(exports):
     assert desc[f"{base}.bias"] == "FLOAT" and desc["model.norm.weight"] == "FLOAT" and desc["lm_head.weight"] == "FLOAT"
     lin = next(n for n in qm.linears() if n.meta["ptqc"]["module"] == base)
     w = t[f"{base}.weight"].float() * t[f"{base}.weight_scale"]
-    assert torch.equal(w, dequantized_weight(qm, lin).float())  # the exported numbers are the artifact's
+    assert torch.equal(w.to(qm.dtype), dequantized_weight(qm, lin))  # the exported numbers are the artifact's
     assert not (d / "config.json").read_text().count("quantization_config")
     assert ax.check(d) == []
 
@@ -137,30 +137,54 @@ def test_check_export_cli_exit_codes(exports, tmp_path):
 def test_w4a4_has_no_export_type(loaded, tmp_path):
     qm = _compile(loaded("qwen2"), "w4a4", torch.randint(0, 300, (2, 16)))
     with pytest.raises(PtqcError, match="W4A4 has no Ascend export type"):
-        ax.export(qm, tmp_path / "x")
+        ax.export(qm, tmp_path / "x", dtype="float16")
     assert not (tmp_path / "x").exists()
 
 
 @pytest.mark.parametrize("name", ["dyn", "static", "w8a16"])
 def test_loader_reproduces_the_artifact_outputs(exports, name):
     d, qm = exports[name]
-    back = ax.load(d)
+    back = ax.load(d, "float16")
     x = torch.randint(0, 300, (2, 12))
-    assert torch.allclose(back(x), qm(x), atol=1e-5, rtol=1e-5)
+    assert torch.allclose(back(x).float(), qm(x).float(), atol=1e-5, rtol=1e-5)
+
+
+def test_float32_artifact_needs_the_serving_dtype(loaded, tmp_path):
+    qm = _compile(loaded("qwen2"), "int8:static=true", torch.randint(0, 300, (2, 16)))
+    for dtype in (None, "float32"):
+        with pytest.raises(PtqcError, match="float16 or .*bfloat16") as e:
+            ax.export(qm, tmp_path / "x", dtype=dtype)
+        assert "\n" not in str(e.value) and not (tmp_path / "x").exists()
+    res = ax.export(qm, tmp_path / "bf16", dtype="bfloat16")
+    assert res["metadata"]["dtype"] == "bfloat16" and ax.check(tmp_path / "bf16") == []
+    cfg = json.loads((tmp_path / "bf16" / "config.json").read_text())
+    assert cfg["torch_dtype"] == "bfloat16" and cfg.get("dtype", "bfloat16") == "bfloat16"
+    t = _tensors(tmp_path / "bf16")
+    base = "model.layers.0.self_attn.q_proj"
+    assert t[f"{base}.deq_scale"].dtype == torch.float32  # bf16 serving: float32 deq_scale, not int64 bits
+    assert t["model.norm.weight"].dtype == t[f"{base}.bias"].dtype == torch.bfloat16  # floats as served
+    assert t[f"{base}.weight_scale"].dtype == torch.float32
+    assert torch.equal(t["model.norm.weight"], qm.store["model.norm.weight"].to(torch.bfloat16))
+    ax.export(qm, tmp_path / "fp16", dtype="float16")
+    assert _tensors(tmp_path / "fp16")[f"{base}.deq_scale"].dtype == torch.int64
 
 
 def test_cli_export_format_ascend(models, tmp_path):
     art, out = tmp_path / "art", tmp_path / "exp"
     r = CliRunner().invoke(main, ["compile", str(models["llama"]), "-o", str(art), "--passes", "smooth,int8",
-                                  "--calib-samples", "2", "--calib-seqlen", "16", "-q"], catch_exceptions=False)
+                                  "--calib-samples", "2", "--calib-seqlen", "16", "--dtype", "float16", "-q"],
+                           catch_exceptions=False)
     assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, ["export", str(art), "--format", "ascend", "-o", str(out), "--dtype", "float32"])
+    assert r.exit_code == 2 and "vllm-ascend serves float16 or bfloat16" in r.output and not out.exists()
     r = CliRunner().invoke(main, ["export", str(art), "--format", "ascend", "-o", str(out), "--json"],
                            catch_exceptions=False)
     assert r.exit_code == 0, r.output
-    assert json.loads(r.output.strip().splitlines()[-1])["model_quant_type"] == "W8A8_DYNAMIC"
+    res = json.loads(r.output.strip().splitlines()[-1])
+    assert res["model_quant_type"] == "W8A8_DYNAMIC" and res["metadata"]["dtype"] == "float16"  # the artifact's
     x = torch.randint(0, 300, (1, 10))
     from ptqc import artifact
-    assert torch.allclose(ax.load(out)(x), artifact.load(art)(x), atol=1e-5, rtol=1e-5)
+    assert torch.allclose(ax.load(out, "float16")(x).float(), artifact.load(art)(x).float(), atol=1e-5, rtol=1e-5)
     r = CliRunner().invoke(main, ["export", str(art), "--format", "ascend", "-o", str(out)])
     assert r.exit_code == 2 and "already exists" in r.output
 
@@ -190,7 +214,7 @@ def test_real_msmodelslim_export_passes_the_checker_and_matches_our_formulas():
 def test_loader_reads_a_real_msmodelslim_export_and_lowers_it():
     qm = ax.load(MSMS)
     assert {v["input"]["method"] for v in qm.quant.values() if "input" in v} == {"static-export"}
-    x = torch.randint(0, 500, (1, 12))
+    x = torch.randint(0, 500, (1, 12), generator=torch.Generator().manual_seed(0))
     y = qm(x)
     assert torch.isfinite(y).all()
     low = qm.clone()

@@ -1,11 +1,12 @@
 """ptqc's Ascend exports load in vllm-ascend 0.23.0's real loader (on the CPU, in the peer venv of
-tools/vllm_ascend_env.py, through tools/vllm_ascend_load.py): every export type in fp16 and bf16
-on Qwen3, and the richest type (static W8A8: fused per-tensor input scales, deq_scale, quant_bias)
-on Qwen2 and Llama too, one decoder layer each. A recorder on every parameter's weight_loader
-proves each parameter got each checkpoint tensor exactly once, unchanged, with its dtype and
-shape; the int8 weights and scales vLLM holds equal the artifact's; deq_scale is int64 for fp16
-and float32 for bf16. What the loader cannot take, ptqc refuses to export (one line). Skipped
-only when PyPI cannot be reached to make the peer venv."""
+tools/vllm_ascend_env.py, through tools/vllm_ascend_load.py): every export type served in fp16
+and in bf16 on Qwen3, and the richest type (static W8A8: fused per-tensor input scales,
+deq_scale, quant_bias) on Qwen2 and Llama too, one decoder layer each; artifacts in bf16, fp16
+and float32, exported for their own dtype or another (``export --dtype``). A recorder on every
+parameter's weight_loader proves each parameter got each checkpoint tensor exactly once,
+unchanged, with its dtype and shape; the int8 weights and scales vLLM holds equal the artifact's;
+deq_scale is int64 for fp16 and float32 for bf16. What the loader cannot take, ptqc refuses to
+export (one line). Skipped only when PyPI cannot be reached to make the peer venv."""
 import hashlib
 import json
 import subprocess
@@ -31,10 +32,12 @@ C8 = ",kv:k=channel,v=channel"
 RECIPES = {"W8A8": "smooth,int8:static=true", "W8A8-asym": "int8:static=true,a_sym=false",
            "W8A8_DYNAMIC": "int8", "W8A16": "w8a16"}
 DTYPES = ("float16", "bfloat16")
-# (family, artifact dtype) -> recipes: every type on Qwen3 in both dtypes; Qwen2 and Llama add their
-# own model classes (Qwen2's q/k/v bias, Llama's MHA) on static W8A8, one dtype each
-CASES = {("qwen3", "float16"): tuple(RECIPES), ("qwen3", "bfloat16"): tuple(RECIPES),
-         ("qwen2", "float16"): ("W8A8",), ("llama", "bfloat16"): ("W8A8",)}
+# family -> (artifact dtype, recipes, serving dtypes: None = the artifact's): every type on Qwen3 in
+# both serving dtypes; Qwen2 and Llama add their model classes (Qwen2's q/k/v bias, Llama's MHA) on
+# static W8A8; the float32 artifact is served only through --dtype
+CASES = {"qwen3": ("bfloat16", tuple(RECIPES), (None, "float16")),
+         "qwen2": ("float16", ("W8A8",), (None, "bfloat16")),
+         "llama": ("float32", ("W8A8",), ("float16", "bfloat16"))}
 FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
          "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
 SCALES = ("weight_scale", "weight_offset", "input_scale", "k_cache_scale", "k_cache_offset", "v_cache_scale",
@@ -70,43 +73,43 @@ def bases(tmp_path_factory):
     return get
 
 
-def _build(root: Path, dtype: str, bases) -> dict:
-    """(family, kind) -> (export dir, artifact QModel) for the CASES of ``dtype``, compiled and exported here."""
+def _build(root: Path, bases) -> dict:
+    """(family, kind, serving dtype) -> (export dir, artifact QModel) of every case, compiled and exported here."""
     torch.manual_seed(0)
     calib = torch.randint(0, 300, (2, 16))
     out = {}
-    for (family, dt), kinds in CASES.items():
-        if dt != dtype:
-            continue
+    for family, (dtype, kinds, servings) in CASES.items():
         base = bases(family, dtype)
         for kind in kinds:
             qm = base.clone()
             pipeline.PassManager(pipeline.parse_pipeline(_recipe(family, kind))).run(
                 qm, pipeline.PassContext(quiet=True, calib=calib))
-            ax.export(qm, root / f"{family}-{kind}")
-            out[family, kind] = (root / f"{family}-{kind}", qm)
+            for serving in servings:
+                d = root / f"{family}-{kind}-{serving or 'own'}"
+                res = ax.export(qm, d, dtype=serving)
+                out[family, kind, res["metadata"]["dtype"]] = (d, qm)
     return out
 
 
-@pytest.fixture(scope="module", params=DTYPES)
-def run(request, peer, bases, tmp_path_factory):
-    """One loader process per dtype over every export of that dtype."""
-    dtype = request.param
-    root = tmp_path_factory.mktemp(f"vllm-{dtype}")
-    exports = _build(root, dtype, bases)
-    dirs = [str(d) for d, _ in exports.values()]
-    cmd = [peer["python"], str(ROOT / "tools" / "vllm_ascend_load.py"), *dirs, "--dtype", dtype,
+@pytest.fixture(scope="module")
+def run(peer, bases, tmp_path_factory):
+    """One loader process over every export, each built in its config.json's dtype."""
+    root = tmp_path_factory.mktemp("vllm")
+    exports = _build(root, bases)
+    cmd = [peer["python"], str(ROOT / "tools" / "vllm_ascend_load.py"), *(str(d) for d, _ in exports.values()),
            "--json", str(root / "report.json"), "--save", str(root / "state")]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, env={"PYTHONPATH": peer["pythonpath"],
                        "PATH": "/usr/bin:/bin", "HOME": str(root)})
     assert r.returncode == 0, r.stderr[-4000:]
     report = json.loads((root / "report.json").read_text())["dirs"]
-    return dtype, {k: (d, qm, report[str(d)]) for k, (d, qm) in exports.items()}
+    return {k: (d, qm, report[str(d)]) for k, (d, qm) in exports.items()}
 
 
-def test_the_cases_cover_every_type_in_both_dtypes_and_every_family():
-    assert {(k, dt) for (f, dt), kinds in CASES.items() for k in kinds} == {(k, dt) for k in RECIPES for dt in DTYPES}
-    assert {f for f, _ in CASES} == set(FAMILIES)
+def test_the_cases_cover_every_type_in_both_dtypes_and_every_family(run):
+    assert {(k, dt) for _, k, dt in run} == {(k, dt) for k in RECIPES for dt in DTYPES}
+    assert {f for f, _, _ in run} == set(FAMILIES)
+    assert {dtype for dtype, _, _ in CASES.values()} == {"float32", *DTYPES}
+    assert all(rep["dtype"] == dt for (_, _, dt), (_, _, rep) in run.items())  # built as config.json says
 
 
 def _tensors(d: Path) -> dict:
@@ -139,9 +142,8 @@ def _in_vllm(loaded: dict, name: str, tensors: dict) -> torch.Tensor:
 
 
 def test_every_export_loads_with_every_parameter_filled_once(run):
-    dtype, exports = run
-    assert len(exports) == sum(len(k) for (f, dt), k in CASES.items() if dt == dtype)
-    for (family, kind), (d, qm, rep) in exports.items():
+    assert len(run) == sum(len(kinds) * len(servings) for _, kinds, servings in CASES.values())
+    for (family, kind, dtype), (d, qm, rep) in run.items():
         where = f"{family} {kind} {dtype}"
         assert rep["ok"], f"{where}: {rep.get('error')}"
         assert rep["unfilled"] == [] and rep["refilled"] == [], where
@@ -157,8 +159,7 @@ def test_every_export_loads_with_every_parameter_filled_once(run):
 
 
 def test_loaded_int8_weights_and_scales_equal_the_artifact(run):
-    dtype, exports = run
-    for (family, kind), (d, qm, rep) in exports.items():
+    for (family, kind, dtype), (d, qm, rep) in run.items():
         loaded = load_file(rep["saved"]["loaded"])
         processed = load_file(rep["saved"]["processed"])
         tensors = _tensors(d)
@@ -184,10 +185,9 @@ def test_loaded_int8_weights_and_scales_equal_the_artifact(run):
 
 
 def test_deq_scale_is_int64_for_fp16_and_float32_for_bf16_through_the_loader(run):
-    dtype, exports = run
-    want = torch.int64 if dtype == "float16" else torch.float32
     n = 0
-    for (family, kind), (d, qm, rep) in exports.items():
+    for (family, kind, dtype), (d, qm, rep) in run.items():
+        want = torch.int64 if dtype == "float16" else torch.float32
         processed = load_file(rep["saved"]["processed"])
         tensors = _tensors(d)
         for name, t in processed.items():
@@ -203,13 +203,12 @@ def test_deq_scale_is_int64_for_fp16_and_float32_for_bf16_through_the_loader(run
             expect = deq.view(torch.int32).to(torch.int64) & 0xFFFFFFFF if dtype == "float16" else deq
             assert torch.equal(t, expect), name  # float32 bits of input_scale * weight_scale
             n += 1
-    static = sum(k.startswith("W8A8-") or k == "W8A8" for (f, dt), kinds in CASES.items() if dt == dtype for k in kinds)
+    static = sum(k.split("-")[0] == "W8A8" for _, k, _ in run)
     assert n == static * 4  # one layer, 4 linear groups (qkv, o, gate_up, down)
 
 
 def test_input_offset_is_int8_as_vllm_ascend_creates_it(run):
-    dtype, exports = run
-    d, qm, rep = exports["qwen3", "W8A8-asym"]
+    d, qm, rep = run["qwen3", "W8A8-asym", "float16"]
     t = _tensors(d)
     offs = [v for k, v in t.items() if k.endswith(".input_offset")]
     assert offs and all(v.dtype == torch.int8 for v in offs) and any(v.item() != 0 for v in offs)
@@ -218,18 +217,18 @@ def test_input_offset_is_int8_as_vllm_ascend_creates_it(run):
 
 @pytest.mark.parametrize("text", ["w4a16:w_group=32", "w4a16:w_group=32,pack", "rtn:bits=4,group=0"])
 def test_dense_w4a16_is_refused_with_the_alternative(bases, tmp_path, text):
-    qm = bases("qwen2", "float16")
+    qm = bases("qwen2", CASES["qwen2"][0])
     pipeline.PassManager(pipeline.parse_pipeline(text)).run(qm, pipeline.PassContext(quiet=True))
     with pytest.raises(PtqcError, match=r"has no dense linear in vllm-ascend 0.23 .*compile w8a16") as e:
-        ax.export(qm, tmp_path / "x")
+        ax.export(qm, tmp_path / "x", dtype="float16")
     assert "\n" not in str(e.value) and not (tmp_path / "x").exists()
 
 
 @pytest.mark.parametrize("family", ["qwen2", "llama"])
 def test_c8_is_refused_where_the_model_class_cannot_load_it(bases, tmp_path, family):
-    qm = bases(family, next(dt for f, dt in CASES if f == family))  # traced for the loader cases already
+    qm = bases(family, CASES[family][0])  # traced for the loader cases already
     pipeline.PassManager(pipeline.parse_pipeline("int8" + C8)).run(
         qm, pipeline.PassContext(quiet=True, calib=torch.randint(0, 300, (2, 16))))
     with pytest.raises(PtqcError, match=f"C8 .* does not load for model_type '{family}' in vllm-ascend") as e:
-        ax.export(qm, tmp_path / "x")
+        ax.export(qm, tmp_path / "x", dtype="float16")
     assert "\n" not in str(e.value) and not (tmp_path / "x").exists()
