@@ -18,10 +18,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from ptqc import frontend, pipeline
+from ptqc import frontend, pipeline, quant
 from ptqc.errors import PtqcError
 from ptqc.lowering import checkpoint
 from ptqc.lowering.ascend import export as ax
+from ptqc.lowering.ascend.ops_quant import unpack_int4x8
+from ptqc.weights import dequantized_weight
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
@@ -30,7 +32,7 @@ from make_tiny_model import make_model  # noqa: E402
 FAMILIES = {"qwen2": {}, "qwen3": {}, "llama": {"kv_heads": 4}}
 C8 = ",kv:k=channel,v=channel"
 RECIPES = {"W8A8": "smooth,int8:static=true", "W8A8-asym": "int8:static=true,a_sym=false",
-           "W8A8_DYNAMIC": "int8", "W8A16": "w8a16"}
+           "W8A8_DYNAMIC": "int8", "W8A16": "w8a16", "W4A8_DYNAMIC": "w4a8", "W4A8_DYNAMIC-g64": "w4a8:w_group=64"}
 DTYPES = ("float16", "bfloat16")
 # family -> (artifact dtype, recipes, serving dtypes: None = the artifact's): every type on Qwen3 in
 # both serving dtypes; Qwen2 and Llama add their model classes (Qwen2's q/k/v bias, Llama's MHA) on
@@ -41,7 +43,7 @@ CASES = {"qwen3": ("bfloat16", tuple(RECIPES), (None, "float16")),
 FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
          "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
 SCALES = ("weight_scale", "weight_offset", "input_scale", "k_cache_scale", "k_cache_offset", "v_cache_scale",
-          "v_cache_offset")
+          "v_cache_offset", "weight_scale_second", "weight_offset_second")
 
 
 def _recipe(family, kind):
@@ -163,11 +165,12 @@ def test_loaded_int8_weights_and_scales_equal_the_artifact(run):
         loaded = load_file(rep["saved"]["loaded"])
         processed = load_file(rep["saved"]["processed"])
         tensors = _tensors(d)
-        quant = [n for n in tensors if n.endswith((".weight",) + SCALES + (".input_offset", ".deq_scale", ".quant_bias",
-                                                                             ".kv_cache_scale", ".kv_cache_offset"))
+        qnames = [n for n in tensors if n.endswith((".weight",) + SCALES + (".input_offset", ".deq_scale", ".quant_bias",
+                                                                             ".kv_cache_scale", ".kv_cache_offset",
+                                                                             ".scale_bias"))
                  and (not n.endswith(".weight") or tensors[n].dtype == torch.int8)]
-        assert len(quant) > 10
-        for n in quant:
+        assert len(qnames) > 10
+        for n in qnames:
             got = _in_vllm(loaded, n, tensors)
             want = tensors[n].to(got.dtype)
             assert torch.equal(got, want), f"{family} {kind} {dtype}: {n}"
@@ -176,12 +179,56 @@ def test_loaded_int8_weights_and_scales_equal_the_artifact(run):
             if f"{mod}.weight_scale" not in tensors:
                 continue
             codes = checkpoint.weight_codes(qm, dq)  # the artifact's integers and scales, bit for bit
-            assert torch.equal(_in_vllm(loaded, f"{mod}.weight", tensors), codes.to(torch.int8)), mod
-            scale = qm.store[dq.args[1].target].reshape(-1, 1).to(getattr(torch, dtype))
-            assert torch.equal(_in_vllm(loaded, f"{mod}.weight_scale", tensors), scale), mod
-        for n, w in loaded.items():  # post-processing: the int8 weight transposed, the rest as loaded
+            w = _in_vllm(loaded, f"{mod}.weight", tensors)
+            scale = qm.store[dq.args[1].target].to(getattr(torch, dtype))
+            got = _in_vllm(loaded, f"{mod}.weight_scale", tensors)
+            if kind.startswith("W4A8"):  # int4 pairs along the output dim; scale = weight_scale x scale_second
+                w = quant.unpack_int4(w.t().contiguous()).t()
+                got = (got.float() * _in_vllm(loaded, f"{mod}.weight_scale_second", tensors).float()).to(got.dtype)
+                scale = scale.reshape(got.shape[0], -1).expand_as(got)
+            assert torch.equal(w, codes.to(torch.int8)), mod
+            assert torch.equal(got, scale.reshape(got.shape)), mod
+        for n, w in loaded.items():  # post-processing: the int8 weight transposed (W4A8: as int32), the rest as loaded
             if n.endswith(".weight") and w.dtype == torch.int8:
-                assert torch.equal(processed[n], w.t()), n
+                want = w.t().contiguous().view(torch.int32) if kind.startswith("W4A8") else w.t()
+                assert torch.equal(processed[n], want), n
+
+
+def test_w4a8_served_weight_equals_the_artifacts_and_scale_bias_follows_the_formula(run):
+    """After vllm-ascend's post-processing, what npu_weight_quant_batchmatmul gets (int32 [in, out / 8]
+    int4 weight, antiquant_scale = weight_scale x weight_scale_second as [in / group, out]) decodes
+    to the artifact's codes times its scales rounded to the model dtype (vLLM's scale parameters
+    are in the model dtype: the same rounding every Ascend type has)."""
+    n = 0
+    for (family, kind, dtype), (d, qm, rep) in run.items():
+        if not kind.startswith("W4A8"):
+            continue
+        dt, processed, tensors = getattr(torch, dtype), load_file(rep["saved"]["processed"]), _tensors(d)
+        group = json.loads((d / ax.DESCRIPTION).read_text())["group_size"]
+        for lin in qm.linears():
+            mod = lin.meta["ptqc"]["module"]
+            if f"{mod}.weight_scale" not in tensors:  # lm_head: FLOAT
+                continue
+            proj = mod.rsplit(".", 1)[1]
+            fused = f"{mod.rsplit('.', 1)[0]}.{FUSED[proj][0]}" if proj in FUSED else mod
+            codes = unpack_int4x8(processed[f"{fused}.weight"])  # [in, out]
+            aq = processed[f"{fused}.weight_scale_second"].to(dt).float().repeat_interleave(group, 0)
+            served = {f"{fused}.weight_scale": (codes.float() * aq).to(dt).t()}  # [out, in], as one fused tensor
+            rows = _in_vllm(served, f"{mod}.weight_scale", tensors)  # this linear's rows of it
+            out, k = rows.shape
+            c = checkpoint.weight_codes(qm, lin.args[1]).float()
+            s = qm.store[lin.args[1].args[1].target].reshape(out, -1).to(dt).float()  # vLLM's scales: model dtype
+            assert torch.equal(rows, (c * s.repeat_interleave(k // s.shape[1], 1)).to(dt)), f"{kind} {dtype} {mod}"
+            assert torch.allclose(rows.float(), dequantized_weight(qm, lin).float(), rtol=2 ** -7, atol=0)
+            chunks = 16 if proj in ("o_proj", "down_proj") else 1
+            w = checkpoint.weight_codes(qm, lin.args[1]).float() * (tensors[f"{mod}.weight_scale"] *
+                                                                   tensors[f"{mod}.weight_scale_second"]).repeat_interleave(group, 1)
+            bias = 8 * w.reshape(out, chunks, k // chunks).sum(-1)
+            assert torch.allclose(tensors[f"{mod}.scale_bias"], bias, rtol=1e-6, atol=1e-6), mod
+            assert torch.equal(_in_vllm(load_file(rep["saved"]["loaded"]), f"{mod}.scale_bias", tensors),
+                               tensors[f"{mod}.scale_bias"]), mod
+            n += 1
+    assert n == 2 * 2 * 7  # 2 recipes (per channel, g64) x 2 dtypes x 7 linears
 
 
 def test_deq_scale_is_int64_for_fp16_and_float32_for_bf16_through_the_loader(run):
