@@ -1,11 +1,15 @@
-"""Export for vllm-ascend ``--quantization ascend`` (the msModelSlim format) and its checker.
+"""Export for vllm-ascend ``--quantization ascend`` (the msModelSlim format); the checker is
+:mod:`export_check`, the reader :mod:`export_load`, the layout's data :mod:`layout`.
 
     OUT/quant_model_description.json     {"model_quant_type", "version", "group_size", ...,
                                           "<tensor name>": "<type>" for every tensor}
     OUT/quant_model_weights-00001-of-00001.safetensors (+ .index.json)
     OUT/config.json, tokenizer files     copied (no quantization_config, as msModelSlim does)
 
-Per linear (from the fake-quant graph of an artifact; ``.weight`` always int8 [out, in]):
+Served in one dtype (float16 / bfloat16, ``dtype``; default the artifact's): float tensors are
+written in it, config.json's ``torch_dtype`` says it, W8A8's deq_scale follows it.
+
+Per linear (from the fake-quant graph of an artifact; ``.weight`` int8 [out, in] but for W4A8):
 
     W8A8_DYNAMIC   int8 per-channel symmetric weights + dynamic per-token int8 activations:
                    .weight, .weight_scale f32 [out, 1], .weight_offset f32 [out, 1]
