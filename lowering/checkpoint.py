@@ -34,16 +34,21 @@ def unchanged(qm: QModel, done: set) -> tuple[list[str], set[str]]:
     return [n for n in names if n not in buffers], params
 
 
-def save(qm: QModel, path: Path, names: list[str], tensors: dict) -> int:
-    """Write ``names`` as one safetensors file: from ``tensors``, else the graph's (floats in the
-    model dtype). Returns the bytes written."""
+def save(qm: QModel, path: Path, names: list[str], tensors: dict, dtype: torch.dtype | None = None) -> int:
+    """Write ``names`` as one safetensors file: from ``tensors``, else the graph's (floats in
+    ``dtype``, default the model dtype). Returns the bytes written."""
+    dt = dtype or qm.dtype
+
     def spec(n):
-        return (tuple(tensors[n].shape), tensors[n].dtype) if n in tensors else qm.store.spec(n)
+        if n in tensors:
+            return tuple(tensors[n].shape), tensors[n].dtype
+        shape, d = qm.store.spec(n)
+        return shape, (dt if dtype is not None and d.is_floating_point else d)
 
     def get(n):
         if n in tensors:
             return tensors[n]
-        return qm.store[n].to(qm.dtype) if qm.store[n].is_floating_point() else qm.store[n]
+        return qm.store[n].to(dt) if qm.store[n].is_floating_point() else qm.store[n]
     return write_safetensors(path, names, spec, get, metadata={"format": "pt", "producer": "ptqc"})
 
 

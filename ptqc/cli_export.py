@@ -32,7 +32,10 @@ from ptqc.errors import PtqcError
               help="With --mode integer: MatMulInteger operands (s8s8 exact everywhere; u8u8 exact everywhere and "
                    "faster in onnxruntime; u8s8 fastest, exact only with VNNI).")
 @click.option("--output", "outputs", multiple=True, help="Also expose this FX node (by name) as a graph output.")
-@click.option("--dtype", default="float32", show_default=True, help="For a Hugging Face directory.")
+@click.option("--dtype", default=None,
+              help="With --format ascend: the dtype vllm-ascend serves in (float16 or bfloat16; default the "
+                   "artifact's; W8A8's deq_scale and config.json's torch_dtype follow it). A Hugging Face "
+                   "directory is loaded in it (default float32).")
 @click.option("--trust-remote-code", is_flag=True)
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the export summary as JSON.")
@@ -54,8 +57,10 @@ def export_cmd(path, out, fmt, mode, external, no_int4, int_kernel, outputs, dty
     artifact.check_apart(out, [path])
     backend = backends.provider("formats", fmt)
     backend.check_output(out, fmt, force)
-    res, what = backend.export(artifact.load_any(path, dtype, trust_remote_code), out, fmt, force=force, mode=mode,
-                               outputs=outputs, external_data=external, int4=not no_int4, int_kernel=int_kernel)
+    serving = {"dtype": dtype} if fmt == "ascend" else {}
+    res, what = backend.export(artifact.load_any(path, dtype or "float32", trust_remote_code), out, fmt, force=force,
+                               mode=mode, outputs=outputs, external_data=external, int4=not no_int4,
+                               int_kernel=int_kernel, **serving)
     if as_json:
         click.echo(json.dumps(res))
     else:

@@ -205,7 +205,7 @@ def c8(tmp_path_factory):
 
     torch.manual_seed(0)
     calib = torch.randint(0, 300, (4, 32))
-    base = frontend.load(make_model(tmp_path_factory.mktemp("qwen3"), "qwen3", layers=2))
+    base = frontend.load(make_model(tmp_path_factory.mktemp("qwen3"), "qwen3", layers=2), "float16")
     out = {}
     for name, text in (("channel", "int8,kv:k=channel,v=channel"), ("kvonly", "kv:k=channel,v=tensor,sym=false")):
         out[name] = base.clone()
@@ -230,7 +230,7 @@ def test_c8_export_tensors_check_and_round_trip(c8, ids, tmp_path):
             assert torch.equal(s, want)
         assert f"{base}.k_scale" not in desc  # replaced by the C8 tensors
         x = ids(2, 32)
-        assert torch.equal(ax.load(out)(x), qm(x))
+        assert torch.equal(ax.load(out, "float16")(x), qm(x))
 
 
 def test_c8_checker_catches_broken_exports(c8, tmp_path):
@@ -276,7 +276,7 @@ def test_c8_checker_catches_broken_exports(c8, tmp_path):
 
 
 def test_dynamic_kv_is_not_exported_as_c8_and_says_why(kv8, tmp_path):
-    res = ax.export(kv8["dynamic"], tmp_path / "d")
+    res = ax.export(kv8["dynamic"], tmp_path / "d", dtype="float16")
     assert "kv_cache_type" not in res and "found dynamic v" in res["optional"]["kv_cache"]
     assert ax.check(tmp_path / "d") == []
 
@@ -302,14 +302,16 @@ def test_msmodelslim_c8_export_checks_loads_lowers_and_reexports_bit_for_bit(tmp
     assert _targets(low).count(npu.FUSED_INFER_ATTENTION_SCORE) == qm.num_layers
     assert _rel(low(x), ref) < 1e-5
     with pytest.raises(PtqcError, match="C8 .* does not load for model_type 'qwen2'"):
-        ax.export(qm, tmp_path / "again")  # msModelSlim writes it, vllm-ascend's Qwen2 cannot load it
+        ax.export(qm, tmp_path / "again", dtype="float16")  # msModelSlim writes it, vllm-ascend's Qwen2 cannot load it
     qm.config.model_type = "qwen3"  # to compare the tensors the writer gives with the peer's
-    ax.export(qm, tmp_path / "again")
+    ax.export(qm, tmp_path / "again", dtype="float16")  # the peer's int64 deq_scale is the float16 form
     mine = load_file(str(next((tmp_path / "again").glob("quant_model_weight*.safetensors"))))
+    desc = json.loads((PEER_C8 / ax.DESCRIPTION).read_text())
     assert sorted(mine) == sorted(peer)
     for k in peer:  # input_offset: int8, the dtype of vllm-ascend's parameter (msModelSlim: float32)
-        assert mine[k].dtype == (torch.int8 if k.endswith(".input_offset") else peer[k].dtype), k
-        assert torch.equal(mine[k].to(peer[k].dtype), peer[k]), k
+        want = torch.int8 if k.endswith(".input_offset") else torch.float16 if desc[k] == "FLOAT" else peer[k].dtype
+        assert mine[k].dtype == want, k  # float tensors in the serving dtype (the peer's model is float32)
+        assert torch.equal(mine[k], peer[k].to(want)), k
     d_peer = json.loads((PEER_C8 / ax.DESCRIPTION).read_text())
     d_mine = json.loads((tmp_path / "again" / ax.DESCRIPTION).read_text())
     assert all(d_mine.get(k) == v for k, v in d_peer.items())

@@ -1,10 +1,12 @@
 """ptqc's Ascend exports load in vllm-ascend 0.23.0's real loader (on the CPU, in the peer venv of
-tools/vllm_ascend_env.py, through tools/vllm_ascend_load.py): every export type, fp16 and bf16,
-Qwen2, Qwen3 and Llama. A recorder on every parameter's weight_loader proves each parameter got
-each checkpoint tensor exactly once, unchanged, with its dtype and shape; the int8 weights and
-scales vLLM holds equal the artifact's; deq_scale is int64 for fp16 and float32 for bf16. What the
-loader cannot take, ptqc refuses to export (one line). Skipped only when PyPI cannot be reached
-to make the peer venv."""
+tools/vllm_ascend_env.py, through tools/vllm_ascend_load.py): every export type served in fp16
+and in bf16 on Qwen3, and the richest type (static W8A8: fused per-tensor input scales,
+deq_scale, quant_bias) on Qwen2 and Llama too, one decoder layer each; artifacts in bf16, fp16
+and float32, exported for their own dtype or another (``export --dtype``). A recorder on every
+parameter's weight_loader proves each parameter got each checkpoint tensor exactly once,
+unchanged, with its dtype and shape; the int8 weights and scales vLLM holds equal the artifact's;
+deq_scale is int64 for fp16 and float32 for bf16. What the loader cannot take, ptqc refuses to
+export (one line). Skipped only when PyPI cannot be reached to make the peer venv."""
 import hashlib
 import json
 import subprocess
@@ -16,10 +18,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from ptqc import frontend, pipeline
+from ptqc import frontend, pipeline, quant
 from ptqc.errors import PtqcError
 from ptqc.lowering import checkpoint
 from ptqc.lowering.ascend import export as ax
+from ptqc.lowering.ascend.ops_quant import unpack_int4x8
+from ptqc.weights import dequantized_weight
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
@@ -28,11 +32,18 @@ from make_tiny_model import make_model  # noqa: E402
 FAMILIES = {"qwen2": {}, "qwen3": {}, "llama": {"kv_heads": 4}}
 C8 = ",kv:k=channel,v=channel"
 RECIPES = {"W8A8": "smooth,int8:static=true", "W8A8-asym": "int8:static=true,a_sym=false",
-           "W8A8_DYNAMIC": "int8", "W8A16": "w8a16"}
+           "W8A8_DYNAMIC": "int8", "W8A16": "w8a16", "W4A8_DYNAMIC": "w4a8", "W4A8_DYNAMIC-g64": "w4a8:w_group=64"}
+DTYPES = ("float16", "bfloat16")
+# family -> (artifact dtype, recipes, serving dtypes: None = the artifact's): every type on Qwen3 in
+# both serving dtypes; Qwen2 and Llama add their model classes (Qwen2's q/k/v bias, Llama's MHA) on
+# static W8A8; the float32 artifact is served only through --dtype
+CASES = {"qwen3": ("bfloat16", tuple(RECIPES), (None, "float16")),
+         "qwen2": ("float16", ("W8A8",), (None, "bfloat16")),
+         "llama": ("float32", ("W8A8",), ("float16", "bfloat16"))}
 FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
          "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
 SCALES = ("weight_scale", "weight_offset", "input_scale", "k_cache_scale", "k_cache_offset", "v_cache_scale",
-          "v_cache_offset")
+          "v_cache_offset", "weight_scale_second", "weight_offset_second")
 
 
 def _recipe(family, kind):
@@ -49,37 +60,58 @@ def peer():
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def _build(root: Path, dtype: str) -> dict:
-    """(family, kind) -> (export dir, artifact QModel), every one compiled and exported here."""
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory):
+    """(family, dtype) -> the traced one-layer model (traced once: tracing dominates the time)."""
+    root = tmp_path_factory.mktemp("models")
+    cache = {}
+
+    def get(family, dtype):
+        if (family, dtype) not in cache:
+            src = make_model(root / f"{family}-{dtype}", family, layers=1, hidden=64, intermediate=128, dtype=dtype,
+                             seed=list(FAMILIES).index(family), **FAMILIES[family])
+            cache[family, dtype] = frontend.load(src, dtype)
+        return cache[family, dtype].clone()
+    return get
+
+
+def _build(root: Path, bases) -> dict:
+    """(family, kind, serving dtype) -> (export dir, artifact QModel) of every case, compiled and exported here."""
     torch.manual_seed(0)
     calib = torch.randint(0, 300, (2, 16))
     out = {}
-    for i, (family, kw) in enumerate(FAMILIES.items()):
-        src = make_model(root / f"{family}-src", family, layers=2, hidden=64, intermediate=128, seed=i, dtype=dtype, **kw)
-        base = frontend.load(src, dtype)
-        for kind in RECIPES:
+    for family, (dtype, kinds, servings) in CASES.items():
+        base = bases(family, dtype)
+        for kind in kinds:
             qm = base.clone()
             pipeline.PassManager(pipeline.parse_pipeline(_recipe(family, kind))).run(
                 qm, pipeline.PassContext(quiet=True, calib=calib))
-            ax.export(qm, root / f"{family}-{kind}")
-            out[family, kind] = (root / f"{family}-{kind}", qm)
+            for serving in servings:
+                d = root / f"{family}-{kind}-{serving or 'own'}"
+                res = ax.export(qm, d, dtype=serving)
+                out[family, kind, res["metadata"]["dtype"]] = (d, qm)
     return out
 
 
-@pytest.fixture(scope="module", params=["float16", "bfloat16"])
-def run(request, peer, tmp_path_factory):
-    """One loader process per dtype over every export of that dtype."""
-    dtype = request.param
-    root = tmp_path_factory.mktemp(f"vllm-{dtype}")
-    exports = _build(root, dtype)
-    dirs = [str(d) for d, _ in exports.values()]
-    cmd = [peer["python"], str(ROOT / "tools" / "vllm_ascend_load.py"), *dirs, "--dtype", dtype,
+@pytest.fixture(scope="module")
+def run(peer, bases, tmp_path_factory):
+    """One loader process over every export, each built in its config.json's dtype."""
+    root = tmp_path_factory.mktemp("vllm")
+    exports = _build(root, bases)
+    cmd = [peer["python"], str(ROOT / "tools" / "vllm_ascend_load.py"), *(str(d) for d, _ in exports.values()),
            "--json", str(root / "report.json"), "--save", str(root / "state")]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, env={"PYTHONPATH": peer["pythonpath"],
                        "PATH": "/usr/bin:/bin", "HOME": str(root)})
     assert r.returncode == 0, r.stderr[-4000:]
     report = json.loads((root / "report.json").read_text())["dirs"]
-    return dtype, {k: (d, qm, report[str(d)]) for k, (d, qm) in exports.items()}
+    return {k: (d, qm, report[str(d)]) for k, (d, qm) in exports.items()}
+
+
+def test_the_cases_cover_every_type_in_both_dtypes_and_every_family(run):
+    assert {(k, dt) for _, k, dt in run} == {(k, dt) for k in RECIPES for dt in DTYPES}
+    assert {f for f, _, _ in run} == set(FAMILIES)
+    assert {dtype for dtype, _, _ in CASES.values()} == {"float32", *DTYPES}
+    assert all(rep["dtype"] == dt for (_, _, dt), (_, _, rep) in run.items())  # built as config.json says
 
 
 def _tensors(d: Path) -> dict:
@@ -112,9 +144,8 @@ def _in_vllm(loaded: dict, name: str, tensors: dict) -> torch.Tensor:
 
 
 def test_every_export_loads_with_every_parameter_filled_once(run):
-    dtype, exports = run
-    assert len(exports) == len(FAMILIES) * len(RECIPES)
-    for (family, kind), (d, qm, rep) in exports.items():
+    assert len(run) == sum(len(kinds) * len(servings) for _, kinds, servings in CASES.values())
+    for (family, kind, dtype), (d, qm, rep) in run.items():
         where = f"{family} {kind} {dtype}"
         assert rep["ok"], f"{where}: {rep.get('error')}"
         assert rep["unfilled"] == [] and rep["refilled"] == [], where
@@ -130,16 +161,16 @@ def test_every_export_loads_with_every_parameter_filled_once(run):
 
 
 def test_loaded_int8_weights_and_scales_equal_the_artifact(run):
-    dtype, exports = run
-    for (family, kind), (d, qm, rep) in exports.items():
+    for (family, kind, dtype), (d, qm, rep) in run.items():
         loaded = load_file(rep["saved"]["loaded"])
         processed = load_file(rep["saved"]["processed"])
         tensors = _tensors(d)
-        quant = [n for n in tensors if n.endswith((".weight",) + SCALES + (".input_offset", ".deq_scale", ".quant_bias",
-                                                                             ".kv_cache_scale", ".kv_cache_offset"))
+        qnames = [n for n in tensors if n.endswith((".weight",) + SCALES + (".input_offset", ".deq_scale", ".quant_bias",
+                                                                             ".kv_cache_scale", ".kv_cache_offset",
+                                                                             ".scale_bias"))
                  and (not n.endswith(".weight") or tensors[n].dtype == torch.int8)]
-        assert len(quant) > 20
-        for n in quant:
+        assert len(qnames) > 10
+        for n in qnames:
             got = _in_vllm(loaded, n, tensors)
             want = tensors[n].to(got.dtype)
             assert torch.equal(got, want), f"{family} {kind} {dtype}: {n}"
@@ -148,19 +179,62 @@ def test_loaded_int8_weights_and_scales_equal_the_artifact(run):
             if f"{mod}.weight_scale" not in tensors:
                 continue
             codes = checkpoint.weight_codes(qm, dq)  # the artifact's integers and scales, bit for bit
-            assert torch.equal(_in_vllm(loaded, f"{mod}.weight", tensors), codes.to(torch.int8)), mod
-            scale = qm.store[dq.args[1].target].reshape(-1, 1).to(getattr(torch, dtype))
-            assert torch.equal(_in_vllm(loaded, f"{mod}.weight_scale", tensors), scale), mod
-        for n, w in loaded.items():  # post-processing: the int8 weight transposed, the rest as loaded
+            w = _in_vllm(loaded, f"{mod}.weight", tensors)
+            scale = qm.store[dq.args[1].target].to(getattr(torch, dtype))
+            got = _in_vllm(loaded, f"{mod}.weight_scale", tensors)
+            if kind.startswith("W4A8"):  # int4 pairs along the output dim; scale = weight_scale x scale_second
+                w = quant.unpack_int4(w.t().contiguous()).t()
+                got = (got.float() * _in_vllm(loaded, f"{mod}.weight_scale_second", tensors).float()).to(got.dtype)
+                scale = scale.reshape(got.shape[0], -1).expand_as(got)
+            assert torch.equal(w, codes.to(torch.int8)), mod
+            assert torch.equal(got, scale.reshape(got.shape)), mod
+        for n, w in loaded.items():  # post-processing: the int8 weight transposed (W4A8: as int32), the rest as loaded
             if n.endswith(".weight") and w.dtype == torch.int8:
-                assert torch.equal(processed[n], w.t()), n
+                want = w.t().contiguous().view(torch.int32) if kind.startswith("W4A8") else w.t()
+                assert torch.equal(processed[n], want), n
+
+
+def test_w4a8_served_weight_equals_the_artifacts_and_scale_bias_follows_the_formula(run):
+    """After vllm-ascend's post-processing, what npu_weight_quant_batchmatmul gets (int32 [in, out / 8]
+    int4 weight, antiquant_scale = weight_scale x weight_scale_second as [in / group, out]) decodes
+    to the artifact's codes times its scales rounded to the model dtype (vLLM's scale parameters
+    are in the model dtype: the same rounding every Ascend type has)."""
+    n = 0
+    for (family, kind, dtype), (d, qm, rep) in run.items():
+        if not kind.startswith("W4A8"):
+            continue
+        dt, processed, tensors = getattr(torch, dtype), load_file(rep["saved"]["processed"]), _tensors(d)
+        group = json.loads((d / ax.DESCRIPTION).read_text())["group_size"]
+        for lin in qm.linears():
+            mod = lin.meta["ptqc"]["module"]
+            if f"{mod}.weight_scale" not in tensors:  # lm_head: FLOAT
+                continue
+            proj = mod.rsplit(".", 1)[1]
+            fused = f"{mod.rsplit('.', 1)[0]}.{FUSED[proj][0]}" if proj in FUSED else mod
+            codes = unpack_int4x8(processed[f"{fused}.weight"])  # [in, out]
+            aq = processed[f"{fused}.weight_scale_second"].to(dt).float().repeat_interleave(group, 0)
+            served = {f"{fused}.weight_scale": (codes.float() * aq).to(dt).t()}  # [out, in], as one fused tensor
+            rows = _in_vllm(served, f"{mod}.weight_scale", tensors)  # this linear's rows of it
+            out, k = rows.shape
+            c = checkpoint.weight_codes(qm, lin.args[1]).float()
+            s = qm.store[lin.args[1].args[1].target].reshape(out, -1).to(dt).float()  # vLLM's scales: model dtype
+            assert torch.equal(rows, (c * s.repeat_interleave(k // s.shape[1], 1)).to(dt)), f"{kind} {dtype} {mod}"
+            assert torch.allclose(rows.float(), dequantized_weight(qm, lin).float(), rtol=2 ** -7, atol=0)
+            chunks = 16 if proj in ("o_proj", "down_proj") else 1
+            w = checkpoint.weight_codes(qm, lin.args[1]).float() * (tensors[f"{mod}.weight_scale"] *
+                                                                   tensors[f"{mod}.weight_scale_second"]).repeat_interleave(group, 1)
+            bias = 8 * w.reshape(out, chunks, k // chunks).sum(-1)
+            assert torch.allclose(tensors[f"{mod}.scale_bias"], bias, rtol=1e-6, atol=1e-6), mod
+            assert torch.equal(_in_vllm(load_file(rep["saved"]["loaded"]), f"{mod}.scale_bias", tensors),
+                               tensors[f"{mod}.scale_bias"]), mod
+            n += 1
+    assert n == 2 * 2 * 7  # 2 recipes (per channel, g64) x 2 dtypes x 7 linears
 
 
 def test_deq_scale_is_int64_for_fp16_and_float32_for_bf16_through_the_loader(run):
-    dtype, exports = run
-    want = torch.int64 if dtype == "float16" else torch.float32
     n = 0
-    for (family, kind), (d, qm, rep) in exports.items():
+    for (family, kind, dtype), (d, qm, rep) in run.items():
+        want = torch.int64 if dtype == "float16" else torch.float32
         processed = load_file(rep["saved"]["processed"])
         tensors = _tensors(d)
         for name, t in processed.items():
@@ -176,39 +250,32 @@ def test_deq_scale_is_int64_for_fp16_and_float32_for_bf16_through_the_loader(run
             expect = deq.view(torch.int32).to(torch.int64) & 0xFFFFFFFF if dtype == "float16" else deq
             assert torch.equal(t, expect), name  # float32 bits of input_scale * weight_scale
             n += 1
-    assert n == len(FAMILIES) * 2 * 2 * 4  # 2 static recipes, 2 layers, 4 linear groups each
+    static = sum(k.split("-")[0] == "W8A8" for _, k, _ in run)
+    assert n == static * 4  # one layer, 4 linear groups (qkv, o, gate_up, down)
 
 
 def test_input_offset_is_int8_as_vllm_ascend_creates_it(run):
-    dtype, exports = run
-    d, qm, rep = exports["qwen2", "W8A8-asym"]
+    d, qm, rep = run["qwen3", "W8A8-asym", "float16"]
     t = _tensors(d)
     offs = [v for k, v in t.items() if k.endswith(".input_offset")]
     assert offs and all(v.dtype == torch.int8 for v in offs) and any(v.item() != 0 for v in offs)
     assert ax.check(d) == []
 
 
-@pytest.fixture(scope="module")
-def small(tmp_path_factory):
-    root = tmp_path_factory.mktemp("refusals")
-    return {f: frontend.load(make_model(root / f, f, layers=1, hidden=64, intermediate=128, **kw))
-            for f, kw in FAMILIES.items()}
-
-
 @pytest.mark.parametrize("text", ["w4a16:w_group=32", "w4a16:w_group=32,pack", "rtn:bits=4,group=0"])
-def test_dense_w4a16_is_refused_with_the_alternative(small, tmp_path, text):
-    qm = small["qwen2"].clone()
+def test_dense_w4a16_is_refused_with_the_alternative(bases, tmp_path, text):
+    qm = bases("qwen2", CASES["qwen2"][0])
     pipeline.PassManager(pipeline.parse_pipeline(text)).run(qm, pipeline.PassContext(quiet=True))
     with pytest.raises(PtqcError, match=r"has no dense linear in vllm-ascend 0.23 .*compile w8a16") as e:
-        ax.export(qm, tmp_path / "x")
+        ax.export(qm, tmp_path / "x", dtype="float16")
     assert "\n" not in str(e.value) and not (tmp_path / "x").exists()
 
 
 @pytest.mark.parametrize("family", ["qwen2", "llama"])
-def test_c8_is_refused_where_the_model_class_cannot_load_it(small, tmp_path, family):
-    qm = small[family].clone()
+def test_c8_is_refused_where_the_model_class_cannot_load_it(bases, tmp_path, family):
+    qm = bases(family, CASES[family][0])  # traced for the loader cases already
     pipeline.PassManager(pipeline.parse_pipeline("int8" + C8)).run(
         qm, pipeline.PassContext(quiet=True, calib=torch.randint(0, 300, (2, 16))))
     with pytest.raises(PtqcError, match=f"C8 .* does not load for model_type '{family}' in vllm-ascend") as e:
-        ax.export(qm, tmp_path / "x")
+        ax.export(qm, tmp_path / "x", dtype="float16")
     assert "\n" not in str(e.value) and not (tmp_path / "x").exists()

@@ -6,7 +6,7 @@ Runs in the peer venv made by ``tools/vllm_ascend_env.py`` (vllm-ascend 0.23.0, 
 source on PYTHONPATH, CPU torch), not in ptqc's:
 
     $(python3 tools/vllm_ascend_env.py --print python) tools/vllm_ascend_load.py \
-        EXPORT_DIR [EXPORT_DIR ...] [--dtype float16|bfloat16] [--json OUT.json]
+        EXPORT_DIR [EXPORT_DIR ...] [--dtype config|float16|bfloat16] [--json OUT.json]
 
 Each directory is built as vLLM builds it (``EngineArgs(quantization="ascend")``, the model class
 of its config, the Ascend linear / C8 methods of its ``quant_model_description.json``), loaded
@@ -15,17 +15,21 @@ wrapped to record each tensor it receives (checkpoint name, shard id, dtype, sha
 one JSON object per directory (``{"dirs": {DIR: report}}``):
 
     ok              true when it loaded (else ``error``: the exception's last line)
+    dtype           the dtype it was built in: ``--dtype``, or (``config``, the default) its
+                    config.json's ``torch_dtype``, which ``ptqc export --dtype`` sets
     params          parameter -> {"dtype", "shape" as created, "calls": [{"shard", "dtype", "shape",
                     "param_dtype", "sha256"} of each tensor its weight_loader received]}
     unfilled        parameters no tensor reached (vLLM lets these pass for post-processed layers)
     refilled        parameters a shard (or the whole tensor) reached more than once
     casts           parameter <- tensor of another dtype (vLLM casts silently)
     loaded          quantization tensors (int8 weights, scales, offsets, deq_scale, quant_bias, C8
-                    scales) after loading -> {"dtype", "shape", "sha256"} (fused layers: qkv_proj,
+                    scales, W4A8's second-level scales and scale_bias) after loading -> {"dtype",
+                    "shape", "sha256"} (fused layers: qkv_proj,
                     gate_up_proj); ``processed``: the same after process_weights_after_loading;
                     ``--save PREFIX`` also writes both as safetensors (``saved``)
 
-Setup (CPU, no NPU): a stub ``torch_npu``, ``VLLM_PLUGINS=none``, vLLM's CPU platform, the
+Setup (CPU, no NPU): a stub ``torch_npu`` (``Tensor.npu()`` returns the tensor: W4A8's
+post-processing moves its scale there), ``VLLM_PLUGINS=none``, vLLM's CPU platform, the
 Ascend config, no NZ format, a gloo world of one process on loopback.
 """
 from __future__ import annotations
@@ -44,7 +48,8 @@ import types
 os.environ["VLLM_PLUGINS"] = "none"
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
 QUANT_SUFFIXES = ("weight", "weight_scale", "weight_offset", "input_scale", "input_offset", "deq_scale",
-                  "quant_bias", "k_cache_scale", "k_cache_offset", "v_cache_scale", "v_cache_offset")
+                  "quant_bias", "k_cache_scale", "k_cache_offset", "v_cache_scale", "v_cache_offset",
+                  "weight_scale_second", "weight_offset_second", "scale_bias")
 
 
 def install_torch_npu_stub() -> None:
@@ -73,6 +78,7 @@ def install_torch_npu_stub() -> None:
         m.__spec__ = importlib.machinery.ModuleSpec(m.__name__, None)
     sys.modules.update({"torch_npu": pkg, "torch_npu.npu": npu, "torch_npu._C": c, "torch.npu": npu})
     torch.npu = npu
+    torch.Tensor.npu = lambda self, *a, **k: self  # the device move (W4A8 post-processing): stays on the CPU
 
 
 def setup_cpu() -> None:
@@ -221,10 +227,18 @@ def load_one(path: str, dtype: str, save: str | None = None) -> dict:
     return out
 
 
+def config_dtype(path: str) -> str:
+    """The ``torch_dtype`` (or ``dtype``) of a directory's config.json."""
+    with open(os.path.join(path, "config.json")) as f:
+        cfg = json.load(f)
+    return cfg.get("torch_dtype") or cfg["dtype"]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("dirs", nargs="+")
-    ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
+    ap.add_argument("--dtype", default="config", choices=["config", "float16", "bfloat16"],
+                    help="Model dtype (default: each directory's config.json torch_dtype).")
     ap.add_argument("--json", help="Write the report here (default: stdout).")
     ap.add_argument("--save", help="Also write the quantization tensors as loaded (before and after "
                                    "process_weights_after_loading) to SAVE<i>.{loaded,processed}.safetensors.")
@@ -237,7 +251,8 @@ def main(argv=None) -> int:
         init_world()
     for i, d in enumerate(a.dirs):
         try:
-            report["dirs"][d] = load_one(d, a.dtype, f"{a.save}{i}" if a.save else None)
+            dtype = config_dtype(d) if a.dtype == "config" else a.dtype
+            report["dirs"][d] = {"dtype": dtype} | load_one(d, dtype, f"{a.save}{i}" if a.save else None)
         except Exception as e:  # noqa: BLE001  (the report says which directory failed, and why)
             last = str(e).strip().splitlines()[-1] if str(e).strip() else ""
             report["dirs"][d] = {"ok": False, "error": f"{type(e).__name__}: {last}",

@@ -174,10 +174,11 @@ class AscendBackend(Backend):
         return evaluate.perplexity(qm, ids, seqlen, batch_size=batch_size, device=device, max_windows=max_windows,
                                    progress=progress)
 
-    def export(self, qm, out, fmt, *, force, **options):
-        res = exporter.export(qm, out, force=force)
+    def export(self, qm, out, fmt, *, force, dtype=None, **options):
+        res = exporter.export(qm, out, force=force, dtype=dtype)
         check_written(self, out)
-        return res, f"{out} ({fmt}, {res['model_quant_type']}, {res['tensors']} tensors, checked)"
+        return res, (f"{out} ({fmt}, {res['model_quant_type']}, {res['metadata']['dtype']}, {res['tensors']} tensors, "
+                     "checked)")
 
     def is_export(self, path):
         return (path / exporter.DESCRIPTION).is_file()

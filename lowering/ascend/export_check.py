@@ -1,0 +1,120 @@
+"""``ptqc check-export`` for Ascend export directories: every quantized linear has the tensors
+of its type (:mod:`layout`) with their dtypes and shapes, the description matches the files, C8
+has both K and V vectors. Each problem is one line."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ptqc.lowering.ascend.layout import (C8_SUFFIXES, DESCRIPTION, META_KEYS, REQUIRED, ROW_PARALLEL,
+                                         SCALE_BIAS_CHUNKS, SUFFIX_RULES, TYPES, W4A8_GROUP)
+from ptqc.model import tensor_specs
+
+
+def _geometry(kind: str, base: str, shape, meta: dict, desc: dict) -> tuple[dict, list[str]]:
+    """(out, cols, groups, bias_cols of a linear from its int8 weight's shape, problems of that shape)."""
+    group = desc.get("group_size", 0) or 0
+    if kind != "W4A8_DYNAMIC":
+        out, k = shape[0], shape[1] * (2 if kind == "W4A16" else 1)
+        cols = (k // group) if (kind == "W4A16" and group) else 1
+        bad = [f"{base}.weight: input dimension {k} is not a multiple of group_size {group}"] \
+            if kind == "W4A16" and group and k % group else []
+        return {"out": out, "cols": cols}, bad
+    # vllm-ascend: group_size from the description (default 256), version "1.0.0" packs along out
+    group = desc.get("group_size", W4A8_GROUP)
+    packed = desc.get("version") == "1.0.0"
+    k = shape[1]
+    out = meta[f"{base}.weight_scale"][0][0] if f"{base}.weight_scale" in meta else shape[0] * (2 if packed else 1)
+    g = {"out": out, "cols": 1, "groups": k // group if group else 0,
+         "bias_cols": SCALE_BIAS_CHUNKS if base.endswith(ROW_PARALLEL) else 1}
+    bad = []
+    if tuple(shape) != ((out // 2, k) if packed else (out, k)):
+        bad.append(f"{base}.weight: W4A8_DYNAMIC " + ("version 1.0.0 packs two int4 per byte along the output "
+                   f"dimension: expected int8 [{out // 2}, {k}]" if packed else f"expected int8 [{out}, {k}]")
+                   + f", found {list(shape)}")
+    if not group or k % group:
+        bad.append(f"{base}.weight: W4A8_DYNAMIC input dimension {k} is not a multiple of group_size {group}")
+    return g, bad
+
+
+def _linear_problems(types: dict, meta: dict, desc: dict) -> list[str]:
+    """Every quantized linear has the tensors of its type, with their dtypes and shapes."""
+    problems = []
+    for w in sorted(n for n, t in types.items() if t in REQUIRED and n.endswith(".weight")):
+        kind, base = types[w], w.removesuffix(".weight")
+        if w not in meta:
+            continue
+        shape, dtype = meta[w]
+        if dtype != "I8":
+            problems.append(f"{w}: {kind} weight must be int8, found {dtype}")
+            continue
+        g, bad = _geometry(kind, base, shape, meta, desc)
+        problems += bad
+        required = REQUIRED[kind] if kind != "W4A8_DYNAMIC" or desc.get("version") == "1.0.0" else \
+            REQUIRED[kind][:-1]  # scale_bias: version 1.0.0 only
+        for suffix in required:
+            name = f"{base}.{suffix}"
+            if name not in meta:
+                problems.append(f"{base}: {kind} needs {name}, which is missing")
+                continue
+            if types.get(name) != kind:
+                problems.append(f"{name}: described as {types.get(name)}, but its linear is {kind}")
+            s, dt = meta[name]
+            dtypes, shapes, expected = SUFFIX_RULES[suffix]
+            if dt not in dtypes or s not in shapes(g):
+                problems.append(f"{name}: expected {expected.format(**g)}, found {dt} {list(s)}")
+    return problems
+
+
+def _c8_problems(desc: dict, types: dict, meta: dict) -> list[str]:
+    """C8: kv_cache_type says so, and both k_proj and v_proj of every attention have their vectors."""
+    problems = []
+    c8 = sorted(n for n, t in types.items() if t == "C8")
+    if c8 and desc.get("kv_cache_type") != "C8":
+        problems.append(f"{c8[0]} is C8 but {DESCRIPTION} has no kv_cache_type \"C8\"")
+    if desc.get("kv_cache_type") == "C8":
+        projs = sorted({n.rsplit(".", 1)[0] for n in c8})
+        if not projs:
+            problems.append('kv_cache_type is "C8" but no tensor is typed C8')
+        for proj in projs:
+            w = meta.get(f"{proj}.weight")
+            for suffix in C8_SUFFIXES:
+                name = f"{proj}.{suffix}"
+                if name not in meta:
+                    problems.append(f"{proj}: C8 needs {name}, which is missing")
+                    continue
+                s, dt = meta[name]
+                if dt not in ("F32", "F16", "BF16") or len(s) != 1 or (w is not None and s[0] != w[0][0]):
+                    want = f"[{w[0][0]}]" if w is not None else "[KV_N * D]"
+                    problems.append(f"{name}: expected a float vector {want} (one value per K/V channel), "
+                                    f"found {dt} {list(s)}")
+        layers = {p.rsplit(".", 1)[0] for p in projs}
+        for att in sorted(layers):
+            for which in ("k_proj", "v_proj"):
+                if f"{att}.{which}" not in projs:
+                    problems.append(f"{att}: C8 needs scales for both k_proj and v_proj, {which} has none")
+    return problems
+
+
+def check(path) -> list[str]:
+    """Problems of an Ascend export directory (empty list: valid). Each is one line."""
+    path = Path(path)
+    dfile = path / DESCRIPTION
+    if not dfile.is_file():
+        return [f"{DESCRIPTION} is missing"]
+    try:
+        desc = json.loads(dfile.read_text())
+    except json.JSONDecodeError as e:
+        return [f"{DESCRIPTION} is not valid JSON: {e}"]
+    problems = [] if "model_quant_type" in desc else [f"{DESCRIPTION} has no model_quant_type"]
+    types = {k: v for k, v in desc.items() if k not in META_KEYS}
+    bad = sorted({v for v in types.values() if v not in TYPES})
+    if bad:
+        problems.append(f"unknown quantization type {bad[0]!r} in {DESCRIPTION} (known: {', '.join(TYPES)})")
+    files = sorted(path.glob("quant_model_weight*.safetensors"))
+    if not files:
+        return problems + ["no quant_model_weight*.safetensors file"]
+    meta = tensor_specs(files)
+    problems += [f"{n} is in {DESCRIPTION} but in no weight file" for n in sorted(set(types) - set(meta))]
+    problems += [f"{n} is in the weight files but not in {DESCRIPTION}" for n in sorted(set(meta) - set(types))]
+    return problems + _linear_problems(types, meta, desc) + _c8_problems(desc, types, meta)

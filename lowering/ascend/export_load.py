@@ -1,0 +1,88 @@
+"""Read an Ascend export back into a ptqc fake-quant graph (:func:`load`)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ptqc import ops, quant
+from ptqc.errors import PtqcError
+from ptqc.ir import QModel, info, is_op
+from ptqc.lowering.ascend.export_check import check
+from ptqc.lowering.ascend.layout import DESCRIPTION, kv_shape
+
+
+def load(path, dtype: str = "float32") -> QModel:
+    """Read an Ascend export back into a ptqc fake-quant graph (codes, scales and activation
+    quantizers as the artifact had them), so it can be evaluated, diffed and re-exported."""
+    from ptqc import frontend
+    from ptqc.ir import propagate
+    from ptqc.passes.act_quant import insert_quantizer
+    from ptqc.weights import set_quantized_weight
+
+    path = Path(path)
+    problems = check(path)
+    if problems:
+        raise PtqcError(f"{path} is not a valid Ascend export: {problems[0]} (run ptqc check-export)")
+    desc = json.loads((path / DESCRIPTION).read_text())
+    qm = frontend.load(path, dtype, shapes=False)
+    qm.store.cast = False
+    acts: dict = {}
+    for lin in qm.linears():
+        w = lin.args[1].target
+        kind = desc.get(w, "FLOAT")
+        if kind == "FLOAT":
+            continue
+        set_quantized_weight(qm, lin, *_weight(qm, w.removesuffix(".weight"), kind, desc), "ascend-export")
+        if kind in ("W8A8", "W8A8_DYNAMIC", "W4A8_DYNAMIC"):
+            acts.setdefault((lin.args[0], "W8A8" if kind == "W8A8" else "dynamic"), []).append(lin)
+    for (src, kind), lins in acts.items():
+        if kind == "dynamic":
+            insert_quantizer(qm, src, lins, quant.QuantSpec(8, 0, True))
+            continue
+        base = info(lins[0])["module"]
+        s = qm.store[f"{base}.input_scale"].float().reshape(1)
+        off = qm.store[f"{base}.input_offset"].float().reshape(1)
+        zp = torch.round(off).to(torch.int8) if off.any() else None
+        insert_quantizer(qm, src, lins, quant.QuantSpec(8, -1, zp is None), scale=s, zero_point=zp,
+                         method="static-export")
+    if desc.get("kv_cache_type") == "C8":
+        _load_c8(qm)
+    qm.properties |= {"weight_quant"} | ({"act_quant"} if acts else set())
+    propagate(qm.graph, qm.store)
+    return qm
+
+
+def _weight(qm: QModel, base: str, kind: str, desc: dict) -> tuple:
+    """(QuantSpec, int codes [out, in], scale, zero point or None) of one exported linear."""
+    codes = qm.store[f"{base}.weight"]
+    scale = qm.store[f"{base}.weight_scale"].float()
+    offset = qm.store[f"{base}.weight_offset"].float()
+    zp = None if not offset.any() else torch.round(-offset).to(torch.int8)
+    group = desc.get("group_size", 0) or 0
+    if kind == "W4A8_DYNAMIC":  # scale x scale_second; version 1.0.0 packs along the output dimension
+        if desc.get("version") == "1.0.0":
+            codes = quant.unpack_int4(codes.t().contiguous()).t().contiguous()
+        second = qm.store[f"{base}.weight_scale_second"].float()
+        per_channel = bool((second == 1).all())
+        return quant.QuantSpec(4, 0 if per_channel else group, True), codes, scale if per_channel else scale * second, None
+    if kind == "W4A16":
+        codes = quant.unpack_int4(codes)
+    group = group if kind == "W4A16" and scale.shape[1] > 1 else 0
+    return quant.QuantSpec(4 if kind == "W4A16" else 8, group, zp is None), codes, scale, zp
+
+
+def _load_c8(qm: QModel) -> None:
+    """Static int8 K/V quantizers on every attention from the export's kv_cache_scale/offset."""
+    from ptqc.passes.kv import KV
+
+    hkv, d = kv_shape(qm)
+    for a in [n for n in qm.graph.nodes if is_op(n, ops.ATTENTION)]:
+        base = info(a)["module"]
+        for which, arg in (("k", 1), ("v", 2)):
+            proj = f"{base}.{which}_proj"
+            scale = qm.store[f"{proj}.kv_cache_scale"].float().reshape(hkv, 1, d)
+            off = qm.store[f"{proj}.kv_cache_offset"].float().reshape(hkv, 1, d)
+            zp = torch.round(off).to(torch.int8) if off.any() else None
+            KV._insert(qm, a, arg, quant.QuantSpec(8, 0, zp is None), scale, zp, which)

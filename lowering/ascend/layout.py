@@ -1,0 +1,47 @@
+"""The Ascend deployment layout (msModelSlim / vllm-ascend 0.23.0 ``--quantization ascend``): file
+names, types, and the tensors each linear type needs with their dtypes and shapes (data for the
+writer :mod:`export`, the checker :mod:`export_check` and the reader :mod:`export_load`)."""
+from __future__ import annotations
+
+DESCRIPTION = "quant_model_description.json"
+WEIGHTS = "quant_model_weights-00001-of-00001.safetensors"
+INDEX = "quant_model_weights.safetensors.index.json"
+SERVING_DTYPES = ("float16", "bfloat16")
+TYPES = ("W8A8", "W8A8_DYNAMIC", "W8A16", "W4A8_DYNAMIC", "W4A16", "C8", "FLOAT")
+W4A8_GROUP = 256  # vllm-ascend's group_size when the description has none
+ROW_PARALLEL = (".o_proj", ".down_proj")  # vLLM RowParallelLinear: W4A8 scale_bias [out, 16], else [out, 1]
+SCALE_BIAS_CHUNKS = 16
+C8_MODEL_TYPES = ("qwen3", "glm4_moe", "minimax_m2")  # vllm-ascend 0.23.0 patches their load_weights for C8
+C8_SUFFIXES = ("kv_cache_scale", "kv_cache_offset")
+META_KEYS = ("model_quant_type", "version", "group_size", "kv_cache_type", "kv_quant_type", "metadata", "optional")
+REQUIRED = {  # suffixes every linear of a type must have (besides .weight)
+    "W8A8": ("input_scale", "input_offset", "deq_scale", "quant_bias", "weight_scale", "weight_offset"),
+    "W8A8_DYNAMIC": ("weight_scale", "weight_offset"),
+    "W8A16": ("weight_scale", "weight_offset"),
+    "W4A16": ("weight_scale", "weight_offset"),
+    "W4A8_DYNAMIC": ("weight_scale", "weight_offset", "weight_scale_second", "weight_offset_second", "scale_bias"),
+}
+FLOATS = ("F32", "F16", "BF16")
+# suffix -> (dtypes, shapes for a linear's geometry g = {out, cols (weight_scale columns), groups
+# (W4A8 second-level columns), bias_cols (W4A8 scale_bias columns)}, what is expected)
+SUFFIX_RULES = {
+    "weight_scale": (("F32",), lambda g: ((g["out"], g["cols"]),), "float32 [{out}, {cols}]"),
+    "weight_offset": (("F32",), lambda g: ((g["out"], g["cols"]),), "float32 [{out}, {cols}]"),
+    "input_scale": (("F32",), lambda g: ((1,), ()), "float32 [1]"),
+    "input_offset": (("I8", "F32"), lambda g: ((1,), ()), "int8 (or float32) [1]"),
+    "deq_scale": (("I64", "F32"), lambda g: ((g["out"],),), "int64 (or float32 for bf16 models) [{out}]"),
+    "quant_bias": (("I32",), lambda g: ((g["out"],),), "int32 [{out}]"),
+    "weight_scale_second": (FLOATS, lambda g: ((g["out"], g["groups"]),), "float [{out}, {groups}]"),
+    "weight_offset_second": (FLOATS, lambda g: ((g["out"], g["groups"]),), "float [{out}, {groups}]"),
+    "scale_bias": (("F32",), lambda g: ((g["out"], g["bias_cols"]),), "float32 [{out}, {bias_cols}] "
+                   "(16 columns for the row-parallel o_proj / down_proj)"),
+}
+
+
+def kv_shape(qm) -> tuple[int, int]:
+    """(KV heads, head_dim) from the model config."""
+    cfg = qm.config
+    heads = cfg.num_attention_heads
+    hkv = getattr(cfg, "num_key_value_heads", None) or heads
+    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return hkv, d
