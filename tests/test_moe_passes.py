@@ -160,17 +160,16 @@ def test_min_tokens_falls_back_and_is_recorded(moe, calib):
     assert not torch.equal(dequantized_weight(qm2, s)[fb[0]], quant.fake_quantize(floats[s.name][fb[0]], spec))
 
 
-def test_all_experts_changes_statistics_not_the_forward(moe, calib, ids):
+def test_all_experts_changes_statistics_not_the_forward(moe, calib):
     a, b = moe("glm4_moe"), moe("glm4_moe")
     sa = run(a, "gptq:bits=4,group=32,propagate=float", calib)
     sb = run(b, "gptq:bits=4,group=32,propagate=float,all_experts=true", calib)
-    assert sa["experts"] == {m: {**r, "fallback": sa["experts"][m]["fallback"]} for m, r in sb["experts"].items()}
+    assert {m: r["tokens"] for m, r in sa["experts"].items()} == {m: r["tokens"] for m, r in sb["experts"].items()}
     assert all(r["fallback"] == [] for r in sb["experts"].values())
     assert b.quant["model.layers.1.mlp.experts.gate_proj"]["weight"]["stats"] == "all"
     for s, t in zip(experts.sites(a), experts.sites(b)):
         assert not torch.equal(dequantized_weight(a, s), dequantized_weight(b, t))
-    x = ids(2, 9)
-    assert torch.equal(a.clone()(x), a(x))  # same graph: only weights differ
+    assert [n.format_node() for n in a.graph.nodes] == [n.format_node() for n in b.graph.nodes]
 
 
 def test_int8_quantizes_expert_inputs_and_keeps_the_router_float(moe, ids):
