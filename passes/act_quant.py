@@ -7,7 +7,8 @@ token, g > 0 per group, -1 per tensor). ``static``: one calibrated per-tensor sc
 point when asymmetric) stored as ``<module>.input_scale`` / ``.input_zero_point`` of the group's
 first linear, from ``method`` absmax, percentile or mse (the clip ratio in 1.0, 0.95 .. 0.5 of
 absmax with the lowest fake-quant MSE), calibrated layer by layer on the model as quantized so far.
-Linears whose input is already quantized (e.g. by flatquant) are left alone.
+Linears whose input is already quantized (e.g. by flatquant) are left alone. MoE experts get
+dynamic per-token quantizers on x (not the router's) and on down's input (``down_act_bits``).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from typing import Literal
 import torch
 import torch.fx as fx
 
-from ptqc import ops, quant
+from ptqc import experts, ops, quant
 from ptqc.calib import calibrate
 from ptqc.errors import PtqcError
 from ptqc.ir import info, is_op
@@ -37,6 +38,22 @@ def placements(qm, p: Pass) -> list[tuple[fx.Node, list[fx.Node], object]]:
         if spec is not None:
             groups.setdefault((n.args[0], repr(o)), (n.args[0], [], o))[1].append(n)
     return list(groups.values())
+
+
+def expert_inputs(qm, p: Pass, static: bool = False) -> dict:
+    """Dynamic per-token quantizers on the inputs of every MoE experts node with a stack pass ``p``
+    selects for activation quantization (:func:`ptqc.experts.quantize_inputs`): {experts module:
+    record}. Static quantization of expert inputs is refused."""
+    todo = [s for s in experts.sites(qm) if not is_op(s.node.args[0], ops.QUANTIZE_ACT)]
+    specs: dict = {}
+    for site, _, spec in plan(qm, p, todo, spec_of=lambda mo: mo.act_spec()):
+        if spec is not None:
+            if static:
+                raise PtqcError(f"{site.module}: static activation quantization of MoE experts is not supported; "
+                                "use dynamic (static=false) or exclude=experts")
+            experts.check_act(spec, site)
+            specs.setdefault(site.node, spec)
+    return {info(n)["module"]: experts.quantize_inputs(qm, n, spec) for n, spec in specs.items()}
 
 
 def insert_quantizer(qm, src: fx.Node, lins: list[fx.Node], spec: quant.QuantSpec, *, scale=None,
@@ -164,8 +181,9 @@ class ActQuant(Pass):
     def run(self, qm, ctx) -> PassResult:
         o = self.options
         groups = placements(qm, self)
+        moe = expert_inputs(qm, self, o.static)
         summary = place(qm, ctx, groups, static=o.static, method=o.method, percentile=o.percentile)
-        return PassResult(changed=bool(groups), summary=summary)
+        return PassResult(changed=bool(groups or moe), summary={**summary, **({"experts": len(moe)} if moe else {})})
 
 
 def check_act_options(bits: int, group: int, percentile: float = 99.99) -> None:

@@ -30,6 +30,7 @@ class GPTAQ(gptq.GPTQ):
     """
 
     name = "gptaq"
+    experts = False  # MoE expert stacks: refused by weights.plan
 
     @dataclass
     class Options(gptq.GPTQ.Options):

@@ -12,17 +12,20 @@ tr(dW H dW^T) / tr(W H W^T) of GPTQ and of RTN with the same scheme (``err_gptq`
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
-from ptqc import quant
+from ptqc import experts, ops, quant
 from ptqc.calib import calibrate
 from ptqc.errors import PtqcError
 from ptqc.gptq_core import SingularHessian, output_error, quantize_groups
+from ptqc.ir import info
+from ptqc.moe_calib import ExpertHessians, gptq_stack
 from ptqc.observers import Hessian
 from ptqc.options import WeightOptions
 from ptqc.pipeline import Pass, PassResult, register
-from ptqc.weights import grouped_targets, set_quantized_weight, weight_of
+from ptqc.weights import grouped_targets, set_quantized_weight, weight_node, weight_of
 
 
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: quant.QuantSpec, *, block: int = 128,
@@ -40,18 +43,41 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: quant.QuantSpec, *, bl
     return codes, scale, zp, used
 
 
-def calibrate_hessians(qm, ctx, groups: dict, quantize, propagate: str, desc: str) -> dict:
+def calibrate_hessians(qm, ctx, groups: dict, quantize, propagate: str, desc: str, stacks: dict | None = None) -> dict:
     """Calibrate layer by layer with one Hessian per group of linears sharing an input (``groups``:
-    layer -> [linears], from ``grouped_targets``); ``quantize(lins, h)`` once a group's is complete."""
+    layer -> [linears], from ``grouped_targets``); ``quantize(lins, h)`` once a group's is complete.
+    ``stacks``: layer -> {experts node: (ExpertHessians, callback(stats))}, per-expert statistics."""
+    stacks = stacks or {}
+
     def observe(i):
-        return {lins[0]: {"h": Hessian()} for lins in groups.get(i, [])}
+        obs = {lins[0]: {"h": Hessian()} for lins in groups.get(i, [])}
+        return {**obs, **{node: {"experts": st} for node, (st, _) in stacks.get(i, {}).items()}}
 
     def apply(i, stats):
         for lins in groups.get(i, []):
             if lins[0] in stats:  # sequential: only this stage's inputs are observed yet
                 quantize(lins, stats[lins[0]]["h"].result())
+        for node, (st, done) in stacks.get(i, {}).items():
+            if node in stats:
+                done(st)
 
-    return calibrate(qm, ctx, observe, apply, propagate=propagate, layers=sorted(groups), desc=desc)
+    return calibrate(qm, ctx, observe, apply, propagate=propagate, layers=sorted({*groups, *stacks}), desc=desc)
+
+
+def expert_stacks(qm, opts: dict, quantize) -> dict:
+    """layer -> {experts node: (ExpertHessians, callback)} for the expert sites in ``opts``;
+    ``quantize(site, stats)`` per site once its node's statistics are complete."""
+    out: dict = {}
+    for node in qm.nodes(ops.MOE_EXPERTS):
+        chosen = [s for s in experts.sites(qm) if s.node is node and s.name in opts]
+        if not chosen:
+            continue
+        mos = [opts[s.name] for s in chosen]
+        st = ExpertHessians(qm.store.spec(weight_node(chosen[0]).target)[0][0], node.kwargs.get("act", "silu"),
+                            node.kwargs.get("down_act_bits", 0),
+                            all_tokens=any(mo.all_experts or mo.few_tokens == "all" for mo in mos))
+        out.setdefault(info(node)["layer"], {})[node] = (st, lambda st, chosen=chosen: [quantize(s, st) for s in chosen])
+    return out
 
 
 @register
@@ -61,9 +87,13 @@ class GPTQ(Pass):
     Calibrated (uses --calib), layer by layer with quantized-input propagation. `act_order`
     quantizes columns by decreasing Hessian diagonal with static groups (contiguous layout).
     `fallback=rtn` quantizes a linear whose Hessian stays singular with RTN instead of failing.
+    MoE expert stacks: one Hessian per expert from the tokens routed to it (`all_experts=true`: from
+    every token); an expert routed fewer than `min_tokens` tokens uses the all-token statistics
+    (`few_tokens=all`) or RTN (`few_tokens=rtn`), recorded per stack in the manifest.
     """
 
     name = "gptq"
+    experts = True
     requires = frozenset({"canonical"})
     provides = frozenset({"weight_quant"})
 
@@ -75,11 +105,14 @@ class GPTQ(Pass):
         retries: int = 4  # damp x10 per retry when Cholesky fails
         fallback: str = "error"  # error | rtn
         propagate: str = "sequential"  # sequential | quantized | float
+        all_experts: bool = False  # expert Hessians from every token, not only the routed ones
+        min_tokens: int = 16  # experts routed fewer tokens take `few_tokens`
+        few_tokens: Literal["rtn", "all"] = "rtn"  # RTN, or the all-token statistics
 
         def validate(self):
             super().validate()
-            if not 0 < self.damp < 10 or self.block < 1 or self.retries < 0:
-                raise PtqcError("damp must be in (0, 10), block >= 1, retries >= 0")
+            if not 0 < self.damp < 10 or self.block < 1 or self.retries < 0 or self.min_tokens < 0:
+                raise PtqcError("damp must be in (0, 10), block >= 1, retries >= 0, min_tokens >= 0")
             if self.fallback not in ("error", "rtn") or self.propagate not in ("quantized", "float", "sequential"):
                 raise PtqcError("fallback is error|rtn and propagate is quantized|float|sequential")
 
@@ -95,12 +128,24 @@ class GPTQ(Pass):
         o = self.options
         opts, groups = grouped_targets(qm, self)
         errs = {"gptq": [], "rtn": []}
+        recs: dict = {}
+        stacks = expert_stacks(qm, opts, lambda site, st: recs.update({site.module: self.quantize_stack(
+            qm, site, opts[site.name], st)}))
         summary = calibrate_hessians(qm, ctx, groups, lambda lins, h: self.quantize_group(qm, lins, opts, h, errs),
-                                     o.propagate, "gptq")
+                                     o.propagate, "gptq", stacks)
         k = max(len(errs["gptq"]), 1)
-        return PassResult(changed=bool(opts), summary={
-            **summary, "linears": len(opts),
-            "mean_err_gptq": round(sum(errs["gptq"]) / k, 6), "mean_err_rtn": round(sum(errs["rtn"]) / k, 6)})
+        summary = {**summary, "linears": len(opts) - len(recs), "mean_err_gptq": round(sum(errs["gptq"]) / k, 6),
+                   "mean_err_rtn": round(sum(errs["rtn"]) / k, 6)}
+        if recs:
+            summary["experts"] = {m: {"tokens": r["tokens"], "fallback": r["fallback"]} for m, r in recs.items()}
+        return PassResult(changed=bool(opts), summary=summary)
+
+    def quantize_stack(self, qm, site, mo, stats) -> dict:
+        """GPTQ an expert stack expert by expert (:func:`ptqc.moe_calib.gptq_stack`); its record."""
+        spec = mo.weight_spec()
+        codes, scale, zp, rec = gptq_stack(site, weight_of(qm, site), stats, spec, mo)
+        set_quantized_weight(qm, site, spec, codes, scale, zp, self.name, {**rec, "act_order": mo.act_order})
+        return rec
 
     def _quantize(self, qm, lins, mo, h, errs, dxxt=None) -> None:
         spec = mo.weight_spec()

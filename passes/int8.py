@@ -5,7 +5,8 @@ Weights of every selected linear that is still float are rounded to nearest
 their codes, so ``rotate,gptq:bits=4,group=0,sym=true,w4a4`` gives GPTQ weights with W4A4
 activations. Activations (unless ``a_bits`` is 16) get :mod:`ptqc.passes.act_quant` quantizers,
 dynamic per token by default or ``static=true``. The presets are the same pass with other
-defaults (their docstrings below).
+defaults (their docstrings below). MoE expert stacks: weights per expert and channel, inputs
+(x, and down's input inside ``moe_experts``) dynamic per token; the router stays float.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from typing import Literal
 from ptqc import quant
 from ptqc.options import Selection, check_weight_bits
 from ptqc.pipeline import Pass, PassResult, register
-from ptqc.passes.act_quant import act_spec, check_act_options, place, placements
+from ptqc.passes.act_quant import act_spec, check_act_options, expert_inputs, place, placements
 from ptqc.passes.rtn import quantize_linear
 from ptqc.weights import plan
 
@@ -29,6 +30,7 @@ class Int8(Pass):
     """
 
     name = "int8"
+    experts = True
     requires = frozenset({"canonical"})
     provides = frozenset({"weight_quant", "act_quant"})
 
@@ -64,13 +66,16 @@ class Int8(Pass):
         o = self.options
         todo = plan(qm, self)  # float linears only
         groups = placements(qm, self) if o.a_bits != 16 else []
+        moe = expert_inputs(qm, self, o.static) if o.a_bits != 16 else {}
         errs = [quantize_linear(qm, n, spec, self.name)
                 for n, _, spec in ctx.progress(todo, desc=self.name, unit="linear")]
         summary = {"weights_quantized": len(todo), "mean_rel_weight_error": round(sum(errs) / max(len(errs), 1), 6)}
         if groups:
             summary["activations"] = place(qm, ctx, groups, static=o.static, method=o.method,
                                            percentile=o.percentile, desc=self.name)
-        return PassResult(changed=bool(todo or groups), summary=summary)
+        if moe:
+            summary["expert_inputs"] = len(moe)
+        return PassResult(changed=bool(todo or groups or moe), summary=summary)
 
 
 def _preset(name: str, doc: str, **defaults):

@@ -29,8 +29,8 @@ class Pack(Pass):
             codes_node = dq.args[0]
             if codes_node.op != "get_attr":
                 continue  # already packed
-            lin = next(iter(dq.users))
-            bits = info(lin).get("quant", {}).get("weight", {}).get("bits", 8)
+            user = dq if "quant" in info(dq) else next(iter(dq.users))  # expert stacks: on dq itself
+            bits = info(user).get("quant", {}).get("weight", {}).get("bits", 8)
             shape = qm.store.spec(codes_node.target)[0]
             if bits > 4 or shape[-1] % 2:
                 continue

@@ -10,14 +10,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ptqc import quant
+from ptqc.experts import ExpertSite
 from ptqc.options import WeightOptions
 from ptqc.pipeline import Pass, PassResult, register
 from ptqc.weights import plan, set_quantized_weight, weight_of
 
 
 def quantize_linear(qm, n, spec: quant.QuantSpec, method: str = "rtn") -> float:
-    """Round-to-nearest one linear's weight with the shared quantizer; returns the relative
-    weight error ||Q(W) - W|| / ||W||. Other passes (int8, w4a4, ...) call this too."""
+    """Round-to-nearest one linear's weight (or an expert stack [E, out, in], per expert and row)
+    with the shared quantizer; returns the relative weight error ||Q(W) - W|| / ||W||. Other
+    passes (int8, w4a4, ...) call this too."""
     w = weight_of(qm, n).float()
     scale, zp = quant.compute_qparams(w, spec)
     codes = quant.quantize(w, scale, zp, spec)
@@ -35,10 +37,11 @@ class RTN(Pass):
     `include`/`exclude` take module patterns (full path, suffix such as `down_proj` or
     `layers.0.*`, or a role such as `lm_head`), separated by `|`; lm_head is kept float by default.
     Recipes can set per-module options (`overrides:`) and a `sensitive` pass before it can keep
-    layers at higher precision.
+    layers at higher precision. MoE expert stacks are quantized per expert (`exclude=experts`: float).
     """
 
     name = "rtn"
+    experts = True
     requires = frozenset({"canonical"})
     provides = frozenset({"weight_quant"})
 
@@ -56,6 +59,7 @@ class RTN(Pass):
         for n, _, spec in ctx.progress(todo, desc="rtn", unit="linear"):
             err_sum += quantize_linear(qm, n, spec)
             schemes[spec.describe()] = schemes.get(spec.describe(), 0) + 1
-        return PassResult(changed=bool(todo), summary={
-            "linears": len(todo), "schemes": schemes,
-            "mean_rel_weight_error": round(err_sum / max(len(todo), 1), 6)})
+        stacks = sum(isinstance(n, ExpertSite) for n, _, _ in todo)
+        summary = {"linears": len(todo) - stacks, **({"expert_stacks": stacks} if stacks else {}), "schemes": schemes,
+                   "mean_rel_weight_error": round(err_sum / max(len(todo), 1), 6)}
+        return PassResult(changed=bool(todo), summary=summary)

@@ -22,7 +22,8 @@ Per layer: observe, ``apply``, then the next layer's inputs come from the quanti
 (``"quantized"``, GPTQ's convention) or from the observation run (``"float"``).
 ``"sequential"`` calls ``apply`` once per observed input (q/k/v, o, gate/up, down) as soon as
 its statistics are complete, later linears observed with the earlier ones quantized
-(:meth:`LayerRunner.run_staged`). Non-finite activations stop with the layer and module named.
+(:meth:`LayerRunner.run_staged`). An observer with ``where="call"`` sees all input values of
+its node (an MoE experts node: x, routing and stacks). Non-finite activations stop with the layer and module named.
 """
 from __future__ import annotations
 
@@ -150,7 +151,8 @@ class _SegmentInterpreter(Interpreter):
 
     def after_node(self, n, args, y):
         for o in self.observers.get(n.name, {}).values():
-            self.runner.observe(n, o, args[getattr(o, "arg", 0)] if o.where == "input" else y)
+            self.runner.observe(n, o, args if o.where == "call" else args[getattr(o, "arg", 0)]
+                                if o.where == "input" else y)
         if self.hook is not None:
             self.hook(n, args, y, self.batch)
 
@@ -206,9 +208,10 @@ class LayerRunner:
         if release:
             self.qm.store.release(seg.weights)
 
-    def observe(self, n: fx.Node, o, x: torch.Tensor) -> None:
-        """Feed observer ``o`` of node ``n`` the value ``x``, stopping on a non-finite one."""
-        if self.check_finite and not _finite(x):
+    def observe(self, n: fx.Node, o, x) -> None:
+        """Feed observer ``o`` of node ``n`` the value ``x`` (``where="call"``: all its input
+        values, the first checked), stopping on a non-finite one."""
+        if self.check_finite and not _finite(x[0] if o.where == "call" else x):
             m = n.meta.get("ptqc", {})
             raise PtqcError(f"non-finite (NaN/Inf) activation at the {o.where} of {m.get('module')} "
                             f"(layer {m.get('layer')}, node {n.name}) during calibration; check the "
@@ -231,7 +234,9 @@ class LayerRunner:
                 it.run(env, seg.nodes[pos:stop])
                 for n, named in obs.items():
                     for o in named.values():
-                        self.observe(n, o, env[n.args[getattr(o, "arg", 0)].name])
+                        self.observe(n, o, fx.node.map_arg(n.args, lambda a: env[a.name] if a.name in env
+                                                           else it.missing(a)) if o.where == "call"
+                                     else env[n.args[getattr(o, "arg", 0)].name])
             pos = stop
             callback()
             it.consts.clear()  # weights may have been rewritten
@@ -269,8 +274,9 @@ def calibrate(qm: QModel, ctx, observe: Callable[[int], dict], apply: Callable[[
             continue
         if propagate == "sequential":  # one stage per observed input, apply(i, that stage's stats)
             by_input: dict = {}
-            for node, named in obs.items():
-                by_input.setdefault(node.args[0], {})[node] = named
+            for node, named in obs.items():  # a "call" observer (MoE experts) is a stage of its own
+                call = any(o.where == "call" for o in named.values())
+                by_input.setdefault(node if call else node.args[0], {})[node] = named
             runner.run_staged(f"layer.{i}", [(st, (lambda st=st: apply(i, st))) for st in by_input.values()])
             qm.store.release()
             continue

@@ -11,10 +11,11 @@ from ptqc.passmanager import _short
 def _quant_str(q: dict) -> str:
     """A node's quantization parameters (``meta["ptqc"]["quant"]``) on one line."""
     parts = []
-    for k, v in q.items():
-        per_row = "ch" if k == "weight" else "tok"  # group 0: per output channel / per token
+    for k, v in q.items():  # MoE experts: gate_proj / up_proj / down_proj weights, input, down_input
+        per_row = "ch" if k == "weight" or k.endswith("_proj") else "tok"  # group 0: per channel / per token
         g = v.get("granularity") or {0: per_row, -1: "tensor"}.get(v.get("group"), f"g{v.get('group')}")
-        parts.append(f"{k[0]}:int{v.get('bits')} {g} {'sym' if v.get('sym') else 'asym'} ({v.get('method', '')})")
+        label = k if k.endswith("_proj") or k == "down_input" else k[0]
+        parts.append(f"{label}:int{v.get('bits')} {g} {'sym' if v.get('sym') else 'asym'} ({v.get('method', '')})")
     return "; ".join(parts)
 
 

@@ -17,8 +17,9 @@ propagates shapes and re-exports with ``torch.export``.
                                              online Hadamard / FlatQuant Kronecker transforms
     moe_route(logits, bias, top_k, ...)      router logits [T, E] -> top-k (weights, ids) [T, k]:
                                              softmax or sigmoid scores, grouped top-k, renorm, scale
-    moe_experts(x, weights, ids, gate, up, down, act)   sum over k of weights * expert_ids(x);
-                                             per-expert weights stacked [E, out, in]
+    moe_experts(x, weights, ids, gate, up, down, act, down_act_bits)   sum over k of weights *
+                                             expert_ids(x); per-expert weights stacked [E, out, in];
+                                             down's input fake-quantized per token if down_act_bits
 
 ``EAGER`` maps each op to a plain differentiable function (activation fake-quant with a
 straight-through estimator) for passes that train through a layer (flatquant).
@@ -194,30 +195,38 @@ def _(logits, bias, top_k, scoring="softmax", norm_topk_prob=False, n_group=1, t
     return logits.new_empty(shape, dtype=weights_dtype or logits.dtype), logits.new_empty(shape, dtype=torch.long)
 
 
+def moe_hidden(h: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act: str = "silu",
+               down_act_bits: int = 0) -> torch.Tensor:
+    """One expert's down input act(h gate^T) * (h up^T), fake-quantized dynamically per token,
+    symmetric, to ``down_act_bits`` (0: float)."""
+    y = MOE_ACTS[act](F.linear(h, gate)) * F.linear(h, up)
+    if down_act_bits:
+        y = quant.fake_quant_act(y, None, None, quant.QuantSpec(down_act_bits, 0, True)).to(y.dtype)
+    return y
+
+
 def _moe_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate: torch.Tensor,
-                 up: torch.Tensor, down: torch.Tensor, act: str = "silu") -> torch.Tensor:
+                 up: torch.Tensor, down: torch.Tensor, act: str = "silu", down_act_bits: int = 0) -> torch.Tensor:
     """x [T, H]; weights, ids [T, k]; gate, up [E, I, H]; down [E, H, I]. Each token's output is
-    the sum over its k experts e of weight * down_e(act(gate_e x) * up_e x): products in the
-    promoted dtype of the expert output and the weights, summed in float32 (as transformers'
-    default grouped_mm experts), cast to x's dtype."""
-    f = MOE_ACTS[act]
+    the sum over its k experts e of weight * down_e(act(gate_e x) * up_e x) (the down input
+    quantized as :func:`moe_hidden` says): products in the promoted dtype of the expert output
+    and the weights, summed in float32 (as transformers' default grouped_mm experts), cast to x's dtype."""
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     for e in ids.unique().tolist():
         tok, pos = torch.where(ids == e)
-        h = x[tok]
-        y = F.linear(f(F.linear(h, gate[e])) * F.linear(h, up[e]), down[e])
+        y = F.linear(moe_hidden(x[tok], gate[e], up[e], act, down_act_bits), down[e])
         out.index_add_(0, tok, (y * weights[tok, pos, None]).float())
     return out.to(x.dtype)
 
 
 @torch.library.custom_op("ptqc::moe_experts", mutates_args=())
 def moe_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
-                down: torch.Tensor, act: str = "silu") -> torch.Tensor:
-    return _moe_experts(x, weights, ids, gate, up, down, act)
+                down: torch.Tensor, act: str = "silu", down_act_bits: int = 0) -> torch.Tensor:
+    return _moe_experts(x, weights, ids, gate, up, down, act, down_act_bits)
 
 
 @moe_experts.register_fake
-def _(x, weights, ids, gate, up, down, act="silu"):
+def _(x, weights, ids, gate, up, down, act="silu", down_act_bits=0):
     return torch.empty_like(x)
 
 

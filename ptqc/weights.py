@@ -1,4 +1,4 @@
-"""Replacing a linear's float weight with quantized codes: the one rewrite every weight pass ends with.
+"""Replacing a weight's float tensor with quantized codes: the one rewrite every weight pass ends with.
 
 After ``set_quantized_weight`` the graph reads::
 
@@ -9,7 +9,9 @@ After ``set_quantized_weight`` the graph reads::
     y    = ptqc.linear(x, w, b)
 
 so ``ptqc inspect`` shows where weights are dequantized, and the artifact keeps the Hugging Face
-names (codes under ``.weight``, as in the Ascend export format).
+names (codes under ``.weight``, as in the Ascend export format). A weight site is a linear or an
+MoE expert stack (:class:`ptqc.experts.ExpertSite`, the same rewrite on a ``moe_experts`` argument
+with codes [E, out, in]); every function here takes either.
 """
 from __future__ import annotations
 
@@ -18,8 +20,9 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from ptqc import ops, quant
+from ptqc import experts, ops, quant
 from ptqc.errors import PtqcError
+from ptqc.experts import ExpertSite
 from ptqc.ir import QModel, info, is_op
 from ptqc.patterns import match_module
 
@@ -35,17 +38,23 @@ def selected(node: fx.Node, include, exclude) -> bool:
         not match_module(m.get("module", ""), m.get("role"), exclude)
 
 
-def plan(qm: QModel, p, nodes=None, spec_of=None) -> list[tuple[fx.Node, Any, quant.QuantSpec | None]]:
-    """What pass ``p`` works on: each of ``nodes`` (default: the float linears) that its
-    ``include``/``exclude`` select and that neither the precision plan nor the recipe's overrides
-    keep float, with its options (``p.options_for``) and the QuantSpec they give (``spec_of``,
-    default ``options.weight_spec()``; None: nothing to quantize there). Every QuantSpec is
-    checked against the node's input width here, before anything changes."""
+def select_sites(qm: QModel, include=("*",), exclude=("lm_head",)) -> list[ExpertSite]:
+    """Float expert stacks whose module path (``...experts.gate_proj``) or role (``experts``) matches."""
+    return [s for s in experts.sites(qm) if selected(s, include, exclude) and not is_quantized(s)]
+
+
+def plan(qm: QModel, p, nodes=None, spec_of=None) -> list[tuple[fx.Node | ExpertSite, Any, quant.QuantSpec | None]]:
+    """What pass ``p`` works on: each of ``nodes`` (default: the float linears and, where ``p.experts``,
+    the float expert stacks) that its ``include``/``exclude`` select and that neither the precision
+    plan nor the recipe's overrides keep float, with its options (``p.options_for``) and the
+    QuantSpec they give (``spec_of``, default ``options.weight_spec()``; None: nothing to quantize
+    there). Every QuantSpec is checked against the site's input width here, before anything
+    changes. A pass without ``experts = True`` whose selection holds an expert stack is refused."""
     o = p.options
     spec_of = spec_of or (lambda mo: mo.weight_spec() if hasattr(mo, "weight_spec") else None)
     out = []
-    chosen = select_linears(qm, o.include, o.exclude) if nodes is None else \
-        [n for n in nodes if selected(n, o.include, o.exclude)]
+    chosen = [*select_linears(qm, o.include, o.exclude), *select_sites(qm, o.include, o.exclude)] \
+        if nodes is None else [n for n in nodes if selected(n, o.include, o.exclude)]
     for n in chosen:
         mo = p.options_for(qm, n)
         if mo is None:
@@ -54,31 +63,43 @@ def plan(qm: QModel, p, nodes=None, spec_of=None) -> list[tuple[fx.Node, Any, qu
         if spec is not None:
             spec.check_fits(in_features(qm, n), info(n)["module"])
         out.append((n, mo, spec))
+    if not getattr(p, "experts", False):
+        experts.refuse(p, [n for n, _, _ in out if isinstance(n, ExpertSite)])
     return out
 
 
-def is_quantized(linear: fx.Node) -> bool:
-    return is_op(linear.args[1], ops.DEQUANTIZE_WEIGHT)
+def weight_node(site) -> fx.Node:
+    """The node a weight site computes with: a linear's weight argument or an expert stack."""
+    return site.node.args[site.arg] if isinstance(site, ExpertSite) else site.args[1]
 
 
-def weight_of(qm: QModel, linear: fx.Node) -> torch.Tensor:
-    """The float weight [out, in] of a (not yet quantized) linear."""
-    w = linear.args[1]
+def _replace_weight(site, new: fx.Node) -> None:
+    user, i = (site.node, site.arg) if isinstance(site, ExpertSite) else (site, 1)
+    user.args = (*user.args[:i], new, *user.args[i + 1:])
+
+
+def is_quantized(site) -> bool:
+    return is_op(weight_node(site), ops.DEQUANTIZE_WEIGHT)
+
+
+def weight_of(qm: QModel, linear) -> torch.Tensor:
+    """The float weight [out, in] of a (not yet quantized) linear ([E, out, in]: an expert stack)."""
+    w = weight_node(linear)
     if not (isinstance(w, fx.Node) and w.op == "get_attr"):
         raise PtqcError(f"{info(linear).get('module')}: weight is not a plain tensor (already transformed?)")
     return qm.store[w.target]
 
 
-def set_weight(qm: QModel, linear: fx.Node, w: torch.Tensor) -> None:
+def set_weight(qm: QModel, linear, w: torch.Tensor) -> None:
     """Write a new float weight for a linear (e.g. after folding scales into it)."""
-    qm.store[linear.args[1].target] = w.to(qm.dtype)
+    qm.store[weight_node(linear).target] = w.to(qm.dtype)
 
 
-def set_quantized_weight(qm: QModel, linear: fx.Node, spec: quant.QuantSpec, codes: torch.Tensor,
+def set_quantized_weight(qm: QModel, linear, spec: quant.QuantSpec, codes: torch.Tensor,
                          scale: torch.Tensor, zero_point: torch.Tensor | None, method: str,
                          record: dict | None = None) -> fx.Node:
-    """Store codes/scales under the linear's HF names and insert the dequantize node."""
-    w_node = linear.args[1]
+    """Store codes/scales under the weight's HF names and insert the dequantize node."""
+    w_node = weight_node(linear)
     name = w_node.target
     base = name.removesuffix(".weight")
     g = qm.graph
@@ -87,21 +108,24 @@ def set_quantized_weight(qm: QModel, linear: fx.Node, spec: quant.QuantSpec, cod
     if zero_point is not None:
         qm.store[f"{base}.weight_zero_point"] = zero_point.to(torch.int8).contiguous()
     meta = info(linear)
-    with g.inserting_before(linear):
+    with g.inserting_before(linear.node if isinstance(linear, ExpertSite) else linear):
         s_node = g.get_attr(f"{base}.weight_scale")
         z_node = g.get_attr(f"{base}.weight_zero_point") if zero_point is not None else None
         dq = g.call_function(ops.DEQUANTIZE_WEIGHT, (w_node, s_node, z_node, spec.group_size, qm.dtype))
     info(dq).update({"module": meta["module"], "layer": meta["layer"], "role": "weight_dequant"})
-    linear.args = (linear.args[0], dq, *linear.args[2:])
+    _replace_weight(linear, dq)
     q = {"method": method, "bits": spec.bits, "group": spec.group_size, "sym": spec.symmetric}
-    meta.setdefault("quant", {})["weight"] = q
+    if isinstance(linear, ExpertSite):
+        experts.record(qm, linear, dq, q)
+    else:
+        meta.setdefault("quant", {})["weight"] = q
     qm.quant.setdefault(meta["module"], {})["weight"] = {**q, "scale_shape": list(scale.shape), **(record or {})}
     return dq
 
 
-def dequantized_weight(qm: QModel, linear: fx.Node) -> torch.Tensor:
-    """The float weight a linear computes with, quantized or not."""
-    w = linear.args[1]
+def dequantized_weight(qm: QModel, linear) -> torch.Tensor:
+    """The float weight a linear (or expert stack) computes with, quantized or not."""
+    w = weight_node(linear)
     if is_op(w, ops.DEQUANTIZE_WEIGHT):
         c = w.args[0]
         codes = quant.unpack_int4(qm.store[c.args[0].target]) if is_op(c, ops.UNPACK_INT4) else qm.store[c.target]
@@ -176,9 +200,9 @@ def gqa_tie(qm: QModel, s: torch.Tensor, reduce=torch.amax) -> torch.Tensor:
     return reduce(g, dim=1, keepdim=True).expand_as(g).reshape(-1)
 
 
-def in_features(qm: QModel, linear: fx.Node) -> int:
-    """Input width of a linear, float or quantized (packed int4 codes count twice)."""
-    w = linear.args[1]
+def in_features(qm: QModel, linear) -> int:
+    """Input width of a linear or expert stack, float or quantized (packed int4 codes count twice)."""
+    w = weight_node(linear)
     if is_op(w, ops.DEQUANTIZE_WEIGHT):
         c = w.args[0]
         if is_op(c, ops.UNPACK_INT4):
