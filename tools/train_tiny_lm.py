@@ -12,7 +12,7 @@ Documents are split deterministically (by hashing a document id) into a training
 set, a held-out evaluation text and a calibration text.  A byte-level BPE
 tokenizer (tiny vocabulary, ``<|endoftext|>`` as EOS/BOS) is trained on the
 training documents, then a small Qwen2 causal LM (or, with ``--arch qwen3_moe``, a
-Qwen3-MoE one trained with the router load-balancing loss) is trained from scratch with
+Qwen3-MoE one with a per-layer router load-balancing loss) is trained from scratch with
 AdamW + warmup/cosine for a fixed number of steps (with a wall-clock safety cap).
 
 The model is deliberately small-vocabulary and fairly deep so that it is
@@ -302,6 +302,17 @@ def build_config(args, vocab_size: int, eos_id: int):
                           rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, **common)
 
 
+def layer_balance_loss(router_logits, experts: int, top_k: int):
+    """Switch load-balancing loss of each layer, averaged (top_k when balanced).
+
+    transformers' ``aux_loss`` pools the assignments of all layers before the product, so it
+    reads as balanced when expert i of one layer is dead and expert i of another overloaded."""
+    import torch
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
+
+    return torch.stack([load_balancing_loss_func((lg,), experts, top_k) for lg in router_logits]).mean()
+
+
 # --------------------------------------------------------------------------- main
 
 def parse_args(argv=None):
@@ -333,7 +344,8 @@ def parse_args(argv=None):
     p.add_argument("--top-k", type=int, default=2, help="qwen3_moe: experts per token")
     p.add_argument("--moe-intermediate", type=int, default=256, help="qwen3_moe: expert FFN width")
     p.add_argument("--aux-loss-coef", type=float, default=0.01,
-                   help="qwen3_moe: weight of the router load-balancing loss added to the LM loss")
+                   help="qwen3_moe: weight of the router load-balancing loss (per layer, averaged) "
+                        "added to the LM loss")
     p.add_argument("--eval-frac", type=float, default=0.06)
     p.add_argument("--calib-frac", type=float, default=0.03)
     p.add_argument("--save-dtype", choices=["bfloat16", "float32"], default="bfloat16")
@@ -442,6 +454,8 @@ def main(argv=None):
     t_train = time.time()
     losses, log, step, stopped_early = [], [], 0, False
     lm_losses, aux_losses = [], []  # LM cross-entropy and router balance loss per step (MoE)
+    # MoE: top-k assignments per [layer, expert] since the last log line; its smallest share is logged
+    route_counts, min_shares = torch.zeros(args.layers, args.experts), []
     tokens_seen = 0
     time_driven_steps = 0  # steps whose LR came from the wall-clock fraction
     for step in range(args.steps):
@@ -468,8 +482,12 @@ def main(argv=None):
         loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1))
         lm_losses.append(loss.item())
         if moe:
-            aux_losses.append(res.aux_loss.item())
-            loss = loss + args.aux_loss_coef * res.aux_loss
+            aux = layer_balance_loss(res.router_logits, args.experts, args.top_k)
+            aux_losses.append(aux.item())
+            with torch.no_grad():
+                route_counts += torch.stack([torch.bincount(lg.topk(args.top_k, dim=-1).indices.reshape(-1),
+                                                            minlength=args.experts) for lg in res.router_logits])
+            loss = loss + args.aux_loss_coef * aux
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if args.grad_clip > 0:
@@ -482,9 +500,13 @@ def main(argv=None):
         if (step + 1) % args.log_every == 0 or step == 0:
             el = time.time() - t_train
             avg = sum(losses[-args.log_every:]) / len(losses[-args.log_every:])
-            aux = f" aux {sum(aux_losses[-args.log_every:]) / len(aux_losses[-args.log_every:]):.3f}" \
-                if moe else ""
-            print(f"[train] step {step + 1}/{args.steps} loss {avg:.4f}{aux} lr {lr:.2e} epoch {epoch} "
+            moe_log = ""
+            if moe:
+                min_shares.append(round((route_counts / route_counts.sum(-1, keepdim=True)).min().item(), 4))
+                route_counts.zero_()
+                moe_log = (f" aux {sum(aux_losses[-args.log_every:]) / len(aux_losses[-args.log_every:]):.3f}"
+                           f" min-expert-share {min_shares[-1]:.3f}")
+            print(f"[train] step {step + 1}/{args.steps} loss {avg:.4f}{moe_log} lr {lr:.2e} epoch {epoch} "
                   f"{el:.0f}s ({tokens_seen / max(el, 1e-9):.0f} tok/s)", flush=True)
     else:
         step = args.steps
@@ -558,7 +580,8 @@ def main(argv=None):
                          "final_train_loss": final_loss, "train_seconds": round(train_time, 1),
                          **({"final_aux_loss": sum(aux_losses[-50:]) / max(1, len(aux_losses[-50:])),
                              "aux_loss_curve": [round(sum(aux_losses[i:i + 50]) / len(aux_losses[i:i + 50]), 4)
-                                                for i in range(0, len(aux_losses), 50)]} if moe else {}),
+                                                for i in range(0, len(aux_losses), 50)],
+                             "min_expert_share_curve": min_shares} if moe else {}),
                          "loss_curve": [round(sum(losses[i:i + 50]) / len(losses[i:i + 50]), 4)
                                         for i in range(0, len(losses), 50)]},
             "eval": {"protocol": f"non-overlapping windows of {args.seqlen} over eval.txt, mean NLL, exp",
