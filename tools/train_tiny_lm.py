@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Train the tiny Qwen2 example model shipped in ``examples/tiny-qwen2``.
+"""Train the tiny example models shipped in ``examples/`` (``tiny-qwen2``, ``tiny-qwen3-moe``).
 
 Everything is built from text that exists on every machine with Python, so the
 script needs no network access:
@@ -11,7 +11,8 @@ script needs no network access:
 Documents are split deterministically (by hashing a document id) into a training
 set, a held-out evaluation text and a calibration text.  A byte-level BPE
 tokenizer (tiny vocabulary, ``<|endoftext|>`` as EOS/BOS) is trained on the
-training documents, then a small Qwen2 causal LM is trained from scratch with
+training documents, then a small Qwen2 causal LM (or, with ``--arch qwen3_moe``, a
+Qwen3-MoE one with a per-layer router load-balancing loss) is trained from scratch with
 AdamW + warmup/cosine for a fixed number of steps (with a wall-clock safety cap).
 
 The model is deliberately small-vocabulary and fairly deep so that it is
@@ -21,6 +22,9 @@ must be able to tell quantization methods apart.
 Usage::
 
     python tools/train_tiny_lm.py -o examples/tiny-qwen2
+    python tools/train_tiny_lm.py -o examples/tiny-qwen3-moe --arch qwen3_moe --threads 1 \
+        --layers 4 --hidden 128 --heads 4 --kv-heads 2 --moe-intermediate 256 \
+        --no-bf16-autocast --steps 1200 --max-minutes 22
 
 Output directory (written to a temporary sibling directory and renamed at the end):
 ``config.json``, ``generation_config.json``, ``model.safetensors`` (bfloat16),
@@ -279,6 +283,36 @@ def perplexity(model, ids, seqlen: int, batch: int = 16):
     return math.exp(total / count), n
 
 
+# --------------------------------------------------------------------------- model
+
+def build_config(args, vocab_size: int, eos_id: int):
+    """The model config: Qwen2, or Qwen3-MoE (every layer sparse, top-k weights renormalized)."""
+    from transformers import Qwen2Config, Qwen3MoeConfig
+
+    common = dict(vocab_size=vocab_size, hidden_size=args.hidden, num_hidden_layers=args.layers,
+                  num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+                  max_position_embeddings=max(1024, args.seqlen), tie_word_embeddings=True,
+                  bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id, use_cache=True)
+    if args.arch == "qwen2":
+        return Qwen2Config(intermediate_size=args.intermediate, rope_theta=10000.0, **common)
+    return Qwen3MoeConfig(intermediate_size=args.intermediate, num_experts=args.experts,
+                          num_experts_per_tok=args.top_k, moe_intermediate_size=args.moe_intermediate,
+                          norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+                          router_aux_loss_coef=args.aux_loss_coef,
+                          rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, **common)
+
+
+def layer_balance_loss(router_logits, experts: int, top_k: int):
+    """Switch load-balancing loss of each layer, averaged (top_k when balanced).
+
+    transformers' ``aux_loss`` pools the assignments of all layers before the product, so it
+    reads as balanced when expert i of one layer is dead and expert i of another overloaded."""
+    import torch
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
+
+    return torch.stack([load_balancing_loss_func((lg,), experts, top_k) for lg in router_logits]).mean()
+
+
 # --------------------------------------------------------------------------- main
 
 def parse_args(argv=None):
@@ -305,6 +339,13 @@ def parse_args(argv=None):
     p.add_argument("--intermediate", type=int, default=384)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--arch", choices=["qwen2", "qwen3_moe"], default="qwen2")
+    p.add_argument("--experts", type=int, default=8, help="qwen3_moe: routed experts per layer")
+    p.add_argument("--top-k", type=int, default=2, help="qwen3_moe: experts per token")
+    p.add_argument("--moe-intermediate", type=int, default=256, help="qwen3_moe: expert FFN width")
+    p.add_argument("--aux-loss-coef", type=float, default=0.01,
+                   help="qwen3_moe: weight of the router load-balancing loss (per layer, averaged) "
+                        "added to the LM loss")
     p.add_argument("--eval-frac", type=float, default=0.06)
     p.add_argument("--calib-frac", type=float, default=0.03)
     p.add_argument("--save-dtype", choices=["bfloat16", "float32"], default="bfloat16")
@@ -325,7 +366,8 @@ def main(argv=None):
             sys.exit(f"error: {out} exists and is not a directory")
         if os.listdir(out) and not args.force:
             sys.exit(f"error: {out} is not empty (use --force to overwrite)")
-    for name, v in (("hidden", args.hidden), ("intermediate", args.intermediate)):
+    for name, v in (("hidden", args.hidden), ("intermediate", args.intermediate),
+                    ("moe-intermediate", args.moe_intermediate)):
         if v % 128:
             sys.exit(f"error: --{name} must be a multiple of 128 (got {v})")
     if args.hidden % args.heads or args.heads % args.kv_heads:
@@ -343,7 +385,9 @@ def main(argv=None):
     import torch
     import torch.nn.functional as F
     import transformers
-    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+
+    moe = args.arch == "qwen3_moe"
+    from transformers import AutoModelForCausalLM, GenerationConfig
 
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -372,26 +416,16 @@ def main(argv=None):
           f"({time.time() - t0:.1f}s)", flush=True)
 
     # ---- model ----------------------------------------------------------------
-    config = Qwen2Config(
-        vocab_size=tok.get_vocab_size(),
-        hidden_size=args.hidden,
-        intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads,
-        max_position_embeddings=max(1024, args.seqlen),
-        rope_theta=10000.0,
-        tie_word_embeddings=True,
-        bos_token_id=eos_id,
-        eos_token_id=eos_id,
-        pad_token_id=eos_id,
-        use_cache=True,
-    )
-    model = Qwen2ForCausalLM(config)
+    config = build_config(args, tok.get_vocab_size(), eos_id)
+    # eager experts (a loop over experts): the fastest on CPU for training
+    model = AutoModelForCausalLM.from_config(config, experts_implementation="eager") if moe \
+        else AutoModelForCausalLM.from_config(config)
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"[model] {n_params / 1e6:.2f}M params: {args.layers} layers, hidden {args.hidden}, "
-          f"intermediate {args.intermediate}, heads {args.heads}/{args.kv_heads} kv", flush=True)
+    ffn = (f"{args.experts} experts (top-{args.top_k}) of {args.moe_intermediate}" if moe
+           else f"intermediate {args.intermediate}")
+    print(f"[model] {args.arch} {n_params / 1e6:.2f}M params: {args.layers} layers, hidden {args.hidden}, "
+          f"{ffn}, heads {args.heads}/{args.kv_heads} kv", flush=True)
     fwd = torch.compile(model) if args.compile else model
 
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), eps=1e-8,
@@ -419,6 +453,9 @@ def main(argv=None):
     windows, wpos, epoch = epoch_windows(), 0, 0
     t_train = time.time()
     losses, log, step, stopped_early = [], [], 0, False
+    lm_losses, aux_losses = [], []  # LM cross-entropy and router balance loss per step (MoE)
+    # MoE: top-k assignments per [layer, expert] since the last log line; its smallest share is logged
+    route_counts, min_shares = torch.zeros(args.layers, args.experts), []
     tokens_seen = 0
     time_driven_steps = 0  # steps whose LR came from the wall-clock fraction
     for step in range(args.steps):
@@ -440,21 +477,36 @@ def main(argv=None):
         x = windows[wpos: wpos + args.batch]
         wpos += args.batch
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16_autocast):
-            logits = fwd(input_ids=x[:, :-1]).logits
+            res = fwd(input_ids=x[:, :-1], **({"output_router_logits": True} if moe else {}))
+        logits = res.logits
         loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1))
+        lm_losses.append(loss.item())
+        if moe:
+            aux = layer_balance_loss(res.router_logits, args.experts, args.top_k)
+            aux_losses.append(aux.item())
+            with torch.no_grad():
+                route_counts += torch.stack([torch.bincount(lg.topk(args.top_k, dim=-1).indices.reshape(-1),
+                                                            minlength=args.experts) for lg in res.router_logits])
+            loss = loss + args.aux_loss_coef * aux
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if args.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         opt.step()
         tokens_seen += x[:, 1:].numel()
-        losses.append(loss.item())
+        losses.append(lm_losses[-1])
         if step + 1 == args.warmup and not log:
             log.append({"step": step + 1, "time": time.time() - t_train})
         if (step + 1) % args.log_every == 0 or step == 0:
             el = time.time() - t_train
             avg = sum(losses[-args.log_every:]) / len(losses[-args.log_every:])
-            print(f"[train] step {step + 1}/{args.steps} loss {avg:.4f} lr {lr:.2e} epoch {epoch} "
+            moe_log = ""
+            if moe:
+                min_shares.append(round((route_counts / route_counts.sum(-1, keepdim=True)).min().item(), 4))
+                route_counts.zero_()
+                moe_log = (f" aux {sum(aux_losses[-args.log_every:]) / len(aux_losses[-args.log_every:]):.3f}"
+                           f" min-expert-share {min_shares[-1]:.3f}")
+            print(f"[train] step {step + 1}/{args.steps} loss {avg:.4f}{moe_log} lr {lr:.2e} epoch {epoch} "
                   f"{el:.0f}s ({tokens_seen / max(el, 1e-9):.0f} tok/s)", flush=True)
     else:
         step = args.steps
@@ -506,12 +558,16 @@ def main(argv=None):
             raise RuntimeError("AutoTokenizer.from_pretrained(out) tokenizes eval.txt differently "
                                "from the trained tokenizer")
         info = {
-            "description": "Tiny Qwen2 trained from scratch on Python stdlib docstrings + pydoc topics "
-                           "by tools/train_tiny_lm.py",
+            "description": f"Tiny {'Qwen3-MoE' if moe else 'Qwen2'} trained from scratch on Python stdlib "
+                           "docstrings + pydoc topics by tools/train_tiny_lm.py",
             "args": vars(args),
             "model": {"layers": args.layers, "hidden": args.hidden, "intermediate": args.intermediate,
                       "heads": args.heads, "kv_heads": args.kv_heads, "vocab": tok.get_vocab_size(),
-                      "params": n_params, "tie_word_embeddings": True, "saved_dtype": args.save_dtype},
+                      "params": n_params, "tie_word_embeddings": True, "saved_dtype": args.save_dtype,
+                      "arch": args.arch,
+                      **({"experts": args.experts, "top_k": args.top_k,
+                          "moe_intermediate": args.moe_intermediate,
+                          "aux_loss_coef": args.aux_loss_coef} if moe else {})},
             "corpus": {"documents": len(docs), "train_documents": len(train_docs),
                        "eval_documents": len(eval_docs), "calib_documents": len(calib_docs),
                        "chars": sum(len(t) for _, t in docs), "sha256": corpus_sha,
@@ -522,6 +578,10 @@ def main(argv=None):
                          "schedule_time_driven_steps": time_driven_steps, "epochs": tokens_seen / train_ids.numel(),
                          "tokens_seen": tokens_seen, "batch": args.batch, "seqlen": args.seqlen,
                          "final_train_loss": final_loss, "train_seconds": round(train_time, 1),
+                         **({"final_aux_loss": sum(aux_losses[-50:]) / max(1, len(aux_losses[-50:])),
+                             "aux_loss_curve": [round(sum(aux_losses[i:i + 50]) / len(aux_losses[i:i + 50]), 4)
+                                                for i in range(0, len(aux_losses), 50)],
+                             "min_expert_share_curve": min_shares} if moe else {}),
                          "loss_curve": [round(sum(losses[i:i + 50]) / len(losses[i:i + 50]), 4)
                                         for i in range(0, len(losses), 50)]},
             "eval": {"protocol": f"non-overlapping windows of {args.seqlen} over eval.txt, mean NLL, exp",
