@@ -89,7 +89,7 @@ def test_graph_shows_router_route_experts(moe_loaded, arch):
         assert x.meta["ptqc"]["role"] == "experts" and x.meta["ptqc"]["module"].endswith(".experts")
         shapes = [qm.store.spec(w.target)[0] for w in x.args[3:6]]
         i = 128 if arch == "mixtral" else 32  # Mixtral's experts are intermediate_size wide
-        assert shapes == [(n_exp, i, 64), (n_exp, i, 64), (n_exp, 64, i)] and x.kwargs == {"act": "silu"}
+        assert shapes == [(n_exp, i, 64), (n_exp, i, 64), (n_exp, 64, i)] and x.kwargs == {"act": "silu", "down_act_bits": 0}  # float down input until int8 sets it
     assert experts[-1].args[3].target == gate_name
     dense = sorted({n.meta["ptqc"]["layer"] for n in qm.linears(role="down")})
     shared = {"qwen2_moe": [0, 1], "glm4_moe": [0, 1]}.get(arch, [])  # dense layer 0 + shared experts
