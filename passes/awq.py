@@ -294,8 +294,7 @@ class AWQ(Pass):
             w = search_clip(x, w, spec)
             qm.store[n.args[1].target] = w.to(qm.dtype)
         if self.options.quantize:
-            scale, zp = quant.compute_qparams(w, spec)
-            set_quantized_weight(qm, n, spec, quant.quantize(w, scale, zp, spec), scale, zp, "awq",
+            set_quantized_weight(qm, n, spec, *quant.rtn(w, spec), "awq",
                                  {"scaled": scaled, "clipped": clip})
 
     @staticmethod

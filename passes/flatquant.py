@@ -177,8 +177,7 @@ class FlatQuant(Pass):
             qm.store[b_node.target] = b.to(qm.dtype)
         g = model.group_of.get(n.name)
         if spec is not None and self.options.quantize:
-            scale, zp = quant.compute_qparams(w, spec)
-            set_quantized_weight(qm, n, spec, quant.quantize(w, scale, zp, spec), scale, zp, "flatquant",
+            set_quantized_weight(qm, n, spec, *quant.rtn(w, spec), "flatquant",
                                  {"transform": g.module if g else None, "clipped": clipped})
             counts["weights_quantized"] += 1
         else:

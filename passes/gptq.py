@@ -21,7 +21,7 @@ from ptqc.calib import calibrate
 from ptqc.errors import PtqcError
 from ptqc.gptq_core import SingularHessian, output_error, quantize_groups
 from ptqc.ir import info
-from ptqc.moe_calib import ExpertHessians, gptq_stack
+from ptqc.moe_calib import ExpertHessians
 from ptqc.observers import Hessian
 from ptqc.options import WeightOptions
 from ptqc.pipeline import Pass, PassResult, register
@@ -41,6 +41,48 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: quant.QuantSpec, *, bl
         w, h, [spec.bits] * groups, spec.group_size, sym=spec.symmetric, block=block, damp=damp,
         act_order=act_order, retries=retries, dxxt=dxxt, alpha=alpha)
     return codes, scale, zp, used
+
+
+def gptq_or_rtn(w: torch.Tensor, h: torch.Tensor, spec: quant.QuantSpec, mo, where: str, dxxt=None):
+    """(codes, scale, zp, damp used, method) of ``w`` by GPTQ under pass options ``mo``; a Hessian
+    that stays singular is an error naming ``where``, or RTN with ``fallback=rtn``."""
+    try:
+        codes, scale, zp, used = gptq_quantize(w, h, spec, block=mo.block, damp=mo.damp, act_order=mo.act_order,
+                                               retries=mo.retries, dxxt=dxxt, alpha=getattr(mo, "alpha", 0.25))
+        return codes, scale, zp, used, None
+    except SingularHessian as e:
+        if mo.fallback != "rtn":
+            raise PtqcError(f"{where}: {e}; raise damp, give more calibration data, or allow "
+                            "fallback=rtn for such linears") from None
+        return (*quant.rtn(w, spec), None, "rtn-fallback")
+
+
+def gptq_stack(site, W: torch.Tensor, stats: ExpertHessians, spec: quant.QuantSpec, mo) -> tuple:
+    """GPTQ the expert stack W [E, out, in] of ``site`` expert by expert, each on its own Hessian
+    (:class:`ptqc.moe_calib.ExpertHessians`); an expert routed fewer than ``mo.min_tokens`` tokens
+    takes the all-token statistics (``few_tokens=all``) or RTN (``rtn``), as does one with no rows.
+    Returns (codes, scale, zp, record) with the record's per-expert ``tokens`` and ``fallback`` ids."""
+    parts, fallback, errs = [], [], {"gptq": [], "rtn": []}
+    for e in range(W.shape[0]):
+        w = W[e].float()
+        few = not mo.all_experts and int(stats.counts[e]) < mo.min_tokens
+        h = stats.hessian(site.proj, e, all_tokens=mo.all_experts or (few and mo.few_tokens == "all"))
+        if few or h is None:
+            fallback.append(e)
+        rtn = quant.rtn(w, spec)
+        if h is None or (few and mo.few_tokens == "rtn"):
+            parts.append(rtn)
+            continue
+        c, s, z = gptq_or_rtn(w, h, spec, mo, f"{site.module} expert {e}")[:3]
+        parts.append((c, s, z))
+        errs["gptq"].append(output_error(w, quant.dequantize(c, s, z, spec.group_size), h))
+        errs["rtn"].append(output_error(w, quant.dequantize(*rtn, spec.group_size), h))
+    codes, scale = torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
+    zp = torch.stack([p[2] for p in parts]) if parts[0][2] is not None else None
+    rec = {"tokens": stats.counts.tolist(), "fallback": fallback, "min_tokens": mo.min_tokens,
+           "stats": "all" if mo.all_experts else "routed", "few_tokens": mo.few_tokens,
+           **{f"err_{k}": round(sum(v) / len(v), 8) for k, v in errs.items() if v}}
+    return codes, scale, zp, rec
 
 
 def calibrate_hessians(qm, ctx, groups: dict, quantize, propagate: str, desc: str, stacks: dict | None = None) -> dict:
@@ -141,7 +183,7 @@ class GPTQ(Pass):
         return PassResult(changed=bool(opts), summary=summary)
 
     def quantize_stack(self, qm, site, mo, stats) -> dict:
-        """GPTQ an expert stack expert by expert (:func:`ptqc.moe_calib.gptq_stack`); its record."""
+        """GPTQ an expert stack expert by expert (:func:`gptq_stack`); its record."""
         spec = mo.weight_spec()
         codes, scale, zp, rec = gptq_stack(site, weight_of(qm, site), stats, spec, mo)
         set_quantized_weight(qm, site, spec, codes, scale, zp, self.name, {**rec, "act_order": mo.act_order})
@@ -151,18 +193,9 @@ class GPTQ(Pass):
         spec = mo.weight_spec()
         ws = [weight_of(qm, n).float() for n in lins]
         W = torch.cat(ws).to(h.device)
-        try:
-            codes, scale, zp, used = gptq_quantize(W, h, spec, block=mo.block, damp=mo.damp,
-                                                   act_order=mo.act_order, retries=mo.retries, dxxt=dxxt,
-                                                   alpha=getattr(mo, "alpha", 0.25))
-            method = self.name
-        except SingularHessian as e:
-            where = ", ".join(n.meta["ptqc"]["module"] for n in lins)
-            if mo.fallback != "rtn":
-                raise PtqcError(f"{where}: {e}; raise damp, give more calibration data, or allow "
-                                "fallback=rtn for such linears") from None
-            scale, zp = quant.compute_qparams(W, spec)
-            codes, used, method = quant.quantize(W, scale, zp, spec), None, "rtn-fallback"
+        where = ", ".join(n.meta["ptqc"]["module"] for n in lins)
+        codes, scale, zp, used, method = gptq_or_rtn(W, h, spec, mo, where, dxxt)
+        method = method or self.name
         hf = h.float()
         row = 0
         for n, w in zip(lins, ws):
@@ -170,10 +203,9 @@ class GPTQ(Pass):
             row += w.shape[0]
             c, s, z = codes[r].cpu(), scale[r].cpu(), zp[r].cpu() if zp is not None else None
             wq = quant.dequantize(c, s, z, spec.group_size)
-            rs, rz = quant.compute_qparams(w, spec)
+            rc, rs, rz = quant.rtn(w, spec)
             e_gptq = output_error(w, wq, hf.cpu())
-            e_rtn = output_error(w, quant.dequantize(quant.quantize(w, rs, rz, spec), rs, rz, spec.group_size),
-                                 hf.cpu())
+            e_rtn = output_error(w, quant.dequantize(rc, rs, rz, spec.group_size), hf.cpu())
             errs["gptq"].append(e_gptq)
             errs["rtn"].append(e_rtn)
             set_quantized_weight(qm, n, spec, c, s, z, method, {

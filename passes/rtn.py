@@ -21,8 +21,7 @@ def quantize_linear(qm, n, spec: quant.QuantSpec, method: str = "rtn") -> float:
     with the shared quantizer; returns the relative weight error ||Q(W) - W|| / ||W||. Other
     passes (int8, w4a4, ...) call this too."""
     w = weight_of(qm, n).float()
-    scale, zp = quant.compute_qparams(w, spec)
-    codes = quant.quantize(w, scale, zp, spec)
+    codes, scale, zp = quant.rtn(w, spec)
     deq = quant.dequantize(codes, scale, zp, spec.group_size)
     rel = ((deq - w).norm() / w.norm().clamp_min(1e-12)).item()
     set_quantized_weight(qm, n, spec, codes, scale, zp, method, {"rel_error": round(rel, 6)})

@@ -1,23 +1,17 @@
-"""Per-expert calibration statistics and GPTQ of MoE expert stacks.
+"""Per-expert calibration statistics of MoE expert stacks.
 
 :class:`ExpertHessians` watches a whole ``ptqc.moe_experts`` call (``where="call"``): for each
 expert e, the rows of x routed to it (gate/up input) and those rows' down input
 act(x gate_e^T) * (x up_e^T) give two GPTQ Hessians, and ``counts[e]`` the routed tokens. The
 forward keeps the real routing. With ``all_tokens`` every expert also sees every token (its
 statistics only): the all-token Hessians a pass may use instead (``all_experts``) or for experts
-routed fewer than ``min_tokens`` tokens.
-
-:func:`gptq_stack` quantizes a stack expert by expert with the shared GPTQ core; an expert
-short of tokens takes the all-token statistics (``few_tokens="all"``) or RTN (``"rtn"``),
-recorded in ``fallback``.
+routed fewer than ``min_tokens`` tokens (:func:`ptqc.passes.gptq.gptq_stack` uses them).
 """
 from __future__ import annotations
 
 import torch
 
-from ptqc import ops, quant
-from ptqc.errors import PtqcError
-from ptqc.gptq_core import SingularHessian, output_error
+from ptqc import ops
 
 
 def _add(sums: list, e: int, x: torch.Tensor) -> None:
@@ -59,46 +53,3 @@ class ExpertHessians:
         else:
             s, n = (self.h_in[e] if proj != "down" else self.h_down[e]), int(self.counts[e])
         return None if s is None else s * (2.0 / max(n, 1))
-
-
-def _gptq_one(w, h, spec, mo, where: str):
-    """(codes, scale, zp, damp) of one expert's [out, in] by GPTQ; mo.fallback=rtn on a singular H."""
-    from ptqc.passes.gptq import gptq_quantize
-
-    try:
-        return gptq_quantize(w, h, spec, block=mo.block, damp=mo.damp, act_order=mo.act_order, retries=mo.retries)
-    except SingularHessian as e:
-        if mo.fallback != "rtn":
-            raise PtqcError(f"{where}: {e}; raise damp, give more calibration data, or allow fallback=rtn") from None
-        return (*_rtn_one(w, spec), None)
-
-
-def _rtn_one(w, spec):
-    scale, zp = quant.compute_qparams(w, spec)
-    return quant.quantize(w, scale, zp, spec), scale, zp
-
-
-def gptq_stack(site, W: torch.Tensor, stats: ExpertHessians, spec, mo) -> tuple:
-    """GPTQ the stack W [E, out, in] of ``site`` expert by expert (see module doc). Returns
-    (codes, scale, zp, record) with the record's per-expert ``tokens`` and ``fallback`` ids."""
-    parts, fallback, errs = [], [], {"gptq": [], "rtn": []}
-    for e in range(W.shape[0]):
-        w = W[e].float()
-        few = not mo.all_experts and int(stats.counts[e]) < mo.min_tokens
-        h = stats.hessian(site.proj, e, all_tokens=mo.all_experts or (few and mo.few_tokens == "all"))
-        if few or h is None:
-            fallback.append(e)
-        if h is None or (few and mo.few_tokens == "rtn"):
-            parts.append(_rtn_one(w, spec))
-            continue
-        c, s, z, _ = _gptq_one(w, h, spec, mo, f"{site.module} expert {e}")
-        parts.append((c, s, z))
-        rc, rs, rz = _rtn_one(w, spec)
-        errs["gptq"].append(output_error(w, quant.dequantize(c, s, z, spec.group_size), h))
-        errs["rtn"].append(output_error(w, quant.dequantize(rc, rs, rz, spec.group_size), h))
-    codes, scale = torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
-    zp = torch.stack([p[2] for p in parts]) if parts[0][2] is not None else None
-    rec = {"tokens": stats.counts.tolist(), "fallback": fallback, "min_tokens": mo.min_tokens,
-           "stats": "all" if mo.all_experts else "routed", "few_tokens": mo.few_tokens,
-           **{f"err_{k}": round(sum(v) / len(v), 8) for k, v in errs.items() if v}}
-    return codes, scale, zp, rec

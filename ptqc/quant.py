@@ -126,10 +126,16 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tenso
     return (qg * scale.unsqueeze(-1)).reshape(codes.shape)
 
 
+def rtn(x: torch.Tensor, spec: QuantSpec):
+    """Round-to-nearest of ``x`` on its own range: (codes, scale, zero point)."""
+    scale, zp = compute_qparams(x, spec)
+    return quantize(x, scale, zp, spec), scale, zp
+
+
 def fake_quantize(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """quantize + dequantize in one call, in ``x``'s dtype."""
-    scale, zp = compute_qparams(x, spec)
-    return dequantize(quantize(x, scale, zp, spec), scale, zp, spec.group_size).to(x.dtype)
+    codes, scale, zp = rtn(x, spec)
+    return dequantize(codes, scale, zp, spec.group_size).to(x.dtype)
 
 
 # ---- activations -----------------------------------------------------------------------------
