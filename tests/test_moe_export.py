@@ -175,3 +175,41 @@ def test_check_export_catches_mixed_expert_types_and_a_missing_expert(exports, t
 def test_reading_quantized_experts_back_is_refused(exports):
     with pytest.raises(PtqcError, match=r"reading quantized MoE experts back from an Ascend export is not supported"):
         ax.load(exports["W8A8_DYNAMIC"][0])
+
+
+@pytest.mark.parametrize("text,fmt", [("int8", "int-quantized"), ("rtn:bits=4,group=32", "pack-quantized")])
+def test_compressed_tensors_moe_export_per_expert_with_the_router_ignored(base, tmp_path, text, fmt):
+    from ptqc.lowering import compressed_tensors as ct
+
+    qm = _compile(base, text)
+    res = ct.export(qm, tmp_path / "ct")
+    assert res["quantized_experts"] == 3 * E and ct.check(tmp_path / "ct") == []
+    q = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    assert q["format"] == fmt and "model.layers.0.mlp.gate" in q["ignore"]
+    t = load_file(str(tmp_path / "ct" / ct.WEIGHTS))
+    assert not any(".experts.gate_proj" in n or "gate_up_proj" in n for n in t)
+    for proj in ("gate", "up", "down"):
+        codes, scale = _stack(qm, proj)
+        for e in range(E):
+            base_ = f"{BLOCK}.{e}.{proj}_proj"
+            got = t[f"{base_}.weight"] if fmt == "int-quantized" else \
+                ct.unpack_int32(t[f"{base_}.weight_packed"], 4, t[f"{base_}.weight_shape"].tolist())
+            assert torch.equal(got.to(torch.int8), codes[e].to(torch.int8)), base_
+            assert torch.equal(t[f"{base_}.weight_scale"], scale[e].to(torch.bfloat16)), base_
+    with pytest.raises(PtqcError, match=r"reading quantized MoE experts back from a compressed-tensors export"):
+        ct.load(tmp_path / "ct")
+
+
+def test_compressed_tensors_check_catches_a_quantized_router_and_a_missing_expert_scale(base, tmp_path):
+    from ptqc.lowering import compressed_tensors as ct
+
+    ct.export(_compile(base, "int8"), tmp_path / "ct")
+    cfg = json.loads((tmp_path / "ct" / "config.json").read_text())
+    cfg["quantization_config"]["ignore"] = ["lm_head"]  # the router no longer ignored: "Linear" quantizes it
+    (tmp_path / "ct" / "config.json").write_text(json.dumps(cfg))
+    t = load_file(str(tmp_path / "ct" / ct.WEIGHTS))
+    del t[f"{BLOCK}.4.down_proj.weight_scale"]
+    save_file(t, str(tmp_path / "ct" / ct.WEIGHTS), metadata={"format": "pt"})
+    problems = ct.check(tmp_path / "ct")
+    assert "model.layers.0.mlp.gate.weight: expected I8 [8, 64], found BF16 [8, 64]" in problems
+    assert f"{BLOCK}.4.down_proj.weight_scale: int-quantized channel W8 needs it, but it is in no weight file" in problems
