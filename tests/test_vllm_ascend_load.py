@@ -375,6 +375,7 @@ def test_moe_w4a8_post_processing_serves_the_artifacts_scales_and_scale_bias(moe
                 f"{kind} {dtype} {w}"
             bias = torch.stack([torch.cat([tensors[f"{block}.{e}.{p}_proj.scale_bias"].sum(-1) for p in projs])
                              for e in range(8)])
-            torch.testing.assert_close(processed[f"{block}.{w}_scale_bias"], bias, rtol=1e-6, atol=1e-6)
+            got = processed[f"{block}.{w}_scale_bias"]
+            torch.testing.assert_close(got, bias, rtol=1e-5, atol=1e-5)  # vLLM sums in another order
             n += 1
     assert n == 2 * 2  # 2 layouts (grouped in bf16, per channel in fp16) x (w13, w2)

@@ -81,7 +81,8 @@ def groups(qm: QModel, moe_plan: list) -> tuple[list[int], list[int]]:
         if kind == "W4A8_DYNAMIC":
             for i in range(3):
                 gs.append(_weight_quant(node, i)["group"])
-                ins.append(qm.store.spec(stack_name(node, i))[0][-1] * (2 if is_op(node.args[3 + i].args[0], ops.UNPACK_INT4) else 1))
+                packed = is_op(node.args[3 + i].args[0], ops.UNPACK_INT4)  # two int4 codes per stored byte
+                ins.append(qm.store.spec(stack_name(node, i))[0][-1] * (2 if packed else 1))
     return gs, ins
 
 
@@ -91,7 +92,8 @@ def _quantized(qm: QModel, node, i: int) -> tuple[torch.Tensor, torch.Tensor, to
     codes = checkpoint.weight_codes(qm, dq)
     scale = qm.store[dq.args[1].target].float()
     scale = scale.reshape(*scale.shape[:2], -1)
-    off = -qm.store[dq.args[2].target].float().reshape(scale.shape) if dq.args[2] is not None else torch.zeros_like(scale)
+    zp = dq.args[2]
+    off = -qm.store[zp.target].float().reshape(scale.shape) if zp is not None else torch.zeros_like(scale)
     return codes, scale, off, checkpoint.store_inputs(dq, dq.args[0])
 
 

@@ -100,7 +100,8 @@ def _expert_linears(linears: dict, params: dict) -> None:
         e_count, two_i, h = params.pop(pname)
         down = params.pop(f"{prefix}.down_proj")
         for e in range(e_count):
-            for proj, k, n_out in (("gate_proj", h, two_i // 2), ("up_proj", h, two_i // 2), ("down_proj", *down[1:][::-1])):
+            for proj, k, n_out in (("gate_proj", h, two_i // 2), ("up_proj", h, two_i // 2),
+                                   ("down_proj", down[2], down[1])):
                 linears[f"{prefix}.{e}.{proj}"] = (("Linear",), k, n_out, False)
                 params[f"{prefix}.{e}.{proj}.weight"] = (n_out, k)
 
