@@ -5,10 +5,13 @@ deq_scale, quant_bias) on Qwen2 and Llama too, one decoder layer each; artifacts
 and float32, exported for their own dtype or another (``export --dtype``). A recorder on every
 parameter's weight_loader proves each parameter got each checkpoint tensor exactly once,
 unchanged, with its dtype and shape; the int8 weights and scales vLLM holds equal the artifact's;
-deq_scale is int64 for fp16 and float32 for bf16. What the loader cannot take, ptqc refuses to
-export (one line). Skipped only when PyPI cannot be reached to make the peer venv."""
+deq_scale is int64 for fp16 and float32 for bf16. A tiny Qwen3-MoE adds W8A8_DYNAMIC and
+W4A8_DYNAMIC experts (vllm-ascend's AscendFusedMoE: each expert's tensors in w13_* / w2_* once,
+equal to the artifact's; W4A8's post-processed scales and scale_bias). What the loader cannot
+take, ptqc refuses to export (one line). Skipped only when PyPI cannot be reached to make the peer venv."""
 import hashlib
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from ptqc import frontend, pipeline, quant
+from ptqc import frontend, ops, pipeline, quant
 from ptqc.errors import PtqcError
 from ptqc.lowering import checkpoint
 from ptqc.lowering.ascend import export as ax
@@ -29,17 +32,24 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 from make_tiny_model import make_model  # noqa: E402
 
-FAMILIES = {"qwen2": {}, "qwen3": {}, "llama": {"kv_heads": 4}}
+FAMILIES = {"qwen2": {}, "qwen3": {}, "llama": {"kv_heads": 4}, "qwen3_moe": {}}
+MOE = "qwen3_moe"
 C8 = ",kv:k=channel,v=channel"
 RECIPES = {"W8A8": "smooth,int8:static=true", "W8A8-asym": "int8:static=true,a_sym=false",
            "W8A8_DYNAMIC": "int8", "W8A16": "w8a16", "W4A8_DYNAMIC": "w4a8", "W4A8_DYNAMIC-g64": "w4a8:w_group=64"}
 DTYPES = ("float16", "bfloat16")
+# MoE experts (8 experts, fused by vllm-ascend into w13_* / w2_*): W8A8_DYNAMIC, W4A8_DYNAMIC under the
+# dense linears' group_size, and msModelSlim's per-channel layout (group_size 0, dense W8A8_DYNAMIC)
+MOE_RECIPES = {"W8A8_DYNAMIC": "int8", "W4A8_DYNAMIC": "w4a8",
+               "W4A8_DYNAMIC-experts": "int8:exclude=lm_head|router|shared_expert_gate|experts,w4a8:include=experts"}
+MOE_SERVINGS = {"W8A8_DYNAMIC": (None, "float16"), "W4A8_DYNAMIC": (None,), "W4A8_DYNAMIC-experts": ("float16",)}
 # family -> (artifact dtype, recipes, serving dtypes: None = the artifact's): every type on Qwen3 in
 # both serving dtypes; Qwen2 and Llama add their model classes (Qwen2's q/k/v bias, Llama's MHA) on
 # static W8A8; the float32 artifact is served only through --dtype
 CASES = {"qwen3": ("bfloat16", tuple(RECIPES), (None, "float16")),
          "qwen2": ("float16", ("W8A8",), (None, "bfloat16")),
-         "llama": ("float32", ("W8A8",), ("float16", "bfloat16"))}
+         "llama": ("float32", ("W8A8",), ("float16", "bfloat16")),
+         MOE: ("bfloat16", tuple(MOE_RECIPES), (None, "float16"))}
 FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
          "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
 SCALES = ("weight_scale", "weight_offset", "input_scale", "k_cache_scale", "k_cache_offset", "v_cache_scale",
@@ -47,6 +57,8 @@ SCALES = ("weight_scale", "weight_offset", "input_scale", "k_cache_scale", "k_ca
 
 
 def _recipe(family, kind):
+    if family == MOE:
+        return MOE_RECIPES[kind]
     return RECIPES[kind] + (C8 if family == "qwen3" and kind == "W8A8" else "")  # C8 loads for Qwen3 only
 
 
@@ -86,7 +98,7 @@ def _build(root: Path, bases) -> dict:
             qm = base.clone()
             pipeline.PassManager(pipeline.parse_pipeline(_recipe(family, kind))).run(
                 qm, pipeline.PassContext(quiet=True, calib=calib))
-            for serving in servings:
+            for serving in MOE_SERVINGS[kind] if family == MOE else servings:
                 d = root / f"{family}-{kind}-{serving or 'own'}"
                 res = ax.export(qm, d, dtype=serving)
                 out[family, kind, res["metadata"]["dtype"]] = (d, qm)
@@ -94,8 +106,8 @@ def _build(root: Path, bases) -> dict:
 
 
 @pytest.fixture(scope="module")
-def run(peer, bases, tmp_path_factory):
-    """One loader process over every export, each built in its config.json's dtype."""
+def loaded_all(peer, bases, tmp_path_factory):
+    """One loader process over every export (dense and MoE), each built in its config.json's dtype."""
     root = tmp_path_factory.mktemp("vllm")
     exports = _build(root, bases)
     cmd = [peer["python"], str(ROOT / "tools" / "vllm_ascend_load.py"), *(str(d) for d, _ in exports.values()),
@@ -107,9 +119,21 @@ def run(peer, bases, tmp_path_factory):
     return {k: (d, qm, report[str(d)]) for k, (d, qm) in exports.items()}
 
 
+@pytest.fixture(scope="module")
+def run(loaded_all):
+    """The dense cases."""
+    return {k: v for k, v in loaded_all.items() if k[0] != MOE}
+
+
+@pytest.fixture(scope="module")
+def moe_run(loaded_all):
+    """The MoE cases."""
+    return {k: v for k, v in loaded_all.items() if k[0] == MOE}
+
+
 def test_the_cases_cover_every_type_in_both_dtypes_and_every_family(run):
     assert {(k, dt) for _, k, dt in run} == {(k, dt) for k in RECIPES for dt in DTYPES}
-    assert {f for f, _, _ in run} == set(FAMILIES)
+    assert {f for f, _, _ in run} == set(FAMILIES) - {MOE}
     assert {dtype for dtype, _, _ in CASES.values()} == {"float32", *DTYPES}
     assert all(rep["dtype"] == dt for (_, _, dt), (_, _, rep) in run.items())  # built as config.json says
 
@@ -143,9 +167,10 @@ def _in_vllm(loaded: dict, name: str, tensors: dict) -> torch.Tensor:
     return full[start:start + tensors[name].shape[0]]
 
 
-def test_every_export_loads_with_every_parameter_filled_once(run):
-    assert len(run) == sum(len(kinds) * len(servings) for _, kinds, servings in CASES.values())
-    for (family, kind, dtype), (d, qm, rep) in run.items():
+def test_every_export_loads_with_every_parameter_filled_once(loaded_all):
+    assert len(loaded_all) == sum(len(kinds) * len(servings) for f, (_, kinds, servings) in CASES.items()
+                                  if f != MOE) + sum(map(len, MOE_SERVINGS.values()))
+    for (family, kind, dtype), (d, qm, rep) in loaded_all.items():
         where = f"{family} {kind} {dtype}"
         assert rep["ok"], f"{where}: {rep.get('error')}"
         assert rep["unfilled"] == [] and rep["refilled"] == [], where
@@ -279,3 +304,78 @@ def test_c8_is_refused_where_the_model_class_cannot_load_it(bases, tmp_path, fam
     with pytest.raises(PtqcError, match=f"C8 .* does not load for model_type '{family}' in vllm-ascend") as e:
         ax.export(qm, tmp_path / "x", dtype="float16")
     assert "\n" not in str(e.value) and not (tmp_path / "x").exists()
+
+
+def _expert_rows(loaded: dict, name: str, tensors: dict) -> torch.Tensor:
+    """The rows of vLLM's fused expert parameter (w13_* [E, 2I or I, ...]: gate then up; w2_*) that
+    per-expert tensor ``name`` (``X.experts.e.{gate,up,down}_proj.suffix``) was loaded into."""
+    block, e, proj, suffix = re.match(r"^(.*\.experts)\.(\d+)\.(gate|up|down)_proj\.(\w+)$", name).groups()
+    full = loaded[f"{block}.{'w2' if proj == 'down' else 'w13'}_{suffix}"][int(e)]
+    rows = tensors[name].shape[0]
+    return full[rows if proj == "up" else 0:][:rows]
+
+
+def _stacks(qm):
+    """{proj: (codes [E, out, in], scale [E, out, 1])} of the artifact's one MoE block."""
+    (node,) = qm.nodes(ops.MOE_EXPERTS)
+    return {p: (checkpoint.weight_codes(qm, dq), qm.store[dq.args[1].target].float())
+            for p, dq in zip(("gate", "up", "down"), node.args[3:6])}
+
+
+def test_moe_experts_load_once_each_with_the_artifacts_codes_and_scales(moe_run):
+    assert {(k.split("-")[0], dt) for _, k, dt in moe_run} == {(k, dt) for k in MOE_SERVINGS for dt in DTYPES
+                                                                 if "-" not in k}  # each type in fp16 and bf16
+    for (family, kind, dtype), (d, qm, rep) in moe_run.items():
+        where = f"{kind} {dtype}"
+        params, tensors, loaded = rep["params"], _tensors(d), load_file(rep["saved"]["loaded"])
+        block = "model.layers.0.mlp.experts"
+        assert sorted(c["shard"] for c in params[f"{block}.w13_weight"]["calls"]) == \
+            sorted(f"{e}.{w}" for e in range(8) for w in ("w1", "w3")), where
+        assert sorted(c["shard"] for c in params[f"{block}.w2_weight"]["calls"]) == [f"{e}.w2" for e in range(8)]
+        w4 = kind.startswith("W4A8")
+        assert params[f"{block}.w13_weight"]["shape"] == [8, 32 if w4 else 64, 64], where  # packed along out
+        assert params[f"{block}.w13_weight_scale"]["dtype"] == ("float32" if w4 else dtype), where
+        gate = params["model.layers.0.mlp.gate.weight"]  # the router: float, loaded once, unquantized
+        assert gate["dtype"] == dtype and [c["dtype"] for c in gate["calls"]] == [dtype], where
+        experts = [n for n in tensors if ".experts." in n]
+        assert len(experts) == 8 * 3 * (4 if w4 and kind.endswith("experts") else 6 if w4 else 3), where
+        for n in experts:  # every per-expert tensor where vLLM put it, bit for bit
+            got = _expert_rows(loaded, n, tensors)
+            assert torch.equal(got, tensors[n].to(got.dtype)), f"{where}: {n}"
+        for proj, (codes, scale) in _stacks(qm).items():  # and those are the artifact's integers and scales
+            for e in range(8):
+                name = f"{block}.{e}.{proj}_proj"
+                w = _expert_rows(loaded, f"{name}.weight", tensors)
+                w = quant.unpack_int4(w.t().contiguous()).t() if w4 else w
+                assert torch.equal(w, codes[e].to(torch.int8)), f"{where}: {name}"
+                got = _expert_rows(loaded, f"{name}.weight_scale", tensors)
+                assert torch.equal(got, scale[e].reshape(got.shape).to(got.dtype)), f"{where}: {name}"
+
+
+def test_moe_w4a8_post_processing_serves_the_artifacts_scales_and_scale_bias(moe_run):
+    """After process_weights_after_loading: w13/w2 int4 pairs viewed as int32 ([E, in, out / 8]), the
+    scale as the int64 vllm-ascend's grouped matmul reads (float32 bits; under a group_size > 0 it
+    first rounds scale x scale_second to float16), scale_bias summed over its chunks."""
+    n = 0
+    for (family, kind, dtype), (d, qm, rep) in moe_run.items():
+        if not kind.startswith("W4A8"):
+            continue
+        loaded, processed = load_file(rep["saved"]["loaded"]), load_file(rep["saved"]["processed"])
+        tensors, block = _tensors(d), "model.layers.0.mlp.experts"
+        per_channel = json.loads((d / ax.DESCRIPTION).read_text())["group_size"] == 0
+        st = _stacks(qm)
+        for w, projs in (("w13", ("gate", "up")), ("w2", ("down",))):
+            assert torch.equal(processed[f"{block}.{w}_weight"].view(torch.int8),
+                               loaded[f"{block}.{w}_weight"].transpose(1, 2)), kind
+            scale = torch.cat([st[p][1] for p in projs], 1).reshape(8, -1)  # [E, out]
+            if not per_channel:
+                scale = scale.to(torch.float16).float()
+            bits = processed[f"{block}.{w}_weight_scale"].reshape(8, -1, scale.shape[1]) & 0xFFFFFFFF  # [E, G, out]
+            assert torch.equal(bits.to(torch.int32).view(torch.float32), scale[:, None].expand(bits.shape)), \
+                f"{kind} {dtype} {w}"
+            bias = torch.stack([torch.cat([tensors[f"{block}.{e}.{p}_proj.scale_bias"].sum(-1) for p in projs])
+                             for e in range(8)])
+            got = processed[f"{block}.{w}_scale_bias"]
+            torch.testing.assert_close(got, bias, rtol=1e-5, atol=1e-5)  # vLLM sums in another order
+            n += 1
+    assert n == 2 * 2  # 2 layouts (grouped in bf16, per channel in fp16) x (w13, w2)

@@ -24,13 +24,16 @@ one JSON object per directory (``{"dirs": {DIR: report}}``):
     casts           parameter <- tensor of another dtype (vLLM casts silently)
     loaded          quantization tensors (int8 weights, scales, offsets, deq_scale, quant_bias, C8
                     scales, W4A8's second-level scales and scale_bias) after loading -> {"dtype",
-                    "shape", "sha256"} (fused layers: qkv_proj,
-                    gate_up_proj); ``processed``: the same after process_weights_after_loading;
+                    "shape", "sha256"} (fused layers: qkv_proj, gate_up_proj, MoE experts'
+                    w13_* [E, 2I, ...] / w2_* [E, H, ...], shard "<expert>.<w1|w3|w2>");
+                    ``processed``: the same after process_weights_after_loading;
                     ``--save PREFIX`` also writes both as safetensors (``saved``)
 
 Setup (CPU, no NPU): a stub ``torch_npu`` (``Tensor.npu()`` returns the tensor: W4A8's
-post-processing moves its scale there), ``VLLM_PLUGINS=none``, vLLM's CPU platform, the
-Ascend config, no NZ format, a gloo world of one process on loopback.
+post-processing moves its scale there; ``npu_format_cast`` to NZ returns it), ``VLLM_PLUGINS=none``,
+vLLM's CPU platform, the Ascend config, no NZ format, a gloo world of one process on loopback.
+MoE blocks are vllm-ascend's ``AscendFusedMoE`` (registered for vLLM's ``FusedMoE`` as on the NPU)
+with an MC2 group placeholder (its HCCL all-to-all is NPU-only).
 """
 from __future__ import annotations
 
@@ -50,6 +53,8 @@ os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
 QUANT_SUFFIXES = ("weight", "weight_scale", "weight_offset", "input_scale", "input_offset", "deq_scale",
                   "quant_bias", "k_cache_scale", "k_cache_offset", "v_cache_scale", "v_cache_offset",
                   "weight_scale_second", "weight_offset_second", "scale_bias")
+MOE_SUFFIXES = tuple(f"{w}_{s}" for w in ("w13", "w2") for s in ("weight", "weight_scale", "weight_offset",
+                     "weight_scale_second", "weight_offset_second", "scale_bias"))  # fused-MoE parameters
 
 
 def install_torch_npu_stub() -> None:
@@ -79,6 +84,7 @@ def install_torch_npu_stub() -> None:
     sys.modules.update({"torch_npu": pkg, "torch_npu.npu": npu, "torch_npu._C": c, "torch.npu": npu})
     torch.npu = npu
     torch.Tensor.npu = lambda self, *a, **k: self  # the device move (W4A8 post-processing): stays on the CPU
+    pkg.npu_format_cast = lambda t, fmt: t  # the NZ storage format (W8A8_DYNAMIC MoE): same values, CPU layout
 
 
 def setup_cpu() -> None:
@@ -93,6 +99,20 @@ def setup_cpu() -> None:
 
     vllm_ascend.utils._should_trans_nz = lambda *a, **k: False
     _load_c8_patch()
+    _use_ascend_fused_moe()
+
+
+def _use_ascend_fused_moe() -> None:
+    """Build MoE blocks as on the NPU: vLLM's ``FusedMoE`` replaced by vllm-ascend's
+    ``AscendFusedMoE`` (only this one of its custom ops; the rest stay vLLM's CPU layers), and an
+    MC2 group placeholder without a device group: the MoE schemes then take their own
+    no-HCCL fallback (an empty all-to-all group name), the MC2 communication being NPU-only."""
+    from vllm.model_executor.custom_op import CustomOp
+    import vllm_ascend.distributed.parallel_state as ps
+    from vllm_ascend.ops.fused_moe.fused_moe import AscendFusedMoE
+
+    CustomOp.register_oot(_decorated_op_cls=AscendFusedMoE, name="FusedMoE")
+    ps._MC2 = types.SimpleNamespace(name="mc2 (CPU placeholder)")
 
 
 def _load_c8_patch() -> None:
@@ -141,7 +161,10 @@ class Recorder:
         calls = self.calls.setdefault(name, [])
 
         def loader(param, loaded, *args, **kwargs):
-            shard = args[0] if args else kwargs.get("loaded_shard_id")
+            if "expert_id" in kwargs:  # FusedMoE.weight_loader(param, w, name, shard_id=, expert_id=)
+                shard = f"{kwargs['expert_id']}.{kwargs['shard_id']}"
+            else:
+                shard = args[0] if args else kwargs.get("loaded_shard_id")
             calls.append({"shard": shard if isinstance(shard, (int, str)) or shard is None else str(shard),
                           "dtype": _dt(loaded.dtype), "shape": list(loaded.shape), "param_dtype": _dt(param.dtype),
                           "sha256": _digest(loaded)["sha256"]})
@@ -171,7 +194,8 @@ def quant_state(model) -> dict:
     out = {}
     for n, t in model.state_dict().items():
         suffix = n.rsplit(".", 1)[-1]
-        if suffix in QUANT_SUFFIXES and (suffix != "weight" or not t.dtype.is_floating_point):
+        weight = suffix in ("weight", "w13_weight", "w2_weight")
+        if suffix in QUANT_SUFFIXES + MOE_SUFFIXES and (not weight or not t.dtype.is_floating_point):
             out[n] = t.detach().clone().contiguous()
     return out
 

@@ -34,7 +34,10 @@ Per linear (from the fake-quant graph of an artifact; ``.weight`` int8 [out, in]
                    (vllm-ascend's formula for the version-0 layout, which it computes itself).
                    vllm-ascend 0.23's dense W4A8_DYNAMIC linear runs npu_weight_quant_batchmatmul
                    on float activations (it quantizes none): served, it is W4 weight-only.
-    FLOAT          everything else (norms, embeddings, lm_head, biases)
+    FLOAT          everything else (norms, embeddings, lm_head, biases, MoE routers)
+
+MoE experts (``ptqc.moe_experts`` stacks [E, out, in]) are written per expert under the checkpoint's
+names as W8A8_DYNAMIC, W4A8_DYNAMIC or FLOAT: :mod:`export_moe`.
 
 Refused (one line, nothing written), where vllm-ascend 0.23.0's loader cannot take the export:
 <=4-bit weight-only linears (it has W4A16 for MoE experts only: a dense W4A16 linear raises
@@ -71,8 +74,9 @@ from ptqc.ir import QModel, info, is_op
 from ptqc.lowering import checkpoint
 from ptqc.lowering.ascend.export_check import check  # noqa: F401  (ptqc.lowering.ascend.export.check)
 from ptqc.lowering.ascend.export_load import load  # noqa: F401  (ptqc.lowering.ascend.export.load)
-from ptqc.lowering.ascend.layout import (C8_MODEL_TYPES, DESCRIPTION, INDEX, ROW_PARALLEL, SCALE_BIAS_CHUNKS,
-                                         SERVING_DTYPES, W4A8_GROUP, WEIGHTS, kv_shape)
+from ptqc.lowering.ascend import export_moe
+from ptqc.lowering.ascend.layout import (C8_MODEL_TYPES, DESCRIPTION, INDEX, SCALE_BIAS_CHUNKS, SERVING_DTYPES,
+                                         W4A8_GROUP, WEIGHTS, kv_shape, row_parallel)
 
 
 def classify(lin, wq: dict | None) -> str:
@@ -104,34 +108,44 @@ def classify(lin, wq: dict | None) -> str:
     return "W8A16"
 
 
-def w4a8_group(qm: QModel, lins: list) -> int:
-    """The model's W4A8 group_size: the artifact's group (one for all), or for per-channel weights
-    the largest divisor of 256 that divides every input dimension."""
-    groups = {info(lin)["quant"]["weight"]["group"] for lin in lins} - {0}
+def w4a8_group(qm: QModel, lins: list, moe_plan: list = ()) -> int:
+    """The model's W4A8 group_size: the artifact's group (one for all), else for per-channel weights
+    the largest divisor of 256 that divides every input dimension, or 0 (vllm-ascend's per-channel
+    MoE layout) when only experts are W4A8 (a dense W4A8 linear divides by group_size)."""
+    expert_groups, expert_ins = export_moe.groups(qm, moe_plan)
+    groups = ({info(lin)["quant"]["weight"]["group"] for lin in lins} | set(expert_groups)) - {0}
     if len(groups) > 1:
         raise PtqcError(f"W4A8_DYNAMIC has one group_size per model (the description's); found {sorted(groups)}")
-    g = groups.pop() if groups else math.gcd(W4A8_GROUP, *(checkpoint.weight_codes(qm, lin.args[1]).shape[1]
-                                                         for lin in lins))
+    if groups:
+        g = groups.pop()
+    elif not lins:
+        return 0
+    else:
+        g = math.gcd(W4A8_GROUP, *(checkpoint.weight_codes(qm, lin.args[1]).shape[1] for lin in lins), *expert_ins)
     if g % 32:
         raise PtqcError(f"W4A8_DYNAMIC group_size {g} is not a multiple of 32 (npu_weight_quant_batchmatmul)")
     return g
 
 
-def _w4a8_tensors(base: str, codes: torch.Tensor, scale: torch.Tensor, group: int) -> dict:
-    """The version-1.0.0 W4A8_DYNAMIC tensors of int4 codes [out, in] with scale [out, 1] or [out, in / group]."""
+def _w4a8_tensors(base: str, codes: torch.Tensor, scale: torch.Tensor, group: int, chunks: int = 0) -> dict:
+    """The version-1.0.0 W4A8_DYNAMIC tensors of int4 codes [out, in] with scale [out, 1] or [out, in / group]
+    (group 0: per channel, no second-level tensors); scale_bias in ``chunks`` input chunks (0: by the name)."""
     out, k = codes.shape
-    chunks = SCALE_BIAS_CHUNKS if base.endswith(ROW_PARALLEL) else 1
-    if out % 8 or k % group or k % chunks:
+    chunks = chunks or (SCALE_BIAS_CHUNKS if row_parallel(base) else 1)
+    if out % 8 or (group and k % group) or k % chunks:
         raise PtqcError(f"{base}: W4A8_DYNAMIC needs out % 8 == 0 (int4 pairs viewed as int32), in % group_size "
                         f"({group}) == 0{' and in % 16 == 0' if chunks > 1 else ''} (got out={out}, in={k})")
-    if scale.shape[1] == 1:
+    if not group:
+        first, second = scale, None
+    elif scale.shape[1] == 1:
         first, second = scale, torch.ones(out, k // group)
     else:
         first, second = torch.ones(out, 1), scale
-    w = codes.float() * (first * second).repeat_interleave(group, 1)
-    return {"weight": quant.pack_int4(codes.t()).t(), "weight_scale": first, "weight_offset": torch.zeros_like(first),
-            "weight_scale_second": second, "weight_offset_second": torch.zeros_like(second),
-            "scale_bias": 8 * w.reshape(out, chunks, k // chunks).sum(-1)}
+    w = codes.float() * (first if second is None else (first * second).repeat_interleave(group, 1))
+    t = {"weight": quant.pack_int4(codes.t()).t(), "weight_scale": first, "weight_offset": torch.zeros_like(first)}
+    if second is not None:
+        t |= {"weight_scale_second": second, "weight_offset_second": torch.zeros_like(second)}
+    return t | {"scale_bias": 8 * w.reshape(out, chunks, k // chunks).sum(-1)}
 
 
 def _c8_tensors(qm: QModel) -> tuple[dict, str | None]:
@@ -229,9 +243,18 @@ def export(qm: QModel, out, *, force: bool = False, dtype: str | None = None) ->
     serving = serving_dtype(qm, dtype)
     plan = [(lin, classify(lin, info(lin).get("quant", {}).get("weight")
                            if is_op(lin.args[1], ops.DEQUANTIZE_WEIGHT) else None)) for lin in qm.linears()]
+    export_moe.check_routers(qm)
+    moe_plan = export_moe.plan(qm)
     w4a8 = [lin for lin, kind in plan if kind == "W4A8_DYNAMIC"]
-    group = w4a8_group(qm, w4a8) if w4a8 else 0
+    group = w4a8_group(qm, w4a8, moe_plan) if w4a8 or any(k == "W4A8_DYNAMIC" for _, k in moe_plan) else 0
     tensors, desc, kinds, handled = {}, {}, {}, set()
+    experts: dict = {}
+    for node, kind in moe_plan:
+        experts[kind] = experts.get(kind, 0) + 1
+        t, d, done = export_moe.tensors(qm, node, kind, group, _w4a8_tensors)
+        tensors |= {n: (v.to(serving) if kind == "FLOAT" else v).contiguous() for n, v in t.items()}
+        desc |= d
+        handled |= done
     for lin, kind in plan:
         if kind == "FLOAT":
             continue
@@ -249,10 +272,14 @@ def export(qm: QModel, out, *, force: bool = False, dtype: str | None = None) ->
         handled |= checkpoint.store_inputs(*(q for q in qm.nodes(ops.QUANTIZE_ACT)
                                              if str(info(q).get("role", "")).endswith("_cache_quant")))
     desc |= dict.fromkeys(checkpoint.unchanged(qm, handled | set(tensors))[0], "FLOAT")
-    main = max(kinds, key=kinds.get) if kinds else "FLOAT"
-    head = {"model_quant_type": main, "version": "1.0.0", **({"group_size": group} if group else {}),
+    quantized_experts = {k: v for k, v in experts.items() if k != "FLOAT"}
+    main = max(quantized_experts, key=quantized_experts.get) if quantized_experts else \
+        max(kinds, key=kinds.get) if kinds else "FLOAT"
+    w4 = w4a8 or "W4A8_DYNAMIC" in experts
+    head = {"model_quant_type": main, "version": "1.0.0", **({"group_size": group} if w4 else {}),
             **({"kv_cache_type": "C8", "kv_quant_type": "C8"} if c8 else {}),  # msModelSlim writes both
-            "metadata": {"producer": "ptqc", "linears": kinds, "dtype": str(serving).removeprefix("torch.")},
+            "metadata": {"producer": "ptqc", "linears": kinds, **({"moe_blocks": experts} if experts else {}),
+                         "dtype": str(serving).removeprefix("torch.")},
             "optional": {"kv_cache": "C8" if c8 else f"not exported ({why})" if why else "none"}}
     names = sorted(desc)
     with AtomicDir(out, force) as tmp:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ptqc.lowering.ascend.layout import (C8_SUFFIXES, DESCRIPTION, META_KEYS, REQUIRED, ROW_PARALLEL,
-                                         SCALE_BIAS_CHUNKS, SUFFIX_RULES, TYPES, W4A8_GROUP)
+from ptqc.lowering.ascend.layout import (C8_SUFFIXES, DESCRIPTION, EXPERT, META_KEYS, MOE_LOADABLE, REQUIRED,
+                                         ROUTERS, SCALE_BIAS_CHUNKS, SUFFIX_RULES, TYPES, W4A8_GROUP, row_parallel)
 from ptqc.model import tensor_specs
 
 
@@ -26,13 +26,18 @@ def _geometry(kind: str, base: str, shape, meta: dict, desc: dict) -> tuple[dict
     k = shape[1]
     out = meta[f"{base}.weight_scale"][0][0] if f"{base}.weight_scale" in meta else shape[0] * (2 if packed else 1)
     g = {"out": out, "cols": 1, "groups": k // group if group else 0,
-         "bias_cols": SCALE_BIAS_CHUNKS if base.endswith(ROW_PARALLEL) else 1}
+         "bias_cols": SCALE_BIAS_CHUNKS if row_parallel(base) else 1}
     bad = []
+    if not group and EXPERT.match(f"{base}.weight"):  # group_size 0: vllm-ascend's per-channel MoE layout
+        group = k
     if tuple(shape) != ((out // 2, k) if packed else (out, k)):
         bad.append(f"{base}.weight: W4A8_DYNAMIC " + ("version 1.0.0 packs two int4 per byte along the output "
                    f"dimension: expected int8 [{out // 2}, {k}]" if packed else f"expected int8 [{out}, {k}]")
                    + f", found {list(shape)}")
-    if not group or k % group:
+    if not group:
+        bad.append(f"{base}.weight: a dense W4A8_DYNAMIC linear needs the description's group_size > 0 (vllm-ascend "
+                   "divides by it; group_size 0 is the per-channel layout of MoE experts only)")
+    elif k % group:
         bad.append(f"{base}.weight: W4A8_DYNAMIC input dimension {k} is not a multiple of group_size {group}")
     return g, bad
 
@@ -50,8 +55,11 @@ def _linear_problems(types: dict, meta: dict, desc: dict) -> list[str]:
             continue
         g, bad = _geometry(kind, base, shape, meta, desc)
         problems += bad
-        required = REQUIRED[kind] if kind != "W4A8_DYNAMIC" or desc.get("version") == "1.0.0" else \
-            REQUIRED[kind][:-1]  # scale_bias: version 1.0.0 only
+        required = REQUIRED[kind]
+        if kind == "W4A8_DYNAMIC" and desc.get("version") != "1.0.0":
+            required = required[:-1]  # scale_bias: version 1.0.0 only
+        if kind == "W4A8_DYNAMIC" and desc.get("group_size", W4A8_GROUP) == 0:
+            required = tuple(r for r in required if not r.endswith("_second"))  # per-channel MoE experts
         for suffix in required:
             name = f"{base}.{suffix}"
             if name not in meta:
@@ -96,6 +104,33 @@ def _c8_problems(desc: dict, types: dict, meta: dict) -> list[str]:
     return problems
 
 
+def _moe_problems(types: dict) -> list[str]:
+    """Routers FLOAT; per MoE block (``X.experts``, read by vllm-ascend from expert 0's type) every
+    expert with its projections, all of one fused-MoE type."""
+    problems = [f"{n}: MoE routers load float in vllm-ascend (FLOAT in {DESCRIPTION}), found {t}"
+                for n, t in sorted(types.items()) if n.endswith(ROUTERS) and t != "FLOAT"]
+    blocks: dict = {}
+    for n, t in types.items():
+        m = EXPERT.match(n)
+        if m:
+            blocks.setdefault(m[1], {})[int(m[2]), m[3]] = t
+    for prefix, got in sorted(blocks.items()):
+        kinds = sorted(set(got.values()))
+        if len(kinds) > 1:
+            problems.append(f"{prefix}: the experts of a block share one type (vllm-ascend reads expert 0's), "
+                            f"found {', '.join(kinds)}")
+        bad = [k for k in kinds if k not in MOE_LOADABLE]
+        if bad:
+            problems.append(f"{prefix}: {bad[0]} experts have no fused-MoE scheme in vllm-ascend 0.23 "
+                            f"(MoE types: {', '.join(MOE_LOADABLE)})")
+        projs = sorted({p for _, p in got})
+        for e in range(max(i for i, _ in got) + 1):
+            missing = [p for p in projs if (e, p) not in got]
+            if missing:
+                problems.append(f"{prefix}.{e}: expert {e} has no {', '.join(missing)} weight")
+    return problems
+
+
 def check(path) -> list[str]:
     """Problems of an Ascend export directory (empty list: valid). Each is one line."""
     path = Path(path)
@@ -117,4 +152,4 @@ def check(path) -> list[str]:
     meta = tensor_specs(files)
     problems += [f"{n} is in {DESCRIPTION} but in no weight file" for n in sorted(set(types) - set(meta))]
     problems += [f"{n} is in the weight files but not in {DESCRIPTION}" for n in sorted(set(meta) - set(types))]
-    return problems + _linear_problems(types, meta, desc) + _c8_problems(desc, types, meta)
+    return problems + _linear_problems(types, meta, desc) + _c8_problems(desc, types, meta) + _moe_problems(types)

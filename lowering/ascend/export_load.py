@@ -10,7 +10,7 @@ from ptqc import ops, quant
 from ptqc.errors import PtqcError
 from ptqc.ir import QModel, info, is_op
 from ptqc.lowering.ascend.export_check import check
-from ptqc.lowering.ascend.layout import DESCRIPTION, kv_shape
+from ptqc.lowering.ascend.layout import DESCRIPTION, EXPERT, kv_shape
 
 
 def load(path, dtype: str = "float32") -> QModel:
@@ -26,6 +26,10 @@ def load(path, dtype: str = "float32") -> QModel:
     if problems:
         raise PtqcError(f"{path} is not a valid Ascend export: {problems[0]} (run ptqc check-export)")
     desc = json.loads((path / DESCRIPTION).read_text())
+    experts = sorted(n for n, t in desc.items() if EXPERT.match(n) and t != "FLOAT")
+    if experts:
+        raise PtqcError(f"{path}: reading quantized MoE experts back from an Ascend export is not supported yet "
+                        f"({experts[0]} is {desc[experts[0]]}); evaluate the artifact instead")
     qm = frontend.load(path, dtype, shapes=False)
     qm.store.cast = False
     acts: dict = {}

@@ -3,6 +3,8 @@ names, types, and the tensors each linear type needs with their dtypes and shape
 writer :mod:`export`, the checker :mod:`export_check` and the reader :mod:`export_load`)."""
 from __future__ import annotations
 
+import re
+
 DESCRIPTION = "quant_model_description.json"
 WEIGHTS = "quant_model_weights-00001-of-00001.safetensors"
 INDEX = "quant_model_weights.safetensors.index.json"
@@ -11,6 +13,12 @@ TYPES = ("W8A8", "W8A8_DYNAMIC", "W8A16", "W4A8_DYNAMIC", "W4A16", "C8", "FLOAT"
 W4A8_GROUP = 256  # vllm-ascend's group_size when the description has none
 ROW_PARALLEL = (".o_proj", ".down_proj")  # vLLM RowParallelLinear: W4A8 scale_bias [out, 16], else [out, 1]
 SCALE_BIAS_CHUNKS = 16
+MOE_TYPES = ("W8A8_DYNAMIC", "W4A8_DYNAMIC")  # the fused-MoE schemes ptqc writes
+# vllm-ascend 0.23.0's fused-MoE schemes among TYPES (its registry: W8A8 static and W8A16 are linear-only)
+MOE_LOADABLE = ("W8A8_DYNAMIC", "W4A8_DYNAMIC", "W4A16", "FLOAT")
+EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.([^.]+)\.weight$")  # block prefix, expert index, projection
+EXPERT_DOWN = ("down_proj", "w2")  # row-parallel expert projections (scale_bias [out, 16])
+ROUTERS = (".mlp.gate.weight", ".block_sparse_moe.gate.weight", ".shared_expert_gate.weight")  # FLOAT in vllm-ascend
 C8_MODEL_TYPES = ("qwen3", "glm4_moe", "minimax_m2")  # vllm-ascend 0.23.0 patches their load_weights for C8
 C8_SUFFIXES = ("kv_cache_scale", "kv_cache_offset")
 META_KEYS = ("model_quant_type", "version", "group_size", "kv_cache_type", "kv_quant_type", "metadata", "optional")
@@ -36,6 +44,13 @@ SUFFIX_RULES = {
     "scale_bias": (("F32",), lambda g: ((g["out"], g["bias_cols"]),), "float32 [{out}, {bias_cols}] "
                    "(16 columns for the row-parallel o_proj / down_proj)"),
 }
+
+
+def row_parallel(base: str) -> bool:
+    """Whether vLLM builds linear ``base`` row-parallel (W4A8 scale_bias in 16 input chunks):
+    o_proj / down_proj, and the experts' down projections."""
+    m = EXPERT.match(base + ".weight")
+    return base.endswith(ROW_PARALLEL) or (m is not None and m[3] in EXPERT_DOWN)
 
 
 def kv_shape(qm) -> tuple[int, int]:

@@ -84,7 +84,26 @@ def _modules(path: Path):
             linears[name] = (tuple(c.__name__ for c in type(m).__mro__), m.in_features, m.out_features,
                              m.bias is not None)
     params = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    _expert_linears(linears, params)
     return linears, params
+
+
+def _expert_linears(linears: dict, params: dict) -> None:
+    """transformers' fused MoE experts (``X.experts.gate_up_proj`` [E, 2I, H], ``X.experts.down_proj``
+    [E, H, I]) as the per-expert Linears llm-compressor quantizes and saves (``X.experts.e.gate_proj``...),
+    and their router ``X.gate`` (a Linear there: ``ignore`` keeps it float under a ``Linear`` target)."""
+    for pname in [n for n in params if n.endswith(".experts.gate_up_proj")]:
+        prefix = pname.removesuffix(".gate_up_proj")
+        router = f"{prefix.removesuffix('.experts')}.gate"
+        if len(params.get(f"{router}.weight", ())) == 2:
+            linears[router] = (("Linear",), params[f"{router}.weight"][1], params[f"{router}.weight"][0], False)
+        e_count, two_i, h = params.pop(pname)
+        down = params.pop(f"{prefix}.down_proj")
+        for e in range(e_count):
+            for proj, k, n_out in (("gate_proj", h, two_i // 2), ("up_proj", h, two_i // 2),
+                                   ("down_proj", down[2], down[1])):
+                linears[f"{prefix}.{e}.{proj}"] = (("Linear",), k, n_out, False)
+                params[f"{prefix}.{e}.{proj}.weight"] = (n_out, k)
 
 
 def _linear_tensors(name: str, g: dict, fmt: str, k: int, n_out: int, bias: bool) -> list[tuple]:

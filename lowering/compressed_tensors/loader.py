@@ -9,7 +9,7 @@ import torch
 from ptqc import ops, quant
 from ptqc.errors import PtqcError
 from ptqc.ir import QModel, info, propagate
-from ptqc.lowering.compressed_tensors.checker import check
+from ptqc.lowering.compressed_tensors.checker import _modules, check
 from ptqc.lowering.compressed_tensors.config import read_quant_config, scheme_of, spec_of, without_quant
 from ptqc.lowering.compressed_tensors.packing import unpack_int32
 
@@ -90,6 +90,10 @@ def load(path, dtype: str = "float32") -> QModel:
     if problems:
         raise PtqcError(f"{path} is not a valid compressed-tensors export: {problems[0]} (run ptqc check-export)")
     q = read_quant_config(path)
+    experts = sorted(m for m, spec in _modules(path)[0].items() if ".experts." in m and scheme_of(m, spec[0], q))
+    if experts:
+        raise PtqcError(f"{path}: reading quantized MoE experts back from a compressed-tensors export is not "
+                        f"supported yet ({experts[0]} and {len(experts) - 1} more); evaluate the artifact instead")
     qm, files, tied = _graph(path, dtype)
     acts: dict = {}  # (input, args[, static scale, zero point]) -> (args, linears)
     for base, lin in {info(n)["module"]: n for n in qm.linears()}.items():

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ptqc import ops
+from ptqc import moe, ops
 from ptqc.artifact import AtomicDir
 from ptqc.errors import PtqcError
 from ptqc.ir import QModel, info, is_op
@@ -37,7 +37,7 @@ def _kv_scheme(qm: QModel) -> tuple[dict | None, dict, set]:
 
 
 def _refuse_unexpressible(qm: QModel) -> None:
-    linear_inputs = {lin.args[0] for lin in qm.linears()}
+    linear_inputs = {lin.args[0] for lin in qm.linears()} | {n.args[0] for n in qm.nodes(ops.MOE_EXPERTS)}
     for n in qm.graph.nodes:
         if n.op != "call_function":
             continue
@@ -75,13 +75,14 @@ def _input_args(qm: QModel, lin) -> tuple[dict | None, dict]:
     return quant_args(bits, -1, z is None, dynamic=False, activation=True), t
 
 
-def _weight_tensors(qm: QModel, dq, bits: int, packed: bool) -> dict:
-    """The weight tensors of a linear by suffix: its codes (int-quantized) or packed codes and their
-    shape (pack-quantized), scale, zero point."""
-    codes = checkpoint.weight_codes(qm, dq).to(torch.int8)
+def _weight_tensors(qm: QModel, dq, bits: int, packed: bool, expert: int | None = None) -> dict:
+    """The weight tensors of a linear (or of one expert of a stack) by suffix: its codes (int-quantized)
+    or packed codes and their shape (pack-quantized), scale, zero point."""
+    pick = (lambda t: t) if expert is None else (lambda t: t[expert])
+    codes = pick(checkpoint.weight_codes(qm, dq)).to(torch.int8)
     group = dq.args[3]
-    scale = qm.store[dq.args[1].target].float()
-    zp = qm.store[dq.args[2].target].to(torch.int8) if dq.args[2] is not None else None
+    scale = pick(qm.store[dq.args[1].target]).float()
+    zp = pick(qm.store[dq.args[2].target]).to(torch.int8) if dq.args[2] is not None else None
     if group == -1:
         scale = scale.reshape(1)
         zp = zp.reshape(1) if zp is not None else None
@@ -111,6 +112,50 @@ def _linear(qm: QModel, lin) -> tuple[dict, dict, set]:
     scheme = {"weights": quant_args(bits, dq.args[3], dq.args[2] is None, dynamic=False, activation=False),
               "input_activations": a_args, "format": fmt}
     return scheme, {**_weight_tensors(qm, dq, bits, fmt == "pack-quantized"), **a_t}, handled
+
+
+def _stack_name(node, i: int) -> str:
+    a = node.args[3 + i]
+    if is_op(a, ops.DEQUANTIZE_WEIGHT):
+        a = a.args[0].args[0] if is_op(a.args[0], ops.UNPACK_INT4) else a.args[0]
+    return a.target
+
+
+def _expert_input_args(node) -> dict | None:
+    """The input QuantizationArgs of a block's experts: dynamic per token (gate/up's and down's inputs alike)."""
+    a = node.args[0]
+    if not is_op(a, ops.QUANTIZE_ACT):
+        return None
+    _, s, _, bits, group, sym, clip = (list(a.args) + [1.0])[:7]
+    if s is not None or clip != 1.0 or node.kwargs.get("down_act_bits", 0) != bits:
+        raise PtqcError(f"{info(node).get('module', node.name)}: expert inputs need one dynamic unclipped quantizer "
+                        "for gate/up and down to have a compressed-tensors form")
+    return quant_args(bits, group, sym, dynamic=True, activation=True)
+
+
+def _experts(qm: QModel) -> tuple[list, dict, set]:
+    """([(per-expert module, scheme, tensors by suffix)] of the quantized expert stacks, the float
+    experts' tensors, the store names both replace), named as llm-compressor writes Qwen3-MoE
+    (``X.experts.e.gate_proj``)."""
+    out, floats, handled = [], {}, set()
+    for node in qm.nodes(ops.MOE_EXPERTS):
+        a_args = _expert_input_args(node)
+        for i in range(3):
+            dq, stack = node.args[3 + i], _stack_name(node, i)
+            handled.add(stack)
+            if not is_op(dq, ops.DEQUANTIZE_WEIGHT):
+                t = qm.store[stack]
+                floats |= {moe.expert_name(stack, e): t[e].contiguous() for e in range(t.shape[0])}
+                continue
+            handled |= checkpoint.store_inputs(dq, dq.args[0])
+            bits = info(dq).get("quant", {}).get("weight", {}).get("bits") or 8
+            fmt = "int-quantized" if a_args is not None else "pack-quantized"
+            scheme = {"weights": quant_args(bits, dq.args[3], dq.args[2] is None, dynamic=False, activation=False),
+                      "input_activations": a_args, "format": fmt}
+            for e in range(qm.store.spec(dq.args[1].target)[0][0]):
+                out.append((moe.expert_name(stack, e).removesuffix(".weight"), scheme,
+                            _weight_tensors(qm, dq, bits, fmt == "pack-quantized", e)))
+    return out, floats, handled
 
 
 def _quant_config(schemes: list[dict], ignore: list[str], kv_scheme: dict | None) -> dict:
@@ -155,6 +200,12 @@ def export(qm: QModel, out, *, force: bool = False) -> dict:
         schemes.setdefault(json.dumps(scheme, sort_keys=True), {**scheme, "modules": []})["modules"].append(base)
         tensors |= {f"{base}.{suffix}": v.contiguous() for suffix, v in t.items()}
         handled |= done
+    experts, floats, done = _experts(qm)
+    for base, scheme, t in experts:
+        schemes.setdefault(json.dumps(scheme, sort_keys=True), {**scheme, "modules": []})["modules"].append(base)
+        tensors |= {f"{base}.{suffix}": v.contiguous() for suffix, v in t.items()}
+    tensors |= floats
+    handled |= done
     if not schemes:
         raise PtqcError("the model has no quantized linear; compile it with a weight quantization pass first")
     qcfg = _quant_config(list(schemes.values()), ignore, kv_scheme)
@@ -168,5 +219,6 @@ def export(qm: QModel, out, *, force: bool = False) -> dict:
         checkpoint.save(qm, tmp / WEIGHTS, names, tensors)
         (tmp / CONFIG).write_text(json.dumps(config, indent=2))
     return {"format": qcfg["format"], "config_groups": len(schemes),
-            "quantized_linears": sum(len(s["modules"]) for s in schemes.values()), "ignored": len(ignore),
+            "quantized_linears": sum(len(s["modules"]) for s in schemes.values()) - len(experts),
+            "quantized_experts": len(experts), "ignored": len(ignore),
             "tensors": len(names)}
