@@ -16,11 +16,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import torch.fx as fx
 
 from ptqc import ops, quant
 from ptqc.errors import PtqcError
-from ptqc.ir import QModel, info
+from ptqc.ir import QModel, info, is_op
+from ptqc.patterns import activation_input, is_transparent, skip_transparent
 
 PROJS = ("gate", "up", "down")
 
@@ -52,6 +54,37 @@ class ExpertSite:
 def sites(qm: QModel) -> list[ExpertSite]:
     """Every expert stack of the graph, in graph order (gate, up, down per experts node)."""
     return [ExpertSite(n, p) for n in qm.nodes(ops.MOE_EXPERTS) for p in PROJS]
+
+
+def block_input(qm: QModel, node: fx.Node) -> tuple[fx.Node, list[fx.Node], str | None]:
+    """The MoE block input of experts node ``node``: (the op producing x, through shape ops; the
+    linears reading x: router, shared expert gate/up, shared-expert gate; why a per-channel scale
+    of x cannot be folded into that op, or None). Foldable when x comes from an RMSNorm whose
+    output reaches only these linears and the experts (through shape ops)."""
+    src = skip_transparent(node.args[0])
+    lins = [n for n in qm.linears() if activation_input(n) is src]
+    if not is_op(src, ops.RMS_NORM):
+        return src, lins, "the MoE block input is not an RMSNorm output"
+    todo, seen = list(src.users), set()
+    while todo:
+        u = todo.pop()
+        if u in seen:
+            continue
+        seen.add(u)
+        if is_transparent(u):
+            todo.extend(u.users)
+        elif u not in lins and u is not node:
+            return src, lins, f"the norm output also feeds {u.name}"
+    return src, lins, None
+
+
+def fold_down_scale(qm: QModel, node: fx.Node, s: torch.Tensor) -> None:
+    """Scale each expert's down_proj input channels by ``s`` [E, I] and undo it in the rows of that
+    expert's up_proj (``act(g x) * (u x / s)``, then ``down * s``): the experts' output is unchanged."""
+    up, down = (node.args[3 + PROJS.index(p)].target for p in ("up", "down"))
+    s = s.float()
+    qm.store[up] = (qm.store[up].float() / s[:, :, None]).to(qm.dtype)
+    qm.store[down] = (qm.store[down].float() * s[:, None, :]).to(qm.dtype)
 
 
 def refuse(p, chosen: list[ExpertSite]) -> None:

@@ -151,8 +151,8 @@ def grouped_targets(qm: QModel, p) -> tuple[dict, dict[int, list[list[fx.Node]]]
 
 
 def fold_input_scale(qm: QModel, prev: fx.Node, lins: list[fx.Node], s: torch.Tensor) -> None:
-    """Scale the input channels of ``lins`` by ``s`` and undo it in ``prev``, the op producing
-    their input, so the float model is unchanged (SmoothQuant and AWQ's fold)::
+    """Scale the input channels of ``lins`` (linears or expert stacks) by ``s`` and undo it in
+    ``prev``, the op producing their input, so the float model is unchanged (SmoothQuant and AWQ's fold)::
 
         prev = rms_norm      norm weight (w + offset) / s - offset    (Gemma: offset 1)
         prev = linear        rows (and bias) / s                       (up -> down)
@@ -162,7 +162,7 @@ def fold_input_scale(qm: QModel, prev: fx.Node, lins: list[fx.Node], s: torch.Te
     With GQA, ``s`` must be equal across the query heads sharing a KV head (checked)."""
     s = s.float()
     for n in lins:
-        name = n.args[1].target
+        name = weight_node(n).target
         qm.store[name] = (qm.store[name].float() * s).to(qm.dtype)
     w_name = prev.args[1].target
     w = qm.store[w_name].float()
