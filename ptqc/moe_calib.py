@@ -129,3 +129,48 @@ class ExpertActs:
         if which == "x":
             return (a.xs[0] if all_tokens else a.xs[e]).sample
         return a.hs[e].sample
+
+
+class ExpertAsym:
+    """GPTAQ's per-expert statistics of one experts node, fed the float and the quantized model's
+    call values side by side: per expert, on the tokens the quantized model routes to it (or every
+    token, ``all_tokens``), H = 2/n sum x_q x_q^T and dXX^T = 2/n sum (x_fp - x_q) x_q^T of the
+    gate/up input and of the down input."""
+
+    def __init__(self, n_experts: int, act: str = "silu", down_act_bits: int = 0, all_tokens: bool = False):
+        self.act, self.bits, self.all_tokens = act, down_act_bits, all_tokens
+        self.counts = torch.zeros(n_experts, dtype=torch.long)
+        self.tokens = 0
+        self.sums = {(k, a): [None] * n_experts for k in ("in", "down") for a in (False, True)}
+
+    def _add(self, key, e: int, xf: torch.Tensor, xq: torch.Tensor) -> None:
+        xf, xq = xf.float(), xq.float()
+        h, d = xq.t() @ xq, (xf - xq).t() @ xq
+        s = self.sums[key]
+        s[e] = (h, d) if s[e] is None else (s[e][0] + h, s[e][1] + d)
+
+    def update(self, fp: tuple, args) -> None:
+        """``fp``: the float model's (x, gate, up) at this node; ``args``: the quantized model's call values."""
+        xf, gf, uf = fp
+        xq, _, ids, gq, uq = args[:5]
+        xf, xq = xf.reshape(-1, xf.shape[-1]), xq.detach().reshape(-1, xq.shape[-1])
+        ids = ids.reshape(xq.shape[0], -1)
+        self.tokens += xq.shape[0]
+        for e in range(len(self.counts)):
+            tok = (ids == e).any(-1).nonzero()[:, 0]
+            self.counts[e] += tok.numel()
+            for every in (False, True):
+                if every and not self.all_tokens or not every and not tok.numel():
+                    continue
+                a, b = (xf, xq) if every else (xf[tok], xq[tok])
+                if not every or e == 0:
+                    self._add(("in", every), e, a, b)
+                self._add(("down", every), e, ops.moe_hidden(a, gf[e], uf[e], self.act, self.bits),
+                          ops.moe_hidden(b, gq[e], uq[e], self.act, self.bits))
+
+    def hessian(self, proj: str, e: int, all_tokens: bool = False):
+        """(H, dXX^T) of expert e's ``proj`` input (None: no rows)."""
+        key = ("in" if proj != "down" else "down", all_tokens)
+        s = self.sums[key][0 if all_tokens and proj != "down" else e]
+        n = self.tokens if all_tokens else int(self.counts[e])
+        return None if s is None else (s[0] * (2.0 / n), s[1] * (2.0 / n))
