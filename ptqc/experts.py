@@ -87,6 +87,24 @@ def fold_down_scale(qm: QModel, node: fx.Node, s: torch.Tensor) -> None:
     qm.store[down] = (qm.store[down].float() * s[:, None, :]).to(qm.dtype)
 
 
+def planned_bits(qm: QModel, site: ExpertSite, spec: quant.QuantSpec, w: torch.Tensor, codes: torch.Tensor,
+                 scale: torch.Tensor, zp: torch.Tensor | None) -> tuple:
+    """Experts the precision plan keeps at other bits (``qm.plan["<experts module>.<e>"] = {"bits": b}``,
+    from ``sensitive:unit=expert``) re-quantized RTN from the float stack ``w`` at ``b`` bits on the same
+    grid layout: (codes, scale, zp, {expert: bits})."""
+    base, plan = info(site.node).get("module"), getattr(qm, "plan", None) or {}
+    bits = {e: int(plan[f"{base}.{e}"]["bits"]) for e in range(codes.shape[0]) if plan.get(f"{base}.{e}", {}).get("bits")}
+    if not bits:
+        return codes, scale, zp, {}
+    codes, scale, zp = codes.clone(), scale.clone(), None if zp is None else zp.clone()
+    for e, b in bits.items():
+        c, s, z = quant.rtn(w[e].float(), quant.QuantSpec(b, spec.group_size, spec.symmetric))
+        codes[e], scale[e] = c, s
+        if zp is not None:
+            zp[e] = z
+    return codes, scale, zp, bits
+
+
 def refuse(p, chosen: list[ExpertSite]) -> None:
     """Stop pass ``p``, which cannot quantize expert stacks, if its selection holds some."""
     if chosen:

@@ -103,6 +103,10 @@ def set_quantized_weight(qm: QModel, linear, spec: quant.QuantSpec, codes: torch
     name = w_node.target
     base = name.removesuffix(".weight")
     g = qm.graph
+    expert_bits = {}
+    if isinstance(linear, ExpertSite):
+        codes, scale, zero_point, expert_bits = experts.planned_bits(qm, linear, spec, qm.store[name], codes, scale,
+                                                                     zero_point)
     qm.store[name] = codes.to(torch.int8).contiguous()
     qm.store[f"{base}.weight_scale"] = scale.float().contiguous()
     if zero_point is not None:
@@ -114,7 +118,9 @@ def set_quantized_weight(qm: QModel, linear, spec: quant.QuantSpec, codes: torch
         dq = g.call_function(ops.DEQUANTIZE_WEIGHT, (w_node, s_node, z_node, spec.group_size, qm.dtype))
     info(dq).update({"module": meta["module"], "layer": meta["layer"], "role": "weight_dequant"})
     _replace_weight(linear, dq)
-    q = {"method": method, "bits": spec.bits, "group": spec.group_size, "sym": spec.symmetric}
+    q = {"method": method, "bits": max([spec.bits, *expert_bits.values()]), "group": spec.group_size, "sym": spec.symmetric}
+    if expert_bits:
+        q["expert_bits"] = {str(e): b for e, b in expert_bits.items()}
     if isinstance(linear, ExpertSite):
         experts.record(qm, linear, dq, q)
     else:

@@ -1,5 +1,6 @@
-"""Weight passes on MoE expert stacks: rtn, gptq (per-expert Hessians of the routed rows) and int8
-quantize every stack per expert; passes that cannot are refused; artifacts split per expert."""
+"""Passes on MoE expert stacks: rtn, gptq, gptaq, awq, int8 and smooth work per expert (folds exact,
+routing unchanged, per-expert statistics and fallbacks recorded), sensitive scores experts, kv
+runs on MoE models; passes that cannot are refused; artifacts split per expert."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,7 +9,7 @@ from safetensors import safe_open
 from make_tiny_model import make_model
 from ptqc import artifact, experts, frontend, ops, quant
 from ptqc.errors import PtqcError
-from ptqc.moe_calib import ExpertHessians
+from ptqc.moe_calib import ExpertAsym, ExpertHessians
 from ptqc.patterns import activation_input, skip_transparent
 from ptqc.pipeline import PassContext, PassManager, parse_pipeline
 from ptqc.weights import dequantized_weight, is_quantized, weight_of
@@ -215,7 +216,7 @@ def test_moe_experts_down_act_bits_fake_quantizes_down_input_per_token():
     assert not torch.allclose(got, ops.moe_experts(x, w, ids, gate, up, down, act="silu"), atol=1e-4)
 
 
-@pytest.mark.parametrize("pipeline", ["awq:group=32", "gptaq:group=32", "billm"])
+@pytest.mark.parametrize("pipeline", ["billm"])
 def test_passes_that_cannot_quantize_experts_refuse(moe, calib, pipeline):
     qm = moe("qwen3_moe")
     name = pipeline.split(":")[0]
@@ -339,3 +340,116 @@ def test_smooth_int8_quantizes_every_expert(moe, calib):
     run(qm, "smooth,int8", calib)
     assert all(is_quantized(s) for s in experts.sites(qm))
     assert torch.isfinite(qm(calib)).all()
+
+
+# ---- awq ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ["qwen3_moe", "qwen2_moe"])
+def test_awq_moe_folds_are_exact_and_keep_routing(moe, calib, arch):
+    qm = moe(arch)
+    ref = qm.clone()
+    y0, r0 = router_outputs(ref, calib)
+    summary = run(qm, "awq:group=32,quantize=false,clip=false", calib)
+    y1, r1 = router_outputs(qm, calib)
+    assert close(y1, y0)
+    for m in r0:
+        assert close(r1[m][0], r0[m][0]) and torch.equal(r1[m][1], r0[m][1]), m
+    shared = ["gate", "up"] if arch == "qwen2_moe" else []
+    block = [r for r in summary["scales"] if "experts.gate" in r["linears"]]
+    assert len(block) == len(r0) and block[0]["linears"] == ["experts.gate", "experts.up", *shared]
+    assert block[0]["compensated"] == ["router", *(["shared_expert_gate"] if shared else [])]
+    down = [r for r in summary["scales"] if r["linears"] == ["experts.down"]]
+    assert len(down) == len(r0) and down[0]["experts_scaled"] >= 1
+    name = down[0]["into"].replace("up_proj", "down_proj") + ".weight"
+    t = qm.store[name] / ref.store[name]  # each expert's own column scales
+    assert torch.allclose(t, t[:, :1].expand_as(t), rtol=1e-5)
+    assert not torch.allclose(t, torch.ones_like(t))
+
+
+def test_awq_quantizes_every_expert_with_per_expert_fallback(moe, calib):
+    qm = moe("qwen3_moe")
+    base = qm.clone()
+    counts = routed_counts(base, calib)["model.layers.0.mlp.experts"]
+    n = sorted(counts)[2]
+    fb = [e for e, t in enumerate(counts) if t < n]
+    summary = run(qm, f"awq:group=32,min_tokens={n}", calib)
+    assert all(is_quantized(s) for s in experts.sites(qm)) and fb
+    down, down0 = experts.sites(qm)[2], experts.sites(base)[2]
+    rec = qm.quant[down.module]["weight"]
+    assert rec["method"] == "awq" and rec["tokens"] == counts and rec["fallback"] == fb
+    assert rec["clipped"] == [e for e in range(8) if e not in fb]
+    assert summary["experts"][down.module] == {"tokens": counts, "fallback": fb}
+    deq, w = dequantized_weight(qm, down), weight_of(base, down0)
+    spec = quant.QuantSpec(4, 32, False)
+    for e in range(8):  # fallback experts: plain RTN (no down scale, no clip); the others scaled or clipped
+        assert torch.equal(deq[e], quant.fake_quantize(w[e], spec)) == (e in fb), e
+
+
+# ---- gptaq ----------------------------------------------------------------------------------------
+def test_expert_asym_statistics_use_the_quantized_routing():
+    torch.manual_seed(0)
+    x, ids = torch.randn(40, 16), torch.stack([torch.randperm(4)[:2] for _ in range(40)])
+    xf = x + 0.1 * torch.randn(40, 16)
+    gate, up, down = torch.randn(4, 8, 16), torch.randn(4, 8, 16), torch.randn(4, 16, 8)
+    gf = gate + 0.1 * torch.randn(4, 8, 16)
+    st = ExpertAsym(4, "silu", all_tokens=True)
+    st.update((xf, gf, up), (x, None, ids, gate, up, down))
+    for e in range(4):
+        rows = (ids == e).any(-1)
+        q, f = x[rows], xf[rows]
+        h, d = st.hessian("up", e)
+        torch.testing.assert_close(h, 2 * q.T @ q / len(q))
+        torch.testing.assert_close(d, 2 * (f - q).T @ q / len(q))
+        hq, hf = F.silu(q @ gate[e].T) * (q @ up[e].T), F.silu(f @ gf[e].T) * (f @ up[e].T)
+        h, d = st.hessian("down", e)
+        torch.testing.assert_close(h, 2 * hq.T @ hq / len(q))
+        torch.testing.assert_close(d, 2 * (hf - hq).T @ hq / len(q))
+        torch.testing.assert_close(st.hessian("gate", e, all_tokens=True)[1], 2 * (xf - x).T @ x / 40)
+
+
+def test_gptaq_quantizes_every_expert(moe, calib):
+    qm = moe("qwen2_moe")
+    summary = run(qm, "gptaq:group=32,min_tokens=2000", calib)
+    assert all(is_quantized(s) for s in experts.sites(qm))
+    rec = qm.quant["model.layers.1.mlp.experts.up_proj"]["weight"]
+    assert rec["method"] == "gptaq" and sum(rec["tokens"]) == 2 * calib.numel() and rec["fallback"] == [0, 1, 2, 3]
+    qm = moe("qwen2_moe")
+    summary = run(qm, "gptaq:group=32", calib)
+    rec = qm.quant["model.layers.1.mlp.experts.down_proj"]["weight"]
+    assert rec["fallback"] == [] and rec["err_gptaq"] > 0 and rec["stats"] == "routed"
+    assert summary["experts"]["model.layers.1.mlp.experts.down_proj"]["tokens"] == rec["tokens"]
+
+
+# ---- sensitive, kv --------------------------------------------------------------------------------
+def test_sensitive_scores_experts_and_keeps_the_chosen_at_more_bits(moe, calib):
+    qm = moe("qwen3_moe")
+    base = qm.clone()
+    run(qm, "sensitive:unit=expert,top=2,keep=8,w_group=32,rtn:bits=4,group=32", calib)
+    summary = qm.history[0]["summary"]
+    scores = summary["scores"]
+    assert len(scores) == 16 and summary["chosen"] == sorted(scores, key=scores.get, reverse=True)[:2]
+    assert summary["experts"]["model.layers.1.mlp.experts"]["3"] == scores["model.layers.1.mlp.experts.3"]
+    for s, s0 in zip(experts.sites(qm), experts.sites(base)):
+        layer = s.module.rsplit(".", 1)[0]
+        kept = [int(c.rsplit(".", 1)[1]) for c in summary["chosen"] if c.startswith(layer + ".")]
+        rec = qm.quant[s.module]["weight"]
+        assert rec["expert_bits"] == {str(e): 8 for e in kept} if kept else "expert_bits" not in rec
+        deq, w = dequantized_weight(qm, s), weight_of(base, s0)
+        for e in range(8):
+            spec = quant.QuantSpec(8 if e in kept else 4, 32, False)
+            assert torch.equal(deq[e], quant.fake_quantize(w[e], spec)), (s.module, e)
+    qm = moe("qwen3_moe")
+    summary = run(qm, "sensitive:unit=linear,top=1,w_group=32", calib)
+    assert "model.layers.0.mlp.experts.down_proj" in summary["scores"]
+    with pytest.raises(PtqcError, match="unit=expert: one expert of a stack cannot stay float"):
+        run(qm, "sensitive:unit=expert")
+
+
+def test_kv_runs_on_moe_attention(moe, calib):
+    qm = moe("qwen2_moe")
+    ref = qm(calib)
+    summary = run(qm, "kv", calib)
+    assert summary["attention_ops"] == 2
+    for n in qm.nodes(ops.ATTENTION):
+        assert all(a.target == ops.QUANTIZE_ACT for a in n.args[1:3])
+    y = qm(calib)
+    assert torch.isfinite(y).all() and ((y - ref).norm() / ref.norm()) < 0.05
