@@ -157,4 +157,5 @@ class Sensitive(Pass):
             if isinstance(key, tuple):
                 a = sums.setdefault(key[0].rsplit(".", 1)[0], {}).setdefault(key[1], [0.0, 0.0])
                 a[0], a[1] = a[0] + e, a[1] + r
-        return {m: {ex: round((a / max(b, 1e-30)) ** 0.5, 6) for ex, (a, b) in sorted(d.items())} for m, d in sums.items()}
+        return {m: {str(ex): round((a / max(b, 1e-30)) ** 0.5, 6) for ex, (a, b) in sorted(d.items())}
+                for m, d in sums.items()}

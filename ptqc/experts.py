@@ -113,10 +113,15 @@ def refuse(p, chosen: list[ExpertSite]) -> None:
                         "or use rtn, gptq or int8 for them")
 
 
-def record(qm: QModel, site: ExpertSite, dq: fx.Node, q: dict) -> None:
-    """Note a stack's weight quantization on the experts node (``quant[<proj>_proj]``) and on its
+PER_EXPERT = ("tokens", "fallback", "few_tokens", "stats")  # what a pass records per expert
+
+
+def record(qm: QModel, site: ExpertSite, dq: fx.Node, q: dict, extra: dict | None = None) -> None:
+    """Note a stack's weight quantization on the experts node (``quant[<proj>_proj]``, with the
+    per-expert fields of ``extra``: routed tokens, fallback experts and what they used) and on its
     dequantize node (``quant["weight"]``, what ``pack`` reads)."""
-    info(site.node).setdefault("quant", {})[f"{site.proj}_proj"] = q
+    per_expert = {k: extra[k] for k in PER_EXPERT if k in (extra or {})}
+    info(site.node).setdefault("quant", {})[f"{site.proj}_proj"] = {**q, **per_expert}
     info(dq)["quant"] = {"weight": q}
 
 

@@ -119,10 +119,10 @@ def set_quantized_weight(qm: QModel, linear, spec: quant.QuantSpec, codes: torch
     info(dq).update({"module": meta["module"], "layer": meta["layer"], "role": "weight_dequant"})
     _replace_weight(linear, dq)
     q = {"method": method, "bits": max([spec.bits, *expert_bits.values()]), "group": spec.group_size, "sym": spec.symmetric}
-    if expert_bits:
-        q["expert_bits"] = {str(e): b for e, b in expert_bits.items()}
+    if expert_bits:  # "bits" is the widest (what pack and exporters must respect), "base_bits" the rest's
+        q.update(base_bits=spec.bits, expert_bits={str(e): b for e, b in expert_bits.items()})
     if isinstance(linear, ExpertSite):
-        experts.record(qm, linear, dq, q)
+        experts.record(qm, linear, dq, q, record)
     else:
         meta.setdefault("quant", {})["weight"] = q
     qm.quant.setdefault(meta["module"], {})["weight"] = {**q, "scale_shape": list(scale.shape), **(record or {})}

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 from make_tiny_model import make_model
-from ptqc import artifact, experts, frontend, ops, quant
+from ptqc import artifact, experts, frontend, inspect, ops, quant
 from ptqc.errors import PtqcError
 from ptqc.moe_calib import ExpertAsym, ExpertHessians
 from ptqc.patterns import activation_input, skip_transparent
@@ -96,6 +96,8 @@ def test_gptq_artifact_round_trip(gptq_runs, ids, tmp_path):
     assert torch.equal(back(x), qm(x))
     assert back.quant["model.layers.1.mlp.experts.down_proj"]["weight"]["tokens"] == \
         qm.quant["model.layers.1.mlp.experts.down_proj"]["weight"]["tokens"]
+    rows = [r["quant"] for r in inspect.rows(qm, op="moe_experts")]
+    assert [r["quant"] for r in inspect.rows(back, op="moe_experts")] == rows and rows[0]["up_proj"]["fallback"]
 
 
 @pytest.mark.parametrize("spec", [quant.QuantSpec(4, 32, False), quant.QuantSpec(3, 0, True)])
@@ -348,7 +350,7 @@ def test_awq_moe_folds_are_exact_and_keep_routing(moe, calib, arch):
     qm = moe(arch)
     ref = qm.clone()
     y0, r0 = router_outputs(ref, calib)
-    summary = run(qm, "awq:group=32,quantize=false,clip=false", calib)
+    summary = run(qm, "awq:group=32,quantize=false,clip=false,grid=5", calib)
     y1, r1 = router_outputs(qm, calib)
     assert close(y1, y0)
     for m in r0:
@@ -371,13 +373,15 @@ def test_awq_quantizes_every_expert_with_per_expert_fallback(moe, calib):
     counts = routed_counts(base, calib)["model.layers.0.mlp.experts"]
     n = sorted(counts)[2]
     fb = [e for e, t in enumerate(counts) if t < n]
-    summary = run(qm, f"awq:group=32,min_tokens={n}", calib)
+    summary = run(qm, f"awq:group=32,min_tokens={n},grid=5,samples=128", calib)
     assert all(is_quantized(s) for s in experts.sites(qm)) and fb
     down, down0 = experts.sites(qm)[2], experts.sites(base)[2]
     rec = qm.quant[down.module]["weight"]
     assert rec["method"] == "awq" and rec["tokens"] == counts and rec["fallback"] == fb
     assert rec["clipped"] == [e for e in range(8) if e not in fb]
     assert summary["experts"][down.module] == {"tokens": counts, "fallback": fb}
+    shown = inspect._quant_str(inspect.rows(qm, op="moe_experts")[0]["quant"])  # what `ptqc inspect` prints
+    assert shown.startswith(f"gate_proj:int4 g32 asym (awq) tokens {'/'.join(map(str, counts))} fallback {fb}:rtn; ")
     deq, w = dequantized_weight(qm, down), weight_of(base, down0)
     spec = quant.QuantSpec(4, 32, False)
     for e in range(8):  # fallback experts: plain RTN (no down scale, no clip); the others scaled or clipped
@@ -432,7 +436,8 @@ def test_sensitive_scores_experts_and_keeps_the_chosen_at_more_bits(moe, calib):
         layer = s.module.rsplit(".", 1)[0]
         kept = [int(c.rsplit(".", 1)[1]) for c in summary["chosen"] if c.startswith(layer + ".")]
         rec = qm.quant[s.module]["weight"]
-        assert rec["expert_bits"] == {str(e): 8 for e in kept} if kept else "expert_bits" not in rec
+        assert rec["expert_bits"] == {str(e): 8 for e in kept} and rec["bits"] == 8 and rec["base_bits"] == 4 \
+            if kept else "expert_bits" not in rec and rec["bits"] == 4
         deq, w = dequantized_weight(qm, s), weight_of(base, s0)
         for e in range(8):
             spec = quant.QuantSpec(8 if e in kept else 4, 32, False)
