@@ -31,28 +31,38 @@ sensitive), scaled or not (o_proj under GQA), per output row and group, weights 
 range) with the r in 1, 0.95, ... 0.55 giving the lowest error of the group's partial outputs
 on 512 of the samples.
 
+MoE blocks (:mod:`ptqc.passes.awq_moe`): one searched scale for the block input shared by every
+expert's gate/up and the shared expert, folded into the norm with the router compensated; a
+searched scale per expert for its down_proj input on its routed tokens, folded into its up_proj
+rows; clip search per expert; ``min_tokens`` / ``few_tokens`` / ``all_experts`` as in gptq.
+
 Then (``quantize=true``, default) the weights are quantized round-to-nearest with the shared
 quantizer. With ``quantize=false`` only scales and clipping are applied, for pipelines such as
 ``awq:quantize=false,gptq``.
 """
 from __future__ import annotations
 
+import importlib
 from collections import ChainMap
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.fx as fx
 
-from ptqc import ops, quant
+from ptqc import experts, ops, quant
 from ptqc.calib import LayerRunner, calibration_batches
 from ptqc.interpreter import Interpreter
 from ptqc.errors import PtqcError
-from ptqc.ir import is_op
+from ptqc.experts import ExpertSite
+from ptqc.ir import info, is_op
 from ptqc.observers import MeanAbs, Samples
 from ptqc.options import WeightOptions
-from ptqc.patterns import activation_input, producer_linear
+from ptqc.patterns import activation_input, producer_linear, skip_transparent
 from ptqc.pipeline import Pass, PassResult, register
 from ptqc.weights import fold_input_scale, plan, select_linears, set_quantized_weight, weight_of
+
+awq_moe = importlib.import_module("ptqc.passes.awq_moe")
 
 
 def scale_candidates(x_mean: torch.Tensor, W: torch.Tensor, group: int, grid: int):
@@ -90,9 +100,10 @@ class Block:
     calibration batch); :meth:`loss` is the mean squared error of its output with some weights
     replaced, against the float output."""
 
-    def __init__(self, qm, seg, prev: fx.Node, lins: list[fx.Node], snapshots: list[dict], device=None):
+    def __init__(self, qm, seg, prev: fx.Node, lins: list[fx.Node], snapshots: list[dict], device=None,
+                 outputs: list[fx.Node] | None = None):
         self.qm, self.consts, self.device = qm, seg.consts, device
-        self.outs = self._outputs(seg.nodes, prev, lins)
+        self.outs = outputs or self._outputs(seg.nodes, prev, lins)
         pos = {n: i for i, n in enumerate(seg.nodes)}
         start, need, todo = min(pos[n] for n in lins), set(), list(self.outs)
         while todo:  # the outputs' ancestors from the block's start on (weight-only nodes anywhere)
@@ -185,6 +196,7 @@ class AWQ(Pass):
     """
 
     name = "awq"
+    experts = True
     requires = frozenset({"canonical"})
     provides = frozenset({"weight_quant", "awq_scaled"})
 
@@ -195,11 +207,14 @@ class AWQ(Pass):
         quantize: bool = True
         samples: int = 512  # token rows per input for mean|x| samples and the clip search
         windows: int = 32  # calibration windows the scale search scores on (0: all)
+        all_experts: bool = False  # MoE: per-expert statistics from every token, not only the routed ones
+        min_tokens: int = 16  # experts routed fewer tokens take `few_tokens`
+        few_tokens: Literal["rtn", "all"] = "rtn"  # no scale and no clip, or the all-token statistics
 
         def validate(self):
             super().validate()
-            if self.grid < 1 or self.samples < 1 or self.windows < 0:
-                raise PtqcError("grid and samples must be >= 1, windows >= 0")
+            if self.grid < 1 or self.samples < 1 or self.windows < 0 or self.min_tokens < 0:
+                raise PtqcError("grid and samples must be >= 1, windows and min_tokens >= 0")
 
     def __init__(self, **options):
         super().__init__(**options)
@@ -208,60 +223,84 @@ class AWQ(Pass):
 
     def run(self, qm, ctx) -> PassResult:
         o = self.options
-        spec_of = {n.name: spec for n, _, spec in plan(qm, self)}
-        folds = self._groups(qm, spec_of)
+        self.stack_records: list[dict] = []
+        planned = plan(qm, self)
+        spec_of = {n.name: spec for n, _, spec in planned}
+        folds, moe = self._groups(qm, spec_of), self._moe(qm, planned)
         records: list[dict] = []
         ids = ctx.calibration_ids(qm)
         runner = LayerRunner(qm, calibration_batches(ids, ctx.calib_batch_size), device=ctx.device)
         runner.run_prefix()
         n_search = -(-o.windows // ctx.calib_batch_size) if o.windows else len(runner.state)
         for i in ctx.progress(range(runner.num_layers), desc="awq", unit="layer"):
-            if i not in folds:
+            if i not in folds and i not in moe:
                 runner.run_layer(i)
                 continue
-            inputs, stats = runner.state[:n_search], self._observers(qm, i, folds[i], spec_of)
+            groups, blocks = folds.get(i, []), moe.get(i, [])
+            inputs, stats = runner.state[:n_search], self._observers(qm, i, groups, blocks, spec_of)
             runner.run_layer(i, observers=stats)  # float propagation: the next layer sees this float layer
-            records += self._apply(qm, ctx, runner.segments()[f"layer.{i}"], folds[i], spec_of, stats, inputs)
+            records += self._apply(qm, ctx, runner.segments()[f"layer.{i}"], groups, blocks, spec_of, stats, inputs)
             qm.store.release()
         if o.quantize:  # linears outside the calibrated layers (e.g. an included lm_head) still get quantized
             for n in select_linears(qm, o.include, o.exclude):
                 if n.name in spec_of:
                     self._clip_quantize(qm, n, spec_of[n.name], None, False)
-        gain = [r["loss_after"] / r["loss_before"] for r in records if r["loss_before"] > 0]
-        return PassResult(changed=bool(spec_of), summary={
-            "layers": len(folds), "samples": int(ids.shape[0]), "tokens": int(ids.numel()), "propagate": "float",
-            "groups_scaled": len(records), "linears": len(spec_of),
-            "mean_loss_ratio": round(sum(gain) / max(len(gain), 1), 4), "scales": records})
+        gain = [r["loss_after"] / r["loss_before"] for r in records if r.get("loss_before", 0) > 0]
+        summary = {"layers": len({*folds, *moe}), "samples": int(ids.shape[0]), "tokens": int(ids.numel()),
+                   "propagate": "float", "groups_scaled": len(records), "linears": len(spec_of),
+                   "mean_loss_ratio": round(sum(gain) / max(len(gain), 1), 4), "scales": records}
+        stacks = {r["module"]: {"tokens": r["tokens"], "fallback": r["fallback"]} for r in self.stack_records}
+        return PassResult(changed=bool(spec_of), summary={**summary, **({"experts": stacks} if stacks else {})})
 
     def _groups(self, qm, spec_of) -> dict[int, list]:
         """Scaling groups per layer: (the op producing the input, all linears reading it), foldable."""
+        moe_inputs = {skip_transparent(n.args[0]) for n in qm.nodes(ops.MOE_EXPERTS)}
         readers: dict = {}
         for n in qm.linears():
             readers.setdefault(activation_input(n), []).append(n)
         folds: dict[int, list] = {}
         for src, lins in readers.items():
             layer = lins[0].meta["ptqc"].get("layer")
-            if layer is None or not any(n.name in spec_of for n in lins):
+            if layer is None or src in moe_inputs or not any(n.name in spec_of for n in lins):
                 continue
             prev = src if is_op(src, ops.RMS_NORM) else producer_linear(qm, lins[0])
             if prev is not None and self._foldable(qm, prev, lins):
                 folds.setdefault(layer, []).append((prev, lins))
         return folds
 
-    def _observers(self, qm, i, groups, spec_of) -> dict:
-        """Each group's input (mean |x|, samples), and the input of unscaled linears to clip (GQA o_proj)."""
+    def _moe(self, qm, planned) -> dict[int, list]:
+        """layer -> [(experts node, its options)] for MoE blocks with an expert stack or a block input reader to quantize."""
+        names = {n.name: mo for n, mo, _ in planned}
+        out: dict[int, list] = {}
+        for node in qm.nodes(ops.MOE_EXPERTS):
+            own = [ExpertSite(node, p).name for p in experts.PROJS] + [n.name for n in experts.block_input(qm, node)[1]]
+            mos = [names[k] for k in own if k in names]
+            if mos:
+                out.setdefault(info(node)["layer"], []).append((node, mos[0]))
+        return out
+
+    def _observers(self, qm, i, groups, blocks, spec_of) -> dict:
+        """Each group's input (mean |x|, samples), and the input of unscaled linears to clip (GQA o_proj);
+        at MoE experts nodes, x and per-expert statistics (:func:`awq_moe.observers`)."""
         o = self.options
         grouped = {n for _, lins in groups for n in lins}
+        for node, _ in blocks:
+            src, lins, why = experts.block_input(qm, node)
+            grouped |= set(lins) if why is None else set()
         obs = {n: {"x": Samples(max_tokens=o.samples)} for n in qm.linears(layer=i) if o.clip and
                n.name in spec_of and n not in grouped and n.meta["ptqc"]["role"] not in ("q", "k")}
+        obs |= {node: awq_moe.observers(qm, node, mo, o.samples) for node, mo in blocks}
         return obs | {lins[0]: {"x": Samples(max_tokens=o.samples), "mean": MeanAbs()} for _, lins in groups}
 
-    def _apply(self, qm, ctx, seg, groups, spec_of, stats, inputs) -> list[dict]:
+    def _apply(self, qm, ctx, seg, groups, blocks, spec_of, stats, inputs) -> list[dict]:
         """As AutoAWQ, per layer: search every group's scale on the float layer (scored on its
         block's output), fold them all, then clip and quantize each linear on its scaled input."""
         pos = {n: k for k, n in enumerate(seg.nodes)}
-        snaps = snapshots(qm, seg, inputs, sorted({min(pos[n] for n in lins) for _, lins in groups}), ctx.device)
-        found, records = [], []
+        starts = {min(pos[n] for n in lins) for _, lins in groups}
+        starts |= {min(pos[n] for n in [node, *experts.block_input(qm, node)[1]]) for node, _ in blocks}
+        snaps = snapshots(qm, seg, inputs, sorted(starts), ctx.device)
+        moe_found = [self._search_moe(qm, ctx, seg, node, mo, spec_of, stats[node], snaps, pos) for node, mo in blocks]
+        found, records = [], [r for *_, recs in moe_found for r in recs]
         for prev, lins in groups:
             block = Block(qm, seg, prev, lins, snaps[min(pos[n] for n in lins)], ctx.device)
             ws = {n.args[1].target: (weight_of(qm, n).float(), spec_of[n.name]) for n in lins if n.name in spec_of}
@@ -279,11 +318,51 @@ class AWQ(Pass):
         for prev, lins, s in found:
             fold_input_scale(qm, prev, lins, s)
             xs |= {n.name: stats[lins[0]]["x"].result().float() / s for n in lins}
+        for node, s, s_down, _ in moe_found:
+            if s is not None:
+                xs |= {n.name: stats[node]["x"].result().float() / s for n in awq_moe.fold_block(qm, node, s)}
+            if s_down is not None:
+                experts.fold_down_scale(qm, node, s_down)
         for n in qm.linears(layer=seg.layer):
             if n.name in spec_of:
                 x = xs[n.name] if n.name in xs else stats[n]["x"].result().float() if n in stats else None
                 self._clip_quantize(qm, n, spec_of[n.name], x, n.name in xs)
+        for (node, mo), (_, s, s_down, _) in zip(blocks, moe_found):
+            self._clip_quantize_stacks(qm, node, mo, spec_of, stats[node]["acts"], s, s_down)
         return records
+
+    def _search_moe(self, qm, ctx, seg, node, mo, spec_of, st, snaps, pos) -> tuple:
+        """(node, block input scale or None, per-expert down scales or None, records) of one MoE block,
+        searched on the float layer."""
+        src, lins, why = experts.block_input(qm, node)
+        srcs = awq_moe.stack_sources(st["acts"], mo)
+        s = s_down = None
+        recs = []
+        readers = [ExpertSite(node, "gate"), ExpertSite(node, "up"), *lins]
+        if why is None and any(n.name in spec_of for n in readers):
+            start = min(pos[n] for n in [node, *lins])
+            block = Block(qm, seg, src, [node, *lins], snaps[start], ctx.device, outputs=[awq_moe.block_output(seg, node)])
+            s, quantized, rec = awq_moe.search_block(qm, node, lins, spec_of, block, st["mean"].result(), mo.grid)
+            recs.append({"layer": seg.layer, "into": info(src).get("module"),
+                         "linears": [f"experts.{n.proj}" if isinstance(n, ExpertSite) else info(n)["role"] for n in quantized],
+                         "compensated": [info(n)["role"] for n in lins if n.name not in spec_of],
+                         **{k: (round(v, 8) if isinstance(v, float) else v) for k, v in rec.items()}})
+        down = ExpertSite(node, "down")
+        if down.name in spec_of:
+            s_down, gains = awq_moe.search_down(qm, node, spec_of[down.name], st["acts"], srcs, mo.grid)
+            recs.append({"layer": seg.layer, "into": f"{info(node)['module']}.up_proj", "linears": ["experts.down"],
+                         "experts_scaled": len(gains), "mean_loss_ratio": round(sum(gains) / max(len(gains), 1), 4)})
+        return node, s, s_down, recs
+
+    def _clip_quantize_stacks(self, qm, node, mo, spec_of, acts, s, s_down) -> None:
+        srcs = awq_moe.stack_sources(acts, mo)
+        for site in (ExpertSite(node, p) for p in experts.PROJS):
+            if site.name in spec_of:
+                x_scale = s if s is not None else torch.ones(())
+                h_scale = s_down if s_down is not None else torch.ones(len(srcs), 1)
+                scaled = s_down is not None if site.proj == "down" else s is not None
+                rec = awq_moe.clip_quantize_stack(qm, site, spec_of[site.name], acts, srcs, x_scale, h_scale, mo, scaled)
+                self.stack_records.append({"module": site.module, **rec})
 
     def _clip_quantize(self, qm, n, spec: quant.QuantSpec, x: torch.Tensor | None, scaled: bool) -> None:
         """Clip search on the sampled input ``x`` (as AutoAWQ: every linear but q/k, scaled or not),

@@ -6,6 +6,12 @@ chosen layers (or linears, ``unit=linear``) are kept float (``keep=float``) or g
 quantization (RTN weights at ``w_bits``/``w_group``, per-token activations with ``a_bits``); a
 unit's score is ``sqrt(sum ||y_q - y||^2 / sum ||y||^2)`` over its linears. Chosen: the ``top``
 highest scores plus (``k`` > 0) every score above ``median + k * 1.4826 * MAD``.
+
+MoE expert stacks are scored per expert on the rows routed to it (gate/up: its x, down: its
+down input); an expert's error adds to its layer (``unit=layer``) and to its stack, which is one
+unit under ``unit=linear``. ``unit=expert`` ranks the experts (gate, up and down of one expert of
+one layer, ``model.layers.1.mlp.experts.3``) and plans the chosen ones at ``keep`` bits
+(:func:`ptqc.experts.planned_bits`); the summary lists every expert's score.
 """
 from __future__ import annotations
 
@@ -13,9 +19,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ptqc import quant
+from ptqc import ops, quant
 from ptqc.calib import calibrate
 from ptqc.errors import PtqcError
+from ptqc.experts import ExpertSite
+from ptqc.ir import info
+from ptqc.moe_calib import ExpertActs
 from ptqc.observers import Samples
 from ptqc.options import Selection
 from ptqc.pipeline import Pass, PassResult, register
@@ -43,6 +52,7 @@ class Sensitive(Pass):
     """
 
     name = "sensitive"
+    experts = True
     requires = frozenset({"canonical"})
     provides = frozenset({"precision_plan"})
     forbids = frozenset({"weight_quant"})  # the plan must exist before weights are quantized
@@ -51,7 +61,7 @@ class Sensitive(Pass):
     class Options(Selection):
         top: int = 1  # keep the N most sensitive units
         k: float = 0.0  # also keep units over median + k*MAD (0 = off)
-        unit: str = "layer"  # layer | linear
+        unit: str = "layer"  # layer | linear | expert
         keep: str = "float"  # float, or a bit width (e.g. 8)
         w_bits: int = 4
         w_group: int = 128
@@ -59,8 +69,10 @@ class Sensitive(Pass):
         samples: int = 512  # token rows sampled per linear
 
         def validate(self):
-            if self.unit not in ("layer", "linear"):
-                raise PtqcError(f"unit={self.unit!r}: use layer or linear")
+            if self.unit not in ("layer", "linear", "expert"):
+                raise PtqcError(f"unit={self.unit!r}: use layer, linear or expert")
+            if self.unit == "expert" and self.keep == "float":
+                raise PtqcError("unit=expert: one expert of a stack cannot stay float; use keep=<bits> (e.g. keep=8)")
             if self.keep != "float" and not (self.keep.isdigit() and 2 <= int(self.keep) <= 8):
                 raise PtqcError(f"keep={self.keep!r}: use float or a bit width 2..8")
             if self.top < 0 or self.k < 0:
@@ -71,41 +83,79 @@ class Sensitive(Pass):
     def run(self, qm, ctx) -> PassResult:
         o = self.options
         wspec = quant.QuantSpec(o.w_bits, o.w_group, False)
-        aspec = quant.QuantSpec(o.a_bits, 0, True) if o.a_bits else None
         targets = {n.name: n for n, _, _ in plan(qm, self, spec_of=lambda mo: wspec)}  # shapes checked
-        err: dict[str, float] = {}  # module -> sum ||y_q - y||^2
-        ref: dict[str, float] = {}  # module -> sum ||y||^2
-        layer_of: dict[str, int] = {}
+        err: dict = {}  # module (or (stack module, expert)) -> (sum ||y_q - y||^2, sum ||y||^2)
+        layer_of: dict = {}
 
         def observe(i):
-            return {n: {"x": Samples(max_tokens=o.samples)} for n in qm.linears(layer=i) if n.name in targets}
+            obs = {n: {"x": Samples(max_tokens=o.samples)} for n in qm.linears(layer=i) if n.name in targets}
+            return obs | {node: {"acts": ExpertActs(qm.store.spec(node.args[3].target)[0][0], node.kwargs.get("act", "silu"),
+                                                    node.kwargs.get("down_act_bits", 0), samples=o.samples)}
+                          for node in qm.nodes(ops.MOE_EXPERTS, layer=i)
+                          if any(ExpertSite(node, p).name in targets for p in ("gate", "up", "down"))}
 
         def apply(i, stats):
             for n, obs in stats.items():
-                x = obs["x"].result().float()
-                w = weight_of(qm, n).float().to(x.device)
-                y = x @ w.t()
-                xq = quant.fake_quantize(x, aspec) if aspec else x
-                yq = xq @ quant.fake_quantize(w, wspec).t()
-                mod = n.meta["ptqc"]["module"]
-                err[mod], ref[mod], layer_of[mod] = (yq - y).pow(2).sum().item(), y.pow(2).sum().item(), i
+                if "acts" in obs:
+                    for site in (ExpertSite(n, p) for p in ("gate", "up", "down")):
+                        if site.name in targets:
+                            for e, w in enumerate(weight_of(qm, site)):
+                                rows = obs["acts"].rows("h" if site.proj == "down" else "x", e)
+                                if rows is not None:
+                                    err[site.module, e], layer_of[site.module, e] = self._error(rows, w), i
+                    continue
+                err[info(n)["module"]], layer_of[info(n)["module"]] = self._error(obs["x"].result(), weight_of(qm, n)), i
 
         calibrate(qm, ctx, observe, apply, propagate="float", desc="sensitive")
-        if o.unit == "layer":
-            units: dict = {}
-            for mod, i in layer_of.items():
-                e, r = units.get(i, (0.0, 0.0))
-                units[i] = (e + err[mod], r + ref[mod])
-            scores = {i: (e / max(r, 1e-30)) ** 0.5 for i, (e, r) in sorted(units.items())}
-        else:
-            scores = {mod: (err[mod] / max(ref[mod], 1e-30)) ** 0.5 for mod in err}
+        scores = self._scores(err, layer_of)
         ranked = sorted(scores, key=scores.get, reverse=True)
         chosen = list(dict.fromkeys(ranked[: o.top] + robust_outliers(scores, o.k)))
         entry = {"skip": True} if o.keep == "float" else {"bits": int(o.keep)}
-        for mod, i in layer_of.items():
-            if (i if o.unit == "layer" else mod) in chosen:
-                qm.plan[mod] = dict(entry)
+        for key, i in layer_of.items():
+            unit = self._unit(key, i)
+            if unit in chosen:
+                qm.plan[unit if o.unit == "expert" else key[0] if isinstance(key, tuple) else key] = dict(entry)
         ctx.info(f"sensitive: keeping {o.unit}s {chosen} at {o.keep}")
-        return PassResult(changed=bool(chosen), summary={
-            "unit": o.unit, "chosen": chosen, "keep": o.keep,
-            "scores": {str(k): round(v, 6) for k, v in scores.items()}})
+        summary = {"unit": o.unit, "chosen": chosen, "keep": o.keep,
+                   "scores": {str(k): round(v, 6) for k, v in scores.items()}}
+        per_expert = self._expert_scores(err)
+        return PassResult(changed=bool(chosen), summary={**summary, **({"experts": per_expert} if per_expert else {})})
+
+    def _error(self, x, w) -> tuple[float, float]:
+        """(sum ||x Q(W)^T - x W^T||^2, sum ||x W^T||^2) under the probe quantization."""
+        o = self.options
+        x, w = x.float(), w.float().to(x.device)
+        y = x @ w.t()
+        xq = quant.fake_quantize(x, quant.QuantSpec(o.a_bits, 0, True)) if o.a_bits else x
+        yq = xq @ quant.fake_quantize(w, quant.QuantSpec(o.w_bits, o.w_group, False)).t()
+        return (yq - y).pow(2).sum().item(), y.pow(2).sum().item()
+
+    def _unit(self, key, layer: int):
+        """The unit a module (or (stack, expert)) belongs to under ``unit``."""
+        u = self.options.unit
+        if u == "layer":
+            return layer
+        if u == "linear":
+            return key[0] if isinstance(key, tuple) else key
+        return f"{key[0].rsplit('.', 1)[0]}.{key[1]}" if isinstance(key, tuple) else None
+
+    def _scores(self, err: dict, layer_of: dict) -> dict:
+        units: dict = {}
+        for key, (e, r) in err.items():
+            u = self._unit(key, layer_of[key])
+            if u is not None:
+                a, b = units.get(u, (0.0, 0.0))
+                units[u] = (a + e, b + r)
+        order = sorted(units) if self.options.unit == "layer" else list(units)
+        return {u: (units[u][0] / max(units[u][1], 1e-30)) ** 0.5 for u in order}
+
+    @staticmethod
+    def _expert_scores(err: dict) -> dict:
+        """{experts module: [score of each expert over its gate, up and down]} (routed rows only)."""
+        sums: dict = {}
+        for key, (e, r) in err.items():
+            if isinstance(key, tuple):
+                a = sums.setdefault(key[0].rsplit(".", 1)[0], {}).setdefault(key[1], [0.0, 0.0])
+                a[0], a[1] = a[0] + e, a[1] + r
+        return {m: {str(ex): round((a / max(b, 1e-30)) ** 0.5, 6) for ex, (a, b) in sorted(d.items())}
+                for m, d in sums.items()}

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import torch.fx as fx
 
 from ptqc import ops, quant
 from ptqc.errors import PtqcError
-from ptqc.ir import QModel, info
+from ptqc.ir import QModel, info, is_op
+from ptqc.patterns import activation_input, is_transparent, skip_transparent
 
 PROJS = ("gate", "up", "down")
 
@@ -54,6 +56,55 @@ def sites(qm: QModel) -> list[ExpertSite]:
     return [ExpertSite(n, p) for n in qm.nodes(ops.MOE_EXPERTS) for p in PROJS]
 
 
+def block_input(qm: QModel, node: fx.Node) -> tuple[fx.Node, list[fx.Node], str | None]:
+    """The MoE block input of experts node ``node``: (the op producing x, through shape ops; the
+    linears reading x: router, shared expert gate/up, shared-expert gate; why a per-channel scale
+    of x cannot be folded into that op, or None). Foldable when x comes from an RMSNorm whose
+    output reaches only these linears and the experts (through shape ops)."""
+    src = skip_transparent(node.args[0])
+    lins = [n for n in qm.linears() if activation_input(n) is src]
+    if not is_op(src, ops.RMS_NORM):
+        return src, lins, "the MoE block input is not an RMSNorm output"
+    todo, seen = list(src.users), set()
+    while todo:
+        u = todo.pop()
+        if u in seen:
+            continue
+        seen.add(u)
+        if is_transparent(u):
+            todo.extend(u.users)
+        elif u not in lins and u is not node:
+            return src, lins, f"the norm output also feeds {u.name}"
+    return src, lins, None
+
+
+def fold_down_scale(qm: QModel, node: fx.Node, s: torch.Tensor) -> None:
+    """Scale each expert's down_proj input channels by ``s`` [E, I] and undo it in the rows of that
+    expert's up_proj (``act(g x) * (u x / s)``, then ``down * s``): the experts' output is unchanged."""
+    up, down = (node.args[3 + PROJS.index(p)].target for p in ("up", "down"))
+    s = s.float()
+    qm.store[up] = (qm.store[up].float() / s[:, :, None]).to(qm.dtype)
+    qm.store[down] = (qm.store[down].float() * s[:, None, :]).to(qm.dtype)
+
+
+def planned_bits(qm: QModel, site: ExpertSite, spec: quant.QuantSpec, w: torch.Tensor, codes: torch.Tensor,
+                 scale: torch.Tensor, zp: torch.Tensor | None) -> tuple:
+    """Experts the precision plan keeps at other bits (``qm.plan["<experts module>.<e>"] = {"bits": b}``,
+    from ``sensitive:unit=expert``) re-quantized RTN from the float stack ``w`` at ``b`` bits on the same
+    grid layout: (codes, scale, zp, {expert: bits})."""
+    base, plan = info(site.node).get("module"), getattr(qm, "plan", None) or {}
+    bits = {e: int(plan[f"{base}.{e}"]["bits"]) for e in range(codes.shape[0]) if plan.get(f"{base}.{e}", {}).get("bits")}
+    if not bits:
+        return codes, scale, zp, {}
+    codes, scale, zp = codes.clone(), scale.clone(), None if zp is None else zp.clone()
+    for e, b in bits.items():
+        c, s, z = quant.rtn(w[e].float(), quant.QuantSpec(b, spec.group_size, spec.symmetric))
+        codes[e], scale[e] = c, s
+        if zp is not None:
+            zp[e] = z
+    return codes, scale, zp, bits
+
+
 def refuse(p, chosen: list[ExpertSite]) -> None:
     """Stop pass ``p``, which cannot quantize expert stacks, if its selection holds some."""
     if chosen:
@@ -62,10 +113,15 @@ def refuse(p, chosen: list[ExpertSite]) -> None:
                         "or use rtn, gptq or int8 for them")
 
 
-def record(qm: QModel, site: ExpertSite, dq: fx.Node, q: dict) -> None:
-    """Note a stack's weight quantization on the experts node (``quant[<proj>_proj]``) and on its
+PER_EXPERT = ("tokens", "fallback", "few_tokens", "stats")  # what a pass records per expert
+
+
+def record(qm: QModel, site: ExpertSite, dq: fx.Node, q: dict, extra: dict | None = None) -> None:
+    """Note a stack's weight quantization on the experts node (``quant[<proj>_proj]``, with the
+    per-expert fields of ``extra``: routed tokens, fallback experts and what they used) and on its
     dequantize node (``quant["weight"]``, what ``pack`` reads)."""
-    info(site.node).setdefault("quant", {})[f"{site.proj}_proj"] = q
+    per_expert = {k: extra[k] for k in PER_EXPERT if k in (extra or {})}
+    info(site.node).setdefault("quant", {})[f"{site.proj}_proj"] = {**q, **per_expert}
     info(dq)["quant"] = {"weight": q}
 
 

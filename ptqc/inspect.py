@@ -15,8 +15,21 @@ def _quant_str(q: dict) -> str:
         per_row = "ch" if k == "weight" or k.endswith("_proj") else "tok"  # group 0: per channel / per token
         g = v.get("granularity") or {0: per_row, -1: "tensor"}.get(v.get("group"), f"g{v.get('group')}")
         label = k if k.endswith("_proj") or k == "down_input" else k[0]
-        parts.append(f"{label}:int{v.get('bits')} {g} {'sym' if v.get('sym') else 'asym'} ({v.get('method', '')})")
+        parts.append(f"{label}:int{v.get('base_bits', v.get('bits'))} {g} {'sym' if v.get('sym') else 'asym'} ({v.get('method', '')})"
+                     + _experts_str(v, parts))
     return "; ".join(parts)
+
+
+def _experts_str(v: dict, parts: list) -> str:
+    """An expert stack's per-expert facts: routed tokens (once per node), fallback experts, other bits."""
+    out = ""
+    if "tokens" in v and not any("tokens " in p for p in parts):
+        out += " tokens " + "/".join(map(str, v["tokens"]))
+    if v.get("fallback"):
+        out += f" fallback {v['fallback']}:{v.get('few_tokens', '')}"
+    if v.get("expert_bits"):
+        out += " experts " + ",".join(f"{e}:int{b}" for e, b in v["expert_bits"].items())
+    return out
 
 
 def rows(qm: QModel, layer=None, op=None, role=None) -> list[dict]:

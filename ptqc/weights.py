@@ -103,6 +103,10 @@ def set_quantized_weight(qm: QModel, linear, spec: quant.QuantSpec, codes: torch
     name = w_node.target
     base = name.removesuffix(".weight")
     g = qm.graph
+    expert_bits = {}
+    if isinstance(linear, ExpertSite):
+        codes, scale, zero_point, expert_bits = experts.planned_bits(qm, linear, spec, qm.store[name], codes, scale,
+                                                                     zero_point)
     qm.store[name] = codes.to(torch.int8).contiguous()
     qm.store[f"{base}.weight_scale"] = scale.float().contiguous()
     if zero_point is not None:
@@ -114,9 +118,11 @@ def set_quantized_weight(qm: QModel, linear, spec: quant.QuantSpec, codes: torch
         dq = g.call_function(ops.DEQUANTIZE_WEIGHT, (w_node, s_node, z_node, spec.group_size, qm.dtype))
     info(dq).update({"module": meta["module"], "layer": meta["layer"], "role": "weight_dequant"})
     _replace_weight(linear, dq)
-    q = {"method": method, "bits": spec.bits, "group": spec.group_size, "sym": spec.symmetric}
+    q = {"method": method, "bits": max([spec.bits, *expert_bits.values()]), "group": spec.group_size, "sym": spec.symmetric}
+    if expert_bits:  # "bits" is the widest (what pack and exporters must respect), "base_bits" the rest's
+        q.update(base_bits=spec.bits, expert_bits={str(e): b for e, b in expert_bits.items()})
     if isinstance(linear, ExpertSite):
-        experts.record(qm, linear, dq, q)
+        experts.record(qm, linear, dq, q, record)
     else:
         meta.setdefault("quant", {})["weight"] = q
     qm.quant.setdefault(meta["module"], {})["weight"] = {**q, "scale_shape": list(scale.shape), **(record or {})}
@@ -151,8 +157,8 @@ def grouped_targets(qm: QModel, p) -> tuple[dict, dict[int, list[list[fx.Node]]]
 
 
 def fold_input_scale(qm: QModel, prev: fx.Node, lins: list[fx.Node], s: torch.Tensor) -> None:
-    """Scale the input channels of ``lins`` by ``s`` and undo it in ``prev``, the op producing
-    their input, so the float model is unchanged (SmoothQuant and AWQ's fold)::
+    """Scale the input channels of ``lins`` (linears or expert stacks) by ``s`` and undo it in
+    ``prev``, the op producing their input, so the float model is unchanged (SmoothQuant and AWQ's fold)::
 
         prev = rms_norm      norm weight (w + offset) / s - offset    (Gemma: offset 1)
         prev = linear        rows (and bias) / s                       (up -> down)
@@ -162,7 +168,7 @@ def fold_input_scale(qm: QModel, prev: fx.Node, lins: list[fx.Node], s: torch.Te
     With GQA, ``s`` must be equal across the query heads sharing a KV head (checked)."""
     s = s.float()
     for n in lins:
-        name = n.args[1].target
+        name = weight_node(n).target
         qm.store[name] = (qm.store[name].float() * s).to(qm.dtype)
     w_name = prev.args[1].target
     w = qm.store[w_name].float()
