@@ -15,10 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ptqc import ops
 from ptqc.calib import calibrate
 from ptqc.errors import PtqcError
-from ptqc.ir import info, is_op
+from ptqc.ir import info
+from ptqc.norms import is_norm
 from ptqc.observers import AbsMax
 from ptqc.patterns import activation_input, producer_linear
 from ptqc.options import Selection
@@ -73,7 +73,7 @@ class Smooth(Pass):
             if mo is None:
                 continue
             role = m.get("role")
-            if is_op(src, ops.RMS_NORM):
+            if is_norm(src):
                 prev = src
                 if len(src.users) != len(lins):
                     skipped.append((m["module"], "the norm output feeds more than these linears"))
@@ -99,7 +99,7 @@ class Smooth(Pass):
                 x_max = stats[lins[0]]["amax"].result()
                 w_max = torch.stack([weight_of(qm, n).float().abs().amax(0) for n in lins]).amax(0)
                 role = info(lins[0]).get("role")
-                if role == "o" and mo.fold and not is_op(prev, ops.RMS_NORM):  # v -> o: one scale per KV channel
+                if role == "o" and mo.fold and not is_norm(prev):  # v -> o: one scale per KV channel
                     x_max, w_max = gqa_tie(qm, x_max), gqa_tie(qm, w_max)
                 s = smooth_scale(x_max, w_max, mo.alpha)
                 if mo.fold:

@@ -373,17 +373,26 @@ def params_on_meta():
 
 
 def build_meta_model(config, dtype: torch.dtype, trust_remote_code: bool = False):
-    """The transformers model with meta parameters and real buffers, in eval mode, SDPA attention."""
+    """The transformers model with meta parameters and real buffers, in eval mode, SDPA attention
+    (or, for models without SDPA such as Gemma 2, ptqc's own, :mod:`ptqc.families`)."""
     from transformers import AutoModelForCausalLM
+
+    from ptqc.families import register_attention
+
+    def build(impl):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                **({"attn_implementation": impl} if impl else {}))
 
     with params_on_meta():
         try:
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code,
-                                                     attn_implementation="sdpa")
+            model = build("sdpa")
         except ValueError as e:
-            if "sdpa" not in str(e).lower():
+            if "sdpa" not in str(e).lower() and "scaled_dot_product_attention" not in str(e):
                 raise
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+            try:
+                model = build(register_attention())
+            except ValueError:  # no attention backends: its own (eager) attention
+                model = build(None)
     return model.eval()
 
 
