@@ -411,7 +411,7 @@ def hf_names(config) -> tuple[set[str], set[str]]:
     c = copy.deepcopy(config)
     if getattr(c, "quantization_config", None) is not None:
         c.quantization_config = None
-    model = build_meta_model(c, torch.float32)
+    model = build_meta_model(c, torch.float32, bool(getattr(c, "auto_map", None)))  # custom code: already trusted
     persistent = set(model.state_dict())
     return {n for n, _ in model.named_parameters(remove_duplicate=False)}, {n for n, _ in model.named_buffers()} - persistent
 
