@@ -15,8 +15,8 @@ from ptqc.patterns import Pat
 
 aten = torch.ops.aten
 SHAPES_UNKNOWN = "attention shapes are unknown (run shape propagation first)"
-SOFTCAP = ("attention logit softcapping (Gemma 2) has no Ascend attention kernel "
-           "(npu_fused_infer_attention_score has no softcap); use attention=keep or fallback=true")
+SOFTCAP = ("npu_fused_infer_attention_score has no attention logit softcapping (Gemma 2; "
+           "attention=keep keeps it float)")
 
 
 def _quantized_kv(att: fx.Node) -> bool:
