@@ -56,6 +56,7 @@ from ptqc.interpreter import Interpreter
 from ptqc.errors import PtqcError
 from ptqc.experts import ExpertSite
 from ptqc.ir import info, is_op
+from ptqc.norms import is_norm
 from ptqc.observers import MeanAbs, Samples
 from ptqc.options import WeightOptions
 from ptqc.patterns import activation_input, producer_linear, skip_transparent
@@ -117,7 +118,7 @@ class Block:
 
     @staticmethod
     def _outputs(nodes, prev, lins) -> list[fx.Node]:
-        if not is_op(prev, ops.RMS_NORM):
+        if not is_norm(prev):
             return list(lins)
         reach = set(lins)
         for n in nodes[min(nodes.index(x) for x in lins):]:
@@ -263,7 +264,7 @@ class AWQ(Pass):
             layer = lins[0].meta["ptqc"].get("layer")
             if layer is None or src in moe_inputs or not any(n.name in spec_of for n in lins):
                 continue
-            prev = src if is_op(src, ops.RMS_NORM) else producer_linear(qm, lins[0])
+            prev = src if is_norm(src) else producer_linear(qm, lins[0])
             if prev is not None and self._foldable(qm, prev, lins):
                 folds.setdefault(layer, []).append((prev, lins))
         return folds
@@ -379,7 +380,7 @@ class AWQ(Pass):
     @staticmethod
     def _foldable(qm, prev, lins) -> bool:
         """The fold is exact only if ``prev``'s output reaches nothing but these linears."""
-        if is_op(prev, ops.RMS_NORM):
+        if is_norm(prev):
             return all(activation_input(u) is prev for u in prev.users if is_op(u, ops.LINEAR)) and \
                 len([u for u in prev.users if is_op(u, ops.LINEAR)]) == len(prev.users)
         out_ch = qm.store.spec(prev.args[1].target)[0][0]

@@ -30,6 +30,7 @@ from ptqc.errors import PtqcError
 from ptqc.experts import ExpertSite
 from ptqc.ir import info, is_op
 from ptqc.moe_calib import ExpertActs, source
+from ptqc.norms import is_norm
 from ptqc.observers import AbsMax
 from ptqc.patterns import activation_input, producer_linear, skip_transparent
 from ptqc.options import Selection
@@ -111,7 +112,7 @@ class Smooth(Pass):
             if mo is None:
                 continue
             role = m.get("role")
-            if is_op(src, ops.RMS_NORM):
+            if is_norm(src):
                 prev = src
                 if len(src.users) != len(lins):
                     skipped.append((m["module"], "the norm output feeds more than these linears"))
@@ -132,7 +133,7 @@ class Smooth(Pass):
         """Smooth one group of linears sharing an input; its record."""
         w_max = torch.stack([weight_of(qm, n).float().abs().amax(0) for n in lins]).amax(0)
         role = info(lins[0]).get("role")
-        if role == "o" and mo.fold and not is_op(prev, ops.RMS_NORM):  # v -> o: one scale per KV channel
+        if role == "o" and mo.fold and not is_norm(prev):  # v -> o: one scale per KV channel
             x_max, w_max = gqa_tie(qm, x_max), gqa_tie(qm, w_max)
         s = smooth_scale(x_max, w_max, mo.alpha)
         if mo.fold:

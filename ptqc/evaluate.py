@@ -23,7 +23,7 @@ def load_tokenizer(path):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(path))
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)  # never prompt
     except Exception as e:  # noqa: BLE001
         raise PtqcError(f"cannot load the tokenizer from {path}: {str(e).splitlines()[0]}") from None
 

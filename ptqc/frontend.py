@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.fx as fx
 
-from ptqc import moe, ops
+from ptqc import families, moe, norms, ops
 from ptqc.errors import PtqcError
 from ptqc.ir import QModel, info, is_op, propagate
 from ptqc.model import WeightStore, build_meta_model, load_config, parse_dtype, weight_files
@@ -40,8 +40,14 @@ ROLE_TABLE = {
     "input_layernorm": "input_norm", "attention_norm": "input_norm",
     "post_attention_layernorm": "post_attention_norm", "ffn_norm": "post_attention_norm",
     "self_attn": "attention", "attention": "attention", "shared_expert_gate": "shared_expert_gate",
+    # LayerNorm families: GPT-NeoX (embed_in/embed_out, query_key_value, dense, dense_h_to_4h ...),
+    # Phi-2 (dense, fc1/fc2), Falcon (word_embeddings, ln_attn/ln_mlp)
+    "embed_out": "lm_head", "embed_in": "embed", "word_embeddings": "embed",
+    "query_key_value": "qkv", "dense": "o", "dense_h_to_4h": "up", "dense_4h_to_h": "down",
+    "fc1": "up", "fc2": "down", "ln_attn": "input_norm", "ln_mlp": "post_attention_norm",
+    "pre_feedforward_layernorm": "pre_feedforward_norm", "post_feedforward_layernorm": "post_feedforward_norm",
 }
-FINAL_NORM_NAMES = ("norm", "final_layernorm", "ln_f")
+FINAL_NORM_NAMES = ("norm", "final_layernorm", "ln_f", "final_layer_norm")
 _LAYER_RE = re.compile(r"\.(\d+)(?:\.|$)")
 
 
@@ -202,7 +208,8 @@ def rule_moe_args(node: fx.Node) -> bool:
 
 
 # The canonicalization table: each rule looks at one node and rewrites it in place.
-RULES = (rule_drop_noops, rule_linear, rule_rms_norm, rule_attention, rule_moe_args)
+RULES = (rule_drop_noops, rule_linear, families.rule_matmul_linear, rule_rms_norm, norms.rule_layer_norm,
+         rule_attention, families.canonical_attention_args, rule_moe_args)
 
 
 def canonicalize(g: fx.Graph) -> None:
@@ -250,7 +257,7 @@ def untie(g: fx.Graph, tied: dict[str, set[str]]) -> None:
         if n.op != "call_function":
             continue
         idx = 0 if n.target == aten.embedding.default else 1
-        if n.target not in (aten.embedding.default, ops.LINEAR, ops.RMS_NORM):
+        if n.target not in (aten.embedding.default, ops.LINEAR, *norms.NORMS):
             continue
         w = n.args[idx]
         own = f"{_module_path(n)}.weight"
@@ -271,7 +278,7 @@ def annotate(g: fx.Graph, config) -> None:
             continue
         path = _module_path(n)
         # Weighted ops are named by their weight (robust even without module stacks).
-        if n.target in (ops.LINEAR, ops.RMS_NORM) or n.target == aten.embedding.default:
+        if n.target in (ops.LINEAR, *norms.NORMS) or n.target == aten.embedding.default:
             w = n.args[1] if n.target != aten.embedding.default else n.args[0]
             if isinstance(w, fx.Node) and w.op == "get_attr":
                 path = w.target.rsplit(".", 1)[0]
@@ -279,7 +286,7 @@ def annotate(g: fx.Graph, config) -> None:
         meta = info(n)
         meta["module"] = path
         meta["layer"] = int(m.group(1)) if m else None
-        role = _role_of(path) if n.target in (ops.LINEAR, ops.RMS_NORM, aten.embedding.default) else None
+        role = _role_of(path) if n.target in (ops.LINEAR, *norms.NORMS, aten.embedding.default) else None
         if n.target == ops.ATTENTION:
             role = "attention"
             i = meta["layer"]
@@ -334,12 +341,13 @@ def annotate_moe(g: fx.Graph) -> None:
 
 def check_canonical(g: fx.Graph) -> None:
     """Every linear and attention must have been canonicalized; say what was not."""
-    left = {str(n.target) for n in g.nodes if n.op == "call_function"
+    left = [n for n in g.nodes if n.op == "call_function"
             and n.target in (aten.linear.default, aten.scaled_dot_product_attention.default,
-                             aten.matmul.default, aten.bmm.default, aten.mm.default)}
+                             aten.matmul.default, aten.bmm.default, aten.mm.default)]
     if left:
-        raise PtqcError(f"could not canonicalize this architecture (left: {', '.join(sorted(left))}); "
-                        "it may use an attention or projection layout ptqc does not know yet")
+        where = _module_path(left[0]) or "the model"
+        raise PtqcError(f"unsupported construct in {where}: {left[0].target} could not be canonicalized "
+                        f"({len(left)} such ops left); ptqc does not know this attention or projection layout yet")
     if not any(is_op(n, ops.LINEAR) for n in g.nodes):
         raise PtqcError("no linear layers found in the traced model")
 
@@ -363,6 +371,7 @@ def trace(path: Path, config, dt: torch.dtype, trust_remote_code: bool, bar=None
     seq_max = getattr(config, "max_position_embeddings", 4096) or 4096
     step("torch.export")
     ep = export(model, seq_max)
+    families.check_constants(ep)
     del model
     step("canonicalize")
     g = to_ptqc_graph(ep)
@@ -371,6 +380,7 @@ def trace(path: Path, config, dt: torch.dtype, trust_remote_code: bool, bar=None
     untie(g, tied)
     keys = weight_files(Path(path)).keys()
     moe.rename_to_checkpoint(g, keys, getattr(config, "model_type", None))
+    families.rename_to_checkpoint(g, keys, config)
     mark_float32(g, dt, keys)
     annotate(g, config)
     for n in g.nodes:  # arange(..., device=meta) from the meta trace: run on CPU by default

@@ -373,17 +373,26 @@ def params_on_meta():
 
 
 def build_meta_model(config, dtype: torch.dtype, trust_remote_code: bool = False):
-    """The transformers model with meta parameters and real buffers, in eval mode, SDPA attention."""
+    """The transformers model with meta parameters and real buffers, in eval mode, SDPA attention
+    (or, for models without SDPA such as Gemma 2, ptqc's own, :mod:`ptqc.families`)."""
     from transformers import AutoModelForCausalLM
+
+    from ptqc.families import register_attention
+
+    def build(impl):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                **({"attn_implementation": impl} if impl else {}))
 
     with params_on_meta():
         try:
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code,
-                                                     attn_implementation="sdpa")
+            model = build("sdpa")
         except ValueError as e:
-            if "sdpa" not in str(e).lower():
+            if "sdpa" not in str(e).lower() and "scaled_dot_product_attention" not in str(e):
                 raise
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+            try:
+                model = build(register_attention())
+            except ValueError:  # no attention backends: its own (eager) attention
+                model = build(None)
     return model.eval()
 
 
@@ -402,7 +411,7 @@ def hf_names(config) -> tuple[set[str], set[str]]:
     c = copy.deepcopy(config)
     if getattr(c, "quantization_config", None) is not None:
         c.quantization_config = None
-    model = build_meta_model(c, torch.float32)
+    model = build_meta_model(c, torch.float32, bool(getattr(c, "auto_map", None)))  # custom code: already trusted
     persistent = set(model.state_dict())
     return {n for n, _ in model.named_parameters(remove_duplicate=False)}, {n for n, _ in model.named_buffers()} - persistent
 

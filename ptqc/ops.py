@@ -7,7 +7,9 @@ propagates shapes and re-exports with ``torch.export``.
 
     linear(x, w, b)                          y = x @ w.T + b
     rms_norm(x, w, eps, offset)              Llama/Qwen2 RMSNorm (offset=1 is Gemma's (1 + w))
-    attention(q, k, v, scale, causal, window) softmax(q k^T * scale + mask) v, GQA by head groups
+    attention(q, k, v, scale, causal, window, softcap)  softmax(q k^T * scale + mask) v, GQA by head
+                                             groups; softcap > 0: scores capped (Gemma 2)
+    layer_norm(x, w, b, eps)                 LayerNorm over the last dim, weight and bias optional
     dequantize_weight(codes, scale, zp, group, dtype)   integer weight codes -> float weight
     unpack_int4(packed)                      two int4 codes per int8 byte -> int8 codes
     quantize_act(x, scale, zp, bits, group, sym, clip)  activation fake-quant: dynamic (scale None:
@@ -75,9 +77,10 @@ def causal_mask(q_len: int, k_len: int, window: int, device) -> torch.Tensor:
 
 
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-               causal: bool = True, window: int = -1) -> torch.Tensor:
-    """q: [B, H, S, D]; k, v: [B, Hkv, S, D] with H a multiple of Hkv (grouped-query attention)."""
-    if causal and window <= 0 and q.shape[2] == k.shape[2]:  # the common case: SDPA's causal kernel
+               causal: bool = True, window: int = -1, softcap: float = 0.0) -> torch.Tensor:
+    """q: [B, H, S, D]; k, v: [B, Hkv, S, D] with H a multiple of Hkv (grouped-query attention).
+    ``softcap`` > 0 caps the scores as Gemma 2 does: ``softcap * tanh(scores / softcap)``."""
+    if causal and window <= 0 and softcap <= 0 and q.shape[2] == k.shape[2]:  # SDPA's causal kernel
         return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, scale=scale,
                                               enable_gqa=q.shape[1] != k.shape[1])
     n_rep = q.shape[1] // k.shape[1]
@@ -85,18 +88,37 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
         k = k.repeat_interleave(n_rep, dim=1)
         v = v.repeat_interleave(n_rep, dim=1)
     mask = causal_mask(q.shape[2], k.shape[2], window, q.device) if causal else None
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    if softcap <= 0:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    s = torch.tanh(q @ k.transpose(2, 3) * scale / softcap) * softcap  # as the eager path computes it
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    return s.softmax(-1, dtype=torch.float32).to(q.dtype) @ v
 
 
 @torch.library.custom_op("ptqc::attention", mutates_args=())
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-              causal: bool = True, window: int = -1) -> torch.Tensor:
-    return _attention(q, k, v, scale, causal, window)
+              causal: bool = True, window: int = -1, softcap: float = 0.0) -> torch.Tensor:
+    return _attention(q, k, v, scale, causal, window, softcap)
 
 
 @attention.register_fake
-def _(q, k, v, scale, causal=True, window=-1):
+def _(q, k, v, scale, causal=True, window=-1, softcap=0.0):
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+def _layer_norm(x: torch.Tensor, w: Optional[torch.Tensor], b: Optional[torch.Tensor], eps: float) -> torch.Tensor:
+    return F.layer_norm(x, (x.shape[-1],), w, b, eps)
+
+
+@torch.library.custom_op("ptqc::layer_norm", mutates_args=())
+def layer_norm(x: torch.Tensor, w: Optional[torch.Tensor], b: Optional[torch.Tensor], eps: float) -> torch.Tensor:
+    return _layer_norm(x, w, b, eps)
+
+
+@layer_norm.register_fake
+def _(x, w, b, eps):
+    return torch.empty_like(x)
 
 
 @torch.library.custom_op("ptqc::dequantize_weight", mutates_args=())
@@ -234,6 +256,7 @@ def _(x, weights, ids, gate, up, down, act="silu", down_act_bits=0):
 LINEAR = torch.ops.ptqc.linear.default
 RMS_NORM = torch.ops.ptqc.rms_norm.default
 ATTENTION = torch.ops.ptqc.attention.default
+LAYER_NORM = torch.ops.ptqc.layer_norm.default
 DEQUANTIZE_WEIGHT = torch.ops.ptqc.dequantize_weight.default
 UNPACK_INT4 = torch.ops.ptqc.unpack_int4.default
 QUANTIZE_ACT = torch.ops.ptqc.quantize_act.default
@@ -254,6 +277,7 @@ EAGER = {
     LINEAR: lambda x, w, b=None: F.linear(x, w, b),
     RMS_NORM: _rms_norm,
     ATTENTION: _attention,
+    LAYER_NORM: _layer_norm,
     TRANSFORM: _transform,
     QUANTIZE_ACT: _quantize_act_ste,
     MOE_ROUTE: _moe_route,

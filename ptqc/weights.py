@@ -24,6 +24,7 @@ from ptqc import experts, ops, quant
 from ptqc.errors import PtqcError
 from ptqc.experts import ExpertSite
 from ptqc.ir import QModel, info, is_op
+from ptqc.norms import fold_scale, is_norm
 from ptqc.patterns import match_module
 
 
@@ -161,6 +162,7 @@ def fold_input_scale(qm: QModel, prev: fx.Node, lins: list[fx.Node], s: torch.Te
     ``prev``, the op producing their input, so the float model is unchanged (SmoothQuant and AWQ's fold)::
 
         prev = rms_norm      norm weight (w + offset) / s - offset    (Gemma: offset 1)
+        prev = layer_norm    weight / s, bias / s
         prev = linear        rows (and bias) / s                       (up -> down)
         prev = v_proj, GQA   rows / s of one query head per KV head    (v -> o: o's channel
                                                                         (h, d) reads v's
@@ -170,12 +172,11 @@ def fold_input_scale(qm: QModel, prev: fx.Node, lins: list[fx.Node], s: torch.Te
     for n in lins:
         name = weight_node(n).target
         qm.store[name] = (qm.store[name].float() * s).to(qm.dtype)
+    if is_norm(prev):
+        fold_scale(qm, prev, s)
+        return
     w_name = prev.args[1].target
     w = qm.store[w_name].float()
-    if is_op(prev, ops.RMS_NORM):
-        offset = prev.args[3] if len(prev.args) > 3 else prev.kwargs.get("offset", 0.0)
-        qm.store[w_name] = ((w + offset) / s - offset).to(qm.dtype)
-        return
     sp = s
     if w.shape[0] != s.shape[0]:  # v -> o under grouped-query attention
         cfg = qm.config

@@ -32,6 +32,48 @@ MOE = {
 }
 
 
+
+def _family(name, **extra):
+    """A maker of a dense family's config from the common fields (their names mapped to the family's)."""
+    def make(common, hidden, heads, kv_heads, sliding_window):
+        from transformers import AutoConfig
+        kw = dict(common)
+        for k, v in extra.items():
+            kw[k] = v(common, hidden, heads, sliding_window) if callable(v) else v
+        for old, new in RENAMES.get(name, {}).items():
+            kw[new] = kw.pop(old)
+        for k in DROPS.get(name, ()):
+            kw.pop(k, None)
+        return AutoConfig.for_model(name, **kw)
+    return make
+
+
+def _alternating(common, hidden, heads, sliding_window):
+    n = common["num_hidden_layers"]
+    return [("sliding_attention", "full_attention")[i % 2] for i in range(n)]
+
+
+# Dense families beyond Llama's layout (hidden 64, head_dim hidden/heads): Gemma 2 (logit softcaps
+# small enough to bite on a random model, sandwich norms, sliding/full layers), Gemma 3 text (q/k norms,
+# sliding/full layers with two rope bases), GPT-NeoX (LayerNorm, parallel residual, partial rotary, fused
+# qkv, untied embed_out), StableLM (LayerNorm, partial rotary), Phi-2 (LayerNorm, parallel residual,
+# q/k/v/dense with bias), Falcon (new decoder architecture: two LayerNorms, fused qkv, GQA).
+_GEMMA = dict(head_dim=lambda c, h, n, w: h // n, query_pre_attn_scalar=lambda c, h, n, w: h // n,
+              sliding_window=lambda c, h, n, w: w or 8, layer_types=_alternating,
+              hidden_activation="gelu_pytorch_tanh")
+FAMILIES = {
+    "gemma2": _family("gemma2", attn_logit_softcapping=2.0, final_logit_softcapping=3.0, **_GEMMA),
+    "gemma3_text": _family("gemma3_text", **_GEMMA),
+    "gpt_neox": _family("gpt_neox", hidden_act="gelu", rotary_pct=0.5, use_parallel_residual=True),
+    "stablelm": _family("stablelm", partial_rotary_factor=0.5, use_qkv_bias=True),
+    "phi": _family("phi", partial_rotary_factor=0.5, hidden_act="gelu_new"),
+    "falcon": _family("falcon", new_decoder_architecture=False, multi_query=False, parallel_attn=True, bias=True,
+                      ffn_hidden_size=lambda c, h, n, w: c["intermediate_size"], alibi=False),
+}
+RENAMES: dict = {}
+DROPS = {"gpt_neox": ("num_key_value_heads",), "falcon": ("intermediate_size", "num_key_value_heads")}
+ARCHS = ARCHS + tuple(FAMILIES)
+
 def make_tokenizer(out: Path, vocab_size: int) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -65,6 +107,8 @@ def make_config(arch: str, layers: int, hidden: int, intermediate: int, heads: i
         return MistralConfig(**common, sliding_window=sliding_window)
     if arch in MOE:
         return AutoConfig.for_model(arch, **common, **MOE[arch](intermediate))
+    if arch in FAMILIES:
+        return FAMILIES[arch](common, hidden, heads, kv_heads, sliding_window)
     raise SystemExit(f"unknown arch {arch}; choose from {', '.join(ARCHS)}")
 
 

@@ -15,6 +15,8 @@ from ptqc.patterns import Pat
 
 aten = torch.ops.aten
 SHAPES_UNKNOWN = "attention shapes are unknown (run shape propagation first)"
+SOFTCAP = ("npu_fused_infer_attention_score has no attention logit softcapping (Gemma 2; "
+           "attention=keep keeps it float)")
 
 
 def _quantized_kv(att: fx.Node) -> bool:
@@ -69,6 +71,8 @@ def _kv_cache(lw, att: fx.Node, hkv: int, d: int):
 
 
 def check_fia(lw, m) -> str | None:
+    if m["att"].kwargs.get("softcap"):
+        return SOFTCAP
     dims = _dims(m["att"])
     if dims is None:
         return SHAPES_UNKNOWN
@@ -79,6 +83,8 @@ def check_fia(lw, m) -> str | None:
 def check_softmax(lw, m) -> str | None:
     att = m["att"]
     dims = _dims(att)
+    if att.kwargs.get("softcap"):
+        return SOFTCAP
     if dims is None:
         return SHAPES_UNKNOWN
     causal, window = _causal_window(att)

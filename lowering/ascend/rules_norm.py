@@ -104,3 +104,18 @@ def rewrite_norm(lw, m) -> None:
         y = lw.new(operator.getitem, (r, 0), norm)
     norm.replace_all_uses_with(y)
     lw.g.erase_node(norm)
+
+
+LAYER_NORM = Pat(ops.LAYER_NORM, (Pat(name="x"), Pat(name="w"), Pat(name="b"), Pat(name="eps")), name="norm")
+
+
+def rewrite_layer_norm(lw, m) -> None:
+    """LayerNorm (GPT-NeoX, StableLM, Phi-2, Falcon) -> aten.layer_norm, which torch_npu runs as its
+    LayerNorm kernel; torch_npu has no add + LayerNorm (+ quantization) fusion to lower it to."""
+    norm = m["norm"]
+    x = m["x"]
+    shape = lw.qm.store.spec(m["w"].target)[0] if m["w"] is not None else norm.meta.get("shape", [None])[-1:]
+    with lw.g.inserting_before(norm):
+        y = lw.new(aten.layer_norm.default, (x, list(shape)[-1:], m["w"], m["b"], m["eps"]), norm)
+    norm.replace_all_uses_with(y)
+    lw.g.erase_node(norm)

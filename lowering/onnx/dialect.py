@@ -69,9 +69,22 @@ def _rms_norm(L, n, x, w, eps, offset=0.0):
     return L.cast(L.op("Mul", h, L.op("Add", L.const(offset), wf)), torch.float32, dt)
 
 
+@lowers(ops.LAYER_NORM)
+def _layer_norm(L, n, x, w, b, eps):
+    """LayerNormalization over the last dim, in float32 (weight and bias cast to it)."""
+    if w is None:
+        raise PtqcError(f"node {n.name}: a LayerNorm without a weight has no ONNX translation here")
+    dt = L.dt(x)
+    args = [L.cast(L.v(x), dt, torch.float32), L.cast(L.v(w), L.dt(w), torch.float32)]
+    if b is not None:
+        args.append(L.cast(L.v(b), L.dt(b), torch.float32))
+    return L.cast(L.op("LayerNormalization", *args, axis=-1, epsilon=float(eps)), torch.float32, dt)
+
+
 @lowers(ops.ATTENTION)
-def _attention(L, n, q, k, v, scale, causal=True, window=-1):
-    """softmax(q k^T * scale + causal/window mask) v; GQA by viewing q as [B, Hkv, rep, S, D]."""
+def _attention(L, n, q, k, v, scale, causal=True, window=-1, softcap=0.0):
+    """softmax(q k^T * scale + causal/window mask) v; GQA by viewing q as [B, Hkv, rep, S, D];
+    ``softcap`` > 0: scores -> softcap * tanh(scores / softcap) before the mask."""
     H, Hkv, D = L.shape(q)[1], L.shape(k)[1], L.shape(q)[3]
     Dv = L.shape(v)[3]
     if not all(isinstance(d, int) for d in (H, Hkv, D, Dv)):
@@ -85,6 +98,9 @@ def _attention(L, n, q, k, v, scale, causal=True, window=-1):
     r = 5 if rep > 1 else 4
     kt = L.op("Transpose", kv, perm=[*range(r - 2), r - 1, r - 2])
     s = L.op("Mul", L.op("MatMul", qv, kt), L.const(scale, onnx_dtype(L.dt(q))))
+    if softcap > 0:
+        cap = L.const(softcap, onnx_dtype(L.dt(q)))
+        s = L.op("Mul", L.op("Tanh", L.op("Div", s, cap)), cap)
     if causal:
         sq = L.op("Squeeze", L.op("Shape", L.v(q), start=2, end=3), L.ints([0]))
         sk = L.op("Squeeze", L.op("Shape", L.v(k), start=2, end=3), L.ints([0]))
