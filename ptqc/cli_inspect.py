@@ -19,10 +19,12 @@ from ptqc.cli_common import friendly, load_plugins
 @click.option("--per-layer", is_flag=True, help="With --counts: counts per decoder layer.")
 @click.option("--ops", "kernel_ops", is_flag=True,
               help="Ascend quantization kernels per decoder layer: naive, shared, fused (or as lowered).")
+@click.option("--experts", "moe_experts", is_flag=True,
+              help="Only the MoE experts: routed calibration tokens and weight scheme of each expert.")
 @click.option("--dtype", default="float32", show_default=True, help="For a Hugging Face directory.")
 @click.option("--trust-remote-code", is_flag=True)
 @friendly
-def inspect_cmd(path, layer, op, role, fmt, counts, per_layer, kernel_ops, dtype, trust_remote_code):
+def inspect_cmd(path, layer, op, role, fmt, counts, per_layer, kernel_ops, moe_experts, dtype, trust_remote_code):
     """Show the graph of an artifact (or of a model directory, canonicalized)."""
     from ptqc import artifact, backends, inspect
 
@@ -30,6 +32,9 @@ def inspect_cmd(path, layer, op, role, fmt, counts, per_layer, kernel_ops, dtype
     if kernel_ops:
         rows = backends.get("ascend").kernel_report(qm)
         click.echo(json.dumps(rows, indent=1) if fmt == "json" else inspect.kernel_table(rows))
+    elif moe_experts:
+        click.echo(json.dumps(inspect.experts(qm), indent=1) if fmt == "json" else
+                   inspect.experts_table(qm) or "no MoE experts")
     elif counts:
         click.echo(inspect.counts_text(qm, per_layer, fmt))
     else:

@@ -4,7 +4,10 @@ from __future__ import annotations
 import json
 from collections import Counter
 
+import torch.fx as fx
+
 from ptqc.ir import QModel
+from ptqc.ops import MOE_EXPERTS
 from ptqc.passmanager import _short
 
 
@@ -93,6 +96,48 @@ def quant_table(qm: QModel) -> str:
     return "\n".join(lines)
 
 
+def _expert_scheme(rec: dict | None, e: int) -> str:
+    """Expert ``e``'s weight scheme in a stack's quant record (``weight`` entry), e.g. ``gptq int4 g128 asym``;
+    an expert that fell back for having too few routed tokens says so."""
+    if not rec:
+        return "float"
+    method = rec.get("method", "")
+    if e in rec.get("fallback", []):
+        method = "rtn (few tokens)" if rec.get("few_tokens", "rtn") == "rtn" else f"{method} (all-token stats)"
+    g = {0: "ch", -1: "tensor"}.get(rec.get("group"), f"g{rec.get('group')}")
+    return f"{method} int{rec.get('bits')} {g} {'sym' if rec.get('sym') else 'asym'}"
+
+
+def experts(qm: QModel) -> list[dict]:
+    """Per MoE experts node: its module, and per expert the routed calibration tokens (None when the
+    passes recorded none) and the weight scheme of each projection."""
+    out = []
+    for n in qm.nodes(MOE_EXPERTS):
+        mod = n.meta.get("ptqc", {}).get("module", n.name)
+        projs = ("gate_proj", "up_proj", "down_proj")
+        recs = {p: qm.quant.get(f"{mod}.{p}", {}).get("weight") for p in projs}
+        shape = n.args[3].meta.get("shape") if isinstance(n.args[3], fx.Node) else None
+        count = shape[0] if shape else max((len(r.get("tokens", [])) for r in recs.values() if r), default=0)
+        tokens = next((r["tokens"] for r in recs.values() if r and "tokens" in r), None)
+        out.append({"module": mod, "experts": [
+            {"expert": e, "tokens": tokens[e] if tokens else None,
+             **{p: _expert_scheme(recs[p], e) for p in projs}} for e in range(count)]})
+    return out
+
+
+def experts_table(qm: QModel) -> str:
+    """:func:`experts` as text: one line per expert (empty for a model without MoE blocks)."""
+    lines = []
+    for blk in experts(qm):
+        lines.append(f"{blk['module']}: {len(blk['experts'])} experts")
+        rows = [[str(x["expert"]), "-" if x["tokens"] is None else str(x["tokens"]), x["gate_proj"], x["up_proj"],
+                 x["down_proj"]] for x in blk["experts"]]
+        cols = ["expert", "tokens", "gate_proj", "up_proj", "down_proj"]
+        w = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(cols)]
+        lines += ["  " + "  ".join(v.ljust(k) for v, k in zip(r, w)).rstrip() for r in [cols, *rows]]
+    return "\n".join(lines)
+
+
 def dot(rs: list[dict]) -> str:
     keep = {r["name"] for r in rs}
     lines = ["digraph ptqc {", "  rankdir=TB; node [shape=box, fontsize=10];"]
@@ -111,15 +156,17 @@ def render(qm: QModel, fmt: str = "text", layer=None, op=None, role=None) -> str
     rs = rows(qm, layer, op, role)
     if fmt == "json":
         return json.dumps({"nodes": rs, "op_counts": op_counts(qm), "quant": qm.quant,
-                           "properties": sorted(qm.properties)}, indent=1)
+                           "properties": sorted(qm.properties), "experts": experts(qm)}, indent=1)
     if fmt == "dot":
         return dot(rs)
     counts = op_counts(qm)
+    ex = experts_table(qm)
     return "\n".join([
         text_table(rs), "",
         "op counts: " + ", ".join(f"{k}={v}" for k, v in counts.items()),
         f"properties: {', '.join(sorted(qm.properties))}", "",
-        "quantized modules:", quant_table(qm)])
+        "quantized modules:", quant_table(qm),
+        *(["", "MoE experts (routed calibration tokens, weight scheme per projection):", ex] if ex else [])])
 
 
 def counts_text(qm: QModel, per_layer: bool = False, fmt: str = "text") -> str:

@@ -183,7 +183,8 @@ class WeightStore:
     in place (clones of a QModel share tensors): compute a new one and assign it.
 
     Stacks: ``stacks[name]`` lists tensors read and stacked along a new first dimension under
-    ``name`` (the per-expert tensors of an MoE expert stack, see :mod:`ptqc.moe`).
+    ``name`` (the per-expert tensors of an MoE expert stack, see :mod:`ptqc.moe`); ``slices[name]``
+    = (source, start, stop) reads ``source[:, start:stop]`` (a stack of a fused checkpoint).
 
     Offloading: with ``offload_dir`` set, once the overlay (tensors written by passes) holds more
     than ``offload_bytes`` it is written to a safetensors file there and read back lazily, so a
@@ -199,6 +200,7 @@ class WeightStore:
         self.cast = True  # cast float tensors from files to `dtype` (False for artifacts)
         self.overlay: dict[str, torch.Tensor] = {}
         self.stacks: dict[str, list[str]] = {}  # never mutated in place: clones share it
+        self.slices: dict[str, tuple[str, int, int]] = {}  # likewise
         self.keep_dtype: set[str] = set()  # read as stored, not cast (float32 routers of bf16 models)
         self._cache: dict[str, torch.Tensor] = {}
         self._handles: dict[Path, SafetensorsFile] = {}
@@ -212,10 +214,10 @@ class WeightStore:
 
     def __contains__(self, name: str) -> bool:
         n = self._resolve(name)
-        return n in self.overlay or n in self.files or n in self.stacks
+        return n in self.overlay or n in self.files or n in self.stacks or n in self.slices
 
     def names(self) -> list[str]:
-        return sorted(set(self.files) | set(self.overlay) | set(self.aliases) | set(self.stacks))
+        return sorted(set(self.files) | set(self.overlay) | set(self.aliases) | set(self.stacks) | set(self.slices))
 
     def _handle(self, path: Path) -> SafetensorsFile:
         h = self._handles.get(path)
@@ -229,9 +231,9 @@ class WeightStore:
             return self.overlay[n]
         if n in self._cache:
             return self._cache[n]
-        if n not in self.files and n not in self.stacks:
+        if n not in self.files and n not in self.stacks and n not in self.slices:
             raise PtqcError(f"weight {name!r} is missing from the checkpoint")
-        t = self._read(n) if n in self.files else self._read_stack(n)
+        t = self._read(n) if n in self.files else self._read_stack(n) if n in self.stacks else self._read_slice(n)
         if self.cache:
             self._cache[n] = t
         return t
@@ -257,6 +259,11 @@ class WeightStore:
             out[i] = t
         return out
 
+    def _read_slice(self, n: str) -> torch.Tensor:
+        src, start, stop = self.slices[n]
+        t = self[src] if src in self.overlay or src in self._cache else self._read(self._resolve(src))
+        return t[:, start:stop].contiguous()
+
     def configure_offload(self, directory: Path, budget_bytes: int | None = None) -> None:
         """Offload pass outputs to ``directory`` beyond ``budget_bytes`` in memory (default: 5 % of
         the checkpoint's files, within 16 MiB..1 GiB)."""
@@ -281,6 +288,10 @@ class WeightStore:
         if n not in self.files and n in self.stacks:
             shape, dtype = self.spec(self.stacks[n][0])
             return (len(self.stacks[n]), *shape), dtype
+        if n not in self.files and n in self.slices:
+            src, start, stop = self.slices[n]
+            shape, dtype = self.spec(src)
+            return (shape[0], stop - start, *shape[2:]), dtype
         if n not in self.files:
             raise PtqcError(f"weight {name!r} is missing from the checkpoint")
         shape, dtype = self._handle(self.files[n]).spec(n)
@@ -323,6 +334,8 @@ class WeightStore:
         self.files.pop(name, None)
         if name in self.stacks:
             self.stacks = {k: v for k, v in self.stacks.items() if k != name}
+        if name in self.slices:
+            self.slices = {k: v for k, v in self.slices.items() if k != name}
 
     def release(self, names=None) -> None:
         """Drop cached file tensors (all, or the given names); overlay tensors are kept."""

@@ -10,7 +10,8 @@ trace. :func:`swap_moe` replaces, on the meta model, each block's router by :cla
 Checkpoints hold one tensor per expert (``mlp.experts.3.gate_proj.weight``, Mixtral's
 ``block_sparse_moe.experts.3.w1.weight``). The graph names each stack like its experts' tensors
 without the index (``mlp.experts.gate_proj.weight``, ``block_sparse_moe.experts.w1.weight``):
-:func:`register_stacks` lets a weight store read a stack from the per-expert tensors, and
+:func:`register_stacks` lets a weight store read a stack from the per-expert tensors (or from the
+fused ``experts.gate_up_proj`` / ``experts.down_proj`` of checkpoints that keep them fused), and
 :func:`expert_name` gives the per-expert name of each slice an artifact writes.
 """
 from __future__ import annotations
@@ -189,6 +190,21 @@ def register_stacks(g: fx.Graph, store) -> None:
             parts.append(expert_name(n.target, len(parts)))
         if parts:
             store.stacks[n.target] = parts
+        else:
+            _register_fused(n.target, store)
+
+
+def _register_fused(stacked: str, store) -> None:
+    """A fused checkpoint's stacks: ``X.experts.gate_proj.weight`` / ``up_proj.weight`` read as the
+    halves of ``X.experts.gate_up_proj`` [E, 2I, H], ``down_proj.weight`` as ``X.experts.down_proj``."""
+    m = _STACKED.match(stacked)
+    if m is None or m[3] != "weight" or m[2] not in ("gate_proj", "up_proj", "down_proj"):
+        return
+    src = f"{m[1]}.{'down_proj' if m[2] == 'down_proj' else 'gate_up_proj'}"
+    if src not in store or len(store.spec(src)[0]) != 3:
+        return
+    rows = store.spec(src)[0][1]
+    store.slices[stacked] = (src, rows // 2 if m[2] == "up_proj" else 0, rows // 2 if m[2] == "gate_proj" else rows)
 
 
 def stacked_weights(g: fx.Graph) -> set[str]:

@@ -186,3 +186,57 @@ def test_unknown_router_is_refused_in_one_line(moe_models, monkeypatch):
     monkeypatch.delitem(moe.ROUTERS, "Qwen3MoeTopKRouter")
     with pytest.raises(PtqcError, match=r"^MoE router Qwen3MoeTopKRouter is not known to ptqc \(known: [^\n]*\)"):
         frontend.load(moe_models["qwen3_moe"])
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+def test_fused_checkpoint_traces_like_the_per_expert_one(moe_models, moe_loaded, ids, tmp_path, arch):
+    """A checkpoint holding transformers' in-memory fused experts (``mlp.experts.gate_up_proj``
+    [E, 2I, H], ``mlp.experts.down_proj`` [E, H, I]) reads its stacks as slices of them."""
+    from safetensors.torch import save_file
+
+    src, fused = moe_models[arch], tmp_path / "fused"
+    fused.mkdir()
+    state = _ref(src).state_dict()
+    assert "model.layers.0.mlp.experts.gate_up_proj" in state
+    save_file({k: v.contiguous() for k, v in state.items()}, str(fused / "model.safetensors"))
+    for f in src.iterdir():
+        if f.suffix == ".json" and f.name != "model.safetensors.index.json":
+            (fused / f.name).write_bytes(f.read_bytes())
+    qm, ref = frontend.load(fused), moe_loaded(arch)
+    down = "model.layers.1.mlp.experts.down_proj.weight"
+    e, i = EXPECT[arch][0], state["model.layers.0.mlp.experts.down_proj"].shape[2]
+    assert qm.store.slices["model.layers.0.mlp.experts.up_proj.weight"] == \
+        ("model.layers.0.mlp.experts.gate_up_proj", i, 2 * i) and not qm.store.stacks
+    assert qm.store[down].shape == qm.store.spec(down)[0] == (e, 64, i)
+    assert torch.equal(qm.store[down], state["model.layers.1.mlp.experts.down_proj"])
+    x = ids(2, 11)
+    torch.testing.assert_close(qm(x), ref(x), atol=1e-5, rtol=1e-5)
+    out = artifact.save(qm, tmp_path / "out")  # written per expert, as transformers saves
+    assert "model.layers.0.mlp.experts.3.gate_proj.weight" in safe_open(str(out / "model.safetensors"), "pt").keys()
+
+
+def test_inspect_shows_tokens_and_scheme_per_expert(moe_loaded, tmp_path):
+    from click.testing import CliRunner
+
+    from ptqc.cli import main as cli
+    from ptqc.inspect import experts as expert_rows
+
+    qm = moe_loaded("qwen3_moe")
+    calib = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(1))
+    pipeline.PassManager(pipeline.parse_pipeline("gptq:bits=4,group=32,propagate=float,min_tokens=20")).run(
+        qm, pipeline.PassContext(quiet=True, calib=calib))
+    rec = qm.quant["model.layers.0.mlp.experts.down_proj"]["weight"]
+    few = [e for e, t in enumerate(rec["tokens"]) if t < 20]
+    assert few == rec["fallback"] and 0 < len(few) < 8 and sum(rec["tokens"]) == 2 * calib.numel()
+    out = artifact.save(qm, tmp_path / "art")
+    r = CliRunner().invoke(cli, ["inspect", str(out), "--experts"])
+    assert r.exit_code == 0, r.output
+    block = r.output.split("model.layers.1.mlp.experts")[0].splitlines()
+    assert block[0] == "model.layers.0.mlp.experts: 8 experts" and block[1].split() == \
+        ["expert", "tokens", "gate_proj", "up_proj", "down_proj"]
+    for e, line in enumerate(block[2:10]):
+        scheme = "rtn (few tokens) int4 g32 asym" if e in few else "gptq int4 g32 asym"
+        assert line.split(None, 2)[:2] == [str(e), str(rec["tokens"][e])] and line.count(scheme) == 3, line
+    assert "MoE experts (routed calibration tokens" in CliRunner().invoke(cli, ["inspect", str(out)]).output
+    assert expert_rows(moe_loaded("qwen3_moe"))[1]["experts"][7] == {
+        "expert": 7, "tokens": None, "gate_proj": "float", "up_proj": "float", "down_proj": "float"}
