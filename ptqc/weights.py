@@ -103,7 +103,7 @@ def set_quantized_weight(qm: QModel, linear, spec: quant.QuantSpec, codes: torch
     name = w_node.target
     base = name.removesuffix(".weight")
     g = qm.graph
-    qm.store[name] = codes.to(torch.int8).contiguous()
+    qm.store[name] = (codes if spec.kind == "mx" else codes.to(torch.int8)).contiguous()  # MX: float8 element values
     qm.store[f"{base}.weight_scale"] = scale.float().contiguous()
     if zero_point is not None:
         qm.store[f"{base}.weight_zero_point"] = zero_point.to(torch.int8).contiguous()
@@ -114,7 +114,8 @@ def set_quantized_weight(qm: QModel, linear, spec: quant.QuantSpec, codes: torch
         dq = g.call_function(ops.DEQUANTIZE_WEIGHT, (w_node, s_node, z_node, spec.group_size, qm.dtype))
     info(dq).update({"module": meta["module"], "layer": meta["layer"], "role": "weight_dequant"})
     _replace_weight(linear, dq)
-    q = {"method": method, "bits": spec.bits, "group": spec.group_size, "sym": spec.symmetric}
+    q = {"method": method, "bits": spec.bits, "group": spec.group_size, "sym": spec.symmetric,
+         **({"kind": spec.kind} if spec.kind != "int" else {})}
     if isinstance(linear, ExpertSite):
         experts.record(qm, linear, dq, q)
     else:

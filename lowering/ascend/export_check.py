@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ptqc.lowering.ascend.layout import (C8_SUFFIXES, DESCRIPTION, META_KEYS, REQUIRED, ROW_PARALLEL,
                                          SCALE_BIAS_CHUNKS, SUFFIX_RULES, TYPES, W4A8_GROUP)
+from ptqc.lowering.ascend import export_types
 from ptqc.model import tensor_specs
 
 
@@ -117,4 +118,5 @@ def check(path) -> list[str]:
     meta = tensor_specs(files)
     problems += [f"{n} is in {DESCRIPTION} but in no weight file" for n in sorted(set(types) - set(meta))]
     problems += [f"{n} is in the weight files but not in {DESCRIPTION}" for n in sorted(set(meta) - set(types))]
-    return problems + _linear_problems(types, meta, desc) + _c8_problems(desc, types, meta)
+    return problems + _linear_problems(types, meta, desc) + export_types.problems(types, meta) + \
+        _c8_problems(desc, types, meta)
