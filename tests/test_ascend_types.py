@@ -244,3 +244,42 @@ def test_exports_vllm_ascend_cannot_run_are_refused(compiled, tmp_path):
     assert ax.export(mixed, tmp_path / "m", dtype="float16")["metadata"]["linears"] == {"W8A8_MXFP8": 6,
                                                                                        "W8A8_DYNAMIC": 1}
     assert ax.check(tmp_path / "m") == []
+
+
+# ---- ONNX (opset 21: FLOAT8E4M3FN weights, arithmetic MX rounding; no FP4 / E8M0 storage types) ----
+@pytest.mark.parametrize("bits", [8, 4])
+def test_onnx_mx_quantize_act_is_bit_exact(tmp_path, bits):
+    from test_onnx import run_op
+
+    torch.manual_seed(6)
+    x = torch.randn(2, 3, 96) * torch.linspace(0.01, 50, 96)
+    x[0, 0] = 0.0  # an all-zero block: scale 1
+    x[1, 1, :32] = torch.tensor([2.0 ** k for k in range(-8, 24)])  # powers of two: floor(log2) exactly
+    x[1, 2, 32:40] = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 7.9])  # element ties (amax 7.9)
+    y, ref = run_op(tmp_path, ops.QUANTIZE_ACT, (x, None, None, bits, 32, True, 1.0, "mx"))
+    assert torch.equal(y, ref)
+
+
+def test_onnx_mix_quantize_act_switches_on_one_token(tmp_path):
+    from test_onnx import run_op
+
+    torch.manual_seed(7)
+    s = torch.tensor([0.03])
+    for n in (5, 1):
+        x = torch.randn(2, n, 32)
+        y, ref = run_op(tmp_path, ops.QUANTIZE_ACT, (x, s, None, 8, 0, True, 1.0, "mix"), weights={1})
+        assert torch.equal(y, ref), n
+
+
+@pytest.mark.parametrize("kind", ["W8A8_MXFP8", "W4A4_MXFP4", "W8A8_MIX"])
+def test_onnx_export_of_the_model_matches_fake_quant(compiled, tmp_path, kind):
+    from ptqc.lowering import onnx as lo
+
+    qm = compiled(kind)
+    r = lo.export(qm, tmp_path / "m.onnx")
+    f8 = [i for i in __import__("onnx").load(str(r.path)).graph.initializer if i.data_type == 17]  # FLOAT8E4M3FN
+    assert len(f8) == (7 if "MX" in kind else 0)  # MX weights stored as their E4M3 / E2M1 element values
+    for n in (9, 1):
+        x = torch.randint(0, 300, (2, n))
+        ref = qm(x)
+        assert (lo.logits(lo.session(r.path), x) - ref).abs().max().item() < 1e-4 * ref.abs().max().item(), n
