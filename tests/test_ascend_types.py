@@ -199,6 +199,26 @@ def test_flatquant_export_writes_ptqc_transform_as_left_and_right(exported):
     assert not any(k.endswith((".left", ".right")) for k in t)  # ptqc's own transform tensors are not written
 
 
+def test_exports_read_back_and_re_export_bit_for_bit(exported):
+    torch.manual_seed(8)
+    x = torch.randint(0, 300, (2, 9))
+    for kind in ("W8A8_MIX", "W4A4_DYNAMIC", "W8A8_MXFP8", "W4A4_MXFP4"):
+        _, d, qm = exported[kind]
+        back = ax.load(d, "bfloat16")
+        def quantizers(m):
+            return sorted(tuple(q.args[3:]) for q in m.nodes(ops.QUANTIZE_ACT))
+        assert quantizers(back) == quantizers(qm), kind  # the same activation quantizers (bits, group, kind)
+        assert torch.isfinite(back(x).float()).all(), kind
+        again = back.clone()
+        assert ax.export(again, d.parent / f"{kind}-again", dtype="bfloat16")["model_quant_type"] == kind
+        a, b = _tensors(d), _tensors(d.parent / f"{kind}-again")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a if not k.endswith(".quant_bias")), kind
+        # quant_bias = round(bias / deq_scale) is recomputed from the bias as exported (bf16): off by at most 1
+        assert all((a[k] - b[k]).abs().max() <= 1 for k in a if k.endswith(".quant_bias")), kind
+    with pytest.raises(PtqcError, match="reading back W4A4_FLATQUANT_DYNAMIC .* is not supported"):
+        ax.load(exported["W4A4_FLATQUANT_DYNAMIC"][1])
+
+
 def test_decompose_dim_is_vllm_ascend_get_decompose_dim():
     assert [et.decompose_dim(n) for n in (64, 128, 256, 384, 896, 11008)] == [(8, 8), (8, 16), (16, 16), (16, 24),
                                                                             (28, 32), (86, 128)]

@@ -178,3 +178,39 @@ def problems(types: dict, meta: dict) -> list[str]:
             if dt not in dtypes or tuple(s) != want:
                 out.append(f"{name}: expected {expected.format(o=o, k=k, m=m, n=n)}, found {dt} {list(s)}")
     return out
+
+
+def read(qm: QModel, base: str, kind: str) -> tuple | None:
+    """(weight QuantSpec, codes, scale, zero point, activation key) of an exported linear of a new type
+    (for :func:`export_load.load`), or None (an older type)."""
+    if kind not in TYPES:
+        return None
+    if kind == FLATQUANT:
+        raise PtqcError(f"{base}: reading back {FLATQUANT} (its transforms) is not supported; evaluate the artifact")
+    w, scale = qm.store[f"{base}.weight"], qm.store[f"{base}.weight_scale"]
+    if kind in MX_TYPES.values():
+        bits = 8 if kind == "W8A8_MXFP8" else 4
+        codes = w.to(torch.float8_e4m3fn) if bits == 8 else quant.unpack_fp4(w).to(torch.float8_e4m3fn)
+        return quant.QuantSpec(bits, quant.MX_BLOCK, True, kind="mx"), codes, quant.mx_scale_of(scale), None, kind
+    bits = 4 if kind == "W4A4_DYNAMIC" else 8
+    return quant.QuantSpec(bits, 0, True), w.to(torch.int8), scale.float().reshape(-1, 1), None, kind
+
+
+def insert_act(qm: QModel, src, lins: list, kind: str) -> bool:
+    """The activation quantizer of exported linears of a new type on ``src``; False for an older type."""
+    from ptqc.passes.act_quant import insert_quantizer
+
+    if kind not in TYPES:
+        return False
+    if kind == "W8A8_MIX":
+        base = info(lins[0])["module"]
+        s, off = qm.store[f"{base}.input_scale"].float().reshape(1), qm.store[f"{base}.input_offset"].float()
+        if off.any():
+            raise PtqcError(f"{base}: W8A8_MIX with an input_offset is not read back (ptqc's mix is symmetric)")
+        insert_quantizer(qm, src, lins, quant.QuantSpec(8, 0, True, kind="mix"), scale=s, method="static-export")
+    elif kind == "W4A4_DYNAMIC":
+        insert_quantizer(qm, src, lins, quant.QuantSpec(4, 0, True))
+    else:
+        insert_quantizer(qm, src, lins, quant.QuantSpec(8 if kind == "W8A8_MXFP8" else 4, quant.MX_BLOCK, True,
+                                                        kind="mx"))
+    return True
