@@ -71,9 +71,11 @@ def insert_quantizer(qm, src: fx.Node, lins: list[fx.Node], spec: quant.QuantSpe
             if zero_point is not None:
                 qm.store[f"{base}.input_zero_point"] = zero_point.to(torch.int8).reshape(1).contiguous()
                 z_node = g.get_attr(f"{base}.input_zero_point")
+        kind = (spec.kind,) if spec.kind != "int" else ()
         q = g.call_function(ops.QUANTIZE_ACT, (src, s_node, z_node, spec.bits, spec.group_size,
-                                               spec.symmetric, spec.clip_ratio))
-    rec = {"bits": spec.bits, "group": spec.group_size, "sym": spec.symmetric, "method": method}
+                                               spec.symmetric, spec.clip_ratio, *kind))
+    rec = {"bits": spec.bits, "group": spec.group_size, "sym": spec.symmetric, "method": method,
+           **({"kind": spec.kind} if kind else {})}
     info(q).update({"module": base, "layer": first.get("layer"), "role": "act_quant",
                     "quant": {"input": rec}, "shared_by": [info(n)["module"] for n in lins]})
     for n in lins:

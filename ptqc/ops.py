@@ -12,9 +12,9 @@ propagates shapes and re-exports with ``torch.export``.
     layer_norm(x, w, b, eps)                 LayerNorm over the last dim, weight and bias optional
     dequantize_weight(codes, scale, zp, group, dtype)   integer weight codes -> float weight
     unpack_int4(packed)                      two int4 codes per int8 byte -> int8 codes
-    quantize_act(x, scale, zp, bits, group, sym, clip)  activation fake-quant: dynamic (scale None:
-                                             per token / group / tensor) or static (calibrated
-                                             scale broadcast against x)
+    quantize_act(x, scale, zp, bits, group, sym, clip, kind)  activation fake-quant: dynamic (scale
+                                             None: per token / group / tensor) or static (calibrated
+                                             scale broadcast against x); kind "mx" / "mix": quant.py
     transform(x, a, b)                       x @ (a kron b) along the last dim (x @ a without b):
                                              online Hadamard / FlatQuant Kronecker transforms
     moe_route(logits, bias, top_k, ...)      router logits [T, E] -> top-k (weights, ids) [T, k]:
@@ -144,12 +144,12 @@ def _(packed):
 
 @torch.library.custom_op("ptqc::quantize_act", mutates_args=())
 def quantize_act(x: torch.Tensor, scale: Optional[torch.Tensor], zero_point: Optional[torch.Tensor],
-                 bits: int, group: int, sym: bool, clip: float = 1.0) -> torch.Tensor:
-    return quant.fake_quant_act(x, scale, zero_point, quant.QuantSpec(bits, group, sym, clip)).to(x.dtype)
+                 bits: int, group: int, sym: bool, clip: float = 1.0, kind: str = "int") -> torch.Tensor:
+    return quant.fake_quant_act(x, scale, zero_point, quant.QuantSpec(bits, group, sym, clip, kind)).to(x.dtype)
 
 
 @quantize_act.register_fake
-def _(x, scale, zero_point, bits, group, sym, clip=1.0):
+def _(x, scale, zero_point, bits, group, sym, clip=1.0, kind="int"):
     return torch.empty_like(x)
 
 
@@ -265,10 +265,10 @@ MOE_ROUTE = torch.ops.ptqc.moe_route.default
 MOE_EXPERTS = torch.ops.ptqc.moe_experts.default
 
 
-def _quantize_act_ste(x, scale, zero_point, bits, group, sym, clip=1.0):
+def _quantize_act_ste(x, scale, zero_point, bits, group, sym, clip=1.0, kind="int"):
     """Fake-quant whose gradient w.r.t. x is the identity (straight-through estimator)."""
     with torch.no_grad():
-        q = quant.fake_quant_act(x.detach(), scale, zero_point, quant.QuantSpec(bits, group, sym, clip)).to(x.dtype)
+        q = quant.fake_quant_act(x.detach(), scale, zero_point, quant.QuantSpec(bits, group, sym, clip, kind)).to(x.dtype)
     return x + (q - x).detach()
 
 

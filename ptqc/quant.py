@@ -23,6 +23,18 @@ Conventions
   by the scale (``x / scale``), never multiplies by its reciprocal: the two differ in the
   last bit, and every backend must agree.
 * All arithmetic is float32; scales are float32, zero points int8.
+
+Kinds (``QuantSpec.kind``)
+--------------------------
+* ``"int"`` (default): the integer codes above.
+* ``"mx"``: OCP Microscaling (MX v1.0): blocks of ``group_size`` (32) elements share a power-of-two
+  scale ``2^(floor(log2(amax)) - emax_elem)`` (an E8M0 exponent, clamped to [-127, 127]; an all-zero
+  block has scale 1); elements are FP8 E4M3 (``bits`` 8: emax 8, max 448) or FP4 E2M1 (``bits`` 4:
+  emax 2, max 6), rounded to nearest even on the element grid and saturated to +-max. Codes are the
+  element values, stored as float8_e4m3fn (exact for both); ``x' = code * scale``.
+* ``"mix"``: int activation codes whose scale depends on the phase (vllm-ascend's W8A8_MIX):
+  dynamic per token (``group_size`` 0) when the input holds more than one token per sequence
+  (prefill), the calibrated static scale when it holds one (decode).
 """
 from __future__ import annotations
 
@@ -33,14 +45,26 @@ import torch
 from ptqc.errors import PtqcError
 
 
+KINDS = ("int", "mx", "mix")
+MX_BLOCK = 32
+# bits -> (name, mantissa bits, min normal exponent, max value, emax): OCP MX v1.0 element formats
+MX_ELEMENTS = {8: ("E4M3", 3, -6, 448.0, 8), 4: ("E2M1", 1, 0, 6.0, 2)}
+
+
 @dataclass(frozen=True)
 class QuantSpec:
     bits: int = 8
     group_size: int = 0  # >0 group, 0 per row (channel / token), -1 per tensor
     symmetric: bool = True
     clip_ratio: float = 1.0
+    kind: str = "int"  # "int", "mx" (OCP MX: E8M0 block scales, FP8/FP4 elements), "mix" (see above)
 
     def __post_init__(self):
+        if self.kind not in KINDS:
+            raise PtqcError(f"quantization kind {self.kind!r} is unknown (known: {', '.join(KINDS)})")
+        if self.kind == "mx" and (self.bits not in MX_ELEMENTS or self.group_size != MX_BLOCK or not self.symmetric):
+            raise PtqcError(f"MX quantization takes bits 8 (FP8 E4M3) or 4 (FP4 E2M1), blocks of {MX_BLOCK} and "
+                            f"no zero point (got bits={self.bits}, group={self.group_size}, sym={self.symmetric})")
         if not 1 <= self.bits <= 8:
             raise PtqcError(f"bits={self.bits} is outside 1..8 (ptqc stores codes as int8)")
         if self.group_size < -1:
@@ -68,6 +92,8 @@ class QuantSpec:
                 f"valid group sizes: {', '.join(map(str, valid)) or 'none of 32..1024'}, or 0 for per channel")
 
     def describe(self) -> str:
+        if self.kind == "mx":
+            return f"mxfp{self.bits} ({MX_ELEMENTS[self.bits][0]}, E8M0 per {self.group_size})"
         g = {0: "per-channel", -1: "per-tensor"}.get(self.group_size, f"g{self.group_size}")
         return f"int{self.bits} {g} {'sym' if self.symmetric else 'asym'}"
 
@@ -89,6 +115,8 @@ def compute_qparams(x: torch.Tensor, spec: QuantSpec, *, xmin: torch.Tensor | No
     calibration observer; otherwise the range is the min/max of each group of ``x``.
     """
     spec.check_fits(x.shape[-1])
+    if spec.kind == "mx":
+        return mx_scale(_grouped(x, spec.group_size).abs().amax(-1), spec.bits), None
     if xmin is None or xmax is None:
         xg = _grouped(x, spec.group_size)
         xmin, xmax = xg.amin(-1), xg.amax(-1)
@@ -108,8 +136,10 @@ def compute_qparams(x: torch.Tensor, spec: QuantSpec, *, xmin: torch.Tensor | No
 
 
 def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, spec: QuantSpec) -> torch.Tensor:
-    """Integer codes (int8 tensor, values in ``[qmin, qmax]``) of ``x``."""
+    """Integer codes (int8 tensor, values in ``[qmin, qmax]``) of ``x``; MX: element values (float8_e4m3fn)."""
     xg = _grouped(x, spec.group_size)
+    if spec.kind == "mx":
+        return round_fp(xg / scale.unsqueeze(-1), spec.bits).reshape(x.shape).to(torch.float8_e4m3fn)
     q = torch.round(xg / scale.unsqueeze(-1))
     if zero_point is not None:
         q = q + zero_point.float().unsqueeze(-1)
@@ -164,6 +194,10 @@ def fake_quant_act(x: torch.Tensor, scale: torch.Tensor | None, zero_point: torc
     ``scale = rowmax|x| / qmax``; g > 0: per group of the last dim; -1: per tensor).
     Otherwise static with the given broadcastable scale (:func:`quantize_static`); a static
     scale already includes any clipping, so ``spec.clip_ratio`` only shrinks dynamic ranges."""
+    if spec.kind == "mix":
+        one_token = x.dim() >= 2 and x.shape[-2] == 1
+        scale, zero_point = (scale, zero_point) if one_token else (None, None)
+        spec = QuantSpec(spec.bits, 0, True, spec.clip_ratio) if scale is None else spec
     if scale is None:
         return fake_quantize(x.float(), spec)
     return dequantize_static(quantize_static(x, scale, zero_point, spec), scale, zero_point)
@@ -174,6 +208,59 @@ def static_qparams(xmin: torch.Tensor, xmax: torch.Tensor, spec: QuantSpec):
     xmin, xmax = xmin.float().reshape(-1), xmax.float().reshape(-1)
     return compute_qparams(torch.zeros(xmin.shape[0], 1), QuantSpec(spec.bits, 0, spec.symmetric, spec.clip_ratio),
                            xmin=xmin, xmax=xmax)
+
+
+# ---- MX (OCP Microscaling) ---------------------------------------------------------------------
+def mx_scale(amax: torch.Tensor, bits: int) -> torch.Tensor:
+    """Power-of-two block scale ``2^(floor(log2(amax)) - emax_elem)`` (float32), the exponent clamped to
+    E8M0's [-127, 127]; 1 for an all-zero block."""
+    emax = MX_ELEMENTS[bits][4]
+    _, e = torch.frexp(amax.float())  # amax = m * 2^e, m in [0.5, 1): floor(log2(amax)) = e - 1
+    exp = torch.clamp(e - 1 - emax, -127, 127)
+    return torch.where(amax > 0, torch.exp2(exp.float()), torch.ones_like(amax, dtype=torch.float32))
+
+
+def round_fp(v: torch.Tensor, bits: int) -> torch.Tensor:
+    """``v`` (float32) rounded to nearest even on the FP8 E4M3 / FP4 E2M1 grid, saturated to +-max."""
+    _, mbits, emin, vmax, _ = MX_ELEMENTS[bits]
+    _, e = torch.frexp(v)
+    step = torch.exp2((torch.clamp(e - 1, min=emin) - mbits).float())  # spacing of the grid around |v|
+    return torch.clamp(torch.round(v / step) * step, -vmax, vmax)
+
+
+def mx_exponent(scale: torch.Tensor) -> torch.Tensor:
+    """E8M0 byte (uint8, exponent + 127) of a power-of-two MX scale."""
+    return (torch.log2(scale.float()).round() + 127).to(torch.uint8)
+
+
+def mx_scale_of(e8m0: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`mx_exponent`: the float32 scale of E8M0 bytes."""
+    return torch.exp2(e8m0.to(torch.float32) - 127)
+
+
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+
+
+def pack_fp4(values: torch.Tensor) -> torch.Tensor:
+    """FP4 E2M1 element values -> uint8, two per byte along the last dimension, low nibble first
+    (nibble = sign << 3 | index of |v| in 0, 0.5, 1, 1.5, 2, 3, 4, 6: the E2M1 bit pattern)."""
+    if values.shape[-1] % 2:
+        raise PtqcError(f"cannot pack {values.shape[-1]} FP4 values two per byte: the last dimension must be even")
+    v = values.float()
+    grid = torch.tensor(FP4_VALUES)
+    idx = (v.abs().unsqueeze(-1) == grid).to(torch.int64).argmax(-1)
+    if not bool((grid[idx] == v.abs()).all()):
+        raise PtqcError("values off the FP4 E2M1 grid cannot be packed")
+    nib = (idx | (torch.signbit(v).to(torch.int64) << 3)).reshape(*v.shape[:-1], -1, 2)
+    return (nib[..., 0] | (nib[..., 1] << 4)).to(torch.uint8)
+
+
+def unpack_fp4(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_fp4`: float32 values, last dimension doubled."""
+    b = packed.to(torch.int64)
+    nib = torch.stack([b & 0xF, b >> 4], -1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+    mag = torch.tensor(FP4_VALUES)[nib & 7]
+    return torch.where(nib >= 8, -mag, mag)
 
 
 # ---- storage ---------------------------------------------------------------------------------

@@ -108,7 +108,7 @@ def set_quantized_weight(qm: QModel, linear, spec: quant.QuantSpec, codes: torch
     if isinstance(linear, ExpertSite):
         codes, scale, zero_point, expert_bits = experts.planned_bits(qm, linear, spec, qm.store[name], codes, scale,
                                                                      zero_point)
-    qm.store[name] = codes.to(torch.int8).contiguous()
+    qm.store[name] = (codes if spec.kind == "mx" else codes.to(torch.int8)).contiguous()  # MX: float8 element values
     qm.store[f"{base}.weight_scale"] = scale.float().contiguous()
     if zero_point is not None:
         qm.store[f"{base}.weight_zero_point"] = zero_point.to(torch.int8).contiguous()
@@ -119,7 +119,8 @@ def set_quantized_weight(qm: QModel, linear, spec: quant.QuantSpec, codes: torch
         dq = g.call_function(ops.DEQUANTIZE_WEIGHT, (w_node, s_node, z_node, spec.group_size, qm.dtype))
     info(dq).update({"module": meta["module"], "layer": meta["layer"], "role": "weight_dequant"})
     _replace_weight(linear, dq)
-    q = {"method": method, "bits": max([spec.bits, *expert_bits.values()]), "group": spec.group_size, "sym": spec.symmetric}
+    q = {"method": method, "bits": max([spec.bits, *expert_bits.values()]), "group": spec.group_size, "sym": spec.symmetric,
+         **({"kind": spec.kind} if spec.kind != "int" else {})}
     if expert_bits:  # "bits" is the widest (what pack and exporters must respect), "base_bits" the rest's
         q.update(base_bits=spec.bits, expert_bits={str(e): b for e, b in expert_bits.items()})
     if isinstance(linear, ExpertSite):

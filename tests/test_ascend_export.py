@@ -189,9 +189,9 @@ def test_check_export_cli_exit_codes(exports, tmp_path):
     assert r.exit_code == 1 and "missing" in r.output
 
 
-def test_w4a4_has_no_export_type(loaded, tmp_path):
-    qm = _compile(loaded("qwen2"), "w4a4", torch.randint(0, 300, (2, 16)))
-    with pytest.raises(PtqcError, match="W4A4 has no Ascend export type"):
+def test_w4a4_exports_per_channel_only(loaded, tmp_path):  # W4A4_DYNAMIC (tests/test_ascend_types.py)
+    qm = _compile(loaded("qwen2"), "w4a4:w_group=32", torch.randint(0, 300, (2, 16)))
+    with pytest.raises(PtqcError, match="W4A4 exports as W4A4_DYNAMIC .* per-channel weights"):
         ax.export(qm, tmp_path / "x", dtype="float16")
     assert not (tmp_path / "x").exists()
 

@@ -379,3 +379,79 @@ def test_moe_w4a8_post_processing_serves_the_artifacts_scales_and_scale_bias(moe
             torch.testing.assert_close(got, bias, rtol=1e-5, atol=1e-5)  # vLLM sums in another order
             n += 1
     assert n == 2 * 2  # 2 layouts (grouped in bf16, per channel in fp16) x (w13, w2)
+
+
+# ---- the types of tests/test_ascend_types.py: one loader process, each type served in fp16 and bf16 on Qwen3 ----
+NEW_RECIPES = {"W8A8_MIX": "w8a8_mix", "W4A4_DYNAMIC": "w4a4", "W4A4_FLATQUANT_DYNAMIC": "flatquant:epochs=0,k_transform=false",
+               "W8A8_MXFP8": "w8a8_mxfp8", "W4A4_MXFP4": "w4a4_mxfp4"}
+PER_LAYER = ("left_trans", "right_trans", "clip_ratio")  # one tensor for a fused layer, loaded from each shard
+
+
+@pytest.fixture(scope="module")
+def new_run(peer, bases, tmp_path_factory):
+    root = tmp_path_factory.mktemp("vllm_new")
+    calib = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    exports = {}
+    for kind, recipe in NEW_RECIPES.items():
+        qm = bases("qwen3", "bfloat16")
+        pipeline.PassManager(pipeline.parse_pipeline(recipe)).run(qm, pipeline.PassContext(quiet=True, calib=calib))
+        for serving in DTYPES:
+            d = root / f"{kind}-{serving}"
+            assert ax.export(qm, d, dtype=serving)["model_quant_type"] == kind
+            exports[kind, serving] = (d, qm)
+    cmd = [peer["python"], str(ROOT / "tools" / "vllm_ascend_load.py"), *(str(d) for d, _ in exports.values()),
+           "--json", str(root / "report.json"), "--save", str(root / "state")]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, env={"PYTHONPATH": peer["pythonpath"],
+                       "PATH": "/usr/bin:/bin", "HOME": str(root)})
+    assert r.returncode == 0, r.stderr[-4000:]
+    report = json.loads((root / "report.json").read_text())["dirs"]
+    return {k: (d, qm, report[str(d)]) for k, (d, qm) in exports.items()}
+
+
+def _loaded_part(loaded: dict, name: str, tensors: dict) -> torch.Tensor:
+    mod, suffix = name.rsplit(".", 1)
+    parent, proj = mod.rsplit(".", 1)
+    if suffix in PER_LAYER and proj in FUSED:
+        return loaded[f"{parent}.{FUSED[proj][0]}.{suffix}"]
+    return _in_vllm(loaded, name, tensors)
+
+
+def test_new_types_load_every_parameter_once_with_the_exported_values(new_run):
+    assert set(new_run) == {(k, dt) for k in NEW_RECIPES for dt in DTYPES}
+    for (kind, dtype), (d, qm, rep) in new_run.items():
+        where = f"{kind} {dtype}"
+        assert rep["ok"] and rep["dtype"] == dtype, f"{where}: {rep.get('error')}"
+        assert rep["unfilled"] == [] and rep["refilled"] == [], where
+        calls = [c | {"param": p} for p, v in rep["params"].items() for c in v["calls"]]
+        casts = [c for c in calls if c["dtype"] != c["param_dtype"]]
+        assert all(kind == "W8A8_MIX" and c["dtype"] == "float32" and c["param_dtype"] == dtype
+                   and c["param"].endswith(SCALES) for c in casts), f"{where}: {casts[:3]}"
+        tensors = _tensors(d)
+        assert sorted(c["sha256"] for c in calls) == sorted(_sha(t) for t in tensors.values()), where
+        loaded = load_file(rep["saved"]["loaded"])
+        quantized = [n for n in tensors if tensors[n].dtype not in (torch.float16, torch.bfloat16)
+                     or n.endswith(PER_LAYER)]
+        assert len(quantized) >= 7 * 2, where
+        for n in quantized:
+            got = _loaded_part(loaded, n, tensors)
+            assert torch.equal(got, tensors[n].to(got.dtype)), f"{where}: {n}"
+
+
+def test_new_types_post_process_to_what_their_kernels_take(new_run):
+    """What process_weights_after_loading leaves: W4A4 weights packed 8 int4 per int32 (the loader's stub of
+    npu_convert_weight_to_int4pack, the documented order) decoding to the artifact's codes, FlatQuant's
+    left_trans transposed for npu_kronecker_quant, MX weights [in, out] and E8M0 scales [in / 64, out, 2]."""
+    for (kind, dtype), (d, qm, rep) in new_run.items():
+        loaded, processed = load_file(rep["saved"]["loaded"]), load_file(rep["saved"]["processed"])
+        layer = "model.layers.0.mlp.gate_up_proj"
+        w, s = loaded[f"{layer}.weight"], loaded.get(f"{layer}.weight_scale")
+        if kind == "W4A4_DYNAMIC":  # int32 [out, in / 8], transposed
+            assert torch.equal(unpack_int4x8(processed[f"{layer}.weight"].t()), w), kind
+        elif kind == "W4A4_FLATQUANT_DYNAMIC":  # weight replaced by weight_packed int32 [out, in / 8]
+            assert f"{layer}.weight" not in processed
+            assert torch.equal(unpack_int4x8(processed[f"{layer}.weight_packed"]), w), kind
+        elif "MX" in kind:
+            assert torch.equal(processed[f"{layer}.weight"], w.t()), kind
+            assert torch.equal(processed[f"{layer}.weight_scale"], s.reshape(s.shape[0], -1, 2).transpose(0, 1)), kind
+        if kind == "W4A4_FLATQUANT_DYNAMIC":
+            assert torch.equal(processed[f"{layer}.left_trans"], loaded[f"{layer}.left_trans"].t())

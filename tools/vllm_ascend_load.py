@@ -52,7 +52,8 @@ os.environ["VLLM_PLUGINS"] = "none"
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
 QUANT_SUFFIXES = ("weight", "weight_scale", "weight_offset", "input_scale", "input_offset", "deq_scale",
                   "quant_bias", "k_cache_scale", "k_cache_offset", "v_cache_scale", "v_cache_offset",
-                  "weight_scale_second", "weight_offset_second", "scale_bias")
+                  "weight_scale_second", "weight_offset_second", "scale_bias", "weight_packed", "left_trans",
+                  "right_trans", "clip_ratio")
 MOE_SUFFIXES = tuple(f"{w}_{s}" for w in ("w13", "w2") for s in ("weight", "weight_scale", "weight_offset",
                      "weight_scale_second", "weight_offset_second", "scale_bias"))  # fused-MoE parameters
 
@@ -79,12 +80,31 @@ def install_torch_npu_stub() -> None:
     pkg._C = c
     for name in ("float4_e2m1fn_x2", "float8_e8m0fnu", "hifloat8"):
         setattr(pkg, name, getattr(torch, name, torch.uint8))
+    pkg.npu_convert_weight_to_int4pack = _int4pack
+    for name in ("npu_dynamic_mx_quant", "npu_quant_matmul", "npu_kronecker_quant"):  # the MX / W4A4 schemes
+        setattr(pkg, name, _npu_only(name))  # check these names exist; their forward is NPU-only
     for m in (pkg, npu, c):
         m.__spec__ = importlib.machinery.ModuleSpec(m.__name__, None)
     sys.modules.update({"torch_npu": pkg, "torch_npu.npu": npu, "torch_npu._C": c, "torch.npu": npu})
     torch.npu = npu
     torch.Tensor.npu = lambda self, *a, **k: self  # the device move (W4A8 post-processing): stays on the CPU
     pkg.npu_format_cast = lambda t, fmt: t  # the NZ storage format (W8A8_DYNAMIC MoE): same values, CPU layout
+
+
+def _int4pack(weight, inner_k_tiles=None):
+    """npu_convert_weight_to_int4pack on the CPU (W4A4 post-processing): int32 codes in [-8, 7]
+    [r, c] -> int32 [r, c / 8], element j of each 8 in bits [4j, 4j + 4)."""
+    import torch
+
+    c = weight.to(torch.int64).reshape(*weight.shape[:-1], -1, 8) & 0xF
+    word = (c << (4 * torch.arange(8))).sum(-1)
+    return torch.where(word >= 1 << 31, word - (1 << 32), word).to(torch.int32)
+
+
+def _npu_only(name):
+    def run(*a, **k):
+        raise NotImplementedError(f"torch_npu.{name} runs on an NPU only")
+    return run
 
 
 def setup_cpu() -> None:
@@ -191,11 +211,14 @@ def _digest(t) -> dict:
 def quant_state(model) -> dict:
     """The quantization tensors of ``model`` (int8 weights, scales, offsets, deq_scale, quant_bias,
     C8 scales), cloned."""
+    import torch
+
     out = {}
     for n, t in model.state_dict().items():
         suffix = n.rsplit(".", 1)[-1]
         weight = suffix in ("weight", "w13_weight", "w2_weight")
-        if suffix in QUANT_SUFFIXES + MOE_SUFFIXES and (not weight or not t.dtype.is_floating_point):
+        if suffix in QUANT_SUFFIXES + MOE_SUFFIXES and (not weight or t.dtype not in (torch.float16, torch.bfloat16,
+                                                                                     torch.float32)):
             out[n] = t.detach().clone().contiguous()
     return out
 

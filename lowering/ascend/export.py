@@ -34,6 +34,7 @@ Per linear (from the fake-quant graph of an artifact; ``.weight`` int8 [out, in]
                    (vllm-ascend's formula for the version-0 layout, which it computes itself).
                    vllm-ascend 0.23's dense W4A8_DYNAMIC linear runs npu_weight_quant_batchmatmul
                    on float activations (it quantizes none): served, it is W4 weight-only.
+    W8A8_MIX, W4A4_DYNAMIC, W4A4_FLATQUANT_DYNAMIC, W8A8_MXFP8, W4A4_MXFP4: :mod:`export_types`
     FLOAT          everything else (norms, embeddings, lm_head, biases, MoE routers)
 
 MoE experts (``ptqc.moe_experts`` stacks [E, out, in]) are written per expert under the checkpoint's
@@ -72,6 +73,7 @@ from ptqc.artifact import AtomicDir
 from ptqc.errors import PtqcError
 from ptqc.ir import QModel, info, is_op
 from ptqc.lowering import checkpoint
+from ptqc.lowering.ascend import export_types
 from ptqc.lowering.ascend.export_check import check  # noqa: F401  (ptqc.lowering.ascend.export.check)
 from ptqc.lowering.ascend.export_load import load  # noqa: F401  (ptqc.lowering.ascend.export.load)
 from ptqc.lowering.ascend import export_moe
@@ -84,6 +86,9 @@ def classify(lin, wq: dict | None) -> str:
     if wq is None:
         return "FLOAT"
     a, mod = lin.args[0], info(lin)["module"]
+    kind = export_types.classify(lin, wq, a)
+    if kind:
+        return kind
     if is_op(a, ops.QUANTIZE_ACT):
         bits, group, sym = a.args[3], a.args[4], a.args[5]
         dynamic = a.args[1] is None and group == 0 and sym
@@ -200,12 +205,15 @@ def _linear_tensors(qm: QModel, lin, kind: str, serving: torch.dtype, group: int
     codes = checkpoint.weight_codes(qm, dq)
     scale = qm.store[dq.args[1].target].float()
     zp = qm.store[dq.args[2].target].float() if dq.args[2] is not None else torch.zeros_like(scale)
+    new = export_types.tensors(qm, lin, kind, serving)
+    if new is not None:
+        return new
     handled = checkpoint.store_inputs(dq, dq.args[0])
     if kind == "W4A8_DYNAMIC":
         return _w4a8_tensors(info(lin)["module"], codes, scale.reshape(scale.shape[0], -1), group), handled
     t = {"weight": codes.to(torch.int8),
          "weight_scale": scale.reshape(scale.shape[0], -1), "weight_offset": (-zp).reshape(scale.shape[0], -1)}
-    if kind == "W8A8":
+    if kind in ("W8A8", "W8A8_MIX"):
         t |= _static_tensors(qm, lin, codes, scale, serving)
         handled |= checkpoint.store_inputs(lin.args[0])
     return t, handled
@@ -241,6 +249,7 @@ def export(qm: QModel, out, *, force: bool = False, dtype: str | None = None) ->
     if any(str(n.target).startswith("ptqc_npu.") for n in qm.graph.nodes if n.op == "call_function"):
         raise PtqcError("export the fake-quant artifact, not a lowered one (compile without the ascend pass)")
     serving = serving_dtype(qm, dtype)
+    export_types.check_transforms(qm)
     plan = [(lin, classify(lin, info(lin).get("quant", {}).get("weight")
                            if is_op(lin.args[1], ops.DEQUANTIZE_WEIGHT) else None)) for lin in qm.linears()]
     export_moe.check_routers(qm)

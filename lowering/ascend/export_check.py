@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ptqc.lowering.ascend.layout import (C8_SUFFIXES, DESCRIPTION, EXPERT, META_KEYS, MOE_LOADABLE, REQUIRED,
                                          ROUTERS, SCALE_BIAS_CHUNKS, SUFFIX_RULES, TYPES, W4A8_GROUP, row_parallel)
+from ptqc.lowering.ascend import export_types
 from ptqc.model import tensor_specs
 
 
@@ -152,4 +153,5 @@ def check(path) -> list[str]:
     meta = tensor_specs(files)
     problems += [f"{n} is in {DESCRIPTION} but in no weight file" for n in sorted(set(types) - set(meta))]
     problems += [f"{n} is in the weight files but not in {DESCRIPTION}" for n in sorted(set(meta) - set(types))]
-    return problems + _linear_problems(types, meta, desc) + _c8_problems(desc, types, meta) + _moe_problems(types)
+    return problems + _linear_problems(types, meta, desc) + export_types.problems(types, meta) + \
+        _c8_problems(desc, types, meta) + _moe_problems(types)

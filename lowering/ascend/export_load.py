@@ -9,6 +9,7 @@ import torch
 from ptqc import ops, quant
 from ptqc.errors import PtqcError
 from ptqc.ir import QModel, info, is_op
+from ptqc.lowering.ascend import export_types
 from ptqc.lowering.ascend.export_check import check
 from ptqc.lowering.ascend.layout import DESCRIPTION, EXPERT, kv_shape
 
@@ -38,10 +39,17 @@ def load(path, dtype: str = "float32") -> QModel:
         kind = desc.get(w, "FLOAT")
         if kind == "FLOAT":
             continue
+        new = export_types.read(qm, w.removesuffix(".weight"), kind)
+        if new is not None:
+            set_quantized_weight(qm, lin, *new[:4], "ascend-export")
+            acts.setdefault((lin.args[0], new[4]), []).append(lin)
+            continue
         set_quantized_weight(qm, lin, *_weight(qm, w.removesuffix(".weight"), kind, desc), "ascend-export")
         if kind in ("W8A8", "W8A8_DYNAMIC", "W4A8_DYNAMIC"):
             acts.setdefault((lin.args[0], "W8A8" if kind == "W8A8" else "dynamic"), []).append(lin)
     for (src, kind), lins in acts.items():
+        if export_types.insert_act(qm, src, lins, kind):
+            continue
         if kind == "dynamic":
             insert_quantizer(qm, src, lins, quant.QuantSpec(8, 0, True))
             continue

@@ -9,7 +9,8 @@ DESCRIPTION = "quant_model_description.json"
 WEIGHTS = "quant_model_weights-00001-of-00001.safetensors"
 INDEX = "quant_model_weights.safetensors.index.json"
 SERVING_DTYPES = ("float16", "bfloat16")
-TYPES = ("W8A8", "W8A8_DYNAMIC", "W8A16", "W4A8_DYNAMIC", "W4A16", "C8", "FLOAT")
+TYPES = ("W8A8", "W8A8_DYNAMIC", "W8A16", "W4A8_DYNAMIC", "W4A16", "C8", "FLOAT", "W8A8_MIX", "W4A4_DYNAMIC",
+         "W4A4_FLATQUANT_DYNAMIC", "W8A8_MXFP8", "W4A4_MXFP4")  # the last five: export_types
 W4A8_GROUP = 256  # vllm-ascend's group_size when the description has none
 ROW_PARALLEL = (".o_proj", ".down_proj")  # vLLM RowParallelLinear: W4A8 scale_bias [out, 16], else [out, 1]
 SCALE_BIAS_CHUNKS = 16
@@ -28,7 +29,9 @@ REQUIRED = {  # suffixes every linear of a type must have (besides .weight)
     "W8A16": ("weight_scale", "weight_offset"),
     "W4A16": ("weight_scale", "weight_offset"),
     "W4A8_DYNAMIC": ("weight_scale", "weight_offset", "weight_scale_second", "weight_offset_second", "scale_bias"),
-}
+    "W8A8_MIX": ("input_scale", "input_offset", "deq_scale", "quant_bias", "weight_scale", "weight_offset"),
+    "W4A4_DYNAMIC": ("weight_scale", "weight_offset"),
+}  # W4A4_FLATQUANT_DYNAMIC and the MX types: export_types.RULES
 FLOATS = ("F32", "F16", "BF16")
 # suffix -> (dtypes, shapes for a linear's geometry g = {out, cols (weight_scale columns), groups
 # (W4A8 second-level columns), bias_cols (W4A8 scale_bias columns)}, what is expected)

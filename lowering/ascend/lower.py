@@ -38,7 +38,9 @@ MOE_COUNTS = ("moe_routing", "grouped_matmul")  # kernel_counts keys of layers w
 COUNTED = {**dict.fromkeys(QUANT_KERNELS + INT4_QUANT_KERNELS, "standalone_quant"),  # kernel -> kernel_counts key
            **dict.fromkeys(FUSED_QUANT + TRANSFORM_QUANT, "fused_quant"),
            **dict.fromkeys(ATTENTION_KERNELS, "attention"), npu.QUANT_MATMUL: "quant_matmul", npu.WEIGHT_QUANT_BATCHMATMUL: "weight_quant_matmul",
-           **dict.fromkeys(MOE_ROUTING, "moe_routing"), npu.GROUPED_MATMUL: "grouped_matmul"}
+           **dict.fromkeys(MOE_ROUTING, "moe_routing"), npu.GROUPED_MATMUL: "grouped_matmul",
+           L.npu_quant.PD_MIX_QUANT: "standalone_quant", L.npu_mx.DYNAMIC_MX_QUANT: "standalone_quant",
+           L.npu_mx.MX_QUANT_MATMUL: "quant_matmul"}
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,11 @@ RULES = (  # phase, name, doc, kernels, pattern, rewrite, check, when
     Rule("moe", "moe_experts", "float MoE experts: init_routing, grouped matmul gate|up, swiglu, grouped matmul "
          "down, finalize_routing", ("npu_moe_init_routing_v2", "npu_grouped_matmul", "npu_swiglu",
                                     "npu_moe_finalize_routing"), M.EXPERTS, M.rewrite_experts, M.check_experts),
+    Rule("act_quant", "mx", "W8A8_MXFP8 / W4A4_MXFP4: MX quantization per block of 32 (E8M0 scales), MX matmuls",
+         ("npu_dynamic_mx_quant", QMM), L.MX, L.rewrite_mx, L.check_mx),
+    Rule("act_quant", "w8a8_mix", "W8A8_MIX: dynamic per-token quantization at prefill, the static scale at "
+         "decode, per-token matmuls", ("npu_dynamic_quant", "npu_quantize", QMM), L.INT8_MIX, L.rewrite_int8_mix,
+         L.check_int8_mix),
     Rule("act_quant", "w4a4_transform", "int4 per-token quantization of a rotation / FlatQuant transform (with its "
          "clip ratio) in one kernel", ("npu_kronecker_quant", "npu_rotate_quant", QMM),
          L.INT4_TRANSFORM, L.rewrite_int4, L.check_int4, L.transform_fits),

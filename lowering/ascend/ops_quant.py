@@ -1,4 +1,5 @@
-"""Quantization kernels: int8 (npu_dynamic_quant, npu_quantize, npu_trans_quant_param) and int4
+"""Quantization kernels: int8 (npu_dynamic_quant, npu_quantize, W8A8_MIX's pair of them,
+npu_trans_quant_param) and int4
 (packing, npu_dynamic_quant to int4, npu_kronecker_quant, npu_rotate_quant), with the helpers
 every ptqc_npu op shares (the NPU dispatch, saturating rounding). See ops.py."""
 from __future__ import annotations
@@ -68,6 +69,27 @@ def quantize(x: torch.Tensor, scales: torch.Tensor, zero_points: Optional[torch.
 @quantize.register_fake
 def _(x, scales, zero_points=None, div_mode=True):
     return torch.empty(x.shape, dtype=torch.int8, device=x.device)
+
+
+@torch.library.custom_op("ptqc_npu::pd_mix_quant", mutates_args=())
+def pd_mix_quant(x: torch.Tensor, input_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """vllm-ascend W8A8_MIX's activation quantization: more than one token per sequence (prefill) is
+    npu_dynamic_quant; one token (decode, where the KV-consumer node runs the static scheme) is
+    npu_quantize with the calibrated symmetric ``input_scale``, which is then every token's scale.
+    Returns (codes int8, scale float32 x.shape[:-1]) for the per-token quant_matmul. Chosen: decode
+    goes through that matmul (weight_scale x input_scale in float32) rather than the static scheme's
+    deq_scale / quant_bias (the same products, rounded once more)."""
+    if x.dim() >= 2 and x.shape[-2] == 1:
+        return quantize(x, input_scale.reshape(1)), input_scale.float().reshape(1).expand(x.shape[:-1]).clone()
+    return dynamic_quant(x)
+
+
+@pd_mix_quant.register_fake
+def _(x, input_scale):
+    return torch.empty(x.shape, dtype=torch.int8, device=x.device), x.new_empty(x.shape[:-1], dtype=torch.float32)
+
+
+PD_MIX_QUANT = torch.ops.ptqc_npu.pd_mix_quant.default
 
 
 # ---- scale conversion -------------------------------------------------------------------------

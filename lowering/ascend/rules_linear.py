@@ -8,15 +8,17 @@ import operator
 import torch
 import torch.fx as fx
 
-from ptqc import ops
+from ptqc import ops, quant
 from ptqc.ir import info, is_op
 from ptqc.lowering.ascend import ops as npu
+from ptqc.lowering.ascend import ops_mx as npu_mx
+from ptqc.lowering.ascend import ops_quant as npu_quant
 from ptqc.patterns import Pat
 
 aten = torch.ops.aten
 ANY, TRUTHY = Pat(), Pat(where=bool)
-ACT_REASON = ("only int8 activations (dynamic symmetric per token, or static per tensor) and "
-              "int4 dynamic symmetric per-token ones lower")
+ACT_REASON = ("only int8 activations (dynamic symmetric per token, static per tensor, or W8A8_MIX), "
+              "int4 dynamic symmetric per-token ones and MX (blocks of 32) lower")
 
 
 def _clip(q: fx.Node) -> float:
@@ -41,6 +43,9 @@ INT8_DYNAMIC_SMOOTH = Pat(ops.QUANTIZE_ACT, (SMOOTHED, None, ANY, 8, 0, TRUTHY),
 INT8_DYNAMIC = Pat(ops.QUANTIZE_ACT, (ANY, None, ANY, 8, 0, TRUTHY), name="q", where=_act_quant(True))
 INT8_STATIC = Pat(ops.QUANTIZE_ACT, (ANY, Pat(name="scale", where=lambda s: s is not None), ANY, 8), name="q",
                   where=_act_quant())
+INT8_MIX = Pat(ops.QUANTIZE_ACT, (ANY, Pat(name="scale", where=lambda s: s is not None), ANY, 8, 0, TRUTHY, ANY, "mix"),
+               name="q", where=_act_quant())
+MX = Pat(ops.QUANTIZE_ACT, (ANY, None, ANY, ANY, 32, TRUTHY, ANY, "mx"), name="q", where=_act_quant())
 ACT_QUANT = Pat(ops.QUANTIZE_ACT, name="q", where=_act_quant())
 WEIGHT_ONLY = Pat(ops.LINEAR, (Pat(where=lambda x: not is_op(x, ops.QUANTIZE_ACT)), Pat(ops.DEQUANTIZE_WEIGHT)),
                   name="lin")
@@ -168,6 +173,52 @@ def rewrite_int8_static(lw, m) -> None:
         zpf = None if zp is None else lw.const(f"{zp.target.removesuffix('_zero_point')}_offset", lw.value(zp).float())
         codes = lw.new(npu.QUANTIZE, (q.args[0], q.args[1], zpf, True), q, role="quantize")
     _matmuls(lw, q, lins, codes, None)
+
+
+def check_int8_mix(lw, m) -> str | None:
+    if m["q"].args[2] is not None or lw.value(m["scale"]).numel() != 1:
+        return "W8A8_MIX lowers with a symmetric per-tensor decode scale (the per-token matmul takes no offset)"
+    return check_int8(lw, m)
+
+
+def rewrite_int8_mix(lw, m) -> None:
+    """W8A8_MIX: pd_mix_quant (dynamic per token at prefill, the static scale at decode), per-token matmuls."""
+    q, lins = m["q"], _linears(m["q"])
+    with lw.g.inserting_before(q):
+        k = lw.new(npu_quant.PD_MIX_QUANT, (q.args[0], q.args[1]), q, role="pd_mix_quant")
+        codes, tscale = _act_codes(lw, q, k)
+    _matmuls(lw, q, lins, codes, tscale)
+
+
+def check_mx(lw, m) -> str | None:
+    bits = m["q"].args[3]
+    for lin in _linears(m["q"]):
+        wq = info(lin).get("quant", {}).get("weight", {})
+        if wq.get("kind") != "mx" or wq.get("bits") != bits:
+            return f"MX activations (bits {bits}) need MX weights of the same element type (npu_quant_matmul)"
+        why = npu_mx.check_mx(codes_value(lw, weight_parts(lin)[0]).shape[1])
+        if why:
+            return why
+    return None
+
+
+def rewrite_mx(lw, m) -> None:
+    """npu_dynamic_mx_quant, then one MX npu_quant_matmul per linear (weights [k, n], E8M0 scales [k / 32, n])."""
+    q, lins = m["q"], _linears(m["q"])
+    with lw.g.inserting_before(q):
+        k = lw.new(npu_mx.DYNAMIC_MX_QUANT, (q.args[0], q.args[3]), q, role="dynamic_mx_quant")
+        codes, xs = _act_codes(lw, q, k)
+    for lin in lins:
+        wc, ws, _, _ = weight_parts(lin)
+        base = info(lin)["module"]
+        bias = lin.args[2] if len(lin.args) > 2 else None
+        with lw.g.inserting_before(lin):
+            wt = lw.const(f"{base}.weight_mx", codes_value(lw, wc).t().contiguous())
+            st = lw.const(f"{base}.weight_scale_e8m0", quant.mx_exponent(lw.value(ws)).t().contiguous())
+            y = lw.new(npu_mx.MX_QUANT_MATMUL, (codes, xs, wt, st, bias, lw.dtype), lin)
+        lin.replace_all_uses_with(y)
+        lw.g.erase_node(lin)
+    lw.g.erase_node(q)
 
 
 def rewrite_int4(lw, m) -> None:

@@ -11,6 +11,7 @@ from onnx import TensorProto
 from ptqc import ops
 from ptqc.errors import PtqcError
 from ptqc.ir import is_op
+from ptqc.lowering.onnx import kinds
 from ptqc.lowering.onnx.emitter import F32, I8, I32, I64, _bytes, _torch_dtype, lowers, onnx_dtype
 
 
@@ -249,11 +250,23 @@ def act_codes(L, hg: str, s: str, z: str | None, bits: int, offset: int = 0) -> 
 
 
 @lowers(ops.QUANTIZE_ACT)
-def _quantize_act(L, n, x, scale, zero_point, bits, group, sym, clip=1.0):
+def _quantize_act(L, n, x, scale, zero_point, bits, group, sym, clip=1.0, kind="int"):
     if n.name in L.skip:  # integer mode: every reader uses the codes directly
         return None
     dt, lead, last = L.dt(x), [0] * (L.rank(x) - 1), L.shape(x)[-1]
     h = L.cast(L.v(x), dt, torch.float32)
+    if kind == "mx":
+        y = kinds.mx_fake_quant(L, h, bits, lead, last)
+    elif kind == "mix":  # W8A8_MIX: static at one token, dynamic per token otherwise
+        y = kinds.mix_select(L, L.v(x), _int_fake_quant(L, h, scale, zero_point, bits, group, sym, clip, lead, last),
+                             _int_fake_quant(L, h, None, None, bits, 0, True, clip, lead, last))
+    else:
+        y = _int_fake_quant(L, h, scale, zero_point, bits, group, sym, clip, lead, last)
+    return L.cast(y, torch.float32, dt)
+
+
+def _int_fake_quant(L, h, scale, zero_point, bits, group, sym, clip, lead, last) -> str:
+    """Integer activation fake-quant of float32 ``h`` (:func:`ptqc.quant.fake_quant_act`)."""
     grouped = scale is None and group > 0 and group != last
     if grouped:
         h = L.op("Reshape", h, L.ints(lead + [last // group, group]))
@@ -268,7 +281,7 @@ def _quantize_act(L, n, x, scale, zero_point, bits, group, sym, clip=1.0):
     y = L.op("Mul", q, s)
     if grouped:
         y = L.op("Reshape", y, L.ints(lead + [last]))
-    return L.cast(y, torch.float32, dt)
+    return y
 
 
 @lowers(ops.TRANSFORM)

@@ -44,6 +44,8 @@ def _codes_source(w: fx.Node):
 
 def _act_ok(qa: fx.Node, L) -> bool:
     x, scale, zp, bits, group, sym, *rest = (list(qa.args) + [1.0])[:7]
+    if len(qa.args) > 7 and qa.args[7] != "int":  # mx / mix: fake-quant only
+        return False
     if not sym or zp is not None or bits > 8:
         return False
     if scale is None:
