@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.fx as fx
 
-from ptqc import moe, ops
+from ptqc import mla, moe, ops
 from ptqc.errors import PtqcError
 from ptqc.ir import QModel, info, is_op, propagate
 from ptqc.model import WeightStore, build_meta_model, load_config, parse_dtype, weight_files
@@ -41,6 +41,7 @@ ROLE_TABLE = {
     "post_attention_layernorm": "post_attention_norm", "ffn_norm": "post_attention_norm",
     "self_attn": "attention", "attention": "attention", "shared_expert_gate": "shared_expert_gate",
 }
+ROLE_TABLE.update(mla.ROLES)  # DeepSeek MLA: q_a_proj -> "q_a", kv_b_proj -> "kv_b", ...
 FINAL_NORM_NAMES = ("norm", "final_layernorm", "ln_f")
 _LAYER_RE = re.compile(r"\.(\d+)(?:\.|$)")
 
@@ -202,7 +203,7 @@ def rule_moe_args(node: fx.Node) -> bool:
 
 
 # The canonicalization table: each rule looks at one node and rewrites it in place.
-RULES = (rule_drop_noops, rule_linear, rule_rms_norm, rule_attention, rule_moe_args)
+RULES = (rule_drop_noops, rule_linear, rule_rms_norm, rule_attention, rule_moe_args, mla.rule_mla_key)
 
 
 def canonicalize(g: fx.Graph) -> None:
@@ -353,6 +354,7 @@ def trace(path: Path, config, dt: torch.dtype, trust_remote_code: bool, bar=None
             bar.set_postfix_str(msg)
 
     model = build_meta_model(config, dt, trust_remote_code)
+    mla.check(model)
     moe.swap_moe(model, getattr(config, "hidden_act", "silu"))
     buffers = {n: b.detach().clone() for n, b in model.named_buffers() if b.device.type != "meta"}
     by_param: dict[int, set[str]] = {}
