@@ -143,11 +143,18 @@ def test_awq_folds_into_the_mla_norms_exactly(mla_loaded, calib, ids):
     assert (qm(x) - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
-def test_rotate_refuses_mla_in_one_line(mla_loaded):
-    with pytest.raises(PtqcError, match=r"^rotate: model\.layers\.0\.self_attn\.q_a_proj .*role q_a.* reads the "
-                                        r"residual stream") as e:
-        run(mla_loaded(), "rotate")
-    assert "\n" not in str(e.value)
+def test_rotate_residual_is_exact_and_per_head_parts_refused(mla_loaded, ids):
+    """The residual rotation is exact (kv_a_proj_with_mqa and q_proj read the rotated stream); the
+    per-head qk / v Hadamards are refused in one line (q/k heads of 20, v heads of 10)."""
+    with pytest.raises(PtqcError, match=r"^rotate: cannot read the head layout of model\.layers\.0\.self_attn "
+                                        r".*use qk=false and v=false$"):
+        run(mla_loaded("deepseek_v3_q_proj"), "rotate")
+    qm = mla_loaded("deepseek_v3_q_proj")
+    x = ids(2, 19)
+    ref = qm(x)
+    s = run(qm, "rotate:qk=false,v=false")[0]["summary"]
+    assert s["layers"][0]["readers"] == ["q", "kv_a", "gate", "up"]
+    assert (qm(x) - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
 def test_ascend_lowers_linears_and_keeps_mla_attention_float(mla_loaded, calib, ids):
