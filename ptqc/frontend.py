@@ -354,7 +354,7 @@ def trace(path: Path, config, dt: torch.dtype, trust_remote_code: bool, bar=None
             bar.set_postfix_str(msg)
 
     model = build_meta_model(config, dt, trust_remote_code)
-    mla.check(model)
+    mla.prepare(model)
     moe.swap_moe(model, getattr(config, "hidden_act", "silu"))
     buffers = {n: b.detach().clone() for n, b in model.named_buffers() if b.device.type != "meta"}
     by_param: dict[int, set[str]] = {}

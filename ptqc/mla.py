@@ -8,7 +8,7 @@ MLA traces with the generic frontend; its canonical form reads, per layer,
     q = cat(q_nope, rope(q_rope)); k = cat(k_nope, expand(rope(k_rope)))   (decoupled rope, aten ops)
     ptqc.attention(q, k, v) with qk head dim (nope + rope) != v head dim -> o_proj
 
-:data:`ROLES` names the MLA modules; :func:`check` refuses, before export, constructs ptqc does
+:data:`ROLES` names the MLA modules; :func:`prepare` refuses, before export, constructs ptqc does
 not trace exactly (one line naming the module); :func:`rule_mla_key` turns the key transformers
 assembles by slice copies into a fresh buffer back into a ``cat``.
 """
@@ -31,15 +31,19 @@ def is_mla(m: nn.Module) -> bool:
     return isinstance(getattr(m, "kv_a_proj_with_mqa", None), nn.Module)
 
 
-def check(model: nn.Module) -> None:
-    """Refuse MLA constructs the trace would not reproduce exactly, naming the module."""
+def prepare(model: nn.Module) -> None:
+    """Before export: refuse MLA constructs the trace would not reproduce exactly, naming the module;
+    DeepSeek-V2's greedy routers ignore expert groups, so their group count is set to 1."""
     for name, m in model.named_modules():
         if is_mla(m) and getattr(m, "num_key_value_groups", 1) != 1:
             raise PtqcError(f"MLA attention {name} has num_key_value_heads != num_attention_heads "
                             f"({m.num_key_value_groups} groups): MLA expands its latent to every head, so the "
                             "config must set them equal (transformers cannot run it either)")
-        if getattr(m, "topk_method", "greedy") not in ("greedy", "noaux_tc") and (getattr(m, "num_group", 1) or 1) > 1:
-            raise PtqcError(f"MoE router {name} uses topk_method={m.topk_method!r} (groups scored by their best "
+        method = getattr(m, "topk_method", None)
+        if method == "greedy":
+            m.num_group = 1
+        elif method is not None and method != "noaux_tc" and (getattr(m, "num_group", 1) or 1) > 1:
+            raise PtqcError(f"MoE router {name} uses topk_method={method!r} (groups scored by their best "
                             "expert), which ptqc.moe_route does not implement")
 
 

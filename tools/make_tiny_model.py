@@ -34,13 +34,14 @@ MOE = {
 
 # Multi-head latent attention (DeepSeek-V2/V3): heads of qk_nope 12 + qk_rope 8 (decoupled rope),
 # values of 10, q LoRA rank 24 (None: a plain q_proj), KV latent 16; MoE from layer 1 on
-# (8 experts, top-2, a shared expert). V3: sigmoid routing in 2 groups (1 kept) with
-# e_score_correction_bias (groups of 4: what npu_moe_gating_top_k takes), scale 2.5, interleaved rope; V2: softmax greedy routing, complex rope.
+# (8 experts, top-2, a shared expert). V3: sigmoid routing in 2 groups of 4 (what npu_moe_gating_top_k
+# takes; 1 kept) with e_score_correction_bias, scale 2.5, interleaved rope; V2: softmax greedy
+# routing (which ignores its 2 groups), complex rope.
 MLA = {
     "deepseek_v3": dict(q_lora_rank=24, n_group=2, topk_group=1, routed_scaling_factor=2.5, norm_topk_prob=True),
     "deepseek_v3_q_proj": dict(q_lora_rank=None, n_group=2, topk_group=1, routed_scaling_factor=2.5,
                                norm_topk_prob=True),
-    "deepseek_v2": dict(q_lora_rank=24, topk_method="greedy", routed_scaling_factor=1.0),
+    "deepseek_v2": dict(q_lora_rank=24, topk_method="greedy", n_group=2, topk_group=1, routed_scaling_factor=1.0),
 }
 
 

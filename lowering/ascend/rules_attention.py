@@ -23,8 +23,8 @@ def _quantized_kv(att: fx.Node) -> bool:
 
 def _mla(att: fx.Node) -> bool:
     """Multi-head latent attention: query/key head dim (nope + rope) differs from the value's."""
-    qs, vs = _shape(att.args[0]), _shape(att.args[2])
-    return qs is not None and vs is not None and qs[-1] != vs[-1]
+    qs, ks, vs = _shape(att.args[0]), _shape(att.args[1]), _shape(att.args[2])
+    return None not in (qs, ks, vs) and qs[-1] == ks[-1] != vs[-1]
 
 
 MLA = Pat(ops.ATTENTION, name="att", where=_mla)
