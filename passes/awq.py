@@ -59,7 +59,7 @@ from ptqc.ir import info, is_op
 from ptqc.norms import is_norm
 from ptqc.observers import MeanAbs, Samples
 from ptqc.options import WeightOptions
-from ptqc.patterns import activation_input, producer_linear, skip_transparent
+from ptqc.patterns import activation_input, is_transparent, producer_linear, skip_transparent
 from ptqc.pipeline import Pass, PassResult, register
 from ptqc.weights import fold_input_scale, plan, select_linears, set_quantized_weight, weight_of
 
@@ -118,15 +118,22 @@ class Block:
 
     @staticmethod
     def _outputs(nodes, prev, lins) -> list[fx.Node]:
+        """The first linear downstream of every linear of the group (MLA's q_a/kv_a: o_proj, not
+        q_b_proj), else the first downstream of any, else the group itself."""
         if not is_norm(prev):
             return list(lins)
-        reach = set(lins)
+        reach = {x: {x} for x in lins}  # node -> the group's linears it depends on
+        first = None
         for n in nodes[min(nodes.index(x) for x in lins):]:
-            if n not in reach and any(a in reach for a in n.all_input_nodes):
-                if is_op(n, ops.LINEAR):
+            deps = set().union(*(reach.get(a, ()) for a in n.all_input_nodes))
+            if n in reach or not deps:
+                continue
+            if is_op(n, ops.LINEAR):
+                first = first or n
+                if len(deps) == len(lins):
                     return [n]
-                reach.add(n)
-        return list(lins)
+            reach[n] = deps
+        return [first] if first is not None else list(lins)
 
     def _run(self, overrides: dict) -> list[list[torch.Tensor]]:
         it = Interpreter(self.nodes, ChainMap(overrides, self.qm.store), device=self.device, const=self.consts)
@@ -380,9 +387,12 @@ class AWQ(Pass):
     @staticmethod
     def _foldable(qm, prev, lins) -> bool:
         """The fold is exact only if ``prev``'s output reaches nothing but these linears."""
-        if is_norm(prev):
-            return all(activation_input(u) is prev for u in prev.users if is_op(u, ops.LINEAR)) and \
-                len([u for u in prev.users if is_op(u, ops.LINEAR)]) == len(prev.users)
+        if is_norm(prev):  # users through shape ops (MLA's kv_a_layernorm -> view -> kv_b_proj)
+            ends, todo = [], list(prev.users)
+            while todo:
+                u = todo.pop()
+                todo.extend(u.users) if is_transparent(u) else ends.append(u)
+            return all(is_op(u, ops.LINEAR) and activation_input(u) is prev for u in ends)
         out_ch = qm.store.spec(prev.args[1].target)[0][0]
         in_ch = qm.store.spec(lins[0].args[1].target)[0][1]
         return out_ch == in_ch and len(lins) == 1  # v -> o without GQA, up -> down

@@ -38,7 +38,7 @@ from ptqc.pipeline import Pass, PassResult, _short, register
 
 aten = torch.ops.aten
 
-READERS = ("q", "k", "v", "gate", "up", "lm_head")  # linears reading the residual stream (W <- W Q)
+READERS = ("q", "k", "v", "gate", "up", "lm_head", "q_a", "kv_a")  # linears reading the residual stream (W <- W Q; MLA: q_a, kv_a)
 WRITERS = ("o", "down")  # linears adding to it (W <- Q^T W)
 # shape ops that keep each row of the last dimension intact (checked on the recorded shapes)
 ROW_OPS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.clone.default,

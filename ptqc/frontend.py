@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.fx as fx
 
-from ptqc import families, moe, norms, ops
+from ptqc import families, mla, moe, norms, ops
 from ptqc.errors import PtqcError
 from ptqc.ir import QModel, info, is_op, propagate
 from ptqc.model import WeightStore, build_meta_model, load_config, parse_dtype, weight_files
@@ -47,6 +47,7 @@ ROLE_TABLE = {
     "fc1": "up", "fc2": "down", "ln_attn": "input_norm", "ln_mlp": "post_attention_norm",
     "pre_feedforward_layernorm": "pre_feedforward_norm", "post_feedforward_layernorm": "post_feedforward_norm",
 }
+ROLE_TABLE.update(mla.ROLES)  # DeepSeek MLA: q_a_proj -> "q_a", kv_b_proj -> "kv_b", ...
 FINAL_NORM_NAMES = ("norm", "final_layernorm", "ln_f", "final_layer_norm")
 _LAYER_RE = re.compile(r"\.(\d+)(?:\.|$)")
 
@@ -209,7 +210,8 @@ def rule_moe_args(node: fx.Node) -> bool:
 
 # The canonicalization table: each rule looks at one node and rewrites it in place.
 RULES = (rule_drop_noops, rule_linear, families.rule_matmul_linear, rule_rms_norm, norms.rule_layer_norm,
-         rule_attention, families.canonical_attention_args, rule_moe_args)
+         rule_attention, families.canonical_attention_args, rule_moe_args,
+         mla.rule_mla_key)
 
 
 def canonicalize(g: fx.Graph) -> None:
@@ -361,6 +363,7 @@ def trace(path: Path, config, dt: torch.dtype, trust_remote_code: bool, bar=None
             bar.set_postfix_str(msg)
 
     model = build_meta_model(config, dt, trust_remote_code)
+    mla.prepare(model)
     moe.swap_moe(model, getattr(config, "hidden_act", "silu"))
     buffers = {n: b.detach().clone() for n, b in model.named_buffers() if b.device.type != "meta"}
     by_param: dict[int, set[str]] = {}

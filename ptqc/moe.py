@@ -35,6 +35,8 @@ ROUTERS = {
     "Qwen2MoeTopKRouter": {"scoring": "softmax", "norm": None, "fp32": False, "fp32_weights": False},
     "Qwen3MoeTopKRouter": {"scoring": "softmax", "norm": None, "fp32": False, "fp32_weights": False},
     "Glm4MoeTopkRouter": {"scoring": "sigmoid", "norm": None, "fp32": True, "fp32_weights": True},
+    "DeepseekV3TopkRouter": {"scoring": "sigmoid", "norm": None, "fp32": True, "fp32_weights": True},
+    "DeepseekV2TopkRouter": {"scoring": "softmax", "norm": False, "fp32": True, "fp32_weights": True},
 }
 # Per-expert projection names in checkpoints -> the role of their stack.
 EXPERT_PROJS = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down", "w1": "gate", "w3": "up", "w2": "down"}

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-ARCHS = ("llama", "qwen2", "qwen3", "mistral", "mixtral", "qwen2_moe", "qwen3_moe", "glm4_moe")
+ARCHS = ("llama", "qwen2", "qwen3", "mistral", "mixtral", "qwen2_moe", "qwen3_moe", "glm4_moe",
+         "deepseek_v3", "deepseek_v3_q_proj", "deepseek_v2")
 
 # Mixture-of-experts layouts (hidden 64+, moe_intermediate = intermediate // 4, top-2):
 # mixtral 4 experts; qwen2_moe 4 experts + sigmoid-gated shared expert, layer 0 dense;
@@ -30,6 +31,29 @@ MOE = {
                                n_shared_experts=1, first_k_dense_replace=1, n_group=4, topk_group=2,
                                routed_scaling_factor=2.5, norm_topk_prob=True),
 }
+
+# Multi-head latent attention (DeepSeek-V2/V3): heads of qk_nope 12 + qk_rope 8 (decoupled rope),
+# values of 10, q LoRA rank 24 (None: a plain q_proj), KV latent 16; MoE from layer 1 on
+# (8 experts, top-2, a shared expert). V3: sigmoid routing in 2 groups of 4 (what npu_moe_gating_top_k
+# takes; 1 kept) with e_score_correction_bias, scale 2.5, interleaved rope; V2: softmax greedy
+# routing (which ignores its 2 groups), complex rope.
+MLA = {
+    "deepseek_v3": dict(q_lora_rank=24, n_group=2, topk_group=1, routed_scaling_factor=2.5, norm_topk_prob=True),
+    "deepseek_v3_q_proj": dict(q_lora_rank=None, n_group=2, topk_group=1, routed_scaling_factor=2.5,
+                               norm_topk_prob=True),
+    "deepseek_v2": dict(q_lora_rank=24, topk_method="greedy", n_group=2, topk_group=1, routed_scaling_factor=1.0),
+}
+
+
+def make_mla_config(arch: str, common: dict, intermediate: int):
+    """A DeepSeek-V2/V3 config (see :data:`MLA`); MLA has as many KV heads as query heads."""
+    from transformers import AutoConfig
+
+    common = {**common, "num_key_value_heads": common["num_attention_heads"]}
+    return AutoConfig.for_model(arch.removesuffix("_q_proj"), **common, **MLA[arch], kv_lora_rank=16,
+                                qk_nope_head_dim=12, qk_rope_head_dim=8, v_head_dim=10, n_routed_experts=8,
+                                num_experts_per_tok=2, moe_intermediate_size=intermediate // 4,
+                                n_shared_experts=1, first_k_dense_replace=1)
 
 
 
@@ -109,6 +133,8 @@ def make_config(arch: str, layers: int, hidden: int, intermediate: int, heads: i
         return AutoConfig.for_model(arch, **common, **MOE[arch](intermediate))
     if arch in FAMILIES:
         return FAMILIES[arch](common, hidden, heads, kv_heads, sliding_window)
+    if arch in MLA:
+        return make_mla_config(arch, common, intermediate)
     raise SystemExit(f"unknown arch {arch}; choose from {', '.join(ARCHS)}")
 
 

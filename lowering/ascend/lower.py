@@ -62,6 +62,8 @@ class Rule:
 FUSE = lambda lw, m: lw.fuse  # noqa: E731
 QMM = "npu_quant_matmul"
 RULES = (  # phase, name, doc, kernels, pattern, rewrite, check, when
+    Rule("attention", "attention_mla", "MLA attention (qk head dim != v head dim): kept float, reason in "
+         "the summary's kept list", (), A.MLA, A.keep_mla),
     Rule("attention", "attention_kv8", "attention over static int8 K and V: the C8 cache write ([B, S, KV_N * D]), "
          "fused attention with antiquant scale/offset", ("npu_quantize", "npu_fused_infer_attention_score"),
          A.KV8, A.rewrite_fia, A.check_fia),
@@ -130,6 +132,7 @@ class Lowering:
         self.attention, self.seqlen = attention, seqlen
         self.score_masks: dict = {}  # causal masks of the softmax kernels, shared across layers
         self.refused: list[str] = []
+        self.kept: list[str] = []  # nodes left float by design, with the reason
         self.fired: Counter = Counter()  # rule name -> matches it rewrote or refused
 
     def refuse(self, node: fx.Node, why: str) -> None:
@@ -163,7 +166,8 @@ class Lowering:
         for phase in PHASES:
             self.run_phase(phase)
         self.g.eliminate_dead_code()
-        return {"refused": self.refused, "kernels": kernel_counts(self.qm)}
+        return {"refused": self.refused, **({"kept": self.kept} if self.kept else {}),
+                "kernels": kernel_counts(self.qm)}
 
     # ---- building the lowered graph (used by the rules) ----------------------------------------------
     def new(self, target, args, like: fx.Node, role=None, module=None) -> fx.Node:

@@ -23,6 +23,13 @@ def _quantized_kv(att: fx.Node) -> bool:
     return is_op(att.args[1], ops.QUANTIZE_ACT) or is_op(att.args[2], ops.QUANTIZE_ACT)
 
 
+def _mla(att: fx.Node) -> bool:
+    """Multi-head latent attention: query/key head dim (nope + rope) differs from the value's."""
+    qs, ks, vs = _shape(att.args[0]), _shape(att.args[1]), _shape(att.args[2])
+    return None not in (qs, ks, vs) and qs[-1] == ks[-1] != vs[-1]
+
+
+MLA = Pat(ops.ATTENTION, name="att", where=_mla)
 KV8 = Pat(ops.ATTENTION, name="att", where=_quantized_kv)
 FLOAT = Pat(ops.ATTENTION, name="att", where=lambda att: not _quantized_kv(att))
 
@@ -68,6 +75,15 @@ def _kv_cache(lw, att: fx.Node, hkv: int, d: int):
         return torch.cat([t.reshape(1) for t in ts]) if per_tensor else \
             torch.stack([t.expand(hkv, 1, d) for t in ts])
     return (pair(scales), None if all(o is None for o in offsets) else pair(offsets)), None
+
+
+def keep_mla(lw, m) -> None:
+    """MLA attention stays the float ptqc.attention op; the reason goes to the lowering's ``kept`` list."""
+    att = m["att"]
+    dqk, dv = _shape(att.args[0])[-1], _shape(att.args[2])[-1]
+    lw.kept.append(f"{info(att)['module']}: MLA attention (qk head dim {dqk} != v head dim {dv}) stays float: "
+                   "npu_fused_infer_attention_score takes K and V of one head dim, or MLA's absorbed latent "
+                   "form (query_rope/key_rope), which ptqc does not build")
 
 
 def check_fia(lw, m) -> str | None:

@@ -1,0 +1,175 @@
+"""Multi-head latent attention (DeepSeek-V2/V3): traced exactly against transformers (q LoRA or a
+plain q_proj, decoupled rope, qk head dim != v head dim, DeepSeek-V3's MoE layer), weight passes on
+its linears, smooth/awq folds into its norms, the Ascend lowering keeping its attention float, and
+one-line refusals of what ptqc does not take."""
+import json
+import shutil
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from ascend_helpers import rel, run
+from make_tiny_model import make_model
+from ptqc import experts, frontend, ops
+from ptqc.errors import PtqcError
+from ptqc.lowering.ascend import ops as npu
+from ptqc.weights import is_quantized
+
+aten = torch.ops.aten
+ARCHS = ("deepseek_v3", "deepseek_v3_q_proj", "deepseek_v2")
+MLA_ROLES = ("q_a", "q_a_norm", "q_b", "kv_a", "kv_a_norm", "kv_b")
+
+
+@pytest.fixture(scope="module")
+def mla_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mla")
+    layers = {"deepseek_v3_q_proj": 1}  # q_proj is all it shows: one dense layer
+    return {a: make_model(root / a, a, layers=layers.get(a, 2), hidden=64, intermediate=128, seed=i)
+            for i, a in enumerate(ARCHS)}
+
+
+@pytest.fixture(scope="module")
+def mla_loaded(mla_models):
+    cache = {}
+
+    def get(arch="deepseek_v3"):
+        if arch not in cache:
+            cache[arch] = frontend.load(mla_models[arch])
+        return cache[arch].clone()
+    return get
+
+
+@pytest.fixture(scope="module")
+def calib():
+    return torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_logits_match_transformers(mla_models, mla_loaded, ids, arch):
+    ref = AutoModelForCausalLM.from_pretrained(mla_models[arch]).eval()
+    qm = mla_loaded(arch)
+    if arch == "deepseek_v2":  # greedy routing ignores the config's 2 expert groups
+        assert [n.kwargs["n_group"] for n in qm.nodes(ops.MOE_ROUTE)] == [1]
+    for shape in [(1, 7), (3, 33)]:
+        x = ids(*shape)
+        with torch.no_grad():
+            want = ref(x).logits
+        torch.testing.assert_close(qm(x), want, atol=1e-5, rtol=1e-5)
+
+
+def test_canonical_mla_graph(mla_loaded):
+    """Roles on every MLA module; the key is cat(k_nope, rope key), not slice copies into a buffer;
+    attention takes q/k of 12 + 8 and v of 10 per head; layer 1 is DeepSeek-V3's MoE."""
+    qm = mla_loaded()
+    for role in MLA_ROLES:
+        assert len([n for n in qm.graph.nodes if n.meta.get("ptqc", {}).get("role") == role]) == 2, role
+    targets = {n.target for n in qm.graph.nodes if n.op == "call_function"}
+    assert not targets & {aten.new_empty.default, aten.slice_scatter.default, aten.copy.default}
+    atts = list(qm.nodes(ops.ATTENTION))
+    assert len(atts) == 2
+    for att in atts:
+        q, k, v = (a.meta["shape"] for a in att.args[:3])
+        assert (q[1], q[3], k[3], v[1], v[3]) == (4, 20, 20, 4, 10)
+        assert att.args[1].target == aten.cat.default
+    assert [n.meta["ptqc"]["layer"] for n in qm.nodes(ops.MOE_EXPERTS)] == [1]
+    route = next(qm.nodes(ops.MOE_ROUTE))
+    assert route.kwargs["scoring"] == "sigmoid" and route.kwargs["n_group"] == 2 and route.kwargs["scale"] == 2.5
+
+
+def _edited_copy(src, dst, **config):
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps({**cfg, **config}))
+    return dst
+
+
+@pytest.mark.parametrize("arch, config, match", [
+    ("deepseek_v3", {"num_key_value_heads": 2},
+     r"^MLA attention model\.layers\.0\.self_attn has num_key_value_heads != num_attention_heads"),
+    ("deepseek_v2", {"topk_method": "group_limited_greedy"},
+     r"^MoE router model\.layers\.1\.mlp\.gate uses topk_method='group_limited_greedy'"),
+])
+def test_unsupported_constructs_are_one_line_errors(mla_models, tmp_path, arch, config, match):
+    path = _edited_copy(mla_models[arch], tmp_path / "m", **config)
+    with pytest.raises(PtqcError, match=match) as e:
+        frontend.load(path)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("pipeline", ["rtn:bits=4,group=8", "gptq:bits=4,group=8", "int8"])
+def test_weight_passes_quantize_every_mla_linear(mla_loaded, calib, ids, pipeline):
+    qm = mla_loaded()
+    stacks = experts.sites(qm)
+    run(qm, pipeline, calib)
+    y = qm(ids(2, 16))
+    assert torch.isfinite(y).all()
+    quantized = {n.meta["ptqc"]["module"] for n in qm.linears() if is_quantized(n)}
+    assert len(quantized) == 16  # all but lm_head and the router
+    assert {m.rsplit(".", 1)[1] for m in quantized} >= {"q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj"}
+    assert len(stacks) == 3 and all(is_quantized(s) for s in stacks)  # layer 1's expert stacks
+
+
+def test_rtn_on_no_q_lora_q_proj(mla_loaded, ids):
+    qm = mla_loaded("deepseek_v3_q_proj")
+    run(qm, "rtn:bits=4,group=4")
+    assert sum(is_quantized(n) for n in qm.linears(role="q")) == 1
+    assert torch.isfinite(qm(ids(1, 9))).all()
+
+
+def _fold_targets(scales):
+    return {(r["into"].rsplit(".", 1)[1], tuple(r["linears"])) for r in scales}
+
+
+MLA_FOLDS = {("input_layernorm", ("q_a", "kv_a")), ("q_a_layernorm", ("q_b",)), ("kv_a_layernorm", ("kv_b",))}
+
+
+def test_smooth_folds_into_the_mla_norms_exactly(mla_loaded, calib, ids):
+    qm = mla_loaded()
+    x = ids(2, 19)
+    ref = qm(x)
+    s = run(qm, "smooth", calib)[0]["summary"]
+    assert MLA_FOLDS <= _fold_targets(s["scales"])
+    assert sum(t[0] in ("q_a_layernorm", "kv_a_layernorm") for t in _fold_targets(s["scales"])) == 2
+    assert [r["into"] for r in s["scales"] if r["into"].endswith("kv_a_layernorm")] == \
+        ["model.layers.0.self_attn.kv_a_layernorm", "model.layers.1.self_attn.kv_a_layernorm"]
+    assert (qm(x) - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_awq_folds_into_the_mla_norms_exactly(mla_loaded, calib, ids):
+    qm = mla_loaded()
+    x = ids(2, 19)
+    ref = qm(x)
+    s = run(qm, "awq:quantize=false,clip=false,group=8,grid=4,exclude=experts|lm_head|router", calib)[0]["summary"]
+    assert MLA_FOLDS <= _fold_targets(s["scales"])
+    assert (qm(x) - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_rotate_residual_is_exact_and_per_head_parts_refused(mla_loaded, ids):
+    """The residual rotation is exact (kv_a_proj_with_mqa and q_proj read the rotated stream); the
+    per-head qk / v Hadamards are refused in one line (q/k heads of 20, v heads of 10)."""
+    with pytest.raises(PtqcError, match=r"^rotate: cannot read the head layout of model\.layers\.0\.self_attn "
+                                        r".*use qk=false and v=false$"):
+        run(mla_loaded("deepseek_v3_q_proj"), "rotate")
+    qm = mla_loaded("deepseek_v3_q_proj")
+    x = ids(2, 19)
+    ref = qm(x)
+    s = run(qm, "rotate:qk=false,v=false")[0]["summary"]
+    assert s["layers"][0]["readers"] == ["q", "kv_a", "gate", "up"]
+    assert (qm(x) - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_ascend_lowers_linears_and_keeps_mla_attention_float(mla_loaded, calib, ids):
+    qm = mla_loaded()
+    run(qm, "int8:exclude=experts|lm_head|router", calib)
+    x = ids(2, 16)
+    ref = qm(x)
+    low = qm.clone()
+    s = run(low, "ascend", calib)[-1]["summary"]
+    assert [k.split(":")[0] for k in s["kept"]] == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
+    assert "MLA attention (qk head dim 20 != v head dim 10) stays float" in s["kept"][0]
+    assert not s["refused"]
+    targets = [n.target for n in low.graph.nodes if n.op == "call_function"]
+    assert targets.count(ops.ATTENTION) == 2 and npu.FUSED_INFER_ATTENTION_SCORE not in targets
+    assert targets.count(npu.QUANT_MATMUL) >= 14  # q_a/kv_a, q_b, kv_b, o, mlp (gate|up fused)...
+    assert rel(low(x), ref) < 5e-3  # integer kernels vs fake-quant: rounding-flip noise only
