@@ -7,6 +7,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
+EXAMPLES = ROOT / "examples"
 
 from make_tiny_model import make_model  # noqa: E402
 
@@ -33,6 +34,43 @@ def _private_cache(tmp_path_factory):
         os.environ["PTQC_CACHE"] = old
 
 
+SHARED_TRACE_DIRS = {p.resolve() for p in EXAMPLES.iterdir() if p.is_dir()}  # + the `models` fixture's dirs
+_TRACES: dict = {}
+
+
+def _trace_key(path: Path, dtype, trust_remote_code, shapes):
+    from ptqc.model import parse_dtype
+
+    dt = parse_dtype(dtype) if isinstance(dtype, str) else dtype
+    files = tuple(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in path.iterdir() if p.is_file()))
+    return path, dt, trust_remote_code, shapes, files
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shared_traces():
+    """frontend.load of a shared model directory (examples/, the `models` fixture's) traces it once per
+    session and hands out clones (tracing costs seconds; a clone is the same graph and weights, see
+    QModel.clone). Keyed by the directory's files (name, size, mtime), dtype, trust_remote_code, shapes;
+    isolate=True, other directories and errors always run the real tracer. Yields the real loader
+    for tests of loading itself."""
+    from ptqc import frontend
+
+    real = frontend.load
+
+    def load(model_dir, dtype="float32", trust_remote_code=False, progress=False, isolate=False, shapes=True):
+        path = Path(model_dir).resolve()
+        if isolate is True or path not in SHARED_TRACE_DIRS:
+            return real(model_dir, dtype, trust_remote_code, progress, isolate, shapes)
+        key = _trace_key(path, dtype, trust_remote_code, shapes)
+        if key not in _TRACES:
+            _TRACES[key] = real(model_dir, dtype, trust_remote_code, progress, isolate, shapes)
+        return _TRACES[key].clone()
+
+    frontend.load = load
+    yield real
+    frontend.load = real
+
+
 @pytest.fixture(scope="session")
 def models(tmp_path_factory) -> dict[str, Path]:
     """Random tiny models: Qwen2 (GQA, q/k/v bias, 2 shards), Llama (MHA, tied embeddings),
@@ -45,21 +83,16 @@ def models(tmp_path_factory) -> dict[str, Path]:
     }
     for i, p in enumerate(out.values()):
         _write_text(p / "eval.txt", 1500, i)
+        SHARED_TRACE_DIRS.add(p.resolve())
     return out
 
 
 @pytest.fixture(scope="session")
-def loaded(models):
-    """Canonical QModels, loaded once per session; tests that mutate must .clone() them."""
+def loaded(models, shared_traces):
+    """Canonical QModels, traced once per session (shared_traces); each call gives a fresh clone."""
     from ptqc import frontend
 
-    cache = {}
-
-    def get(arch, dtype="float32"):
-        if (arch, dtype) not in cache:
-            cache[arch, dtype] = frontend.load(models[arch], dtype)
-        return cache[arch, dtype].clone()
-    return get
+    return lambda arch, dtype="float32": frontend.load(models[arch], dtype)
 
 
 @pytest.fixture
