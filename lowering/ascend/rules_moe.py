@@ -138,7 +138,8 @@ def _shape_reason(lw, x: fx.Node) -> str | None:
     gate, up = (info(w).get("quant", {}).get("weight") for w in _stacks(x)[:2])
     if gate != up:
         return f"gate_proj and up_proj run as one grouped matmul: quantize them alike (got {gate} and {up})"
-    e, i, h = _codes(lw, x.args[3]).shape if is_op(x.args[3], ops.DEQUANTIZE_WEIGHT) else lw.value(x.args[3]).shape
+    gw = x.args[3]
+    e, i, h = _codes(lw, gw).shape if is_op(gw, ops.DEQUANTIZE_WEIGHT) else lw.qm.store.spec(gw.target)[0]
     return (npu.check_moe_init_routing(e) or npu.check_grouped_matmul(e, h, 2 * i)
             or npu.check_grouped_matmul(e, i, h))
 
