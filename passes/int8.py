@@ -87,8 +87,8 @@ def _preset(name: str, doc: str, **defaults):
     return register(cls)
 
 
-W4A8 = _preset("w4a8", "W4A8: int4 per-channel sym weights + int8 dynamic per-token activations (int8 pass preset).",
-               w_bits=4)
+W4A8 = _preset("w4a8", "W4A8: int4 per-channel sym weights + int8 dynamic per-token activations (int8 pass preset; "
+               "MoE experts too: int4 stacks, int8 x and down input).", w_bits=4)
 W4A4 = _preset("w4a4", "W4A4: int4 per-channel sym weights + int4 dynamic per-token activations (int8 pass preset; "
                "rotate or flatquant first).", w_bits=4, a_bits=4)
 W8A16 = _preset("w8a16", "W8A16: int8 per-channel weights, float activations (int8 pass preset).", a_bits=16)

@@ -180,7 +180,8 @@ def counts_text(qm: QModel, per_layer: bool = False, fmt: str = "text") -> str:
 
 
 KERNEL_COLUMNS = ("layer", "naive", "shared", "fused", "fused_kernels", "quant_matmul", "cache_quant", "attention",
-                  "float_transform", "moe_routing", "grouped_matmul")
+                  "float_transform", "moe_gating", "moe_init_routing", "grouped_matmul", "moe_dynamic_quant",
+                  "moe_finalize")
 
 
 def kernel_table(rows: list[dict]) -> str:
@@ -189,6 +190,7 @@ def kernel_table(rows: list[dict]) -> str:
     return "\n".join(["standalone quantization kernels per decoder layer (naive: one per linear; shared: one per "
                       "quantized input; fused: after add+RMSNorm+quant and SwiGLU+quant fusion), then what the fused "
                       "lowering runs: fused norm/activation+quant kernels, quantized matmuls, KV cache writes, "
-                      "attention kernels, float rotation matmuls",
+                      "attention kernels, float rotation matmuls; MoE layers: gating, init_routing, grouped matmuls, "
+                      "expert-input dynamic quantization, finalize_routing",
                       "  ".join(f"{c:>15s}" for c in cols),
                       *("  ".join(f"{r[c]:>15}" for c in cols) for r in rows)])

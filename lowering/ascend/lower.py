@@ -32,14 +32,16 @@ INT4_QUANT_KERNELS = (npu.DYNAMIC_QUANT_INT4,)  # standalone too; kept out of QU
 TRANSFORM_QUANT = (npu.KRONECKER_QUANT, npu.ROTATE_QUANT)  # transform + quantization: counted as fused_quant
 ATTENTION_MODES = ("fia", "softmax", "add_softmax", "keep")
 ATTENTION_KERNELS = (npu.FUSED_INFER_ATTENTION_SCORE, npu.SCALED_MASKED_SOFTMAX, npu.DROPOUT_WITH_ADD_SOFTMAX)
-CACHE_ROLES = ("k_cache_quant", "v_cache_quant")
-MOE_ROUTING = (npu.MOE_GATING_TOP_K_SOFTMAX, npu.MOE_GATING_TOP_K, npu.MOE_INIT_ROUTING_V2, npu.MOE_FINALIZE_ROUTING)
-MOE_COUNTS = ("moe_routing", "grouped_matmul")  # kernel_counts keys of layers with MoE kernels only
+MOE_KERNELS = {npu.MOE_GATING_TOP_K_SOFTMAX: "moe_gating", npu.MOE_GATING_TOP_K: "moe_gating",
+               npu.MOE_INIT_ROUTING_V2: "moe_init_routing", npu.GROUPED_MATMUL: "grouped_matmul",
+               npu.MOE_FINALIZE_ROUTING: "moe_finalize"}
+MOE_COUNTS = ("moe_gating", "moe_init_routing", "grouped_matmul", "moe_dynamic_quant", "moe_finalize")  # MoE layers
+ROLE_COUNTED = {"k_cache_quant": "cache_quant", "v_cache_quant": "cache_quant",  # quantization kernels by role
+                "moe_dynamic_quant": "moe_dynamic_quant"}
 COUNTED = {**dict.fromkeys(QUANT_KERNELS + INT4_QUANT_KERNELS, "standalone_quant"),  # kernel -> kernel_counts key
            **dict.fromkeys(FUSED_QUANT + TRANSFORM_QUANT, "fused_quant"),
            **dict.fromkeys(ATTENTION_KERNELS, "attention"), npu.QUANT_MATMUL: "quant_matmul", npu.WEIGHT_QUANT_BATCHMATMUL: "weight_quant_matmul",
-           **dict.fromkeys(MOE_ROUTING, "moe_routing"), npu.GROUPED_MATMUL: "grouped_matmul",
-           L.npu_quant.PD_MIX_QUANT: "standalone_quant", L.npu_mx.DYNAMIC_MX_QUANT: "standalone_quant",
+           **MOE_KERNELS, L.npu_quant.PD_MIX_QUANT: "standalone_quant", L.npu_mx.DYNAMIC_MX_QUANT: "standalone_quant",
            L.npu_mx.MX_QUANT_MATMUL: "quant_matmul"}
 
 
@@ -73,12 +75,7 @@ RULES = (  # phase, name, doc, kernels, pattern, rewrite, check, when
     Rule("attention", "attention_softmax", "causal float attention (attention=softmax|add_softmax): q k^T, "
          "a masked softmax kernel, @ v", ("npu_scaled_masked_softmax", "npu_dropout_with_add_softmax"),
          A.FLOAT, A.rewrite_softmax, A.check_softmax, lambda lw, m: lw.attention in ("softmax", "add_softmax")),
-    Rule("moe", "moe_route", "MoE router top-k: softmax top-k kernel (renorm/scale after it), or the grouped "
-         "sigmoid/bias gating kernel", ("npu_moe_gating_top_k_softmax", "npu_moe_gating_top_k"), M.ROUTE,
-         M.rewrite_route, M.check_route),
-    Rule("moe", "moe_experts", "float MoE experts: init_routing, grouped matmul gate|up, swiglu, grouped matmul "
-         "down, finalize_routing", ("npu_moe_init_routing_v2", "npu_grouped_matmul", "npu_swiglu",
-                                    "npu_moe_finalize_routing"), M.EXPERTS, M.rewrite_experts, M.check_experts),
+    *(Rule("moe", *r) for r in M.RULES),
     Rule("act_quant", "mx", "W8A8_MXFP8 / W4A4_MXFP4: MX quantization per block of 32 (E8M0 scales), MX matmuls",
          ("npu_dynamic_mx_quant", QMM), L.MX, L.rewrite_mx, L.check_mx),
     Rule("act_quant", "w8a8_mix", "W8A8_MIX: dynamic per-token quantization at prefill, the static scale at "
@@ -189,8 +186,8 @@ def kernel_counts(qm: QModel) -> dict:
     """Per decoder layer: standalone quantization kernels (int8 and int4 dynamic_quant, quantize),
     fused norm/activation/transform + quant kernels (kronecker_quant and rotate_quant count here),
     quantized matmuls (the numbers ``ptqc inspect --ops`` shows); ``float_transform`` (transforms
-    run as plain float matmuls), ``moe_routing`` (gating, init_routing, finalize_routing) and
-    ``grouped_matmul`` appear only in layers that have them."""
+    run as plain float matmuls) and the MoE kernels (``moe_gating``, ``moe_init_routing``,
+    ``grouped_matmul``, ``moe_dynamic_quant``, ``moe_finalize``) appear only in layers that have them."""
     out: dict = {}
     for n in qm.graph.nodes:
         if n.op != "call_function":
@@ -201,8 +198,8 @@ def kernel_counts(qm: QModel) -> dict:
         c = out.setdefault(layer, {"standalone_quant": 0, "fused_quant": 0, "quant_matmul": 0, "weight_quant_matmul": 0,
                                    "cache_quant": 0, "attention": 0})
         role = info(n).get("role")
-        if n.target in QUANT_KERNELS and role in CACHE_ROLES:
-            key = "cache_quant"  # writing K/V into the int8 cache (C8), not an activation quantization
+        if n.target in QUANT_KERNELS and role in ROLE_COUNTED:
+            key = ROLE_COUNTED[role]  # K/V cache writes (C8); MoE expert-input quantization
         else:  # float_transform: a transform run as plain float matmuls (key only when > 0)
             key = COUNTED.get(n.target) or ("float_transform" if role == "float_transform" else None)
         if key is not None:

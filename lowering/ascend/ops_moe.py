@@ -23,8 +23,10 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
+from ptqc import quant
 from ptqc.errors import PtqcError
-from ptqc.lowering.ascend.ops_quant import _npu, _torch_npu, dynamic_quant
+from ptqc.lowering.ascend.ops_quant import (_npu, _require, _torch_npu, deq_scale_value, dynamic_quant,
+                                             unpack_int4x8)
 
 MAX_GATING_EXPERTS = 2048  # npu_moe_gating_top_k: experts per token row
 MAX_SOFTMAX_K = 1024  # npu_moe_gating_top_k_softmax
@@ -218,52 +220,118 @@ def _group_sizes(group_list: torch.Tensor, group_list_type: int) -> list[int]:
     return (g if group_list_type == 1 else torch.diff(g, prepend=g.new_zeros(1))).tolist()
 
 
-def _group_product(rows: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """rows @ w in float32; int8 x int8 accumulated exactly in int32 (torch._int_mm)."""
-    if rows.dtype == torch.int8 and w.dtype == torch.int8:
-        return torch._int_mm(rows.contiguous(), w.contiguous()).float()
-    return rows.float() @ w.float()
+def uint64_scale(scale: torch.Tensor) -> torch.Tensor:
+    """A float32 scale as the UINT64 the A8W4 grouped matmul takes: its bits in the low 32 bits of an
+    int64 (how vllm-ascend's W4A8 MoE loader builds it: float32 viewed as uint32, widened)."""
+    return scale.float().contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+
+
+def _int_mm(rows: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return torch._int_mm(rows.contiguous(), w.contiguous())
+
+
+def _antiquant(w: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """One expert's ``(weight + antiquant_offset) * antiquant_scale`` [K, N] in the activation dtype:
+    scale/offset [N] (per channel) or [G, N] (G groups along K), computed by :func:`ptqc.quant.dequantize`
+    (groups along the last dim, so on the transposes; the offset is minus a zero point)."""
+    s = scale.to(dtype).float().reshape(-1, w.shape[1]).t()
+    zp = None if offset is None else -offset.to(dtype).float().reshape(-1, w.shape[1]).t()
+    group = w.shape[0] // s.shape[1] if s.shape[1] > 1 else 0
+    return quant.dequantize(w.t(), s, zp, group).t().to(dtype)
+
+
+def _a8w4(rows: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``(x - 8) @ w * scale + bias`` over the G groups along K of ``scale`` [G, N] (uint64): the
+    int32 products exact (``x @ w - 8 * sum_k w``), then float32."""
+    s = deq_scale_value(scale).reshape(-1, w.shape[1])
+    gs = w.shape[0] // s.shape[0]
+    y = bias.float().expand(rows.shape[0], -1)
+    for j in range(s.shape[0]):
+        wj = w[j * gs:(j + 1) * gs]
+        acc = _int_mm(rows[:, j * gs:(j + 1) * gs], wj) - 8 * wj.int().sum(0)
+        y = y + acc.float() * s[j]
+    return y
+
+
+def _mode(x: torch.Tensor, weight: torch.Tensor, scale, per_token_scale, antiquant_scale, bias) -> str:
+    """Which documented formula applies: float, antiquant (A16W8/A16W4), a8w8, a8w4."""
+    int4 = weight.dtype == torch.int32
+    if x.dtype != torch.int8:
+        _emulated(f"npu_grouped_matmul on {x.dtype} x {weight.dtype} without antiquant_scale",
+                  (antiquant_scale is not None) == (int4 or weight.dtype == torch.int8))
+        return "float" if antiquant_scale is None else "antiquant"
+    _emulated(f"npu_grouped_matmul on int8 x {weight.dtype}", weight.dtype in (torch.int8, torch.int32))
+    if scale is None or per_token_scale is None:
+        raise PtqcError("int8 npu_grouped_matmul emulation needs scale and per_token_scale (per-token quantization)")
+    if int4 and (bias is None or scale.dtype != torch.int64):
+        raise PtqcError("A8W4 npu_grouped_matmul takes a UINT64 scale and the float bias 8 * sum_k(weight * scale)")
+    return "a8w4" if int4 else "a8w8"
+
+
+def _group_rows(mode: str, rows: torch.Tensor, w: torch.Tensor, e: int, bias, scale, aq_scale, aq_offset,
+                pts: torch.Tensor | None) -> torch.Tensor:
+    """One expert's rows through the formula of ``mode`` (float32)."""
+    if mode == "a8w4":
+        return _a8w4(rows, w, scale[e], bias[e]) * pts.float().unsqueeze(-1)
+    if mode == "a8w8":
+        y = _int_mm(rows, w)
+        if bias is not None and bias.dtype == torch.int32:
+            y = y + bias[e]
+        y = y.float() * scale[e].float() * pts.float().unsqueeze(-1)
+    else:
+        if mode == "antiquant":
+            w = _antiquant(w, aq_scale[e], None if aq_offset is None else aq_offset[e], rows.dtype)
+        y = rows.float() @ w.float()
+    return y if bias is None or bias.dtype == torch.int32 else y + bias[e].float()
 
 
 @torch.library.custom_op("ptqc_npu::grouped_matmul", mutates_args=())
 def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, group_list: torch.Tensor,
                    bias: Optional[torch.Tensor] = None, scale: Optional[torch.Tensor] = None,
                    per_token_scale: Optional[torch.Tensor] = None, group_list_type: int = 0,
-                   output_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+                   output_dtype: Optional[torch.dtype] = None, antiquant_scale: Optional[torch.Tensor] = None,
+                   antiquant_offset: Optional[torch.Tensor] = None) -> torch.Tensor:
     """npu_grouped_matmul with one x [M, K], one weight [E, K, N] and one output (split_item 3,
-    group_type 0: rows split by group_list): ``y_e = x_e @ weight_e + bias_e`` (float), or for int8
-    x and weight ``(x_e @ weight_e) * scale_e * per_token_scale`` (scale [E, N], per_token_scale
-    [M]), in output_dtype (default: x's dtype)."""
+    group_type 0: rows split by group_list), per group e (torch_npu docs; A8W4: aclnnGroupedMatmulV5):
+
+    * float: ``x_e @ weight_e + bias_e``;
+    * antiquant (float x, int8 weight or int4 packed 8 per int32 along N, [E, K, N / 8]):
+      ``x_e @ ((weight_e + antiquant_offset_e) * antiquant_scale_e) + bias_e``, scale/offset [E, N]
+      (per channel) or [E, G, N] (per group), the weight dequantized in x's dtype;
+    * A8W8 (int8 x, int8 weight): ``(x_e @ weight_e) * scale_e * per_token_scale`` (scale [E, N]),
+      int32 accumulation (an int32 bias added to it);
+    * A8W4 (int8 x, int4 weight [E, K, N / 8]): ``((x_e - 8) @ weight_e * scale_e + bias_e) *
+      per_token_scale`` with scale UINT64 [E, G, N] (:func:`uint64_scale`) and the float bias
+      ``8 * sum_k(weight_e * scale_e)`` [E, N] computed offline, so it equals ``x_e @ (weight_e *
+      scale_e) * per_token_scale``.
+
+    Float32 arithmetic, one rounding to output_dtype (default: x's dtype, float32 for int8 x)."""
     if _npu(x):
         lst = lambda t: None if t is None else [t]  # noqa: E731
         return _torch_npu().npu_grouped_matmul(
             [x], [weight], bias=lst(bias), scale=lst(scale), per_token_scale=lst(per_token_scale),
-            group_list=group_list, split_item=3, group_type=0, group_list_type=group_list_type,
-            output_dtype=output_dtype)[0]
-    why = check_grouped_matmul(weight.shape[0], weight.shape[1], weight.shape[2])
-    if why:
-        raise PtqcError(why)
-    quant = x.dtype == torch.int8
-    _emulated(f"npu_grouped_matmul on {x.dtype} x {weight.dtype}", quant == (weight.dtype == torch.int8))
-    if quant and (scale is None or per_token_scale is None):
-        raise PtqcError("int8 npu_grouped_matmul emulation needs scale and per_token_scale (per-token quantization)")
-    sizes = _group_sizes(group_list, group_list_type)
-    out = torch.zeros(x.shape[0], weight.shape[2], dtype=torch.float32, device=x.device)
+            antiquant_scale=lst(antiquant_scale), antiquant_offset=lst(antiquant_offset), group_list=group_list,
+            split_item=3, group_type=0, group_list_type=group_list_type, output_dtype=output_dtype)[0]
+    w = unpack_int4x8(weight) if weight.dtype == torch.int32 else weight
+    _require(check_grouped_matmul(w.shape[0], w.shape[1], w.shape[2]))
+    mode = _mode(x, weight, scale, per_token_scale, antiquant_scale, bias)
+    out = torch.zeros(x.shape[0], w.shape[2], dtype=torch.float32, device=x.device)
     start = 0
-    for e, c in enumerate(sizes):
+    for e, c in enumerate(_group_sizes(group_list, group_list_type)):
         if c:
-            y = _group_product(x[start:start + c], weight[e])
-            if quant:
-                y = y * scale[e].float() * per_token_scale[start:start + c].float().unsqueeze(-1)
-            out[start:start + c] = y if bias is None else y + bias[e].float()
+            pts = None if per_token_scale is None else per_token_scale[start:start + c]
+            out[start:start + c] = _group_rows(mode, x[start:start + c], w[e], e, bias, scale, antiquant_scale,
+                                               antiquant_offset, pts)
         start += c
-    return out.to(output_dtype or (x.dtype if not quant else torch.float32))
+    return out.to(output_dtype or (x.dtype if x.dtype != torch.int8 else torch.float32))
 
 
 @grouped_matmul.register_fake
-def _(x, weight, group_list, bias=None, scale=None, per_token_scale=None, group_list_type=0, output_dtype=None):
+def _(x, weight, group_list, bias=None, scale=None, per_token_scale=None, group_list_type=0, output_dtype=None,
+      antiquant_scale=None, antiquant_offset=None):
     dtype = output_dtype or (x.dtype if x.dtype != torch.int8 else torch.float32)
-    return x.new_empty((x.shape[0], weight.shape[2]), dtype=dtype)
+    n = weight.shape[2] * (8 if weight.dtype == torch.int32 else 1)
+    return x.new_empty((x.shape[0], n), dtype=dtype)
 
 
 @torch.library.custom_op("ptqc_npu::swiglu", mutates_args=())

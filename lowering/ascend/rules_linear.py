@@ -25,8 +25,9 @@ def _clip(q: fx.Node) -> float:
     return q.args[6] if len(q.args) > 6 else 1.0
 
 
-def _act_quant(clip_one: bool = False):
-    return lambda q: info(q).get("role") == "act_quant" and (not clip_one or _clip(q) == 1.0)
+def _act_quant(clip_one: bool = False):  # a linear reads it (MoE experts' input quantizers: rules_moe)
+    return lambda q: (info(q).get("role") == "act_quant" and (not clip_one or _clip(q) == 1.0)
+                      and any(is_op(u, ops.LINEAR) for u in q.users))
 
 
 def _single_use(n: fx.Node) -> bool:
