@@ -262,8 +262,8 @@ def test_act_quant_unsupported():
     t = Tiny()
     lw = lower(w8a8(t, bits=6), fallback=True)
     assert lw.fired == {"act_quant_unsupported": 1} and lw.refused == [
-        "layers.0.act_quant: only int8 activations (dynamic symmetric per token, or static per tensor) and "
-        "int4 dynamic symmetric per-token ones lower"]
+        "layers.0.act_quant: only int8 activations (dynamic symmetric per token, static per tensor, or W8A8_MIX), "
+        "int4 dynamic symmetric per-token ones and MX (blocks of 32) lower"]
     assert ops.QUANTIZE_ACT in targets(lw.qm) and ops.LINEAR in targets(lw.qm)  # kept as fake-quant ops
     t = Tiny()  # a per-channel static scale: no per-tensor quantize kernel takes it
     with pytest.raises(PtqcError, match="only int8 activations"):

@@ -112,7 +112,7 @@ RULES = (  # phase, name, doc, kernels, pattern, rewrite, check, when
     Rule("norm", "rms_norm", "RMSNorm (Gemma's 1 + w folded into the weight)", ("npu_rms_norm",), N.NORM,
          N.rewrite_norm),
     Rule("norm", "layer_norm", "LayerNorm: aten.layer_norm (torch_npu's LayerNorm kernel; no fused add/quant "
-         "variant exists)", ("layer_norm",), N.LAYER_NORM, N.rewrite_layer_norm),
+         "variant exists)", (), N.LAYER_NORM, N.rewrite_layer_norm),
 )
 PHASES = tuple(dict.fromkeys(r.phase for r in RULES))
 
