@@ -32,7 +32,9 @@ def _probe(graph: fx.Graph, store, shape) -> dict:
     except Exception as e:  # noqa: BLE001
         bad = [n for n in graph.nodes if n.op == "call_function" and n not in vals]
         where = bad[0].format_node() if bad else "?"
-        raise PtqcError(f"graph does not type-check at {where}: {str(e).splitlines()[0]}") from None
+        module = bad[0].meta.get("ptqc", {}).get("module") if bad else None
+        raise PtqcError(f"{f'unsupported construct in {module}: ' if module else ''}graph does not type-check at "
+                        f"{where}: {str(e).splitlines()[0]}") from None
     return vals
 
 

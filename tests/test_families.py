@@ -187,5 +187,9 @@ def test_unsupported_construct_names_the_module(tmp_path):
     cfg = json.loads((p / "config.json").read_text())
     cfg["multi_query"] = True
     (p / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(PtqcError, match=r"^unsupported construct in transformer\.h\.0\.self_attention: .*constant"):
+    # torch.export lifts the list index as a constant (refused as such) or, after other Falcon exports in the
+    # same process, bakes it into the graph, which then fails to type-check there: either way the module is named.
+    with pytest.raises(PtqcError, match=r"^unsupported construct in transformer\.h\.0\.self_attention: "
+                                        r".*(constant|does not type-check)") as e:
         frontend.load(p)
+    assert "\n" not in str(e.value)
