@@ -105,11 +105,8 @@ def _build(root: Path, bases) -> dict:
     return out
 
 
-@pytest.fixture(scope="module")
-def loaded_all(peer, bases, tmp_path_factory):
-    """One loader process over every export (dense and MoE), each built in its config.json's dtype."""
-    root = tmp_path_factory.mktemp("vllm")
-    exports = _build(root, bases)
+def _load(peer, root: Path, exports: dict) -> dict:
+    """Run the loader once over every export {key: (dir, qm)}: {key: (dir, qm, its report)}."""
     cmd = [peer["python"], str(ROOT / "tools" / "vllm_ascend_load.py"), *(str(d) for d, _ in exports.values()),
            "--json", str(root / "report.json"), "--save", str(root / "state")]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, env={"PYTHONPATH": peer["pythonpath"],
@@ -117,6 +114,14 @@ def loaded_all(peer, bases, tmp_path_factory):
     assert r.returncode == 0, r.stderr[-4000:]
     report = json.loads((root / "report.json").read_text())["dirs"]
     return {k: (d, qm, report[str(d)]) for k, (d, qm) in exports.items()}
+
+
+@pytest.fixture(scope="module")
+def loaded_all(peer, bases, tmp_path_factory):
+    """One loader process over every export (dense and MoE), each built in its config.json's dtype."""
+    root = tmp_path_factory.mktemp("vllm")
+    exports = _build(root, bases)
+    return _load(peer, root, exports)
 
 
 @pytest.fixture(scope="module")
@@ -399,13 +404,7 @@ def new_run(peer, bases, tmp_path_factory):
             d = root / f"{kind}-{serving}"
             assert ax.export(qm, d, dtype=serving)["model_quant_type"] == kind
             exports[kind, serving] = (d, qm)
-    cmd = [peer["python"], str(ROOT / "tools" / "vllm_ascend_load.py"), *(str(d) for d, _ in exports.values()),
-           "--json", str(root / "report.json"), "--save", str(root / "state")]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, env={"PYTHONPATH": peer["pythonpath"],
-                       "PATH": "/usr/bin:/bin", "HOME": str(root)})
-    assert r.returncode == 0, r.stderr[-4000:]
-    report = json.loads((root / "report.json").read_text())["dirs"]
-    return {k: (d, qm, report[str(d)]) for k, (d, qm) in exports.items()}
+    return _load(peer, root, exports)
 
 
 def _loaded_part(loaded: dict, name: str, tensors: dict) -> torch.Tensor:

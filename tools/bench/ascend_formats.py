@@ -19,9 +19,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).parent))
+from ascend_lowering import add_args, setup  # noqa: E402
+
 TYPES = [  # (export type, recipe; {E}: flatquant epochs)
     ("W8A8", "smooth,int8:static=true"),
     ("W8A8_DYNAMIC", "smooth,int8"),
@@ -58,29 +59,14 @@ def load_verdicts(dirs: dict, root: Path) -> dict:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=str(ROOT / "examples" / "tiny-qwen2"))
-    ap.add_argument("--samples", type=int, default=32)
-    ap.add_argument("--seqlen", type=int, default=256)
-    ap.add_argument("--windows", type=int, default=0, help="eval windows (0: all)")
-    ap.add_argument("--threads", type=int, default=1)
+    add_args(ap)
     ap.add_argument("--flatquant-epochs", type=int, default=2)
     ap.add_argument("--no-load", action="store_true", help="skip the vllm-ascend loader")
     ap.add_argument("--only", default="", help="comma-separated export types (default: all)")
     a = ap.parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    from ptqc import data, evaluate, frontend, pipeline
+    calib, base, ppl = setup(a)
+    from ptqc import pipeline
     from ptqc.lowering.ascend import export as ax
-
-    tok = evaluate.load_tokenizer(a.model)
-    calib = data.calibration_batches(tok, data.default_calib(a.model), a.samples, a.seqlen, seed=0)
-    ids = evaluate.tokenize(tok, evaluate.read_text(evaluate.default_text(a.model)))
-    if a.windows:
-        ids = ids[: a.windows * a.seqlen + 1]
-    base = frontend.load(a.model)
-
-    def ppl(qm):
-        return evaluate.perplexity(qm, ids, a.seqlen)["ppl"]
 
     fp = ppl(base)
     only = set(filter(None, a.only.split(",")))

@@ -47,28 +47,40 @@ def _timeit(fn, n=5):
     return statistics.median(ts)
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_args(ap: argparse.ArgumentParser) -> None:
+    """The arguments the Ascend benches share: model, calibration, eval windows, threads."""
     ap.add_argument("--model", default=str(ROOT / "examples" / "tiny-qwen2"))
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--windows", type=int, default=0, help="eval windows (0: all)")
     ap.add_argument("--threads", type=int, default=1)
-    a = ap.parse_args(argv)
+
+
+def setup(a):
+    """(calibration batches, the traced float model, ppl(qm)) for :func:`add_args`' arguments."""
     if a.threads:
         torch.set_num_threads(a.threads)
-    from ptqc import data, evaluate, frontend, pipeline
-    from ptqc.lowering.ascend.lower import kernel_counts, kernel_report
+    from ptqc import data, evaluate, frontend
 
     tok = evaluate.load_tokenizer(a.model)
     calib = data.calibration_batches(tok, data.default_calib(a.model), a.samples, a.seqlen, seed=0)
     ids = evaluate.tokenize(tok, evaluate.read_text(evaluate.default_text(a.model)))
     if a.windows:
         ids = ids[: a.windows * a.seqlen + 1]
-    base = frontend.load(a.model)
 
     def ppl(qm):
         return evaluate.perplexity(qm, ids, a.seqlen)["ppl"]
+
+    return calib, frontend.load(a.model), ppl
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_args(ap)
+    a = ap.parse_args(argv)
+    calib, base, ppl = setup(a)
+    from ptqc import pipeline
+    from ptqc.lowering.ascend.lower import kernel_counts, kernel_report
 
     fp = ppl(base)
     print(f"### Ascend lowering on {Path(a.model).name} (FP PPL {fp:.4f}; calibration {a.samples}x{a.seqlen})\n")
