@@ -15,12 +15,16 @@ def _quant_str(q: dict) -> str:
     """A node's quantization parameters (``meta["ptqc"]["quant"]``) on one line."""
     parts = []
     for k, v in q.items():  # MoE experts: gate_proj / up_proj / down_proj weights, input, down_input
-        per_row = "ch" if k == "weight" or k.endswith("_proj") else "tok"  # group 0: per channel / per token
-        g = v.get("granularity") or {0: per_row, -1: "tensor"}.get(v.get("group"), f"g{v.get('group')}")
+        g = _granularity(v, "ch" if k == "weight" or k.endswith("_proj") else "tok")
         label = k if k.endswith("_proj") or k == "down_input" else k[0]
         parts.append(f"{label}:int{v.get('base_bits', v.get('bits'))} {g} {'sym' if v.get('sym') else 'asym'} ({v.get('method', '')})"
                      + _experts_str(v, parts))
     return "; ".join(parts)
+
+
+def _granularity(v: dict, per_row: str = "ch") -> str:
+    """``ch``/``tok`` (group 0: per channel or per token), ``tensor`` (-1) or ``gN``."""
+    return v.get("granularity") or {0: per_row, -1: "tensor"}.get(v.get("group"), f"g{v.get('group')}")
 
 
 def _experts_str(v: dict, parts: list) -> str:
@@ -104,8 +108,8 @@ def _expert_scheme(rec: dict | None, e: int) -> str:
     method = rec.get("method", "")
     if e in rec.get("fallback", []):
         method = "rtn (few tokens)" if rec.get("few_tokens", "rtn") == "rtn" else f"{method} (all-token stats)"
-    g = {0: "ch", -1: "tensor"}.get(rec.get("group"), f"g{rec.get('group')}")
-    return f"{method} int{rec.get('bits')} {g} {'sym' if rec.get('sym') else 'asym'}"
+    bits = rec.get("expert_bits", {}).get(str(e), rec.get("base_bits", rec.get("bits")))  # sensitive:unit=expert
+    return f"{method} int{bits} {_granularity(rec)} {'sym' if rec.get('sym') else 'asym'}"
 
 
 def experts(qm: QModel) -> list[dict]:

@@ -240,3 +240,14 @@ def test_inspect_shows_tokens_and_scheme_per_expert(moe_loaded, tmp_path):
     assert "MoE experts (routed calibration tokens" in CliRunner().invoke(cli, ["inspect", str(out)]).output
     assert expert_rows(moe_loaded("qwen3_moe"))[1]["experts"][7] == {
         "expert": 7, "tokens": None, "gate_proj": "float", "up_proj": "float", "down_proj": "float"}
+
+
+def test_expert_scheme_shows_each_experts_own_bits():
+    """sensitive:unit=expert records the widest width as "bits", the others' as "base_bits", and the
+    kept experts in "expert_bits": the per-expert table shows each expert's own."""
+    from ptqc.inspect import _expert_scheme
+
+    rec = {"method": "rtn", "bits": 8, "base_bits": 4, "expert_bits": {"3": 8}, "group": 128, "sym": True}
+    assert _expert_scheme(rec, 3) == "rtn int8 g128 sym"
+    assert _expert_scheme(rec, 0) == "rtn int4 g128 sym"
+    assert _expert_scheme({"method": "gptq", "bits": 4, "group": 0, "sym": False}, 1) == "gptq int4 ch asym"
