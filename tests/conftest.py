@@ -1,6 +1,10 @@
+import os
 import random
 import sys
 from pathlib import Path
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one test process per core (pytest -n): one thread each, children too
+    os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
 
 import pytest
 import torch
@@ -10,6 +14,9 @@ sys.path.insert(0, str(ROOT / "tools"))
 EXAMPLES = ROOT / "examples"
 
 from make_tiny_model import make_model  # noqa: E402
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 WORDS = ("the quick brown fox def return lambda class import from while for in if else "
          "value list dict tuple print module function").split()
