@@ -92,7 +92,7 @@ def _tensor_problems(kind: str, base: str, rules: dict, g: dict, types: dict, me
     return out
 
 
-def _linear_problems(types: dict, meta: dict, desc: dict, serving: str | None) -> list[str]:
+def _linear_problems(types: dict, meta: dict, desc: dict, serving: str | None, moe_only=MOE_ONLY) -> list[str]:
     """Every quantized linear has the tensors of its type, with their dtypes and shapes, and a scheme that
     vllm-ascend builds for a linear of its kind (dense or MoE expert)."""
     problems = []
@@ -102,7 +102,7 @@ def _linear_problems(types: dict, meta: dict, desc: dict, serving: str | None) -
         if w not in meta:
             continue
         shape, dtype = meta[w]
-        if kind in MOE_ONLY and not EXPERT.match(w):
+        if kind in moe_only and not EXPERT.match(w):
             problems.append(f"{w}: vllm-ascend 0.23 has no dense {kind} linear scheme (building the layer raises "
                             f"NotImplementedError; its {kind} is for MoE experts only)")
         if kind in new:
@@ -179,8 +179,9 @@ def _moe_problems(types: dict) -> list[str]:
     return problems
 
 
-def check(path) -> list[str]:
-    """Problems of an Ascend export directory (empty list: valid). Each is one line."""
+def check(path, serving: bool = True) -> list[str]:
+    """Problems of an Ascend export directory (empty list: valid). Each is one line. ``serving=False``
+    (ptqc's own reader) leaves out what only vllm-ascend cannot load: dense W4A16, C8 for other classes."""
     path = Path(path)
     dfile = path / DESCRIPTION
     if not dfile.is_file():
@@ -201,8 +202,9 @@ def check(path) -> list[str]:
     cfg = _config(path)
     problems += [f"{n} is in {DESCRIPTION} but in no weight file" for n in sorted(set(types) - set(meta))]
     problems += [f"{n} is in the weight files but not in {DESCRIPTION}" for n in sorted(set(meta) - set(types))]
-    return problems + _linear_problems(types, meta, desc, cfg.get("torch_dtype") or cfg.get("dtype")) + \
-        _c8_problems(desc, types, meta, cfg.get("model_type")) + _moe_problems(types)
+    linears = _linear_problems(types, meta, desc, cfg.get("torch_dtype") or cfg.get("dtype"), MOE_ONLY if serving else ())
+    return problems + linears + _c8_problems(desc, types, meta, cfg.get("model_type") if serving else None) + \
+        _moe_problems(types)
 
 
 def _config(path: Path) -> dict:
