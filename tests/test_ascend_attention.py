@@ -286,7 +286,8 @@ PEER_C8 = __import__("pathlib").Path(__file__).parent / "data" / "msmodelslim-w8
 
 
 def test_msmodelslim_c8_export_checks_loads_lowers_and_reexports_bit_for_bit(tmp_path):
-    assert ax.check(PEER_C8) == []
+    assert ax.check(PEER_C8) == ["C8 does not load for model_type 'qwen2' in vllm-ascend 0.23 (its C8 weights load "
+                                 "only for qwen3, glm4_moe, minimax_m2: a KeyError on qkv_proj.kv_cache_offset)"]
     qm = ax.load(PEER_C8)
     kv = [n for n in qm.graph.nodes if n.target == ops.QUANTIZE_ACT and n.meta["ptqc"]["role"].endswith("cache_quant")]
     assert len(kv) == 2 * qm.num_layers and all(n.args[1] is not None for n in kv)  # static K and V

@@ -6,21 +6,41 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ptqc.lowering.ascend.layout import (C8_SUFFIXES, DESCRIPTION, EXPERT, META_KEYS, MOE_LOADABLE, REQUIRED,
-                                         ROUTERS, SCALE_BIAS_CHUNKS, SUFFIX_RULES, TYPES, W4A8_GROUP, row_parallel)
+from ptqc.lowering.ascend.layout import (C8_MODEL_TYPES, C8_SUFFIXES, DESCRIPTION, EXPERT, META_KEYS, MOE_LOADABLE, MOE_ONLY,
+                                         OPTIONAL, REQUIRED, ROUTERS, SCALE_BIAS_CHUNKS, SUFFIX_RULES, TYPES,
+                                         W4A8_GROUP, row_parallel)
 from ptqc.lowering.ascend import export_types
 from ptqc.model import tensor_specs
 
 
+def _w4a16(base: str, shape, meta: dict, desc: dict) -> tuple[dict, list[str]]:
+    """W4A16 as msModelSlim writes it: weight_scale [out, in / group_size] (or [out, 1]); weight int8 [out, in]
+    (one code per byte) before version 1.0.0, then two codes per byte: along the input dimension for one
+    scale column, along the output dimension for more (its ``_w4a16_pack_int4``)."""
+    scale = meta.get(f"{base}.weight_scale")
+    cols = scale[0][1] if scale is not None and len(scale[0]) == 2 else 1
+    if desc.get("version") != "1.0.0":
+        (out, k), want = shape, tuple(shape)
+    elif cols == 1:
+        out, k = shape[0], shape[1] * 2
+        want = (out, k // 2)
+    else:
+        out, k = scale[0][0], shape[1]
+        want = (out // 2, k)
+    group = desc.get("group_size", 0) or 0
+    bad = [f"{base}.weight: input dimension {k} is not a multiple of group_size {group}"] if group and k % group else []
+    if tuple(shape) != want:
+        bad.append(f"{base}.weight: W4A16 {desc.get('version')} with {cols} scale column(s): expected int8 "
+                   f"{list(want)}, found {list(shape)}")
+    return {"out": out, "cols": k // group if group else 1}, bad
+
+
 def _geometry(kind: str, base: str, shape, meta: dict, desc: dict) -> tuple[dict, list[str]]:
     """(out, cols, groups, bias_cols of a linear from its int8 weight's shape, problems of that shape)."""
-    group = desc.get("group_size", 0) or 0
+    if kind == "W4A16":
+        return _w4a16(base, shape, meta, desc)
     if kind != "W4A8_DYNAMIC":
-        out, k = shape[0], shape[1] * (2 if kind == "W4A16" else 1)
-        cols = (k // group) if (kind == "W4A16" and group) else 1
-        bad = [f"{base}.weight: input dimension {k} is not a multiple of group_size {group}"] \
-            if kind == "W4A16" and group and k % group else []
-        return {"out": out, "cols": cols}, bad
+        return {"out": shape[0], "cols": 1}, []
     # vllm-ascend: group_size from the description (default 256), version "1.0.0" packs along out
     group = desc.get("group_size", W4A8_GROUP)
     packed = desc.get("version") == "1.0.0"
@@ -43,44 +63,71 @@ def _geometry(kind: str, base: str, shape, meta: dict, desc: dict) -> tuple[dict
     return g, bad
 
 
-def _linear_problems(types: dict, meta: dict, desc: dict) -> list[str]:
-    """Every quantized linear has the tensors of its type, with their dtypes and shapes."""
+def _rules(kind: str, desc: dict, serving: str | None) -> tuple[dict, tuple]:
+    """(suffix -> rule of every tensor a linear of an older type needs or may have, the optional suffixes)."""
+    required = REQUIRED[kind]
+    if kind == "W4A8_DYNAMIC" and desc.get("version") != "1.0.0":
+        required = required[:-1]  # scale_bias: version 1.0.0 only
+    if kind == "W4A8_DYNAMIC" and desc.get("group_size", W4A8_GROUP) == 0:
+        required = tuple(r for r in required if not r.endswith("_second"))  # per-channel MoE experts
+    optional = OPTIONAL.get(kind, ())
+    return {s: SUFFIX_RULES.get(f"{s}@{serving}", SUFFIX_RULES[s]) for s in required + optional}, optional
+
+
+def _tensor_problems(kind: str, base: str, rules: dict, g: dict, types: dict, meta: dict,
+                     optional=()) -> list[str]:
+    """Each tensor ``base.suffix`` a rule names: present (unless optional), typed ``kind``, of its dtype and shape."""
+    out = []
+    for suffix, (dtypes, shapes, expected) in rules.items():
+        name = f"{base}.{suffix}"
+        if name not in meta:
+            if suffix not in optional:
+                out.append(f"{base}: {kind} needs {name}, which is missing")
+            continue
+        if types.get(name) != kind:
+            out.append(f"{name}: described as {types.get(name)}, but its linear is {kind}")
+        s, dt = meta[name]
+        if dt not in dtypes or tuple(s) not in shapes(g):
+            out.append(f"{name}: expected {expected.format(**g)}, found {dt} {list(s)}")
+    return out
+
+
+def _linear_problems(types: dict, meta: dict, desc: dict, serving: str | None, moe_only=MOE_ONLY) -> list[str]:
+    """Every quantized linear has the tensors of its type, with their dtypes and shapes, and a scheme that
+    vllm-ascend builds for a linear of its kind (dense or MoE expert)."""
     problems = []
-    for w in sorted(n for n, t in types.items() if t in REQUIRED and n.endswith(".weight")):
+    new = export_types.RULES
+    for w in sorted(n for n, t in types.items() if (t in REQUIRED or t in new) and n.endswith(".weight")):
         kind, base = types[w], w.removesuffix(".weight")
         if w not in meta:
             continue
         shape, dtype = meta[w]
+        if kind in moe_only and not EXPERT.match(w):
+            problems.append(f"{w}: vllm-ascend 0.23 has no dense {kind} linear scheme (building the layer raises "
+                            f"NotImplementedError; its {kind} is for MoE experts only)")
+        if kind in new:
+            g, bad = export_types.geometry(kind, w, shape)
+            problems += bad + _tensor_problems(kind, base, new[kind], g, types, meta)
+            continue
         if dtype != "I8":
             problems.append(f"{w}: {kind} weight must be int8, found {dtype}")
             continue
         g, bad = _geometry(kind, base, shape, meta, desc)
-        problems += bad
-        required = REQUIRED[kind]
-        if kind == "W4A8_DYNAMIC" and desc.get("version") != "1.0.0":
-            required = required[:-1]  # scale_bias: version 1.0.0 only
-        if kind == "W4A8_DYNAMIC" and desc.get("group_size", W4A8_GROUP) == 0:
-            required = tuple(r for r in required if not r.endswith("_second"))  # per-channel MoE experts
-        for suffix in required:
-            name = f"{base}.{suffix}"
-            if name not in meta:
-                problems.append(f"{base}: {kind} needs {name}, which is missing")
-                continue
-            if types.get(name) != kind:
-                problems.append(f"{name}: described as {types.get(name)}, but its linear is {kind}")
-            s, dt = meta[name]
-            dtypes, shapes, expected = SUFFIX_RULES[suffix]
-            if dt not in dtypes or s not in shapes(g):
-                problems.append(f"{name}: expected {expected.format(**g)}, found {dt} {list(s)}")
+        rules, optional = _rules(kind, desc, serving)
+        problems += bad + _tensor_problems(kind, base, rules, g, types, meta, optional)
     return problems
 
 
-def _c8_problems(desc: dict, types: dict, meta: dict) -> list[str]:
-    """C8: kv_cache_type says so, and both k_proj and v_proj of every attention have their vectors."""
+def _c8_problems(desc: dict, types: dict, meta: dict, model_type: str | None) -> list[str]:
+    """C8: kv_cache_type says so, the model class loads it, and both k_proj and v_proj of every attention
+    have their vectors."""
     problems = []
     c8 = sorted(n for n, t in types.items() if t == "C8")
     if c8 and desc.get("kv_cache_type") != "C8":
         problems.append(f"{c8[0]} is C8 but {DESCRIPTION} has no kv_cache_type \"C8\"")
+    if desc.get("kv_cache_type") == "C8" and model_type and model_type not in C8_MODEL_TYPES:
+        problems.append(f"C8 does not load for model_type {model_type!r} in vllm-ascend 0.23 (its C8 weights load "
+                        f"only for {', '.join(C8_MODEL_TYPES)}: a KeyError on qkv_proj.kv_cache_offset)")
     if desc.get("kv_cache_type") == "C8":
         projs = sorted({n.rsplit(".", 1)[0] for n in c8})
         if not projs:
@@ -132,8 +179,9 @@ def _moe_problems(types: dict) -> list[str]:
     return problems
 
 
-def check(path) -> list[str]:
-    """Problems of an Ascend export directory (empty list: valid). Each is one line."""
+def check(path, serving: bool = True) -> list[str]:
+    """Problems of an Ascend export directory (empty list: valid). Each is one line. ``serving=False``
+    (ptqc's own reader) leaves out what only vllm-ascend cannot load: dense W4A16, C8 for other classes."""
     path = Path(path)
     dfile = path / DESCRIPTION
     if not dfile.is_file():
@@ -151,7 +199,17 @@ def check(path) -> list[str]:
     if not files:
         return problems + ["no quant_model_weight*.safetensors file"]
     meta = tensor_specs(files)
+    cfg = _config(path)
     problems += [f"{n} is in {DESCRIPTION} but in no weight file" for n in sorted(set(types) - set(meta))]
     problems += [f"{n} is in the weight files but not in {DESCRIPTION}" for n in sorted(set(meta) - set(types))]
-    return problems + _linear_problems(types, meta, desc) + export_types.problems(types, meta) + \
-        _c8_problems(desc, types, meta) + _moe_problems(types)
+    linears = _linear_problems(types, meta, desc, cfg.get("torch_dtype") or cfg.get("dtype"), MOE_ONLY if serving else ())
+    return problems + linears + _c8_problems(desc, types, meta, cfg.get("model_type") if serving else None) + \
+        _moe_problems(types)
+
+
+def _config(path: Path) -> dict:
+    """config.json (the model dtype and class vllm-ascend builds), or {} when it cannot be read."""
+    try:
+        return json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}

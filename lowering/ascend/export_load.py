@@ -23,7 +23,7 @@ def load(path, dtype: str = "float32") -> QModel:
     from ptqc.weights import set_quantized_weight
 
     path = Path(path)
-    problems = check(path)
+    problems = check(path, serving=False)
     if problems:
         raise PtqcError(f"{path} is not a valid Ascend export: {problems[0]} (run ptqc check-export)")
     desc = json.loads((path / DESCRIPTION).read_text())

@@ -33,19 +33,19 @@ from ptqc.lowering import checkpoint
 MX_TYPES = {8: "W8A8_MXFP8", 4: "W4A4_MXFP4"}
 FLATQUANT = "W4A4_FLATQUANT_DYNAMIC"
 TYPES = ("W8A8_MIX", "W4A4_DYNAMIC", FLATQUANT, *MX_TYPES.values())
-# type -> suffix -> (safetensors dtypes, shape from (out, in, M, N), what is expected)
+# type -> suffix -> (safetensors dtypes, shapes from the geometry g = {o: out, k: in, m, n}, what is expected)
 RULES = {
-    FLATQUANT: {"weight": (("I8",), lambda o, k, m, n: (o, k), "int8 [{o}, {k}]"),
-                "weight_scale": (("F32",), lambda o, k, m, n: (o, 1), "float32 [{o}, 1]"),
-                "weight_offset": (("F32",), lambda o, k, m, n: (o, 1), "float32 [{o}, 1]"),
-                "left_trans": (("F16", "BF16", "F32"), lambda o, k, m, n: (m, m), "float [{m}, {m}]"),
-                "right_trans": (("F16", "BF16", "F32"), lambda o, k, m, n: (n, n), "float [{n}, {n}]"),
-                "clip_ratio": (("F32",), lambda o, k, m, n: (1,), "float32 [1]")},
-    "W8A8_MXFP8": {"weight": (("F8_E4M3",), lambda o, k, m, n: (o, k), "float8_e4m3fn [{o}, {k}]"),
-                   "weight_scale": (("U8",), lambda o, k, m, n: (o, -(-k // quant.MX_BLOCK)),
+    FLATQUANT: {"weight": (("I8",), lambda g: ((g["o"], g["k"]),), "int8 [{o}, {k}]"),
+                "weight_scale": (("F32",), lambda g: ((g["o"], 1),), "float32 [{o}, 1]"),
+                "weight_offset": (("F32",), lambda g: ((g["o"], 1),), "float32 [{o}, 1]"),
+                "left_trans": (("F16", "BF16", "F32"), lambda g: ((g["m"], g["m"]),), "float [{m}, {m}]"),
+                "right_trans": (("F16", "BF16", "F32"), lambda g: ((g["n"], g["n"]),), "float [{n}, {n}]"),
+                "clip_ratio": (("F32",), lambda g: ((1,),), "float32 [1]")},
+    "W8A8_MXFP8": {"weight": (("F8_E4M3",), lambda g: ((g["o"], g["k"]),), "float8_e4m3fn [{o}, {k}]"),
+                   "weight_scale": (("U8",), lambda g: ((g["o"], -(-g["k"] // quant.MX_BLOCK)),),
                                     "uint8 (E8M0) [{o}, in / 32]")},
-    "W4A4_MXFP4": {"weight": (("U8",), lambda o, k, m, n: (o, k // 2), "uint8 (two FP4 E2M1 per byte) [{o}, in / 2]"),
-                   "weight_scale": (("U8",), lambda o, k, m, n: (o, k // quant.MX_BLOCK),
+    "W4A4_MXFP4": {"weight": (("U8",), lambda g: ((g["o"], g["k"] // 2),), "uint8 (two FP4 E2M1 per byte) [{o}, in / 2]"),
+                   "weight_scale": (("U8",), lambda g: ((g["o"], g["k"] // quant.MX_BLOCK),),
                                     "uint8 (E8M0) [{o}, in / 32]")},
 }
 
@@ -154,30 +154,13 @@ def check_transforms(qm: QModel) -> None:
                             "(vllm-ascend runs transforms only inside W4A4_FLATQUANT_DYNAMIC)")
 
 
-def problems(types: dict, meta: dict) -> list[str]:
-    """check-export's rules for the FlatQuant and MX types: every tensor of each linear, dtype and shape."""
-    out = []
-    for w in sorted(n for n, t in types.items() if t in RULES and n.endswith(".weight")):
-        kind, base = types[w], w.removesuffix(".weight")
-        if w not in meta:
-            continue
-        shape = meta[w][0]
-        o, k = shape[0], shape[-1] * (2 if kind == "W4A4_MXFP4" else 1)
-        m, n = decompose_dim(k) if kind == FLATQUANT else (0, 0)
-        if kind != FLATQUANT and k % quant.MX_BLOCK:
-            out.append(f"{w}: {kind} needs the input dimension ({k}) to be a multiple of {quant.MX_BLOCK}")
-        for suffix, (dtypes, shape_of, expected) in RULES[kind].items():
-            name = f"{base}.{suffix}"
-            if name not in meta:
-                out.append(f"{base}: {kind} needs {name}, which is missing")
-                continue
-            if types.get(name) != kind:
-                out.append(f"{name}: described as {types.get(name)}, but its linear is {kind}")
-            s, dt = meta[name]
-            want = shape_of(o, k, m, n)
-            if dt not in dtypes or tuple(s) != want:
-                out.append(f"{name}: expected {expected.format(o=o, k=k, m=m, n=n)}, found {dt} {list(s)}")
-    return out
+def geometry(kind: str, weight: str, shape) -> tuple[dict, list[str]]:
+    """(the geometry {o, k, m, n} of a FlatQuant or MX linear from its weight's shape, problems of that shape)."""
+    o, k = shape[0], shape[-1] * (2 if kind == "W4A4_MXFP4" else 1)
+    m, n = decompose_dim(k) if kind == FLATQUANT else (0, 0)
+    bad = [f"{weight}: {kind} needs the input dimension ({k}) to be a multiple of {quant.MX_BLOCK}"] \
+        if kind != FLATQUANT and k % quant.MX_BLOCK else []
+    return {"o": o, "k": k, "m": m, "n": n}, bad
 
 
 def read(qm: QModel, base: str, kind: str) -> tuple | None:

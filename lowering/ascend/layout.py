@@ -23,8 +23,10 @@ ROUTERS = (".mlp.gate.weight", ".block_sparse_moe.gate.weight", ".shared_expert_
 C8_MODEL_TYPES = ("qwen3", "glm4_moe", "minimax_m2")  # vllm-ascend 0.23.0 patches their load_weights for C8
 C8_SUFFIXES = ("kv_cache_scale", "kv_cache_offset")
 META_KEYS = ("model_quant_type", "version", "group_size", "kv_cache_type", "kv_quant_type", "metadata", "optional")
-REQUIRED = {  # suffixes every linear of a type must have (besides .weight)
-    "W8A8": ("input_scale", "input_offset", "deq_scale", "quant_bias", "weight_scale", "weight_offset"),
+# suffixes every linear of a type must have (besides .weight): the parameters vllm-ascend 0.23.0's scheme of
+# that type creates and reads (methods/<type>.py: get_weight / get_*_param, apply, process_weights_after_loading)
+REQUIRED = {
+    "W8A8": ("input_scale", "input_offset", "deq_scale", "quant_bias"),
     "W8A8_DYNAMIC": ("weight_scale", "weight_offset"),
     "W8A16": ("weight_scale", "weight_offset"),
     "W4A16": ("weight_scale", "weight_offset"),
@@ -32,6 +34,11 @@ REQUIRED = {  # suffixes every linear of a type must have (besides .weight)
     "W8A8_MIX": ("input_scale", "input_offset", "deq_scale", "quant_bias", "weight_scale", "weight_offset"),
     "W4A4_DYNAMIC": ("weight_scale", "weight_offset"),
 }  # W4A4_FLATQUANT_DYNAMIC and the MX types: export_types.RULES
+# created but never read (checked when present): static W8A8 quantizes with input_scale / input_offset and
+# dequantizes with deq_scale; msModelSlim's iter_smooth exports write no weight_scale / weight_offset
+OPTIONAL = {"W8A8": ("weight_scale", "weight_offset")}
+# vllm-ascend 0.23.0 registers W4A16 for MoE experts only: a dense W4A16 linear raises NotImplementedError
+MOE_ONLY = ("W4A16",)
 FLOATS = ("F32", "F16", "BF16")
 # suffix -> (dtypes, shapes for a linear's geometry g = {out, cols (weight_scale columns), groups
 # (W4A8 second-level columns), bias_cols (W4A8 scale_bias columns)}, what is expected)
@@ -41,9 +48,14 @@ SUFFIX_RULES = {
     "input_scale": (("F32",), lambda g: ((1,), ()), "float32 [1]"),
     "input_offset": (("I8", "F32"), lambda g: ((1,), ()), "int8 (or float32) [1]"),
     "deq_scale": (("I64", "F32"), lambda g: ((g["out"],),), "int64 (or float32 for bf16 models) [{out}]"),
+    "deq_scale@float16": (("I64",), lambda g: ((g["out"],),), "int64 [{out}] (a float16 model: vllm-ascend "
+                          "creates deq_scale int64 and would cast float bits)"),
+    "deq_scale@bfloat16": (("F32",), lambda g: ((g["out"],),), "float32 [{out}] (a bfloat16 model: vllm-ascend "
+                           "creates deq_scale float32 and would cast the int64 bits)"),
     "quant_bias": (("I32",), lambda g: ((g["out"],),), "int32 [{out}]"),
     "weight_scale_second": (FLOATS, lambda g: ((g["out"], g["groups"]),), "float [{out}, {groups}]"),
-    "weight_offset_second": (FLOATS, lambda g: ((g["out"], g["groups"]),), "float [{out}, {groups}]"),
+    "weight_offset_second": (FLOATS + ("I64",), lambda g: ((g["out"], g["groups"]),),  # int64: as vllm-ascend
+                             "float or int64 [{out}, {groups}]"),  # documents it (never read: cast on load)
     "scale_bias": (("F32",), lambda g: ((g["out"], g["bias_cols"]),), "float32 [{out}, {bias_cols}] "
                    "(16 columns for the row-parallel o_proj / down_proj)"),
 }
