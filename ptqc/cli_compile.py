@@ -64,6 +64,27 @@ def _offloaded(qm, out: Path, offload_mb):
         shutil.rmtree(qm.store.offload_dir, ignore_errors=True)
 
 
+def _checkpoints(out, model, passes, resume, quiet, **settings):
+    """The per-layer checkpoints of this compile (ptqc.resume), resumed with ``--resume``."""
+    from ptqc import resume as resuming
+
+    ck = resuming.Checkpoints(out, resuming.fingerprint(model, passes, **settings), resume=resume)
+    if resume:
+        log(quiet, f"resuming from {ck.dir}" if ck.resumed else f"no checkpoint in {ck.dir}; starting over")
+    return ck
+
+
+@contextlib.contextmanager
+def _kept_on_crash(ck):
+    """Checkpoints are removed when the compile succeeds or stops on a PtqcError, kept otherwise."""
+    try:
+        yield
+    except PtqcError:
+        ck.remove()
+        raise
+    ck.remove()
+
+
 @click.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("-o", "--out", default=None, type=click.Path(path_type=Path),
@@ -95,12 +116,15 @@ def _offloaded(qm, out: Path, offload_mb):
 @click.option("--target", type=click.Choice(["torch", "ascend"]), default="torch", show_default=True,
               help="ascend: end the pipeline with the `ascend` lowering pass (torch_npu kernels, CPU-emulated "
                    "without an NPU); give `ascend:OPTIONS` in --passes instead to set its options.")
+@click.option("--resume", is_flag=True,
+              help="Continue a killed compile of the same command from its per-layer checkpoints "
+                   "(.OUT.resume/ beside OUT).")
 @quiet_option
 @friendly
 @streams_weights
 def compile(model, out, pipeline_str, recipe, plugins, dtype, device, trust_remote_code, dump_after, force,
             no_pack, calib, calib_samples, calib_seqlen, calib_seed, calib_field, calib_batch_size, offload_mb,
-            quiet, report=None, target="torch"):
+            quiet, report=None, target="torch", resume=False):
     """Trace MODEL (a Hugging Face directory), run the passes, write the artifact OUT."""
     from ptqc import artifact, device as devices, frontend, inspect, pipeline
 
@@ -120,16 +144,18 @@ def compile(model, out, pipeline_str, recipe, plugins, dtype, device, trust_remo
         dumps[f"{i + 1:02d}-{p.name}.txt"] = inspect.render(qm)
 
     pm = pipeline.PassManager(passes, dump_after=dump_after, dump=dump)
+    cfg = pipeline.calib_config(settings.get("calib", {}), path=calib, samples=calib_samples, seqlen=calib_seqlen,
+                                seed=calib_seed, field=calib_field, batch_size=calib_batch_size)
+    ctx = pipeline.PassContext(device=dev, quiet=quiet, calib=cfg)
+    ctx.checkpoints = _checkpoints(out, model, passes, resume, quiet, dtype=dtype, device=dev, target=target,
+                                   calib=dataclasses.asdict(cfg))
     log(quiet, f"tracing {model} ({dtype})")
     t1 = time.perf_counter()
     qm = frontend.load(model, dtype, trust_remote_code, progress=not quiet, isolate="auto")
     trace_s = time.perf_counter() - t1
     if "canonical" in dump_after or "all" in dump_after:
         dumps["00-canonical.txt"] = inspect.render(qm)
-    cfg = pipeline.calib_config(settings.get("calib", {}), path=calib, samples=calib_samples, seqlen=calib_seqlen,
-                                seed=calib_seed, field=calib_field, batch_size=calib_batch_size)
-    ctx = pipeline.PassContext(device=dev, quiet=quiet, calib=cfg)
-    with _offloaded(qm, out, offload_mb):
+    with _offloaded(qm, out, offload_mb), _kept_on_crash(ctx.checkpoints):
         for rec in pm.iter_run(qm, ctx):
             log(quiet, f"  {rec['pass']:10s} {rec['seconds']:8.2f}s  {_short_summary(rec['summary'])}")
         artifact.save(qm, out, force=force, dumps=dumps,
