@@ -34,7 +34,7 @@ from typing import Callable, Iterator
 import torch
 import torch.fx as fx
 
-from ptqc import resume
+from ptqc import distributed, resume
 from ptqc.errors import PtqcError
 from ptqc.interpreter import Interpreter
 from ptqc.ir import QModel
@@ -286,12 +286,14 @@ def _layer(runner: LayerRunner, i: int, obs: dict | None, apply, propagate: str)
     done: list = []
 
     def applied(st):
+        distributed.reduce_stage(st)
         done.append(([n.name for n in st], st))
         apply(i, st)
 
     if not obs:
         runner.run_layer(i)
         return done
+    distributed.reseed(obs)
     if propagate == "sequential":  # one stage per observed input, apply(i, that stage's stats)
         runner.run_staged(f"layer.{i}", [(st, (lambda st=st: applied(st))) for st in _stages(obs, propagate)])
     else:
@@ -312,7 +314,8 @@ def calibrate(qm: QModel, ctx, observe: Callable[[int], dict], apply: Callable[[
         raise PtqcError(f"propagate={propagate!r}: use 'quantized', 'float' or 'sequential'")
     ids = ctx.calibration_ids(qm)
     ck = getattr(ctx, "checkpoints", None)
-    runner = LayerRunner(qm, calibration_batches(ids, ctx.calib_batch_size), device=ctx.device)
+    batches = distributed.shard(calibration_batches(ids, ctx.calib_batch_size))  # this rank's share
+    runner = LayerRunner(qm, batches, device=ctx.device)
     n = runner.num_layers
     loop = ck.next_loop() if ck else 0
     skip = ck.resume_point(loop, n) if ck else 0
