@@ -24,6 +24,9 @@ Per layer: observe, ``apply``, then the next layer's inputs come from the quanti
 its statistics are complete, later linears observed with the earlier ones quantized
 (:meth:`LayerRunner.run_staged`). An observer with ``where="call"`` sees all input values of
 its node (an MoE experts node: x, routing and stacks). Non-finite activations stop with the layer and module named.
+Under several ranks (:mod:`ptqc.distributed`) each rank feeds its share of the batches and the
+observers are reduced before ``apply``; with ``ctx.checkpoints`` (:mod:`ptqc.resume`) every layer
+is checkpointed and a resumed run replays the checkpointed layers.
 """
 from __future__ import annotations
 
