@@ -57,5 +57,5 @@ def copy_source_files(qm: QModel, out: Path) -> None:
     src = Path(qm.source) if qm.source else None
     if src is not None and src.is_dir():
         for f in other_files(src):
-            if f.name not in ("ptqc.json", "graph.json"):
+            if f.name not in ("ptqc.json", "graph.json", "run.json"):
                 shutil.copy2(f, out / f.name)

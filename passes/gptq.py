@@ -16,7 +16,7 @@ from typing import Literal
 
 import torch
 
-from ptqc import experts, ops, quant
+from ptqc import distributed, experts, ops, quant
 from ptqc.calib import calibrate
 from ptqc.errors import PtqcError
 from ptqc.gptq_core import SingularHessian, output_error, quantize_groups
@@ -43,9 +43,18 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: quant.QuantSpec, *, bl
     return codes, scale, zp, used
 
 
-def gptq_or_rtn(w: torch.Tensor, h: torch.Tensor, spec: quant.QuantSpec, mo, where: str, dxxt=None):
+def gptq_or_rtn(w: torch.Tensor, h: torch.Tensor, spec: quant.QuantSpec, mo, where: str, dxxt=None,
+                stand_in: bool = False):
     """(codes, scale, zp, damp used, method) of ``w`` by GPTQ under pass options ``mo``; a Hessian
-    that stays singular is an error naming ``where``, or RTN with ``fallback=rtn``."""
+    that stays singular is an error naming ``where``, or RTN with ``fallback=rtn``. Under
+    ``--nproc`` one rank computes it (:func:`ptqc.distributed.heavy`; ``stand_in``: a dry run
+    goes on with RTN's result)."""
+    rows, n = w.shape
+    return distributed.heavy(_gptq_or_rtn, w, h, spec, mo, where, dxxt, cost=rows * n * n + n ** 3,
+                             stand_in=(lambda: (*quant.rtn(w, spec), mo.damp, None)) if stand_in else None)
+
+
+def _gptq_or_rtn(w, h, spec, mo, where, dxxt):
     try:
         codes, scale, zp, used = gptq_quantize(w, h, spec, block=mo.block, damp=mo.damp, act_order=mo.act_order,
                                                retries=mo.retries, dxxt=dxxt, alpha=getattr(mo, "alpha", 0.25))
@@ -73,7 +82,7 @@ def gptq_stack(site, W: torch.Tensor, stats: ExpertHessians, spec: quant.QuantSp
         if h is None or (few and mo.few_tokens == "rtn"):
             parts.append(rtn)
             continue
-        c, s, z = gptq_or_rtn(w, h, spec, mo, f"{site.module} expert {e}")[:3]
+        c, s, z = gptq_or_rtn(w, h, spec, mo, f"{site.module} expert {e}", stand_in=True)[:3]
         parts.append((c, s, z))
         errs["gptq"].append(output_error(w, quant.dequantize(c, s, z, spec.group_size), h))
         errs["rtn"].append(output_error(w, quant.dequantize(*rtn, spec.group_size), h))
@@ -85,23 +94,28 @@ def gptq_stack(site, W: torch.Tensor, stats: ExpertHessians, spec: quant.QuantSp
     return codes, scale, zp, rec
 
 
-def calibrate_hessians(qm, ctx, groups: dict, quantize, propagate: str, desc: str, stacks: dict | None = None) -> dict:
+def calibrate_hessians(qm, ctx, groups: dict, quantize, propagate: str, desc: str, stacks: dict | None = None,
+                       split: bool = False) -> dict:
     """Calibrate layer by layer with one Hessian per group of linears sharing an input (``groups``:
     layer -> [linears], from ``grouped_targets``); ``quantize(lins, h)`` once a group's is complete.
-    ``stacks``: layer -> {experts node: (ExpertHessians, callback(stats))}, per-expert statistics."""
+    ``stacks``: layer -> {experts node: (ExpertHessians, callback(stats))}, per-expert statistics.
+    ``split``: the heavy calls of ``quantize`` and the callbacks are shared out over the ranks
+    (:func:`ptqc.distributed.split`; they must change nothing before their first heavy call)."""
     stacks = stacks or {}
 
     def observe(i):
         obs = {lins[0]: {"h": Hessian()} for lins in groups.get(i, [])}
         return {**obs, **{node: {"experts": st} for node, (st, _) in stacks.get(i, {}).items()}}
 
-    def apply(i, stats):
-        for lins in groups.get(i, []):
-            if lins[0] in stats:  # sequential: only this stage's inputs are observed yet
-                quantize(lins, stats[lins[0]]["h"].result())
-        for node, (st, done) in stacks.get(i, {}).items():
-            if node in stats:
-                done(st)
+    def apply(i, stats):  # sequential: only this stage's inputs are observed yet
+        items = [lambda lins=lins: quantize(lins, stats[lins[0]]["h"].result())
+                 for lins in groups.get(i, []) if lins[0] in stats]
+        items += [lambda st=st, done=done: done(st) for node, (st, done) in stacks.get(i, {}).items() if node in stats]
+        if split:
+            distributed.split(items)
+        else:
+            for f in items:
+                f()
 
     return calibrate(qm, ctx, observe, apply, propagate=propagate, layers=sorted({*groups, *stacks}), desc=desc)
 
@@ -174,7 +188,7 @@ class GPTQ(Pass):
         stacks = expert_stacks(qm, opts, lambda site, st: recs.update({site.module: self.quantize_stack(
             qm, site, opts[site.name], st)}))
         summary = calibrate_hessians(qm, ctx, groups, lambda lins, h: self.quantize_group(qm, lins, opts, h, errs),
-                                     o.propagate, "gptq", stacks)
+                                     o.propagate, "gptq", stacks, split=True)
         k = max(len(errs["gptq"]), 1)
         summary = {**summary, "linears": len(opts) - len(recs), "mean_err_gptq": round(sum(errs["gptq"]) / k, 6),
                    "mean_err_rtn": round(sum(errs["rtn"]) / k, 6)}

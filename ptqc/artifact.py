@@ -8,7 +8,10 @@
                                             sharded with an index above --shard-size
     OUT/graph.json                          the ptqc graph (see ptqc.ir.graph_to_json)
     OUT/ptqc.json                           the manifest: versions, source, passes and options,
-                                            per-module quantization parameters, timing
+                                            per-module quantization parameters
+    OUT/run.json                            what differs between runs: creation time, timing
+                                            (every other file is byte-identical for the same
+                                            command and inputs)
     OUT/dumps/                              graph dumps requested with --dump-after
 
 Writes go to a temporary sibling directory that is renamed into place at the end, so a failed
@@ -32,6 +35,7 @@ from ptqc.ir import QModel, graph_from_json, graph_to_json
 from ptqc.model import WeightStore, other_files, parse_dtype, weight_files, write_safetensors
 
 MANIFEST = "ptqc.json"
+RUN = "run.json"
 GRAPH = "graph.json"
 FORMAT_VERSION = 1
 
@@ -173,7 +177,7 @@ def save(qm: QModel, out, *, force: bool = False, extra: dict | None = None, dum
         if src is not None and src.is_dir():
             shutil.copy2(src / "config.json", tmp / "config.json")
             for f in other_files(src):
-                if f.name not in (MANIFEST, GRAPH):
+                if f.name not in (MANIFEST, GRAPH, RUN):
                     shutil.copy2(f, tmp / f.name)
         else:
             qm.config.to_json_file(str(tmp / "config.json"))
@@ -182,7 +186,6 @@ def save(qm: QModel, out, *, force: bool = False, extra: dict | None = None, dum
         manifest = {
             "ptqc_version": __version__,
             "format_version": FORMAT_VERSION,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "source": {"path": qm.source, "model_type": getattr(qm.config, "model_type", None),
                        "architectures": getattr(qm.config, "architectures", None)},
             "dtype": str(qm.dtype).removeprefix("torch."),
@@ -194,12 +197,31 @@ def save(qm: QModel, out, *, force: bool = False, extra: dict | None = None, dum
             "torch_version": torch.__version__,
             **(extra or {}),
         }
+        run = _run_record(manifest)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
+        (tmp / RUN).write_text(json.dumps(run, indent=1, default=str))
         if dumps:
             (tmp / "dumps").mkdir()
             for name, text in dumps.items():
                 (tmp / "dumps" / name).write_text(text)
     return Path(out)
+
+
+def _run_record(manifest: dict) -> dict:
+    """Take what differs between two runs of the same command out of ``manifest`` (``timing``, each
+    pass's ``seconds`` and its summary's; qm.history is not changed): the run record, with the
+    creation time."""
+    def timeless(d):
+        return {k: v for k, v in d.items() if k != "seconds"}
+
+    recs = manifest.get("passes", [])
+    manifest["passes"] = [{**timeless(r), **({"summary": timeless(r["summary"])}
+                                           if isinstance(r.get("summary"), dict) else {})} for r in recs]
+    return {"created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "timing": manifest.pop("timing", None),
+            "passes": [{"pass": r.get("pass"), "seconds": r.get("seconds"),
+                        **({"summary_seconds": r["summary"]["seconds"]} if "seconds" in (r.get("summary") or {})
+                           else {})} for r in recs]}
 
 
 def read_manifest(path) -> dict:

@@ -24,6 +24,9 @@ Per layer: observe, ``apply``, then the next layer's inputs come from the quanti
 its statistics are complete, later linears observed with the earlier ones quantized
 (:meth:`LayerRunner.run_staged`). An observer with ``where="call"`` sees all input values of
 its node (an MoE experts node: x, routing and stacks). Non-finite activations stop with the layer and module named.
+Under several ranks (:mod:`ptqc.distributed`) each rank feeds its share of the batches and the
+observers are reduced before ``apply``; with ``ctx.checkpoints`` (:mod:`ptqc.resume`) every layer
+is checkpointed and a resumed run replays the checkpointed layers.
 """
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ from typing import Callable, Iterator
 import torch
 import torch.fx as fx
 
+from ptqc import distributed, resume
 from ptqc.errors import PtqcError
 from ptqc.interpreter import Interpreter
 from ptqc.ir import QModel
@@ -257,34 +261,81 @@ def calibration_batches(ids: torch.Tensor, batch_size: int) -> list[torch.Tensor
     return list(torch.split(ids, batch_size)) if ids.ndim == 2 else [ids[None]]
 
 
+def _stages(obs: dict, propagate: str) -> list[dict]:
+    """The observer groups ``apply`` is called with: all of them, or with ``"sequential"`` one per
+    observed input (a ``"call"`` observer, e.g. of MoE experts, is a stage of its own)."""
+    if propagate != "sequential":
+        return [obs]
+    by_input: dict = {}
+    for node, named in obs.items():
+        call = any(o.where == "call" for o in named.values())
+        by_input.setdefault(node if call else node.args[0], {})[node] = named
+    return list(by_input.values())
+
+
+def _replay(qm: QModel, ck, loop: int, i: int, obs: dict | None, apply, propagate: str) -> None:
+    """A checkpointed layer: its saved observers back in place, ``apply`` on them in the saved order."""
+    if obs:
+        stages = {frozenset(n.name for n in st): st for st in _stages(obs, propagate)}
+        for names, saved in ck.stats(loop, i):
+            st = stages[frozenset(names)]
+            resume.restore(st, saved)
+            apply(i, st)
+        qm.store.release()
+
+
+def _layer(runner: LayerRunner, i: int, obs: dict | None, apply, propagate: str) -> list:
+    """Calibrate one layer (see module doc); returns the stages in the order ``apply`` saw them."""
+    done: list = []
+
+    def applied(st):
+        distributed.reduce_stage(st)
+        done.append(([n.name for n in st], st))
+        apply(i, st)
+
+    if not obs:
+        runner.run_layer(i)
+        return done
+    distributed.reseed(obs)
+    if propagate == "sequential":  # one stage per observed input, apply(i, that stage's stats)
+        runner.run_staged(f"layer.{i}", [(st, (lambda st=st: applied(st))) for st in _stages(obs, propagate)])
+    else:
+        runner.run_layer(i, observers=obs, commit=propagate == "float")
+        applied(obs)
+        if propagate == "quantized":
+            runner.run_layer(i)
+    runner.qm.store.release()
+    return done
+
+
 def calibrate(qm: QModel, ctx, observe: Callable[[int], dict], apply: Callable[[int, dict], None], *,
               propagate: str = "quantized", layers=None, desc: str = "calibrate") -> dict:
-    """The layer-by-layer calibration loop (see module doc). Returns a small summary."""
+    """The layer-by-layer calibration loop (see module doc). Returns a small summary. With
+    ``ctx.checkpoints`` (:class:`ptqc.resume.Checkpoints`) every layer is checkpointed, and the
+    layers a killed run checkpointed are replayed from their saved observers."""
     if propagate not in ("quantized", "float", "sequential"):
         raise PtqcError(f"propagate={propagate!r}: use 'quantized', 'float' or 'sequential'")
     ids = ctx.calibration_ids(qm)
-    runner = LayerRunner(qm, calibration_batches(ids, ctx.calib_batch_size), device=ctx.device)
-    runner.run_prefix()
+    ck = getattr(ctx, "checkpoints", None)
+    batches = distributed.shard(calibration_batches(ids, ctx.calib_batch_size))  # this rank's share
+    runner = LayerRunner(qm, batches, device=ctx.device)
     n = runner.num_layers
+    loop = ck.next_loop() if ck else 0
+    skip = ck.resume_point(loop, n) if ck else 0
+    if skip == 0:
+        runner.run_prefix()
     wanted = set(range(n) if layers is None else layers)
     for i in ctx.progress(range(n), desc=desc, unit="layer"):
         obs = observe(i) if i in wanted else None
-        if not obs:
-            runner.run_layer(i)
+        if i < skip:
+            _replay(qm, ck, loop, i, obs, apply, propagate)
+            if i == skip - 1 < n - 1:
+                runner.state = ck.acts(loop, i)
             continue
-        if propagate == "sequential":  # one stage per observed input, apply(i, that stage's stats)
-            by_input: dict = {}
-            for node, named in obs.items():  # a "call" observer (MoE experts) is a stage of its own
-                call = any(o.where == "call" for o in named.values())
-                by_input.setdefault(node if call else node.args[0], {})[node] = named
-            runner.run_staged(f"layer.{i}", [(st, (lambda st=st: apply(i, st))) for st in by_input.values()])
-            qm.store.release()
-            continue
-        runner.run_layer(i, observers=obs, commit=propagate == "float")
-        apply(i, obs)
-        if propagate == "quantized":
-            runner.run_layer(i)
-        qm.store.release()
+        done = _layer(runner, i, obs, apply, propagate)
+        if ck:
+            ck.save_layer(loop, i, done, runner.state)
+    if ck:
+        ck.loop_done(loop, n)
     return {"layers": len(wanted & set(range(n))), "samples": int(ids.shape[0]),
             "tokens": int(ids.numel()), "propagate": propagate}
-

@@ -5,6 +5,7 @@ import contextlib
 import dataclasses
 import json
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -64,6 +65,53 @@ def _offloaded(qm, out: Path, offload_mb):
         shutil.rmtree(qm.store.offload_dir, ignore_errors=True)
 
 
+def _checkpoints(out, model, passes, resume, quiet, **settings):
+    """The per-layer checkpoints of this compile (ptqc.resume), resumed with ``--resume``."""
+    from ptqc import resume as resuming
+
+    ck = resuming.Checkpoints(out, resuming.fingerprint(model, passes, **settings), resume=resume)
+    if resume:
+        log(quiet, f"resuming from {ck.dir}" if ck.resumed else f"no checkpoint in {ck.dir}; starting over")
+    return ck
+
+
+@contextlib.contextmanager
+def _kept_on_crash(ck):
+    """Checkpoints are removed when the compile succeeds or stops on a PtqcError, kept otherwise."""
+    try:
+        yield
+    except PtqcError:
+        if ck is not None:
+            ck.remove()
+        raise
+    if ck is not None:
+        ck.remove()
+
+
+def _spawn(nproc: int, args: dict, resume: bool) -> None:
+    """compile --nproc N: run this command in N ranks (ptqc.distributed.spawn); a rank's failure is its exit code."""
+    from ptqc import distributed
+
+    if resume:
+        raise PtqcError("--resume does not work with --nproc yet; resume without --nproc, or start over")
+    code = distributed.spawn(nproc, _rank_compile, {**args, "nproc": 1})
+    if code:
+        sys.exit(code)
+
+
+def _rank_compile(args: dict) -> None:
+    compile.callback(**args)
+
+
+def _join(dev: str, resume: bool) -> int:
+    """Join the ranks' process group (launched by torchrun or --nproc); this rank's index."""
+    from ptqc import distributed
+
+    if distributed.init(dev) and resume:
+        raise PtqcError("--resume does not work with several ranks yet; resume on one process, or start over")
+    return distributed.world()[0]
+
+
 @click.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("-o", "--out", default=None, type=click.Path(path_type=Path),
@@ -95,14 +143,21 @@ def _offloaded(qm, out: Path, offload_mb):
 @click.option("--target", type=click.Choice(["torch", "ascend"]), default="torch", show_default=True,
               help="ascend: end the pipeline with the `ascend` lowering pass (torch_npu kernels, CPU-emulated "
                    "without an NPU); give `ascend:OPTIONS` in --passes instead to set its options.")
+@click.option("--resume", is_flag=True,
+              help="Continue a killed compile of the same command from its per-layer checkpoints "
+                   "(.OUT.resume/ beside OUT).")
+@click.option("--nproc", type=int, default=1, show_default=True,
+              help="Calibrate data-parallel on N processes of this machine (torch.distributed; under "
+                   "torchrun the launched ranks are used instead). Rank 0 writes OUT.")
 @quiet_option
 @friendly
 @streams_weights
 def compile(model, out, pipeline_str, recipe, plugins, dtype, device, trust_remote_code, dump_after, force,
             no_pack, calib, calib_samples, calib_seqlen, calib_seed, calib_field, calib_batch_size, offload_mb,
-            quiet, report=None, target="torch"):
+            quiet, report=None, target="torch", resume=False, nproc=1):
     """Trace MODEL (a Hugging Face directory), run the passes, write the artifact OUT."""
-    from ptqc import artifact, device as devices, frontend, inspect, pipeline
+    args = dict(locals())
+    from ptqc import artifact, device as devices, distributed, frontend, inspect, pipeline
 
     t0 = time.perf_counter()
     if out is None:
@@ -114,28 +169,37 @@ def compile(model, out, pipeline_str, recipe, plugins, dtype, device, trust_remo
     passes, settings = _passes(pipeline_str, recipe, target, no_pack)
     dtype = settings.get("dtype", dtype)
     dev = devices.resolve(device)
+    if nproc > 1 and not distributed.launched():
+        return _spawn(nproc, args, resume)
+    rank = _join(dev, resume)
+    quiet = quiet or rank > 0
     dumps: dict[str, str] = {}
 
     def dump(i, p, qm):
         dumps[f"{i + 1:02d}-{p.name}.txt"] = inspect.render(qm)
 
     pm = pipeline.PassManager(passes, dump_after=dump_after, dump=dump)
+    cfg = pipeline.calib_config(settings.get("calib", {}), path=calib, samples=calib_samples, seqlen=calib_seqlen,
+                                seed=calib_seed, field=calib_field, batch_size=calib_batch_size)
+    ctx = pipeline.PassContext(device=dev, quiet=quiet, calib=cfg)
+    ctx.checkpoints = _checkpoints(out, model, passes, resume, quiet, dtype=dtype, device=dev, target=target,
+                                   calib=dataclasses.asdict(cfg)) if distributed.world()[1] == 1 else None
     log(quiet, f"tracing {model} ({dtype})")
     t1 = time.perf_counter()
     qm = frontend.load(model, dtype, trust_remote_code, progress=not quiet, isolate="auto")
     trace_s = time.perf_counter() - t1
     if "canonical" in dump_after or "all" in dump_after:
         dumps["00-canonical.txt"] = inspect.render(qm)
-    cfg = pipeline.calib_config(settings.get("calib", {}), path=calib, samples=calib_samples, seqlen=calib_seqlen,
-                                seed=calib_seed, field=calib_field, batch_size=calib_batch_size)
-    ctx = pipeline.PassContext(device=dev, quiet=quiet, calib=cfg)
-    with _offloaded(qm, out, offload_mb):
+    with _offloaded(qm, out, offload_mb), _kept_on_crash(ctx.checkpoints):
         for rec in pm.iter_run(qm, ctx):
             log(quiet, f"  {rec['pass']:10s} {rec['seconds']:8.2f}s  {_short_summary(rec['summary'])}")
+        if rank > 0:
+            return distributed.finish()
         artifact.save(qm, out, force=force, dumps=dumps,
                       extra={"timing": {"trace_s": round(trace_s, 3), "total_s": round(time.perf_counter() - t0, 3)},
                              "pipeline": [repr(p) for p in passes], "recipe": str(recipe) if recipe else None,
                              "calibration": dataclasses.asdict(cfg) if ctx.calibration_used else None})
         if report is not None:
             _write_diagnostics(model, qm, ctx, cfg, report, dtype, dev, trust_remote_code, force, quiet)
+    distributed.finish()
     log(quiet, f"wrote {out} in {time.perf_counter() - t0:.1f}s")

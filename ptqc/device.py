@@ -37,3 +37,14 @@ def resolve(name: str | None) -> str:
         raise PtqcError("--device npu was given but torch_npu (with CANN) is not installed or sees no NPU; "
                         "install ptqc[npu] on an Ascend machine or use --device cpu")
     return name
+
+
+def dist_backend(name: str | None) -> str:
+    """The torch.distributed backend for ranks calibrating on device ``name``: gloo on CPU, nccl on
+    CUDA, hccl on an NPU (torch_npu registers it)."""
+    kind = (name or "cpu").split(":")[0]
+    if kind == "npu":
+        import torch_npu  # noqa: F401
+
+        return "hccl"
+    return {"cpu": "gloo", "cuda": "nccl"}[kind]

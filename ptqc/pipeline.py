@@ -59,6 +59,7 @@ class PassContext:
     quiet: bool = False
     calib: Any = None
     log: list = field(default_factory=list)
+    checkpoints: Any = None  # ptqc.resume.Checkpoints: per-layer checkpoints of the calibration loops
     _ids: Any = None
 
     @property

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from ptqc import experts, ops, quant
+from ptqc import distributed, experts, ops, quant
 from ptqc.errors import PtqcError
 from ptqc.experts import ExpertSite
 from ptqc.ir import QModel, info, is_op
@@ -100,6 +100,7 @@ def set_quantized_weight(qm: QModel, linear, spec: quant.QuantSpec, codes: torch
                          scale: torch.Tensor, zero_point: torch.Tensor | None, method: str,
                          record: dict | None = None) -> fx.Node:
     """Store codes/scales under the weight's HF names and insert the dequantize node."""
+    distributed.commit()
     w_node = weight_node(linear)
     name = w_node.target
     base = name.removesuffix(".weight")
