@@ -3,6 +3,7 @@ and serve them in Model Explorer until interrupted."""
 from __future__ import annotations
 
 import re
+import signal
 import tempfile
 import webbrowser
 from pathlib import Path
@@ -80,19 +81,27 @@ def show(sides, *, web: bool, port: int | None, export_dir: Path | None, browser
         serve(data, port=port, browser=browser, echo=echo)
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def serve(data: dict, *, port: int | None, browser: bool, echo) -> None:
-    proc, port = explorer_server.start(port)
-    url = explorer.url(port, data)
-    echo(f"Model Explorer on http://127.0.0.1:{port}/ (Ctrl-C stops it); the graph:\n{url}")
-    if browser:
-        webbrowser.open(url)
+    """Serve ``data`` until Ctrl-C or SIGTERM (the server stops with us)."""
+    old, proc = signal.signal(signal.SIGTERM, _interrupt), None
     try:
+        proc, port = explorer_server.start(port)
+        url = explorer.url(port, data)
+        echo(f"Model Explorer on http://127.0.0.1:{port}/ (Ctrl-C stops it); the graph:\n{url}")
+        if browser:
+            webbrowser.open(url)
         proc.wait()
     except KeyboardInterrupt:
         pass
     finally:
-        explorer_server.stop(proc)
-    if proc.returncode not in (0, -15, None):
+        signal.signal(signal.SIGTERM, old)
+        if proc is not None:
+            explorer_server.stop(proc)
+    if proc is not None and proc.returncode not in (0, -15, None):
         raise PtqcError(f"Model Explorer's server exited with status {proc.returncode}")
 
 

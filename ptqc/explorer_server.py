@@ -63,15 +63,22 @@ def start(port: int | None = None, timeout: float = 120.0, **popen) -> tuple[sub
     if in_use(port):
         raise PtqcError(f"port {port} is already in use")
     proc = subprocess.Popen([python(), "-c", SERVE, HOST, str(port)], **popen)
+    try:
+        _wait_healthy(proc, port, timeout)
+    except BaseException:
+        stop(proc)
+        raise
+    return proc, port
+
+
+def _wait_healthy(proc: subprocess.Popen, port: int, timeout: float) -> None:
     t0 = time.monotonic()
     while not healthy(port):
         if proc.poll() is not None:
             raise PtqcError(f"Model Explorer's server exited with status {proc.returncode} before answering")
         if time.monotonic() - t0 > timeout:
-            stop(proc)
             raise PtqcError(f"Model Explorer's server did not answer on port {port} within {timeout:g}s")
         time.sleep(0.2)
-    return proc, port
 
 
 def stop(proc: subprocess.Popen) -> None:
