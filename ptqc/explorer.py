@@ -37,15 +37,17 @@ class Side:
 
 def _first_quantized(qm: QModel) -> str:
     """The first quantized linear (else the first node with quantization parameters, else the first
-    backend kernel with a role: lowered graphs)."""
-    from ptqc.backends import CORE_NAMESPACES
+    linear probe: lowered graphs keep no quantization records)."""
     from ptqc.ops import LINEAR
+    from ptqc.probes import graph_probes
 
     quantized = [n for n in qm.graph.nodes if n.meta.get("ptqc", {}).get("quant")]
     if quantized:
         return next((n.name for n in quantized if n.target == LINEAR), quantized[0].name)
-    return next((n.name for n in qm.graph.nodes if n.op == "call_function" and n.meta.get("ptqc", {}).get("role")
-                 and str(n.target).split(".")[0] not in CORE_NAMESPACES), "")
+    try:
+        return next((p.node.partition("#")[0] for p in graph_probes(qm) if p.kind == "linear"), "")
+    except PtqcError:
+        return ""
 
 
 def side(qm: QModel, name: str) -> Side:
