@@ -150,3 +150,26 @@ def test_cli_export_and_refusals(int8, tmp_path, monkeypatch):
     r = cli("inspect", tmp_path / "e", "--web", "--no-browser")
     assert r.exit_code == 2 and "Model Explorer is not installed: pip install 'ptqc[web]'" in r.output
     assert len(r.output.strip().splitlines()) == 1
+
+
+def test_cli_lowered_graphs(int8, tmp_path):
+    """`inspect ART:ascend --ops` (lowered in memory: each node is its kernel) and `diff ART ART:ascend`
+    (two panes, B lowered, every overlay on nodes of B's graph)."""
+    _, art = int8
+    r = cli("inspect", f"{art}:ascend", "--ops", "--export", tmp_path / "i")
+    assert r.exit_code == 0, r.output
+    man = json.loads((tmp_path / "i" / explorer.MANIFEST).read_text())
+    g = json.loads((tmp_path / "i" / "int8-ascend.json").read_text())[0]
+    sel = next(n for n in g["nodes"] if n["id"] == man["uiState"]["paneStates"][0]["selectedNodeId"])
+    assert sel["label"] == "ptqc_npu.quant_matmul" and sel["namespace"] == "model/layers.0/self_attn/q_proj"
+    kernels = json.loads((tmp_path / "i" / "int8-ascend.kernels.json").read_text())["int8-ascend"]["results"]
+    assert kernels[sel["id"]]["value"] == "ptqc_npu.quant_matmul" and len(kernels) >= 7 * 2
+    r = cli("diff", art, f"{art}:ascend", "--samples", 1, "--seqlen", 8, "--export", tmp_path / "d", "-q")
+    assert r.exit_code == 0, r.output
+    man = json.loads((tmp_path / "d" / explorer.MANIFEST).read_text())
+    assert [m["url"] for m in man["models"]] == ["A-int8.json", "B-int8-ascend.json"]
+    b = json.loads((tmp_path / "d" / "B-int8-ascend.json").read_text())[0]
+    ids = {n["id"] for n in b["nodes"]}
+    sq = json.loads((tmp_path / "d" / "B-int8-ascend.diff-sqnr_db.json").read_text())["B-int8-ascend"]["results"]
+    assert len(sq) >= 7 * 2 + 2 and set(sq) <= ids
+    assert any(n["label"].startswith("ptqc_npu.") for n in b["nodes"] if n["id"] in sq)
