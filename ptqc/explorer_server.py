@@ -4,7 +4,8 @@
 It runs in a subprocess, from this Python when ``model_explorer`` imports here, else from the
 Python named by ``PTQC_EXPLORER_PYTHON`` or the peer venv ``tools/explorer_env.py`` makes
 (``.cache/explorer/venv`` of a source checkout). The page loads our JSON files through the
-server's file reader, so nothing but the app itself is served.
+server's file reader, so nothing but the app itself is served; its check for a newer release (a call
+to PyPI) is switched off.
 """
 from __future__ import annotations
 
@@ -21,7 +22,10 @@ from ptqc.errors import PtqcError
 
 HOST = "127.0.0.1"
 PEER_VENV = Path(__file__).resolve().parents[1] / ".cache" / "explorer" / "venv"
+# The app asks its server for a newer release (PyPI, GitHub): answered here without a network call.
 SERVE = ("import sys\nfrom model_explorer import server\n"
+         "server._check_new_version = lambda print_msg=True: {'version': '', 'runningVersion': '', 'releaseUrl': '', "
+         "'desktopAppUrl': ''}\n"
          "server.start(host=sys.argv[1], port=int(sys.argv[2]), no_open_in_browser=True)\n")
 
 
