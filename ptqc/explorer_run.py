@@ -3,6 +3,7 @@ and serve them in Model Explorer until interrupted."""
 from __future__ import annotations
 
 import re
+import shutil
 import signal
 import tempfile
 import webbrowser
@@ -22,7 +23,7 @@ def safe_name(spec: str) -> str:
 
 
 def _lowered(spec: str, dtype: str, trust_remote_code: bool):
-    """The graph ``spec`` as its backend runs it (``PATH:ascend``: lowered in memory), and the target."""
+    """The graph ``spec`` as its backend runs it (``PATH:ascend``: lowered in memory)."""
     from ptqc import diff
 
     t = diff.open_target(spec, dtype, trust_remote_code)
@@ -70,15 +71,19 @@ def diff_sides(ta, tb, report: dict):
 
 
 def show(sides, *, web: bool, port: int | None, export_dir: Path | None, browser: bool, echo) -> None:
-    """Write the panes (to ``export_dir``, else a temporary directory); with ``web``, serve them until
-    Ctrl-C, opening the page in the default browser unless ``browser`` is false."""
+    """Write the panes (to ``export_dir``, else a temporary directory, removed afterwards); with ``web``,
+    serve them until Ctrl-C, opening the page in the default browser unless ``browser`` is false."""
     out = Path(export_dir) if export_dir else Path(tempfile.mkdtemp(prefix="ptqc-explorer-"))
     data = explorer.export(sides, out)
     if export_dir:
         echo(f"wrote {out}/ ({explorer.MANIFEST}, {sum(1 + len(s.overlays) for s in sides)} graph and overlay "
              f"files; view with: ptqc inspect {out} --web)")
-    if web:
-        serve(data, port=port, browser=browser, echo=echo)
+    try:
+        if web:
+            serve(data, port=port, browser=browser, echo=echo)
+    finally:
+        if not export_dir:
+            shutil.rmtree(out, ignore_errors=True)
 
 
 def _interrupt(signum, frame):

@@ -4,7 +4,6 @@ kernels) on the right nodes, the manifest and URL, the CLI's refusals. The page 
 tests/test_explorer_browser.py."""
 import json
 import math
-from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
 import pytest

@@ -4,7 +4,6 @@ person sees: both graphs side by side, the layer groups, the first divergent lin
 quantization parameters in the info panel, the diff overlay's colour on it (the page's DOM and a
 screenshot's pixels). Skips, saying why, where Chromium or the peer venv cannot be had."""
 import io
-import json
 import math
 import subprocess
 import sys
