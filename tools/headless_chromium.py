@@ -14,6 +14,7 @@ resolve); the addresses of requests to other hosts are kept in ``external``. Use
 from __future__ import annotations
 
 import base64
+import fcntl
 import json
 import os
 import select
@@ -47,13 +48,14 @@ class Chromium:
         to_chrome, self._w = os.pipe()
         self._r, from_chrome = os.pipe()
 
-        def fds():  # the child reads on 3 and writes on 4
-            a, b = os.dup(to_chrome), os.dup(from_chrome)
-            os.dup2(a, 3)
+        def fds():  # the child reads on 3 and writes on 4 (copies above 9 first: the pipes may be 3 or 4)
+            a, b = fcntl.fcntl(to_chrome, fcntl.F_DUPFD, 10), fcntl.fcntl(from_chrome, fcntl.F_DUPFD, 10)
+            os.dup2(a, 3)  # inheritable
             os.dup2(b, 4)
+        self.log = open(os.path.join(self.profile, "stderr.log"), "w+b")
         self.proc = subprocess.Popen([self.exe, *FLAGS, f"--user-data-dir={self.profile}", "about:blank"],
                                      preexec_fn=fds, close_fds=False, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                     stdout=subprocess.DEVNULL, stderr=self.log)
         os.close(to_chrome)
         os.close(from_chrome)
         return self
@@ -70,6 +72,7 @@ class Chromium:
             self.proc.wait()
         os.close(self._w)
         os.close(self._r)
+        self.log.close()
         shutil.rmtree(self.profile, ignore_errors=True)
 
     def _event(self, msg: dict) -> None:
@@ -81,6 +84,13 @@ class Chromium:
         elif msg.get("method") == "Runtime.consoleAPICalled":
             self.console.append(" ".join(str(a.get("value", a.get("description", ""))) for a in p.get("args", [])))
 
+    def _why(self) -> str:
+        """Chromium's exit status and last lines of its stderr."""
+        self.log.flush()
+        self.log.seek(0)
+        tail = self.log.read().decode(errors="replace").strip().splitlines()[-5:]
+        return f" (exit status {self.proc.poll()}): " + " | ".join(tail)
+
     def _read(self, deadline: float) -> dict:
         while b"\0" not in self._buf:
             left = deadline - time.monotonic()
@@ -88,7 +98,7 @@ class Chromium:
                 raise TimeoutError("no answer from chromium")
             chunk = os.read(self._r, 1 << 20)
             if not chunk:
-                raise RuntimeError("chromium closed the pipe")
+                raise RuntimeError(f"chromium closed the pipe{self._why()}")
             self._buf += chunk
         raw, _, self._buf = self._buf.partition(b"\0")
         return json.loads(raw)
@@ -99,7 +109,10 @@ class Chromium:
         msg = {"id": self._id, "method": method, "params": params}
         if self._session and not method.startswith(("Target.", "Browser.")):
             msg["sessionId"] = self._session
-        os.write(self._w, json.dumps(msg).encode() + b"\0")
+        try:
+            os.write(self._w, json.dumps(msg).encode() + b"\0")
+        except BrokenPipeError:
+            raise RuntimeError(f"chromium is gone{self._why()}") from None
         deadline = time.monotonic() + (timeout or self.timeout)
         while True:
             m = self._read(deadline)
