@@ -8,6 +8,7 @@ import click
 
 from ptqc.cli_common import fail, friendly, log, quiet_option, streams_weights
 from ptqc.errors import PtqcError
+from ptqc.explorer_cli import web_options
 
 
 @click.command()
@@ -88,11 +89,12 @@ def diagnose(fp_model, quantized, out, calib, calib_samples, calib_seqlen, calib
 @click.option("--no-linears", is_flag=True, help="Only decoder layer outputs, embedding and logits.")
 @click.option("--dtype", default="float32", show_default=True, help="For a Hugging Face directory.")
 @click.option("--trust-remote-code", is_flag=True)
+@web_options
 @quiet_option
 @friendly
 @streams_weights
 def diff_cmd(a, b, text, calib, samples, seqlen, seed, batch_size, threshold, fail_under, json_out, plot_out,
-             no_linears, dtype, trust_remote_code, quiet):
+             no_linears, dtype, trust_remote_code, web, port, no_browser, export_dir, quiet):
     """Compare B against A on the same tokens: every decoder layer output and matching linear.
 
     A and B are each a model directory (float, torch), an artifact (its fake-quant graph, torch),
@@ -100,8 +102,9 @@ def diff_cmd(a, b, text, calib, samples, seqlen, seed, batch_size, threshold, fa
     onnxruntime, no graph optimization), onnx-int (integer kernels), ascend (the Ascend lowering,
     CPU-emulated without an NPU; options after it: `out/:ascend,truncate=false,device=npu:0`),
     e.g. `ptqc diff out/ out/:onnx`, `ptqc diff out/ out/:ascend`.
-    Metrics per probe: max abs, max rel, SQNR dB, cosine (A is the reference)."""
-    from ptqc import diff as d, progress
+    Metrics per probe: max abs, max rel, SQNR dB, cosine (A is the reference). --web shows both
+    graphs side by side in Model Explorer, coloured by these metrics."""
+    from ptqc import diff as d, explorer_run, progress
 
     d.check_same_model(a, b, trust_remote_code)  # before loading anything
     ta = d.open_target(a, dtype, trust_remote_code)
@@ -110,6 +113,7 @@ def diff_cmd(a, b, text, calib, samples, seqlen, seed, batch_size, threshold, fa
         ids, source = d.input_windows(ta, text=text, samples=samples, seqlen=seqlen, seed=seed, calib=calib)
         rep = d.diff(ta, tb, ids, threshold=threshold, batch_size=batch_size, linears=not no_linears,
                      progress=progress.factory(quiet))
+        sides = explorer_run.diff_sides(ta, tb, rep) if web or export_dir else None
     finally:
         ta.close()
         tb.close()
@@ -121,6 +125,8 @@ def diff_cmd(a, b, text, calib, samples, seqlen, seed, batch_size, threshold, fa
     if plot_out is not None:
         plot_out.parent.mkdir(parents=True, exist_ok=True)
         d.plot(rep, plot_out)
+    if sides:
+        explorer_run.show(sides, web=web, port=port, export_dir=export_dir, browser=not no_browser, echo=click.echo)
     if fail_under is not None:
         bad = d.fails_under(rep, fail_under)
         if bad:

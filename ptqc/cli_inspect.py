@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from ptqc.cli_common import friendly, load_plugins
+from ptqc.explorer_cli import web_options
 
 
 @click.command("inspect")
@@ -23,11 +24,20 @@ from ptqc.cli_common import friendly, load_plugins
               help="Only the MoE experts: routed calibration tokens and weight scheme of each expert.")
 @click.option("--dtype", default="float32", show_default=True, help="For a Hugging Face directory.")
 @click.option("--trust-remote-code", is_flag=True)
+@web_options
+@click.option("--overlay", "overlays", multiple=True, type=click.Path(path_type=Path, dir_okay=False),
+              help="With --web/--export: node colours from a `ptqc diff --json` or diagnose diagnostics.json report.")
 @friendly
-def inspect_cmd(path, layer, op, role, fmt, counts, per_layer, kernel_ops, moe_experts, dtype, trust_remote_code):
-    """Show the graph of an artifact (or of a model directory, canonicalized)."""
+def inspect_cmd(path, layer, op, role, fmt, counts, per_layer, kernel_ops, moe_experts, dtype, trust_remote_code,
+                web, port, no_browser, export_dir, overlays):
+    """Show the graph of an artifact (or of a model directory, canonicalized).
+
+    --web shows it in Model Explorer (PATH:ascend: as lowered; with --ops: the Ascend kernel of each
+    node; --overlay: per-node errors); PATH may also be a directory written by --export."""
     from ptqc import artifact, backends, inspect
 
+    if web or export_dir:
+        return _web(str(path), dtype, trust_remote_code, overlays, kernel_ops, web, port, no_browser, export_dir)
     qm = artifact.load_any(path, dtype, trust_remote_code)
     if kernel_ops:
         rows = backends.get("ascend").kernel_report(qm)
@@ -39,6 +49,15 @@ def inspect_cmd(path, layer, op, role, fmt, counts, per_layer, kernel_ops, moe_e
         click.echo(inspect.counts_text(qm, per_layer, fmt))
     else:
         click.echo(inspect.render(qm, fmt, layer, op, role))
+
+
+def _web(spec, dtype, trust_remote_code, overlays, kernel_ops, web, port, no_browser, export_dir):
+    from ptqc import explorer, explorer_run
+
+    if web and not export_dir and (Path(spec) / explorer.MANIFEST).is_file():
+        return explorer_run.serve_export(Path(spec), port=port, browser=not no_browser, echo=click.echo)
+    sides = explorer_run.inspect_sides(spec, dtype, trust_remote_code, overlays, kernel_ops)
+    explorer_run.show(sides, web=web, port=port, export_dir=export_dir, browser=not no_browser, echo=click.echo)
 
 
 @click.command("passes")
