@@ -5,6 +5,9 @@ inverse folds into the weights, so the float model is unchanged. Run it before a
 
 a. Norm fusion: each RMSNorm's ``offset + w`` into the columns of the linears it feeds (the final
    norm into lm_head), its weight set to ``1 - offset``; ``x / rms(x)`` commutes with Q.
+   LayerNorm models (QuaRot's trick): the stream is centered first (embedding rows, writers' output
+   rows and biases minus their mean), so each LayerNorm equals an RMSNorm plus its bias; the norm
+   becomes ``ptqc.rms_norm`` and its bias ``b`` moves into the readers' biases (``c + W b``).
 b. Residual rotation (``residual=hadamard``: randomized Hadamard from ``seed``; ``orthogonal``:
    a random QR, for sizes without a Hadamard factorization): embeddings and readers (q, k, v,
    gate, up, lm_head) ``W <- W Q``; writers (o_proj, down_proj) ``W <- Q^T W``, ``b <- b Q``.
@@ -33,12 +36,13 @@ import torch.fx as fx
 from ptqc import hadamard, ops
 from ptqc.errors import PtqcError
 from ptqc.ir import info, is_op
+from ptqc.norms import is_norm
 from ptqc.patterns import activation_input, skip_transparent
 from ptqc.pipeline import Pass, PassResult, _short, register
 
 aten = torch.ops.aten
 
-READERS = ("q", "k", "v", "gate", "up", "lm_head", "q_a", "kv_a")  # linears reading the residual stream (W <- W Q; MLA: q_a, kv_a)
+READERS = ("q", "k", "v", "qkv", "gate", "up", "gate_up", "lm_head", "q_a", "kv_a")  # reading the residual stream (W <- W Q)
 WRITERS = ("o", "down")  # linears adding to it (W <- Q^T W)
 # shape ops that keep each row of the last dimension intact (checked on the recorded shapes)
 ROW_OPS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.clone.default,
@@ -51,8 +55,9 @@ ROW_OPS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, a
 class ResidualPlan:
     hidden: int
     embeds: list[fx.Node] = field(default_factory=list)  # aten.embedding (weight [vocab, hidden])
-    norms: dict = field(default_factory=dict)  # rms_norm on the stream -> linears it feeds
+    norms: dict = field(default_factory=dict)  # rms_norm / layer_norm on the stream -> linears it feeds
     readers: list[fx.Node] = field(default_factory=list)
+    direct: list[fx.Node] = field(default_factory=list)  # readers of the stream itself (no norm between)
     writers: list[fx.Node] = field(default_factory=list)
 
 
@@ -97,6 +102,8 @@ def _add_linear(n: fx.Node, ins: list[fx.Node], kind: dict, plan: ResidualPlan) 
         plan.readers.append(n)
         if isinstance(kind[ins[0]], fx.Node):  # the norm behind its input
             plan.norms[kind[ins[0]]].append(n)
+        else:
+            plan.direct.append(n)
 
 
 def _stream_kind(n: fx.Node, ins: list[fx.Node], kind: dict, plan: ResidualPlan):
@@ -107,7 +114,7 @@ def _stream_kind(n: fx.Node, ins: list[fx.Node], kind: dict, plan: ResidualPlan)
             return normed[0]
         raise PtqcError(f"rotate: {_where(normed[0])} feeds {_where(n)}, not only linears: its weight cannot "
                         "be folded into the next linears, so this architecture cannot be rotated")
-    if is_op(n, ops.RMS_NORM) and ins == [n.args[0]]:
+    if is_norm(n) and ins == [n.args[0]]:
         plan.norms[n] = []
         return n
     if (n.target == aten.add.Tensor and not n.kwargs and len(ins) == 2 and list(n.args) == ins
@@ -115,7 +122,7 @@ def _stream_kind(n: fx.Node, ins: list[fx.Node], kind: dict, plan: ResidualPlan)
             or len(ins) == 1 and _keeps_rows(n, plan.hidden)):  # the mul: Gemma's embedding scale commutes with Q
         return "res"
     raise PtqcError(f"rotate: {_where(n)} reads the residual stream; only adds, scalar multiplies, "
-                    "RMSNorm and the q/k/v/gate/up/lm_head linears may (a rotation would change its result)")
+                    "norms and the q/k/v/gate/up/lm_head linears may (a rotation would change its result)")
 
 
 def residual_plan(qm) -> ResidualPlan:
@@ -155,6 +162,7 @@ def residual_plan(qm) -> ResidualPlan:
     for norm, lins in plan.norms.items():
         if not lins:
             raise PtqcError(f"rotate: {_where(norm)} feeds no linear; its weight cannot be folded")
+    _check_centering(plan)
     for n in plan.readers + plan.writers:
         w = n.args[1]
         if not (isinstance(w, fx.Node) and w.op == "get_attr"):
@@ -164,6 +172,24 @@ def residual_plan(qm) -> ResidualPlan:
             raise PtqcError(f"rotate: {_where(n)} has weight [{out_ch}, {in_ch}], "
                             f"not matching hidden size {plan.hidden}")
     return plan
+
+
+def _check_centering(plan: ResidualPlan) -> None:
+    """LayerNorms become RMSNorms on a centered stream: only if every norm on it is a LayerNorm with a
+    weight and nothing reads the stream without a norm (centering would change what it reads)."""
+    lns = [n for n in plan.norms if is_op(n, ops.LAYER_NORM)]
+    if not lns:
+        return
+    rms = [n for n in plan.norms if not is_op(n, ops.LAYER_NORM)]
+    if rms:
+        raise PtqcError(f"rotate: {_where(lns[0])} is a LayerNorm and {_where(rms[0])} an RMSNorm on the same "
+                        "residual stream; centering the stream for the LayerNorms would change the RMSNorm")
+    if plan.direct:
+        raise PtqcError(f"rotate: {_where(plan.direct[0])} reads the residual stream without a norm; centering "
+                        "the stream for its LayerNorms would change what it reads")
+    for n in lns:
+        if n.args[1] is None:
+            raise PtqcError(f"rotate: {_where(n)} is a LayerNorm without a weight")
 
 
 def _single_path(src: fx.Node, dst: fx.Node) -> bool:
@@ -213,17 +239,55 @@ class _Rewrite:
     def layer(self, n: fx.Node) -> dict:
         return self.layers.setdefault(info(n).get("layer"), {})
 
+    def center(self, plan: ResidualPlan) -> None:
+        """a. (LayerNorm models) Subtract the mean over the hidden channels from everything written to the
+        stream: embedding rows, writers' weight columns and biases; each LayerNorm then reads it unchanged."""
+        for e in plan.embeds:
+            self.edit(e.args[0].target, lambda w: w - w.mean(-1, keepdim=True))
+        for n in plan.writers:
+            self.edit(n.args[1].target, lambda w: w - w.mean(0, keepdim=True))
+            b = _arg(n, 2, "b")
+            if b is not None:
+                self.edit(b.target, lambda v: v - v.mean())
+        self.layers.setdefault(None, {})["centered"] = len(plan.embeds) + len(plan.writers)
+
     def fuse_norms(self, plan: ResidualPlan) -> None:
-        """a. Each norm's ``offset + w`` into the columns of the linears it feeds; its weight to ``1 - offset``."""
+        """a. Each norm's ``offset + w`` into the columns of the linears it feeds; its weight to ``1 - offset``.
+        A LayerNorm's bias ``b`` goes into its readers' biases (``c + W b``), the norm becomes an RMSNorm."""
         for norm, lins in plan.norms.items():
-            offset = float(_arg(norm, 3, "offset", 0.0))
+            offset = float(_arg(norm, 3, "offset", 0.0)) if is_op(norm, ops.RMS_NORM) else 0.0
             w_name = norm.args[1].target
             scale = self.qm.store[w_name].double() + offset
             for lin in lins:
                 self.edit(lin.args[1].target, lambda w, s=scale: w * s[None, :])
             self.edit(w_name, lambda w, v=1.0 - offset: torch.full_like(w, v))
+            if is_op(norm, ops.LAYER_NORM):
+                self._layer_norm_to_rms(norm, lins)
             roles = "/".join(info(n)["role"] for n in lins)
             self.layer(norm).setdefault("fused", []).append(f"{info(norm).get('role')} -> {roles}")
+
+    def _layer_norm_to_rms(self, norm: fx.Node, lins: list[fx.Node]) -> None:
+        """The bias of ``norm`` into its readers' biases (a zero bias made where a reader has none),
+        then ``ptqc.rms_norm(x, w, eps)`` in its place (exact on the centered stream)."""
+        x, w, b, eps = norm.args
+        g, store = self.qm.graph, self.qm.store
+        for lin in lins if b is not None else ():
+            shift = store[lin.args[1].target].double() @ store[b.target].double()
+            c = _arg(lin, 2, "b")
+            if c is None:
+                name = f"{info(lin)['module']}.bias"
+                store[name] = torch.zeros(shift.shape, dtype=self.qm.dtype)
+                with g.inserting_before(lin):
+                    c = g.get_attr(name)
+                lin.args = (lin.args[0], lin.args[1], c, *lin.args[3:])
+            self.edit(c.target, lambda v, s=shift: v + s)
+        with g.inserting_before(norm):
+            rms = g.call_function(ops.RMS_NORM, (x, w, float(eps)))
+        rms.meta.update(norm.meta)
+        norm.replace_all_uses_with(rms)
+        g.erase_node(norm)
+        if b is not None and not b.users:
+            g.erase_node(b)
 
     def rotate_residual(self, plan: ResidualPlan, Q: torch.Tensor) -> None:
         """b. Embeddings and readers ``W <- W Q``; writers ``W <- Q^T W``, ``b <- b Q``."""
@@ -326,6 +390,8 @@ class Rotate(Pass):
         v_pairs = {attn: self._v_pair(qm, attn) for attn in head_dims} if o.v else {}
         Q = (hadamard.random_hadamard if o.residual == "hadamard" else hadamard.random_orthogonal)(plan.hidden, o.seed)
         rw = _Rewrite(qm)
+        if any(is_op(n, ops.LAYER_NORM) for n in plan.norms):
+            rw.center(plan)
         rw.fuse_norms(plan)
         rw.rotate_residual(plan, Q)
         rw.online_hadamards(downs, head_dims if o.qk else {})

@@ -118,6 +118,11 @@ def rule_drop_noops(node: fx.Node) -> bool:
         node.replace_all_uses_with(node.args[0])
         node.graph.erase_node(node)
         return True
+    if node.target == aten.type_as.default and _dtype(node.args[0]) is not None \
+            and _dtype(node.args[0]) == _dtype(node):  # Gemma's norm: type_as(x) of a value already x's dtype
+        node.replace_all_uses_with(node.args[0])
+        node.graph.erase_node(node)
+        return True
     if node.target == aten._to_copy.default and set(node.kwargs) <= {"dtype", "layout", "device"}:
         src = node.args[0]
         if _dtype(src) is not None and _dtype(src) == _dtype(node) and "device" not in node.kwargs:

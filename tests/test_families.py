@@ -193,3 +193,30 @@ def test_unsupported_construct_names_the_module(tmp_path):
                                         r".*(constant|does not type-check)") as e:
         frontend.load(p)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("arch,opts", [("stablelm", ""), ("phi", ""), ("gpt_neox", ":v=false")])
+def test_rotate_layer_norm_families_exactly(fam, ids, arch, opts):
+    """QuaRot's centering: the stream made zero-mean, each LayerNorm becomes an RMSNorm with its weight
+    fused into the readers and its bias moved into their biases (made where a reader has none)."""
+    qm = fam(arch)
+    x = ids(2, 17)
+    want = qm(x)
+    n_norms = len(list(qm.nodes(ops.LAYER_NORM)))
+    _run(qm, "rotate" + opts)
+    assert not list(qm.nodes(ops.LAYER_NORM)) and len(list(qm.nodes(ops.RMS_NORM))) == n_norms
+    assert all(torch.equal(qm.store[n.args[1].target], torch.ones(64)) for n in qm.nodes(ops.RMS_NORM))
+    assert qm.history[-1]["summary"]["layers"][-1]["centered"] == 1 + 2 * 2  # embedding, o and down of 2 layers
+    assert all(lin.args[2] is not None for lin in qm.linears(role="lm_head"))  # the final norm's bias
+    assert (qm(x) - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+def test_rotate_refuses_what_centering_would_change(fam):
+    qm = fam("stablelm")
+    final = next(n for n in qm.nodes(ops.LAYER_NORM) if n.meta["ptqc"]["role"] == "final_norm")
+    final.target, final.args = ops.RMS_NORM, (final.args[0], final.args[1], final.args[3])
+    with pytest.raises(PtqcError, match=r"^rotate: model\.layers\.0\.input_layernorm \(ptqc\.layer_norm\) is a "
+                                        r"LayerNorm and model\.norm \(ptqc\.rms_norm\) an RMSNorm on the same"):
+        _run(qm, "rotate")
+    with pytest.raises(PtqcError, match=r"query_key_value \(ptqc\.linear\) is not a v_proj output|value input"):
+        _run(fam("gpt_neox"), "rotate")  # fused qkv: the per-head V fold is not offered

@@ -93,6 +93,17 @@ FAMILIES = {
     "phi": _family("phi", partial_rotary_factor=0.5, hidden_act="gelu_new"),
     "falcon": _family("falcon", new_decoder_architecture=False, multi_query=False, parallel_attn=True, bias=True,
                       ffn_hidden_size=lambda c, h, n, w: c["intermediate_size"], alibi=False),
+    # Llama-like families of the architecture matrix (tools/bench/arch_matrix.py): Gemma 1 ((1 + w) norms,
+    # scaled embeddings), Phi-3 (fused qkv_proj / gate_up_proj), OLMo2 (post-norms, q/k norms), GLM-4
+    # (sandwich norms, fused gate_up, partial rotary), Granite (embedding/residual/attention/logit
+    # multipliers), SmolLM3 (no rope in every 2nd layer).
+    "gemma": _family("gemma", head_dim=lambda c, h, n, w: h // n, hidden_activation="gelu_pytorch_tanh"),
+    "phi3": _family("phi3", pad_token_id=0),
+    "olmo2": _family("olmo2", pad_token_id=0),
+    "glm4": _family("glm4", head_dim=lambda c, h, n, w: h // n, pad_token_id=0),
+    "granite": _family("granite", embedding_multiplier=2.0, residual_multiplier=0.5, logits_scaling=4.0,
+                       attention_multiplier=0.2),
+    "smollm3": _family("smollm3", pad_token_id=0, no_rope_layer_interval=2),
 }
 RENAMES: dict = {}
 DROPS = {"gpt_neox": ("num_key_value_heads",), "falcon": ("intermediate_size", "num_key_value_heads")}
