@@ -18,13 +18,15 @@ from ptqc.errors import PtqcError
 @click.option("--ray", default=None, metavar="auto|ADDRESS|local",
               help="Run the cells as Ray tasks: on the running cluster (auto), the one at ADDRESS, or a "
                    "runtime started here (local, --jobs CPUs). Needs ptqc[ray]; models must be on shared storage.")
+@click.option("--select", "select", multiple=True, metavar="PATTERN",
+              help="Only the cells named like MODEL/PIPELINE/SEED (shell pattern, repeatable; seed '-' for FP).")
 @click.option("--compare", nargs=2, type=click.Path(path_type=Path), default=None, metavar="A B",
               help="Print what changed between two study directories (instead of running SPEC).")
 @click.option("--tol", type=float, default=1e-4, show_default=True, help="With --compare: relative change reported.")
 @quiet_option
 @friendly
 @streams_weights
-def study_cmd(spec, out, jobs, ray, compare, tol, quiet):
+def study_cmd(spec, out, jobs, ray, select, compare, tol, quiet):
     """Run the study SPEC (YAML) into OUT; cells already computed there are reused."""
     if compare:
         from ptqc import study_compare
@@ -37,7 +39,7 @@ def study_cmd(spec, out, jobs, ray, compare, tol, quiet):
         raise PtqcError("give a study file and -o DIR (or --compare A B)")
     from ptqc import study
 
-    res = study.run(spec, out, jobs=jobs, ray=ray, log=lambda msg: log(quiet, msg))
+    res = study.run(spec, out, jobs=jobs, ray=ray, select=select, log=lambda msg: log(quiet, msg))
     failed = sum(1 for c in res["cells"] if c.get("status") != "ok")
     log(quiet, f"{res['computed']} computed, {res['cached']} cached, {failed} failed")
     if not quiet:

@@ -85,12 +85,33 @@ def _describe(cell: dict, res: dict) -> str:
     return f"{what}: {ppl or 'ok'}{' [' + ', '.join(flags) + ']' if flags else ''} ({res.get('seconds', 0):.1f}s)"
 
 
-def plan(spec, out: Path):
-    """The study, its cells, the cell store and the keys already computed."""
+def cell_name(cell: dict) -> str:
+    return f"{cell['model']}/{cell['pipeline']}/{'-' if cell['seed'] is None else cell['seed']}"
+
+
+def selected(cells: list[dict], patterns) -> list[dict]:
+    """The cells whose ``MODEL/PIPELINE/SEED`` (seed ``-`` for the float model) matches a pattern."""
+    import fnmatch
+
+    if not patterns:
+        return cells
+    out = [c for c in cells if any(fnmatch.fnmatchcase(cell_name(c), p) for p in patterns)]
+    if not out:
+        raise PtqcError(f"--select {' '.join(patterns)} matches no cell; cells are named MODEL/PIPELINE/SEED, "
+                        f"e.g. {cell_name(cells[-1])}")
+    return out
+
+
+def plan(spec, out: Path, select=None):
+    """The study, its (selected) cells, the cell store and the keys already computed."""
     study = study_spec.load(spec)
+    if study.evaluation["tasks"]:
+        from ptqc import lm_eval_adapter
+
+        lm_eval_adapter.require()  # before anything runs
     check_dir(out)
     dig = study_cells.Digests(out / "digests.json" if out.is_dir() else None)
-    cells = study_cells.cells(study, dig)
+    cells = selected(study_cells.cells(study, dig), select)
     out.mkdir(parents=True, exist_ok=True)
     dig.path = out / "digests.json"
     dig.save()
@@ -99,13 +120,13 @@ def plan(spec, out: Path):
     return study, cells, store, done
 
 
-def run(spec, out, *, jobs: int = 1, ray: str | None = None, log=lambda msg: None) -> dict:
-    """Compute the study's missing cells and write its outputs; returns results.json's content
-    plus ``computed`` / ``cached`` counts."""
+def run(spec, out, *, jobs: int = 1, ray: str | None = None, select=None, log=lambda msg: None) -> dict:
+    """Compute the study's missing cells (those matching ``select``, default all) and write its
+    outputs; returns results.json's content plus ``computed`` / ``cached`` counts."""
     out = Path(out)
     if jobs < 1:
         raise PtqcError(f"--jobs {jobs} must be at least 1")
-    study, cells, store, done = plan(spec, out)
+    study, cells, store, done = plan(spec, out, select)
     todo = list({c["key"]: c for c in cells if c["key"] not in done}.values())
     log(f"{study.name}: {len(cells)} cells, {len(set(c['key'] for c in cells) & done)} cached, "
         f"{len(todo)} to compute" + (f" (ray {ray})" if ray else f" ({jobs} jobs)" if jobs > 1 else ""))

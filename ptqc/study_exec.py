@@ -34,11 +34,13 @@ def serial(todo: list[dict], on_result) -> None:
 
 
 def pool(todo: list[dict], on_result, jobs: int) -> None:
-    """``jobs`` spawned processes, each with cpu_count // jobs torch threads."""
+    """``jobs`` processes, each with cpu_count // jobs torch threads. Forked where the platform can
+    (the workers start with torch and the passes imported, as DataLoader workers), else spawned."""
     import multiprocessing
 
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    ex = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_threads,
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    ex = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context(method), initializer=_threads,
                              initargs=(threads,))
     try:
         futures = {ex.submit(run_cell, c): c for c in todo}

@@ -20,7 +20,7 @@ PIPELINES = [{"name": "FP"},
 def write_spec(path, model, **over):
     spec = {"models": [str(model)], "pipelines": PIPELINES, "seeds": [0, 1],
             "calibration": {"samples": 4, "seqlen": 32},
-            "evaluation": {"ppl": {"seqlen": 32, "max_windows": 2}, "collapse": {"max_new_tokens": 4}}}
+            "evaluation": {"ppl": {"seqlen": 32, "max_windows": 2}, "collapse": {"max_new_tokens": 2}}}
     spec.update(over)
     path.write_text(yaml.safe_dump(spec))
     return path
@@ -61,6 +61,17 @@ def test_bad_spec_one_line_nothing_written(models, tmp_path, over, msg):
     lines = r.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and msg in lines[0], r.output
     assert not (tmp_path / "out").exists()
+
+
+def test_tasks_without_lm_eval_one_line(models, tmp_path):
+    try:
+        import lm_eval  # noqa: F401
+        pytest.skip("lm-eval is installed")
+    except ImportError:
+        pass
+    spec = write_spec(tmp_path / "s.yaml", models["qwen2"], evaluation={"tasks": {"names": "arc_easy"}})
+    r = CliRunner().invoke(main, ["study", str(spec), "-o", str(tmp_path / "out")])
+    assert r.exit_code == 2 and r.output.startswith("error: lm-eval is not installed") and not (tmp_path / "out").exists()
 
 
 def test_one_protocol_per_cell(base):
@@ -120,11 +131,17 @@ def _respec(spec, tmp_path, **over):
     return p
 
 
+def _copy_without(out, d, cells):
+    """A copy of the study directory ``out`` without the cache files of ``cells``."""
+    shutil.copytree(out, d)
+    for c in cells:
+        (d / "cells" / f"{c['key']}.json").unlink()
+
+
 def test_failed_cell_recorded_study_goes_on_and_retried(base, tmp_path, monkeypatch):
     spec, out, first = base
     d = tmp_path / "out"
-    shutil.copytree(out, d)
-    shutil.rmtree(d / "cells")
+    _copy_without(out, d, [by(first, "SQ W8A8", 1), by(first, "RTN W4", 1)])
     real = study_worker.measure
 
     def flaky(cell):
@@ -135,8 +152,8 @@ def test_failed_cell_recorded_study_goes_on_and_retried(base, tmp_path, monkeypa
     monkeypatch.setattr(study_worker, "measure", flaky)
     res = study.run(spec, d)
     bad = by(res, "SQ W8A8", 1)
-    assert bad["status"] == "failed" and bad["error"].startswith("RuntimeError: boom (at ")
-    assert [c["status"] for c in res["cells"]].count("ok") == 4
+    assert res["computed"] == 2 and bad["status"] == "failed" and bad["error"].startswith("RuntimeError: boom (at ")
+    assert [c["status"] for c in res["cells"]].count("ok") == 4  # the study went on
     assert "failed 1/2" in (d / "results.md").read_text()
     monkeypatch.setattr(study_worker, "measure", real)
     again = study.run(spec, d)  # the failed cell is computed again, the others come from the cache
@@ -146,11 +163,12 @@ def test_failed_cell_recorded_study_goes_on_and_retried(base, tmp_path, monkeypa
 def test_interrupted_study_resumes(base, tmp_path, monkeypatch):
     spec, out, first = base
     d = tmp_path / "out"
+    _copy_without(out, d, first["cells"][2:])
     real, calls = study_worker.measure, []
 
     def interrupted(cell):
         calls.append(cell["key"])
-        if len(calls) == 3:
+        if len(calls) == 2:
             raise KeyboardInterrupt
         return real(cell)
 
@@ -158,10 +176,10 @@ def test_interrupted_study_resumes(base, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         study.run(spec, d)
     partial = json.loads((d / "results.json").read_text())
-    assert [c["status"] for c in partial["cells"]].count("ok") == 2
+    assert [c["status"] for c in partial["cells"]] == ["ok"] * 3 + ["missing"] * 2
     monkeypatch.setattr(study_worker, "measure", real)
     res = study.run(spec, d)
-    assert (res["cached"], res["computed"]) == (2, 3)
+    assert (res["cached"], res["computed"]) == (3, 2)
     assert [c["ppl"] for c in res["cells"]] == [c["ppl"] for c in first["cells"]]
 
 
@@ -193,14 +211,27 @@ def _same_numbers(a, b):
 
 def test_jobs_2_equals_serial(base, tmp_path):
     spec, _, first = base
-    res = study.run(_respec(spec, tmp_path, seeds=[0]), tmp_path / "out", jobs=2)
-    assert res["computed"] == 3
+    res = study.run(_respec(spec, tmp_path, seeds=[0], pipelines=PIPELINES[:2]), tmp_path / "out", jobs=2)
+    assert res["computed"] == 2
     _same_numbers(first, res)
 
 
 def test_ray_local_runtime_equals_serial(base, tmp_path):
     pytest.importorskip("ray", reason="Ray is not installed (pip install 'ptqc[ray]')")
     spec, _, first = base
-    res = study.run(_respec(spec, tmp_path, seeds=[1]), tmp_path / "out", ray="local", jobs=2)
-    assert res["computed"] == 3
+    res = study.run(_respec(spec, tmp_path, seeds=[1], pipelines=PIPELINES[:2]), tmp_path / "out", ray="local", jobs=2)
+    assert res["computed"] == 2
     _same_numbers(first, res)
+
+
+def test_shipped_study_parses_and_select(tmp_path):
+    from ptqc import study_cells, study_spec
+    from conftest import ROOT
+
+    s = study_spec.load(ROOT / "studies" / "case-study-map.yaml")
+    cells = study_cells.cells(s, study_cells.Digests())
+    assert len(s.pipelines) == 25 and len(cells) == 2 * (1 + 24 * 3)
+    assert [c["pipeline"] for c in study.selected(cells, ["tiny-qwen2/GPTQ W*/0"])] == [
+        "GPTQ W8", "GPTQ W4", "GPTQ W3", "GPTQ W2"]
+    r = CliRunner().invoke(main, ["study", str(s.path), "-o", str(tmp_path / "o"), "--select", "nope"])
+    assert r.exit_code == 2 and "--select nope matches no cell" in r.output and not (tmp_path / "o").exists()
