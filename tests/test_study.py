@@ -1,5 +1,6 @@
 """ptqc study: spec errors, one protocol per cell, cache keys, failed cells, resume, table math,
 outputs, --compare, and the --jobs / --ray engines against the serial run."""
+import importlib.util
 import json
 import math
 import shutil
@@ -216,8 +217,9 @@ def test_jobs_2_equals_serial(base, tmp_path):
     _same_numbers(first, res)
 
 
+@pytest.mark.skipif(importlib.util.find_spec("ray") is None,
+                    reason="Ray is not installed (pip install 'ptqc[ray]'; the test extra has it)")
 def test_ray_local_runtime_equals_serial(base, tmp_path):
-    pytest.importorskip("ray", reason="Ray is not installed (pip install 'ptqc[ray]')")
     spec, _, first = base
     res = study.run(_respec(spec, tmp_path, seeds=[1], pipelines=PIPELINES[:2]), tmp_path / "out", ray="local", jobs=2)
     assert res["computed"] == 2
