@@ -126,6 +126,8 @@ def run(spec, out, *, jobs: int = 1, ray: str | None = None, select=None, log=la
     out = Path(out)
     if jobs < 1:
         raise PtqcError(f"--jobs {jobs} must be at least 1")
+    if ray:
+        study_exec.require_ray()  # before anything is written
     study, cells, store, done = plan(spec, out, select)
     todo = list({c["key"]: c for c in cells if c["key"] not in done}.values())
     log(f"{study.name}: {len(cells)} cells, {len(set(c['key'] for c in cells) & done)} cached, "

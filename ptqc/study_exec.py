@@ -66,12 +66,17 @@ def _ray_init(ray, address: str, jobs: int) -> bool:
     return True
 
 
-def on_ray(todo: list[dict], on_result, address: str, jobs: int = 1) -> None:
-    """One Ray task per cell; results handed over as tasks finish."""
+def require_ray():
     try:
         import ray
     except ImportError:
         raise PtqcError(RAY_MISSING) from None
+    return ray
+
+
+def on_ray(todo: list[dict], on_result, address: str, jobs: int = 1) -> None:
+    """One Ray task per cell; results handed over as tasks finish."""
+    ray = require_ray()
     started = _ray_init(ray, address, jobs)
     task = ray.remote(num_cpus=1, max_retries=0)(run_cell)
     refs = {task.remote(c): c for c in todo}

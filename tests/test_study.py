@@ -75,6 +75,14 @@ def test_tasks_without_lm_eval_one_line(models, tmp_path):
     assert r.exit_code == 2 and r.output.startswith("error: lm-eval is not installed") and not (tmp_path / "out").exists()
 
 
+@pytest.mark.skipif(importlib.util.find_spec("ray") is not None, reason="Ray is installed")
+def test_ray_missing_one_line(models, tmp_path):
+    spec = write_spec(tmp_path / "s.yaml", models["qwen2"])
+    r = CliRunner().invoke(main, ["study", str(spec), "-o", str(tmp_path / "out"), "--ray", "auto"])
+    assert r.exit_code == 2 and r.output == "error: --ray needs Ray: pip install 'ptqc[ray]'\n"
+    assert not (tmp_path / "out").exists()
+
+
 def test_one_protocol_per_cell(base):
     _, out, res = base
     cells = res["cells"]
