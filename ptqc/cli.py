@@ -8,6 +8,7 @@
     ptqc diagnose MODEL OUT -o DIR                  per-layer / per-linear error vs the float model
     ptqc diff A B                                   two models or backends compared probe by probe
     ptqc export OUT -o FILE|DIR                     ONNX, Ascend or compressed-tensors (check-export DIR)
+    ptqc study STUDY.yaml -o DIR                    models x pipelines x seeds, cached (--jobs N, --ray, --compare A B)
 
 The commands live in ``ptqc/cli_*.py``; they parse options and call the library. Errors a user
 can cause print one line (``error: ...``) and exit with status 2.
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import click
 
-from ptqc import cli_compare, cli_compile, cli_eval, cli_export, cli_inspect
+from ptqc import cli_compare, cli_compile, cli_eval, cli_export, cli_inspect, cli_study
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -27,7 +28,7 @@ def main():
 
 for _cmd in (cli_compile.compile, cli_compare.diagnose, cli_compare.diff_cmd, cli_eval.eval_cmd,
              cli_eval.generate_cmd, cli_export.export_cmd, cli_export.check_export_cmd, cli_inspect.inspect_cmd,
-             cli_inspect.passes_cmd, cli_inspect.recipes_cmd):
+             cli_inspect.passes_cmd, cli_inspect.recipes_cmd, cli_study.study_cmd):
     main.add_command(_cmd)
 
 
