@@ -11,6 +11,7 @@ tr(dW H dW^T) / tr(W H W^T) of GPTQ and of RTN with the same scheme (``err_gptq`
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Literal
 
@@ -88,26 +89,27 @@ def gptq_stack(site, W: torch.Tensor, stats: ExpertHessians, spec: quant.QuantSp
 def calibrate_hessians(qm, ctx, groups: dict, quantize, propagate: str, desc: str, stacks: dict | None = None) -> dict:
     """Calibrate layer by layer with one Hessian per group of linears sharing an input (``groups``:
     layer -> [linears], from ``grouped_targets``); ``quantize(lins, h)`` once a group's is complete.
-    ``stacks``: layer -> {experts node: (ExpertHessians, callback(stats))}, per-expert statistics."""
+    ``stacks``: layer -> {experts node: (make() -> ExpertHessians, callback(stats))}, per-expert
+    statistics made when their layer is observed, so one layer's are ever held."""
     stacks = stacks or {}
 
     def observe(i):
         obs = {lins[0]: {"h": Hessian()} for lins in groups.get(i, [])}
-        return {**obs, **{node: {"experts": st} for node, (st, _) in stacks.get(i, {}).items()}}
+        return {**obs, **{node: {"experts": make()} for node, (make, _) in stacks.get(i, {}).items()}}
 
     def apply(i, stats):
         for lins in groups.get(i, []):
             if lins[0] in stats:  # sequential: only this stage's inputs are observed yet
                 quantize(lins, stats[lins[0]]["h"].result())
-        for node, (st, done) in stacks.get(i, {}).items():
+        for node, (_, done) in stacks.get(i, {}).items():
             if node in stats:
-                done(st)
+                done(stats[node]["experts"])
 
     return calibrate(qm, ctx, observe, apply, propagate=propagate, layers=sorted({*groups, *stacks}), desc=desc)
 
 
 def expert_stacks(qm, opts: dict, quantize) -> dict:
-    """layer -> {experts node: (ExpertHessians, callback)} for the expert sites in ``opts``;
+    """layer -> {experts node: (make() -> ExpertHessians, callback)} for the expert sites in ``opts``;
     ``quantize(site, stats)`` per site once its node's statistics are complete."""
     out: dict = {}
     for node in qm.nodes(ops.MOE_EXPERTS):
@@ -115,10 +117,10 @@ def expert_stacks(qm, opts: dict, quantize) -> dict:
         if not chosen:
             continue
         mos = [opts[s.name] for s in chosen]
-        st = ExpertHessians(qm.store.spec(weight_node(chosen[0]).target)[0][0], node.kwargs.get("act", "silu"),
-                            node.kwargs.get("down_act_bits", 0),
-                            all_tokens=any(mo.all_experts or mo.few_tokens == "all" for mo in mos))
-        out.setdefault(info(node)["layer"], {})[node] = (st, lambda st, chosen=chosen: [quantize(s, st) for s in chosen])
+        make = functools.partial(ExpertHessians, qm.store.spec(weight_node(chosen[0]).target)[0][0],
+                                 node.kwargs.get("act", "silu"), node.kwargs.get("down_act_bits", 0),
+                                 all_tokens=any(mo.all_experts or mo.few_tokens == "all" for mo in mos))
+        out.setdefault(info(node)["layer"], {})[node] = (make, lambda st, chosen=chosen: [quantize(s, st) for s in chosen])
     return out
 
 
