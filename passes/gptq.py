@@ -90,7 +90,7 @@ def calibrate_hessians(qm, ctx, groups: dict, quantize, propagate: str, desc: st
     """Calibrate layer by layer with one Hessian per group of linears sharing an input (``groups``:
     layer -> [linears], from ``grouped_targets``); ``quantize(lins, h)`` once a group's is complete.
     ``stacks``: layer -> {experts node: (make() -> ExpertHessians, callback(stats))}, per-expert
-    statistics made when their layer is observed, so one layer's are ever held."""
+    statistics made when their layer is observed, so only that layer's are held at a time."""
     stacks = stacks or {}
 
     def observe(i):
