@@ -68,7 +68,7 @@ class GPTAQ(gptq.GPTQ):
         for i in ctx.progress(range(rq.num_layers), desc="gptaq", unit="layer"):
             key = f"layer.{i}"
             reps = {lins[0].name: lins for lins in groups.get(i, [])}
-            moe = stacks.get(i, {})
+            moe = stacks.pop(i, {})  # this layer's statistics, dropped with it
             acc = {name: [0, 0, 0] for name in reps}  # sum x_q x_q^T, sum dx x_q^T, tokens
             for b in range(len(batches)):
                 self._observe_batch(rf, rq, key, b, reps, moe, acc)

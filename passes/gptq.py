@@ -11,6 +11,7 @@ tr(dW H dW^T) / tr(W H W^T) of GPTQ and of RTN with the same scheme (``err_gptq`
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Literal
 
@@ -98,19 +99,21 @@ def calibrate_hessians(qm, ctx, groups: dict, quantize, propagate: str, desc: st
                        split: bool = False) -> dict:
     """Calibrate layer by layer with one Hessian per group of linears sharing an input (``groups``:
     layer -> [linears], from ``grouped_targets``); ``quantize(lins, h)`` once a group's is complete.
-    ``stacks``: layer -> {experts node: (ExpertHessians, callback(stats))}, per-expert statistics.
+    ``stacks``: layer -> {experts node: (make() -> ExpertHessians, callback(stats))}, per-expert
+    statistics made when their layer is observed, so only that layer's are held at a time.
     ``split``: the heavy calls of ``quantize`` and the callbacks are shared out over the ranks
     (:func:`ptqc.distributed.split`; they must change nothing before their first heavy call)."""
     stacks = stacks or {}
 
     def observe(i):
         obs = {lins[0]: {"h": Hessian()} for lins in groups.get(i, [])}
-        return {**obs, **{node: {"experts": st} for node, (st, _) in stacks.get(i, {}).items()}}
+        return {**obs, **{node: {"experts": make()} for node, (make, _) in stacks.get(i, {}).items()}}
 
     def apply(i, stats):  # sequential: only this stage's inputs are observed yet
         items = [lambda lins=lins: quantize(lins, stats[lins[0]]["h"].result())
                  for lins in groups.get(i, []) if lins[0] in stats]
-        items += [lambda st=st, done=done: done(st) for node, (st, done) in stacks.get(i, {}).items() if node in stats]
+        items += [lambda node=node, done=done: done(stats[node]["experts"])
+                  for node, (_, done) in stacks.get(i, {}).items() if node in stats]
         if split:
             distributed.split(items)
         else:
@@ -121,7 +124,7 @@ def calibrate_hessians(qm, ctx, groups: dict, quantize, propagate: str, desc: st
 
 
 def expert_stacks(qm, opts: dict, quantize) -> dict:
-    """layer -> {experts node: (ExpertHessians, callback)} for the expert sites in ``opts``;
+    """layer -> {experts node: (make() -> ExpertHessians, callback)} for the expert sites in ``opts``;
     ``quantize(site, stats)`` per site once its node's statistics are complete."""
     out: dict = {}
     for node in qm.nodes(ops.MOE_EXPERTS):
@@ -129,10 +132,10 @@ def expert_stacks(qm, opts: dict, quantize) -> dict:
         if not chosen:
             continue
         mos = [opts[s.name] for s in chosen]
-        st = ExpertHessians(qm.store.spec(weight_node(chosen[0]).target)[0][0], node.kwargs.get("act", "silu"),
-                            node.kwargs.get("down_act_bits", 0),
-                            all_tokens=any(mo.all_experts or mo.few_tokens == "all" for mo in mos))
-        out.setdefault(info(node)["layer"], {})[node] = (st, lambda st, chosen=chosen: [quantize(s, st) for s in chosen])
+        make = functools.partial(ExpertHessians, qm.store.spec(weight_node(chosen[0]).target)[0][0],
+                                 node.kwargs.get("act", "silu"), node.kwargs.get("down_act_bits", 0),
+                                 all_tokens=any(mo.all_experts or mo.few_tokens == "all" for mo in mos))
+        out.setdefault(info(node)["layer"], {})[node] = (make, lambda st, chosen=chosen: [quantize(s, st) for s in chosen])
     return out
 
 

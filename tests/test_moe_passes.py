@@ -423,6 +423,32 @@ def test_gptaq_quantizes_every_expert(moe, calib):
     assert summary["experts"]["model.layers.1.mlp.experts.down_proj"]["tokens"] == rec["tokens"]
 
 
+
+@pytest.mark.parametrize("pipeline,stats", [("gptq:bits=4,group=32", ExpertHessians),
+                                            ("gptaq:bits=4,group=32", ExpertAsym)])
+def test_expert_statistics_are_held_one_layer_at_a_time(moe, calib, monkeypatch, pipeline, stats):
+    """Peak memory: per-expert statistics (E Hessians [in, in] per stack) live while their layer is
+    quantized only: at every stack quantized, one statistics object holding data is alive."""
+    import gc
+    import importlib
+    import weakref
+
+    live, held = weakref.WeakSet(), []
+    init = stats.__init__
+    monkeypatch.setattr(stats, "__init__", lambda self, *a, **k: (init(self, *a, **k), live.add(self))[0])
+    mod = importlib.import_module(f"ptqc.passes.{pipeline.split(':')[0]}")
+    setq = mod.set_quantized_weight
+
+    def counting(qm, site, *a, **k):
+        if isinstance(site, experts.ExpertSite):
+            gc.collect()
+            held.append(sum(st.tokens > 0 for st in live))
+        return setq(qm, site, *a, **k)
+    monkeypatch.setattr(mod, "set_quantized_weight", counting)
+    qm = moe("qwen3_moe")
+    run(qm, pipeline, calib)
+    assert held == [1] * len(experts.sites(qm)) and len(held) == 6
+
 # ---- sensitive, kv --------------------------------------------------------------------------------
 def test_sensitive_scores_experts_and_keeps_the_chosen_at_more_bits(moe, calib):
     qm = moe("qwen3_moe")
