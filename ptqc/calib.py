@@ -335,6 +335,7 @@ def calibrate(qm: QModel, ctx, observe: Callable[[int], dict], apply: Callable[[
         done = _layer(runner, i, obs, apply, propagate)
         if ck:
             ck.save_layer(loop, i, done, runner.state)
+        del obs, done  # a layer's statistics (per-expert Hessians: E x [in, in]) end with it
     if ck:
         ck.loop_done(loop, n)
     return {"layers": len(wanted & set(range(n))), "samples": int(ids.shape[0]),
