@@ -14,6 +14,7 @@ import click
 
 from ptqc.cli_common import friendly, load_plugins, log, quiet_option, streams_weights
 from ptqc.errors import PtqcError
+from ptqc.model import load_config
 
 
 def _passes(pipeline_str, recipe, target, no_pack) -> tuple[list, dict]:
@@ -160,6 +161,7 @@ def compile(model, out, pipeline_str, recipe, plugins, dtype, device, trust_remo
     from ptqc import artifact, device as devices, distributed, frontend, inspect, pipeline
 
     t0 = time.perf_counter()
+    load_config(model, trust_remote_code)  # a wrong MODEL fails here, before anything is printed or made
     if out is None:
         out = artifact.default_output(model, pipeline_str, recipe, target)
         log(quiet, f"output: {out} (beside the model; -o chooses another)")
