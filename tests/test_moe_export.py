@@ -63,6 +63,7 @@ def test_w8a8_dynamic_experts_are_the_artifacts_codes_and_scales_per_expert(expo
     assert desc["model_quant_type"] == "W8A8_DYNAMIC" and desc["metadata"]["moe_blocks"] == {"W8A8_DYNAMIC": 1}
     router = "model.layers.0.mlp.gate.weight"
     assert desc[router] == "FLOAT" and t[router].dtype == torch.bfloat16
+    assert desc[f"{BLOCK}.weight"] == "W8A8_DYNAMIC" and f"{BLOCK}.weight" not in t  # the block's own entry
     for proj, shape in (("gate", (I, H)), ("up", (I, H)), ("down", (H, I))):
         codes, scale = _stack(qm, proj)
         for e in range(E):
@@ -158,6 +159,13 @@ def test_check_export_catches_a_router_marked_quantized(exports, tmp_path):
     assert "model.layers.0.mlp.gate.weight: MoE routers load float in vllm-ascend (FLOAT in " \
            "quant_model_description.json), found W8A8_DYNAMIC" in problems
     assert "model.layers.0.mlp.gate.weight: W8A8_DYNAMIC weight must be int8, found BF16" in problems
+
+
+def test_check_export_catches_a_block_entry_that_disagrees_with_its_experts(exports, tmp_path):
+    def edit(t, desc):  # vllm-ascend builds Mixtral / Qwen2-MoE blocks from this entry alone
+        desc[f"{BLOCK}.weight"] = "FLOAT"
+    assert _broken(exports, "W8A8_DYNAMIC", tmp_path, edit) == [
+        f"{BLOCK}.weight: the block's own entry says FLOAT, its experts are W8A8_DYNAMIC"]
 
 
 def test_check_export_catches_mixed_expert_types_and_a_missing_expert(exports, tmp_path):

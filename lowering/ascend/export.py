@@ -257,12 +257,13 @@ def export(qm: QModel, out, *, force: bool = False, dtype: str | None = None) ->
     w4a8 = [lin for lin, kind in plan if kind == "W4A8_DYNAMIC"]
     group = w4a8_group(qm, w4a8, moe_plan) if w4a8 or any(k == "W4A8_DYNAMIC" for _, k in moe_plan) else 0
     tensors, desc, kinds, handled = {}, {}, {}, set()
-    experts: dict = {}
+    experts, blocks = {}, {}
     for node, kind in moe_plan:
         experts[kind] = experts.get(kind, 0) + 1
         t, d, done = export_moe.tensors(qm, node, kind, group, _w4a8_tensors)
         tensors |= {n: (v.to(serving) if kind == "FLOAT" else v).contiguous() for n, v in t.items()}
         desc |= d
+        blocks[export_moe.block_key(node)] = kind
         handled |= done
     for lin, kind in plan:
         if kind == "FLOAT":
@@ -297,7 +298,8 @@ def export(qm: QModel, out, *, force: bool = False, dtype: str | None = None) ->
         total = checkpoint.save(qm, tmp / WEIGHTS, names, tensors, serving)
         (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total},
                                              "weight_map": {n: WEIGHTS for n in names}}, indent=1))
-        (tmp / DESCRIPTION).write_text(json.dumps({**head, **{n: desc[n] for n in names}}, indent=1))
+        desc |= blocks  # description entries without a tensor
+        (tmp / DESCRIPTION).write_text(json.dumps({**head, **{n: desc[n] for n in sorted(desc)}}, indent=1))
     return {**head, "tensors": len(names)}
 
 

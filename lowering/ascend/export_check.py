@@ -153,8 +153,9 @@ def _c8_problems(desc: dict, types: dict, meta: dict, model_type: str | None) ->
 
 
 def _moe_problems(types: dict) -> list[str]:
-    """Routers FLOAT; per MoE block (``X.experts``, read by vllm-ascend from expert 0's type) every
-    expert with its projections, all of one fused-MoE type."""
+    """Routers FLOAT; per MoE block (``X.experts``, read by vllm-ascend from expert 0's type or from
+    the block's own ``X.experts.weight`` entry) every expert with its projections, all of one
+    fused-MoE type, which the block's entry repeats."""
     problems = [f"{n}: MoE routers load float in vllm-ascend (FLOAT in {DESCRIPTION}), found {t}"
                 for n, t in sorted(types.items()) if n.endswith(ROUTERS) and t != "FLOAT"]
     blocks: dict = {}
@@ -167,6 +168,9 @@ def _moe_problems(types: dict) -> list[str]:
         if len(kinds) > 1:
             problems.append(f"{prefix}: the experts of a block share one type (vllm-ascend reads expert 0's), "
                             f"found {', '.join(kinds)}")
+        own = types.get(f"{prefix}.weight")
+        if own is not None and [own] != kinds:
+            problems.append(f"{prefix}.weight: the block's own entry says {own}, its experts are {', '.join(kinds)}")
         bad = [k for k in kinds if k not in MOE_LOADABLE]
         if bad:
             problems.append(f"{prefix}: {bad[0]} experts have no fused-MoE scheme in vllm-ascend 0.23 "
@@ -200,7 +204,9 @@ def check(path, serving: bool = True) -> list[str]:
         return problems + ["no quant_model_weight*.safetensors file"]
     meta = tensor_specs(files)
     cfg = _config(path)
-    problems += [f"{n} is in {DESCRIPTION} but in no weight file" for n in sorted(set(types) - set(meta))]
+    blocks = {m[1] for n in meta if (m := EXPERT.match(n))}  # X.experts.weight: the block's own entry
+    problems += [f"{n} is in {DESCRIPTION} but in no weight file" for n in sorted(set(types) - set(meta))
+                 if n.removesuffix(".weight") not in blocks]
     problems += [f"{n} is in the weight files but not in {DESCRIPTION}" for n in sorted(set(meta) - set(types))]
     linears = _linear_problems(types, meta, desc, cfg.get("torch_dtype") or cfg.get("dtype"), MOE_ONLY if serving else ())
     return problems + linears + _c8_problems(desc, types, meta, cfg.get("model_type") if serving else None) + \

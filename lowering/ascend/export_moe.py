@@ -65,6 +65,13 @@ def plan(qm: QModel) -> list[tuple]:
     return [(n, classify(n)) for n in qm.nodes(ops.MOE_EXPERTS)]
 
 
+def block_key(node) -> str:
+    """The block's own description entry (``X.experts.weight``, no tensor): vllm-ascend reads a
+    FusedMoE layer's type from it for model types without an ``experts`` packed-modules mapping
+    (Mixtral, Qwen2-MoE: KeyError without it); those with one read expert 0's entries."""
+    return f"{info(node)['module']}.weight"
+
+
 def stack_name(node, i: int) -> str:
     """The store name of a block's ``PROJS[i]`` stack (its codes if quantized): the checkpoint's
     per-expert name without the index (``X.experts.gate_proj.weight``)."""
