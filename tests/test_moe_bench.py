@@ -29,6 +29,6 @@ def test_table_cells_and_targets():
     assert w8a8[2] == "n/a: PtqcError: no such pass" and w8a8[3] == "—"
     t = moe_bench.targets(rows())
     assert "GPTQ all: ptqc within 0.5% of llm-compressor: yes (-0.49%; same evaluator)" in t
-    assert "calibration time llmc / ptqc = 3.00x" in t and "pending a quiet-machine run" in t
+    assert "calibration time llmc / ptqc = 3.00x" in t and "valid only if nothing else ran" in t
     assert "GPTQ all: emulated Ascend within 0.1% of fake-quant: yes (+0.050%)" in t
     assert "every expert quantized: no (GPTQ all: 96 / 96, W4A8: 88 / 96)" in t
