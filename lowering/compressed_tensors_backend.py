@@ -1,5 +1,6 @@
 """The compressed-tensors exporter as the core sees it (:mod:`ptqc.backends`, entry point
-``compressed-tensors``): ``ptqc export --format compressed-tensors`` and ``check-export``."""
+``compressed-tensors``): ``ptqc export --format compressed-tensors``, ``check-export`` and reading an
+export back (``ptqc eval`` / ``diff`` / ``inspect`` of its directory)."""
 from __future__ import annotations
 
 from ptqc.backends import Backend, check_written
@@ -21,8 +22,11 @@ class CompressedTensorsBackend(Backend):
     def is_export(self, path):
         return exporter.is_export(path)
 
-    def check(self, path):
-        return exporter.check(path)
+    def check(self, path, trust_remote_code=False):
+        return exporter.check(path, trust_remote_code)
+
+    def load(self, path, dtype, trust_remote_code=False):
+        return exporter.load(path, dtype, trust_remote_code)
 
 
 BACKEND = CompressedTensorsBackend()

@@ -256,9 +256,27 @@ def load(path, trust_remote_code: bool = False) -> QModel:
 
 
 def load_any(path, dtype: str = "float32", trust_remote_code: bool = False) -> QModel:
-    """An artifact directory (has ptqc.json) or a Hugging Face model directory."""
-    from ptqc import frontend
+    """An artifact directory (has ptqc.json), an export directory a backend reads back (Ascend,
+    compressed-tensors) or a Hugging Face model directory."""
+    from ptqc import backends, frontend
 
     if is_artifact(path):
         return load(path, trust_remote_code)
+    if Path(path).is_dir() and _may_be_export(Path(path)):
+        backend = backends.export_dir_kind(path)
+        if backend is not None:
+            if backend.load is None:
+                raise PtqcError(f"{path} is a {backend.title} export, which ptqc cannot read back; "
+                                "give the artifact it was exported from")
+            return backend.load(path, dtype, trust_remote_code)
     return frontend.load(path, dtype, trust_remote_code)
+
+
+def _may_be_export(path: Path) -> bool:
+    """Cheap test before asking the backends: a quantization description or a quantization_config."""
+    if any(path.glob("quant_model_description*.json")):
+        return True
+    try:
+        return "quantization_config" in json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False

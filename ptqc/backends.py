@@ -34,7 +34,10 @@ class Backend:
       ``ptqc eval --target``, as :func:`ptqc.evaluate.perplexity`; ``log(msg)`` takes remarks;
     * ``check_output(out, fmt, force)`` (before the model is loaded) and ``export(qm, out, fmt, *,
       force, **options) -> (summary, "<path> (<facts>)")``: ``ptqc export --format``;
-    * ``is_export(path)`` and ``check(path) -> [problems]``: ``ptqc check-export``;
+    * ``is_export(path)`` and ``check(path, trust_remote_code=False) -> [problems]``: ``ptqc check-export``
+      (custom model code is run only when trusted);
+    * ``load(path, dtype, trust_remote_code=False) -> QModel``: an export directory read back into a
+      fake-quant graph (``ptqc eval`` / ``diff`` / ``inspect`` of it), where the backend has a reader;
     * ``kernel_report(qm) -> [rows]``: kernels per decoder layer (``ptqc inspect --ops``).
     """
 
@@ -53,6 +56,8 @@ class Backend:
 
     def is_export(self, path: Path) -> bool:
         return False
+
+    load = None  # no reader of its export directories
 
 
 @functools.cache
@@ -112,7 +117,8 @@ def export_dir_kind(path) -> Backend | None:
 
 
 def check_written(backend: Backend, out) -> None:
-    """An export directory must pass its own check right after writing."""
-    problems = backend.check(out)
+    """An export directory must pass its own check right after writing (its model's custom code, if
+    any, was trusted to load the model it was written from)."""
+    problems = backend.check(out, trust_remote_code=True)
     if problems:
         raise PtqcError(f"the export in {out} does not pass its own check: {problems[0]}")

@@ -69,8 +69,9 @@ def export_cmd(path, out, fmt, mode, external, no_int4, int_kernel, outputs, dty
 
 @click.command("check-export")
 @click.argument("path", type=click.Path(path_type=Path))
+@click.option("--trust-remote-code", is_flag=True, help="Build a model with custom code (auto_map) to check against.")
 @friendly
-def check_export_cmd(path):
+def check_export_cmd(path, trust_remote_code):
     """Validate an export directory: Ascend (quant_model_description.json + weights) or
     compressed-tensors (config.json with a compressed-tensors quantization_config), detected from
     its files. Every quantized linear has its scale tensors with the right dtypes and shapes, and
@@ -84,7 +85,7 @@ def check_export_cmd(path):
         missing = [b.export_missing for b in map(backends.get, backends.names()) if b.export_missing]
         click.echo(f"{path}: not an export: {' and '.join(missing)}")
         raise SystemExit(1)
-    problems = backend.check(path)
+    problems = backend.check(path, trust_remote_code=trust_remote_code)
     for p in problems:
         click.echo(p)
     if problems:

@@ -42,6 +42,17 @@ def rename_to_checkpoint(g, keys, config) -> None:
         moe.rename_to_checkpoint(g, keys, arch)
 
 
+def model_names(keys, config) -> dict[str, str]:
+    """{checkpoint name: the model's name} for the ``keys`` transformers renames on loading (by
+    model type and by class: Mixtral's ``block_sparse_moe.gate``, GPT-NeoX's ``embed_out``), per-expert
+    tensors named as the model's per-expert linears (:func:`ptqc.moe.expert_model_names`)."""
+    out = {}
+    for kind in (getattr(config, "model_type", None), *(getattr(config, "architectures", None) or ())):
+        found = {ck: mk for mk, ck in moe.checkpoint_names(keys, kind).items()} | moe.expert_model_names(keys, kind)
+        out |= {ck: mk for ck, mk in found.items() if ck not in out}  # the model type's renamings first
+    return out
+
+
 def canonical_attention_args(node: torch.fx.Node) -> bool:
     """ptqc.attention as traced from :func:`ptqc_attention` (all positional) -> the canonical
     form: (q, k, v, scale) and keywords causal, window (set by the annotation), softcap if any."""

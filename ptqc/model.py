@@ -417,16 +417,19 @@ def other_files(model_dir: Path) -> list[Path]:
 
 
 def hf_names(config) -> tuple[set[str], set[str]]:
-    """(parameter names, non-persistent buffer names such as rotary ``inv_freq``) of the
-    transformers model of ``config``: what a checkpoint holds, and what transformers recomputes."""
+    """(parameter and persistent buffer names, non-persistent buffer names such as rotary
+    ``inv_freq``) of the transformers model of ``config``: what its state dict holds (named as the
+    model names them; :func:`ptqc.families.model_key` maps a checkpoint name there), and what
+    transformers recomputes."""
     import copy
 
     c = copy.deepcopy(config)
     if getattr(c, "quantization_config", None) is not None:
         c.quantization_config = None
     model = build_meta_model(c, torch.float32, bool(getattr(c, "auto_map", None)))  # custom code: already trusted
-    persistent = set(model.state_dict())
-    return {n for n, _ in model.named_parameters(remove_duplicate=False)}, {n for n, _ in model.named_buffers()} - persistent
+    persistent = set(model.state_dict(keep_vars=True))
+    params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    return params | persistent, {n for n, _ in model.named_buffers(remove_duplicate=False)} - persistent
 
 
 def tensor_specs(files) -> dict[str, tuple[tuple, str]]:

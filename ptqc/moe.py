@@ -173,6 +173,25 @@ def checkpoint_names(keys, model_type: str | None) -> dict[str, str]:
     return out
 
 
+def expert_model_names(keys, model_type: str | None) -> dict[str, str]:
+    """{checkpoint name: model-style name} of the per-expert tensors among ``keys`` whose names differ:
+    Mixtral's ``block_sparse_moe.experts.3.w1.weight`` -> ``mlp.experts.3.gate_proj.weight`` (the names
+    llm-compressor gives the per-expert linears of transformers' fused experts)."""
+    ren, out = _renamings(model_type), {}
+    for key in keys:
+        m = _PER_EXPERT.match(key)
+        if m is None or m[3] not in EXPERT_PROJS:
+            continue
+        mk = key
+        for r in ren:
+            mk = r.rename_source_key(mk)[0]
+        mm = _PER_EXPERT.match(mk) or m
+        model = f"{mm[1]}.{mm[2]}.{EXPERT_PROJS[m[3]]}_proj.{mm[4]}"
+        if model != key:
+            out[key] = model
+    return out
+
+
 def rename_to_checkpoint(g: fx.Graph, keys, model_type: str | None) -> None:
     """Name every weight of the graph as the checkpoint does (see :func:`checkpoint_names`)."""
     names = checkpoint_names(keys, model_type)

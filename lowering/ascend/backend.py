@@ -183,8 +183,11 @@ class AscendBackend(Backend):
     def is_export(self, path):
         return (path / exporter.DESCRIPTION).is_file()
 
-    def check(self, path):
-        return exporter.check(path)
+    def check(self, path, trust_remote_code=False):
+        return exporter.check(path)  # reads config.json as JSON: no model is built
+
+    def load(self, path, dtype, trust_remote_code=False):
+        return exporter.load(path, dtype, trust_remote_code)
 
     def kernel_report(self, qm):
         return kernel_report(qm)

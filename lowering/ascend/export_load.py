@@ -14,9 +14,10 @@ from ptqc.lowering.ascend.export_check import check
 from ptqc.lowering.ascend.layout import DESCRIPTION, EXPERT, kv_shape
 
 
-def load(path, dtype: str = "float32") -> QModel:
+def load(path, dtype: str = "float32", trust_remote_code: bool = False) -> QModel:
     """Read an Ascend export back into a ptqc fake-quant graph (codes, scales and activation
-    quantizers as the artifact had them), so it can be evaluated, diffed and re-exported."""
+    quantizers as the artifact had them), so it can be evaluated, diffed and re-exported. Like an
+    artifact, it is read in the dtype it was written in (config.json's), ``dtype`` only where none is given."""
     from ptqc import frontend
     from ptqc.ir import propagate
     from ptqc.passes.act_quant import insert_quantizer
@@ -31,7 +32,7 @@ def load(path, dtype: str = "float32") -> QModel:
     if experts:
         raise PtqcError(f"{path}: reading quantized MoE experts back from an Ascend export is not supported yet "
                         f"({experts[0]} is {desc[experts[0]]}); evaluate the artifact instead")
-    qm = frontend.load(path, dtype, shapes=False)
+    qm = frontend.load(path, _written_dtype(path) or dtype, trust_remote_code, shapes=False)
     qm.store.cast = False
     acts: dict = {}
     for lin in qm.linears():
@@ -64,6 +65,15 @@ def load(path, dtype: str = "float32") -> QModel:
     qm.properties |= {"weight_quant"} | ({"act_quant"} if acts else set())
     propagate(qm.graph, qm.store)
     return qm
+
+
+def _written_dtype(path: Path) -> str | None:
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    d = cfg.get("dtype") or cfg.get("torch_dtype")
+    return d if d in ("float16", "bfloat16", "float32") else None
 
 
 def _weight(qm: QModel, base: str, kind: str, desc: dict) -> tuple:

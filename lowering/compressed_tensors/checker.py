@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from ptqc import families
 from ptqc.errors import PtqcError
 from ptqc.lowering.compressed_tensors.config import CONFIG, FLOAT_DTYPES, FORMATS, QUANT_METHOD, scheme_of, \
     without_quant
@@ -74,16 +75,16 @@ def _config(path: Path) -> tuple[dict, list[str]]:
     return config, problems
 
 
-def _modules(path: Path):
+def _modules(path: Path, trust_remote_code: bool = False):
     """(module name -> (class names, in, out, has bias) of every Linear, parameter name -> shape)
     from the meta model of ``path``'s config."""
-    model = build_meta_model(without_quant(load_config(path)), torch.float32)
+    model = build_meta_model(without_quant(load_config(path, trust_remote_code)), torch.float32, trust_remote_code)
     linears = {}
     for name, m in model.named_modules():
         if isinstance(m, torch.nn.Linear):
             linears[name] = (tuple(c.__name__ for c in type(m).__mro__), m.in_features, m.out_features,
                              m.bias is not None)
-    params = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    params = {n: tuple(p.shape) for n, p in model.state_dict(keep_vars=True).items()}  # persistent buffers too
     _expert_linears(linears, params)
     return linears, params
 
@@ -133,21 +134,23 @@ def _linear_tensors(name: str, g: dict, fmt: str, k: int, n_out: int, bias: bool
 
 
 class _Expected:
-    """The tensors an export needs (name -> why), checked against the files' ``meta`` as they are named."""
+    """The tensors an export needs (name -> why), checked against the files' ``meta`` (by the model's
+    names; ``shown`` gives the files' name of each, for messages)."""
 
     def __init__(self, meta: dict, problems: list[str]):
-        self.meta, self.why, self.problems = meta, {}, problems
+        self.meta, self.why, self.problems, self.shown = meta, {}, problems, {}
 
-    def want(self, name: str, dtypes, shapes, why: str) -> None:
-        self.why[name] = why
+    def want(self, model_name: str, dtypes, shapes, why: str) -> None:
+        self.why[model_name] = why
+        name = self.shown.get(model_name, model_name)
         if dtypes is None:
-            if name in self.meta:
+            if model_name in self.meta:
                 self.problems.append(f"{name}: a pack-quantized linear stores weight_packed, not weight")
             return
-        if name not in self.meta:
+        if model_name not in self.meta:
             self.problems.append(f"{name}: {why} needs it, but it is in no weight file")
             return
-        s, dt = self.meta[name]
+        s, dt = self.meta[model_name]
         if dt not in dtypes or (shapes is not None and s not in shapes):
             exp = " or ".join(str(list(x)) for x in shapes) if shapes is not None else "any shape"
             self.problems.append(f"{name}: expected {'/'.join(dtypes)} {exp}, found {dt} {list(s)}")
@@ -164,8 +167,9 @@ def _want_kv(ex: _Expected, kv, params: dict) -> None:
                 ex.want(f"{m.rpartition('.')[0]}.{s}", FLOAT_DTYPES, ((1,), ()), "kv_cache_scheme")
 
 
-def check(path) -> list[str]:
-    """Problems of a compressed-tensors export directory (empty list: valid). Each is one line."""
+def check(path, trust_remote_code: bool = False) -> list[str]:
+    """Problems of a compressed-tensors export directory (empty list: valid). Each is one line. A model
+    with custom code (``auto_map``) is built only with ``trust_remote_code``."""
     path = Path(path)
     config, problems = _config(path)
     if problems:
@@ -176,9 +180,13 @@ def check(path) -> list[str]:
     except PtqcError as e:
         return [str(e)]
     meta = tensor_specs(sorted(set(files.values())))
-    ex = _Expected(meta, [f"{n} is in the index but in no weight file" for n in sorted(set(files) - set(meta))])
+    missing = [f"{n} is in the index but in no weight file" for n in sorted(set(files) - set(meta))]
+    ex = _Expected(meta, missing)
     try:
-        linears, params = _modules(path)
+        to_model = families.model_names(meta, load_config(path, trust_remote_code))  # checkpoint names -> the model's
+        ex.meta = {to_model.get(n, n): v for n, v in meta.items()}
+        ex.shown = {to_model[n]: n for n in meta if n in to_model}
+        linears, params = _modules(path, trust_remote_code)
     except PtqcError as e:
         return ex.problems + [f"cannot build the model of {CONFIG}: {e}"]
     schemes = {name: scheme_of(name, m[0], q) for name, m in linears.items()}
@@ -194,6 +202,6 @@ def check(path) -> list[str]:
             ex.want(pname, FLOAT_DTYPES, (shape,), "the model")
     _want_kv(ex, q.get("kv_cache_scheme"), params)
     tied = config.get("tie_word_embeddings", False)
-    ex.problems += [f"{n} is in the weight files but no module or scheme of {CONFIG} uses it"
-                    for n in sorted(set(meta) - set(ex.why)) if not (tied and n == "lm_head.weight")]
+    ex.problems += [f"{ex.shown.get(n, n)} is in the weight files but no module or scheme of {CONFIG} uses it"
+                    for n in sorted(set(ex.meta) - set(ex.why)) if not (tied and n == "lm_head.weight")]
     return ex.problems

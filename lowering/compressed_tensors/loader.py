@@ -14,15 +14,16 @@ from ptqc.lowering.compressed_tensors.config import read_quant_config, scheme_of
 from ptqc.lowering.compressed_tensors.packing import unpack_int32
 
 
-def _graph(path: Path, dtype: str) -> tuple[QModel, dict, dict]:
+def _graph(path: Path, dtype: str, trust_remote_code: bool) -> tuple[QModel, dict, dict]:
     """(the float graph of the export's model over its weight files, those files, the tied weights)."""
     from ptqc import frontend
     from ptqc.model import WeightStore, load_config, parse_dtype, weight_files
 
-    config = without_quant(load_config(path))
-    dt = parse_dtype(dtype)
+    config = without_quant(load_config(path, trust_remote_code))
+    written = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)  # read as written, like artifacts
+    dt = written if isinstance(written, torch.dtype) and written.is_floating_point else parse_dtype(dtype)
     files = weight_files(path)
-    g, buffers, tied = frontend.trace(path, config, dt, False)
+    g, buffers, tied = frontend.trace(path, config, dt, trust_remote_code)
     store = WeightStore(files, dt)
     store.cast = False
     for name, b in buffers.items():
@@ -80,21 +81,22 @@ def _insert_kv(qm: QModel, kv: dict) -> None:
             KV._insert(qm, attn, arg, quant.QuantSpec(kv["num_bits"], 0, True), s, None, which)
 
 
-def load(path, dtype: str = "float32") -> QModel:
+def load(path, dtype: str = "float32", trust_remote_code: bool = False) -> QModel:
     """Read a compressed-tensors export (ours or llm-compressor's) into a ptqc fake-quant graph:
-    the weight codes, scales and zero points as stored, activation quantizers as configured."""
+    the weight codes, scales and zero points as stored, activation quantizers as configured; in
+    config.json's dtype (``dtype`` only where it gives none)."""
     from ptqc import frontend
 
     path = Path(path)
-    problems = check(path)
+    problems = check(path, trust_remote_code)
     if problems:
         raise PtqcError(f"{path} is not a valid compressed-tensors export: {problems[0]} (run ptqc check-export)")
     q = read_quant_config(path)
-    experts = sorted(m for m, spec in _modules(path)[0].items() if ".experts." in m and scheme_of(m, spec[0], q))
+    experts = sorted(m for m, spec in _modules(path, trust_remote_code)[0].items() if ".experts." in m and scheme_of(m, spec[0], q))
     if experts:
         raise PtqcError(f"{path}: reading quantized MoE experts back from a compressed-tensors export is not "
                         f"supported yet ({experts[0]} and {len(experts) - 1} more); evaluate the artifact instead")
-    qm, files, tied = _graph(path, dtype)
+    qm, files, tied = _graph(path, dtype, trust_remote_code)
     acts: dict = {}  # (input, args[, static scale, zero point]) -> (args, linears)
     for base, lin in {info(n)["module"]: n for n in qm.linears()}.items():
         grp = scheme_of(base, ("Linear", "Module"), q)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ptqc import moe, ops
+from ptqc import families, moe, ops
 from ptqc.artifact import AtomicDir
 from ptqc.errors import PtqcError
 from ptqc.ir import QModel, info, is_op
@@ -158,23 +158,34 @@ def _experts(qm: QModel) -> tuple[list, dict, set]:
     return out, floats, handled
 
 
-def _quant_config(schemes: list[dict], ignore: list[str], kv_scheme: dict | None) -> dict:
+def _both_names(qm: QModel, modules: list[str]) -> list[str]:
+    """Module names as the checkpoint names them and, where transformers renames them on loading
+    (GPT-NeoX's ``embed_out`` -> ``lm_head``, Mixtral's ``block_sparse_moe`` -> ``mlp``), as the model
+    does too: vLLM matches ``ignore`` / ``targets`` against the former, transformers the latter."""
+    keys = [f"{m}.weight" for m in modules]
+    to_model = families.model_names(keys, qm.config)
+    return sorted(set(modules) | {to_model[k].removesuffix(".weight") for k in keys if k in to_model})
+
+
+def _quant_config(qm: QModel, schemes: list[dict], ignore: list[str], kv_scheme: dict | None) -> dict:
     """One config group per scheme (targeting its modules by name when there are several)."""
     many = len(schemes) > 1
-    groups = {f"group_{i}": {"targets": sorted(s["modules"]) if many else ["Linear"], "format": s["format"],
+    groups = {f"group_{i}": {"targets": _both_names(qm, s["modules"]) if many else ["Linear"], "format": s["format"],
                              "weights": s["weights"], "input_activations": s["input_activations"],
                              "output_activations": None} for i, s in enumerate(schemes)}
     formats = {g["format"] for g in groups.values()}
     return {"quant_method": QUANT_METHOD, "format": formats.pop() if len(formats) == 1 else "mixed-precision",
-            "quantization_status": "compressed", "config_groups": groups, "ignore": sorted(ignore),
+            "quantization_status": "compressed", "config_groups": groups, "ignore": _both_names(qm, ignore),
             "kv_cache_scheme": kv_scheme, "global_compression_ratio": None, "sparsity_config": {},
             "transform_config": {}, "version": VERSION}
 
 
 def _names(qm: QModel, handled: set, tensors: dict) -> list[str]:
-    """Every tensor of the export: the quantized ones and the graph's others (HF parameters only)."""
+    """Every tensor of the export: the quantized ones and the graph's others (those of the Hugging Face
+    model's state dict only, under their checkpoint names)."""
     floats, params = checkpoint.unchanged(qm, handled | set(tensors))
-    extra = [n for n in floats if n not in params]
+    to_model = families.model_names(floats, qm.config)
+    extra = [n for n in floats if to_model.get(n, n) not in params]
     if extra:
         raise PtqcError(f"tensor {extra[0]} of the graph is no parameter of the Hugging Face model; "
                         "the pass that added it has no compressed-tensors form")
@@ -208,12 +219,15 @@ def export(qm: QModel, out, *, force: bool = False) -> dict:
     handled |= done
     if not schemes:
         raise PtqcError("the model has no quantized linear; compile it with a weight quantization pass first")
-    qcfg = _quant_config(list(schemes.values()), ignore, kv_scheme)
+    qcfg = _quant_config(qm, list(schemes.values()), ignore, kv_scheme)
     names = _names(qm, handled, tensors)
     src = Path(qm.source) if qm.source else None
     config = json.loads((src / CONFIG).read_text()) if src is not None and (src / CONFIG).is_file() \
         else qm.config.to_dict()
     config["quantization_config"] = qcfg
+    config["torch_dtype"] = str(qm.dtype).removeprefix("torch.")  # the dtype of its float tensors and scales
+    if "dtype" in config:  # transformers 5 writes "dtype"
+        config["dtype"] = config["torch_dtype"]
     with AtomicDir(out, force) as tmp:
         checkpoint.copy_source_files(qm, tmp)
         checkpoint.save(qm, tmp / WEIGHTS, names, tensors)
