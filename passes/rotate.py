@@ -37,12 +37,13 @@ from ptqc import hadamard, ops
 from ptqc.errors import PtqcError
 from ptqc.ir import info, is_op
 from ptqc.norms import is_norm
-from ptqc.patterns import activation_input, skip_transparent
+from ptqc.passes import rotate_heads
 from ptqc.pipeline import Pass, PassResult, _short, register
 
 aten = torch.ops.aten
 
-READERS = ("q", "k", "v", "qkv", "gate", "up", "gate_up", "lm_head", "q_a", "kv_a")  # reading the residual stream (W <- W Q)
+READERS = ("q", "k", "v", "qkv", "gate", "up", "gate_up", "lm_head", "q_a", "kv_a",  # reading the residual
+           "router", "shared_expert_gate")  # stream (W <- W Q); MoE expert stacks: gate/up read, down writes
 WRITERS = ("o", "down")  # linears adding to it (W <- Q^T W)
 # shape ops that keep each row of the last dimension intact (checked on the recorded shapes)
 ROW_OPS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.clone.default,
@@ -81,10 +82,33 @@ def _keeps_rows(n: fx.Node, hidden: int) -> bool:
 
 
 def _is_scalar(a) -> bool:
+    """A number, or a tensor constant along the hidden dimension (a scale per token, Qwen2-MoE's shared
+    expert gate): multiplying a row by it commutes with rotating the row."""
     if isinstance(a, (int, float)):
         return True
     shape = a.meta.get("shape") if isinstance(a, fx.Node) else None
-    return shape is not None and all(d == 1 for d in shape)
+    return shape is not None and (len(shape) == 0 or shape[-1] == 1)
+
+
+def stream_weights(n: fx.Node) -> tuple[list[fx.Node], list[fx.Node]]:
+    """(weights reading the stream W [.., out, hidden], weights writing it W [.., hidden, in]) of a linear
+    or an MoE expert op, by what it does; the bias goes with a writer."""
+    if is_op(n, ops.MOE_EXPERTS):
+        return [n.args[3], n.args[4]], [n.args[5]]
+    return ([], [n.args[1]]) if info(n).get("role") in WRITERS else ([n.args[1]], [])
+
+
+def _add_experts(n: fx.Node, ins: list[fx.Node], kind: dict, plan: ResidualPlan) -> None:
+    """An MoE expert op reads the stream (gate/up stacks) and writes to it (down stacks)."""
+    if ins != [n.args[0]]:
+        raise PtqcError(f"rotate: {_where(n)} reads the residual stream other than as its input")
+    plan.readers.append(n)
+    plan.writers.append(n)
+    kind[n] = "res"
+    if isinstance(kind[ins[0]], fx.Node):
+        plan.norms[kind[ins[0]]].append(n)
+    else:
+        plan.direct.append(n)
 
 
 def _add_linear(n: fx.Node, ins: list[fx.Node], kind: dict, plan: ResidualPlan) -> None:
@@ -153,6 +177,8 @@ def residual_plan(qm) -> ResidualPlan:
             raise PtqcError(f"rotate: {_where(n)} comes before the token embedding; cannot follow the residual stream")
         if is_op(n, ops.LINEAR):
             _add_linear(n, ins, kind, plan)
+        elif is_op(n, ops.MOE_EXPERTS) and ins:
+            _add_experts(n, ins, kind, plan)
         elif ins:
             kind[n] = _stream_kind(n, ins, kind, plan)
     if plan is None:
@@ -163,14 +189,14 @@ def residual_plan(qm) -> ResidualPlan:
         if not lins:
             raise PtqcError(f"rotate: {_where(norm)} feeds no linear; its weight cannot be folded")
     _check_centering(plan)
-    for n in plan.readers + plan.writers:
-        w = n.args[1]
-        if not (isinstance(w, fx.Node) and w.op == "get_attr"):
-            raise PtqcError(f"rotate: {_where(n)} has a transformed/quantized weight; run rotate before quantization")
-        out_ch, in_ch = qm.store.spec(w.target)[0]
-        if (in_ch if n in plan.readers else out_ch) != plan.hidden:
-            raise PtqcError(f"rotate: {_where(n)} has weight [{out_ch}, {in_ch}], "
-                            f"not matching hidden size {plan.hidden}")
+    for n in dict.fromkeys(plan.readers + plan.writers):
+        reads, writes = stream_weights(n)
+        for w, dim in [(w, -1) for w in reads] + [(w, -2) for w in writes]:
+            if not (isinstance(w, fx.Node) and w.op == "get_attr"):
+                raise PtqcError(f"rotate: {_where(n)} has a transformed/quantized weight; run rotate before quantization")
+            shape = qm.store.spec(w.target)[0]
+            if shape[dim] != plan.hidden:
+                raise PtqcError(f"rotate: {_where(n)} has weight {list(shape)}, not matching hidden size {plan.hidden}")
     return plan
 
 
@@ -190,16 +216,6 @@ def _check_centering(plan: ResidualPlan) -> None:
     for n in lns:
         if n.args[1] is None:
             raise PtqcError(f"rotate: {_where(n)} is a LayerNorm without a weight")
-
-
-def _single_path(src: fx.Node, dst: fx.Node) -> bool:
-    """``dst`` reaches back to ``src`` through shape ops only, each used once (no other reader)."""
-    cur = dst
-    while cur is not src:
-        if not (cur.op == "call_function" and cur.target in ROW_OPS and len(cur.users) == 1):
-            return False
-        cur = cur.args[0]
-    return len(src.users) == 1
 
 
 def _arg(n: fx.Node, i: int, name: str, default=None):
@@ -226,6 +242,13 @@ def _online_hadamard(qm, before: fx.Node, xs, base: str, n: int) -> tuple[torch.
     return torch.kron(a.double(), b.double()), ts
 
 
+def _rows_op(w: torch.Tensor, rows: torch.Tensor, fn) -> torch.Tensor:
+    """``w`` with its ``rows`` [heads, d] replaced by ``fn`` of them (as [heads, d, in])."""
+    out = w.clone()
+    out[rows.flatten()] = fn(w[rows.flatten()].reshape(*rows.shape, w.shape[-1])).reshape(-1, w.shape[-1])
+    return out
+
+
 @dataclass
 class _Rewrite:
     """A model's weight edits per tensor name (applied in order in float64, written once) and summary per layer."""
@@ -245,8 +268,9 @@ class _Rewrite:
         for e in plan.embeds:
             self.edit(e.args[0].target, lambda w: w - w.mean(-1, keepdim=True))
         for n in plan.writers:
-            self.edit(n.args[1].target, lambda w: w - w.mean(0, keepdim=True))
-            b = _arg(n, 2, "b")
+            for w in stream_weights(n)[1]:
+                self.edit(w.target, lambda w: w - w.mean(-2, keepdim=True))
+            b = _arg(n, 2, "b") if is_op(n, ops.LINEAR) else None
             if b is not None:
                 self.edit(b.target, lambda v: v - v.mean())
         self.layers.setdefault(None, {})["centered"] = len(plan.embeds) + len(plan.writers)
@@ -259,11 +283,12 @@ class _Rewrite:
             w_name = norm.args[1].target
             scale = self.qm.store[w_name].double() + offset
             for lin in lins:
-                self.edit(lin.args[1].target, lambda w, s=scale: w * s[None, :])
+                for w in stream_weights(lin)[0]:
+                    self.edit(w.target, lambda w, s=scale: w * s)
             self.edit(w_name, lambda w, v=1.0 - offset: torch.full_like(w, v))
             if is_op(norm, ops.LAYER_NORM):
                 self._layer_norm_to_rms(norm, lins)
-            roles = "/".join(info(n)["role"] for n in lins)
+            roles = "/".join(str(info(n)["role"]) for n in lins)
             self.layer(norm).setdefault("fused", []).append(f"{info(norm).get('role')} -> {roles}")
 
     def _layer_norm_to_rms(self, norm: fx.Node, lins: list[fx.Node]) -> None:
@@ -272,6 +297,8 @@ class _Rewrite:
         x, w, b, eps = norm.args
         g, store = self.qm.graph, self.qm.store
         for lin in lins if b is not None else ():
+            if not is_op(lin, ops.LINEAR):
+                raise PtqcError(f"rotate: {_where(norm)} has a bias and feeds {_where(lin)}, which has none to take it")
             shift = store[lin.args[1].target].double() @ store[b.target].double()
             c = _arg(lin, 2, "b")
             if c is None:
@@ -294,11 +321,13 @@ class _Rewrite:
         for e in plan.embeds:
             self.edit(e.args[0].target, lambda w: w @ Q)
         for n in plan.readers:
-            self.edit(n.args[1].target, lambda w: w @ Q)
+            for w in stream_weights(n)[0]:
+                self.edit(w.target, lambda w: w @ Q)
             self.layer(n).setdefault("readers", []).append(info(n)["role"])
         for n in plan.writers:
-            self.edit(n.args[1].target, lambda w: Q.t() @ w)
-            b = _arg(n, 2, "b")
+            for w in stream_weights(n)[1]:
+                self.edit(w.target, lambda w: Q.t() @ w)
+            b = _arg(n, 2, "b") if is_op(n, ops.LINEAR) else None
             if b is not None:
                 self.edit(b.target, lambda v: v @ Q)
             self.layer(n).setdefault("writers", []).append(info(n)["role"])
@@ -316,15 +345,16 @@ class _Rewrite:
             attn.args = (q, k, *attn.args[2:])
             self.layer(attn)["qk"] = d
 
-    def fold_v(self, v_pairs: dict, head_dims: dict[fx.Node, int]) -> None:
-        """e. A per-head Hadamard folded into v_proj (rows, bias) and o_proj (columns)."""
-        for attn, (v_lin, o_lin) in v_pairs.items():
-            d = head_dims[attn]
+    def fold_v(self, v_folds: dict) -> None:
+        """e. A per-head Hadamard folded into the value rows of their linear (and bias; the rows of each
+        head as :func:`rotate_heads.v_rows` found them) and o_proj's columns."""
+        for attn, (v_lin, rows, o_lin) in v_folds.items():
+            d = rows.shape[1]
             Hd = hadamard.hadamard(d)
-            self.edit(v_lin.args[1].target, lambda w, H=Hd, d=d: (H.t() @ w.reshape(-1, d, w.shape[-1])).reshape(w.shape))
+            self.edit(v_lin.args[1].target, lambda w, H=Hd, r=rows: _rows_op(w, r, lambda x: H.t() @ x))
             b = _arg(v_lin, 2, "b")
             if b is not None:
-                self.edit(b.target, lambda v, H=Hd, d=d: (v.reshape(-1, d) @ H).reshape(v.shape))
+                self.edit(b.target, lambda v, H=Hd, r=rows: _rows_op(v[:, None], r, lambda x: H.t() @ x)[:, 0])
             self.edit(o_lin.args[1].target, lambda w, H=Hd, d=d: (w.reshape(w.shape[0], -1, d) @ H).reshape(w.shape))
             self.layer(attn)["v"] = d
 
@@ -336,10 +366,11 @@ class _Rewrite:
                 store[alias] = store[alias]  # materialize: the two now get different edits
                 untied.append(alias)
         for name, fns in self.fns.items():
-            t = store[name].double()
+            t = store[name]
+            dtype, t = t.dtype, t.double()  # written back as read: float32 routers of bf16 models stay so
             for fn in fns:
                 t = fn(t)
-            store[name] = t.to(self.qm.dtype).contiguous()
+            store[name] = t.to(dtype).contiguous()
             store.release([name])
         return untied
 
@@ -379,47 +410,28 @@ class Rotate(Pass):
         downs = [n for n in plan.writers if info(n)["role"] == "down"] if o.online_down else []
         inter = {str(s): "%d*%d" % _factor(s, "intermediate size", "use rotate:online_down=false")
                  for s in sorted({qm.store.spec(n.args[1].target)[0][1] for n in downs})}
-        head_dims = {}  # attention -> head_dim
-        for attn in (qm.nodes(ops.ATTENTION) if (o.qk or o.v) else []):
-            shapes = [a.meta.get("shape") if isinstance(a, fx.Node) else None for a in attn.args[:3]]
-            if any(s is None or len(s) != 4 for s in shapes) or len({s[3] for s in shapes}) != 1:
-                raise PtqcError(f"rotate: cannot read the head layout of {_where(attn)}; use qk=false and v=false")
-            head_dims[attn] = shapes[0][3]
+        qk_dims = {}  # attention -> head_dim of q and k
+        for attn in (qm.nodes(ops.ATTENTION) if o.qk else []):
+            shapes = [a.meta.get("shape") if isinstance(a, fx.Node) else None for a in attn.args[:2]]
+            if any(s is None or len(s) != 4 for s in shapes) or shapes[0][3] != shapes[1][3]:
+                raise PtqcError(f"rotate: cannot read the q/k head layout of {_where(attn)}; use rotate:qk=false")
+            qk_dims[attn] = shapes[0][3]
+        v_folds = {attn: rotate_heads.v_fold(qm, attn) for attn in qm.nodes(ops.ATTENTION)} if o.v else {}
         heads = {str(d): "%d*%d" % _factor(d, "head_dim", "use rotate:qk=false,v=false")
-                 for d in sorted(set(head_dims.values()))}
-        v_pairs = {attn: self._v_pair(qm, attn) for attn in head_dims} if o.v else {}
+                 for d in sorted(set(qk_dims.values()) | {r.shape[1] for _, r, _ in v_folds.values()})}
         Q = (hadamard.random_hadamard if o.residual == "hadamard" else hadamard.random_orthogonal)(plan.hidden, o.seed)
         rw = _Rewrite(qm)
         if any(is_op(n, ops.LAYER_NORM) for n in plan.norms):
             rw.center(plan)
         rw.fuse_norms(plan)
         rw.rotate_residual(plan, Q)
-        rw.online_hadamards(downs, head_dims if o.qk else {})
-        rw.fold_v(v_pairs, head_dims)
+        rw.online_hadamards(downs, qk_dims)
+        rw.fold_v(v_folds)
         untied = rw.apply()
         layers = [{"layer": i, **rw.layers[i]} for i in sorted(rw.layers, key=lambda i: (i is None, i or 0))]
         return PassResult(changed=True, summary={
             "residual": how, "hidden": plan.hidden, "norms_fused": len(plan.norms),
             "embeddings": [e.args[0].target for e in plan.embeds], "untied": untied,
             "online_down": inter, "head_dim": heads,
-            "transforms_inserted": len(downs) + (2 * len(head_dims) if o.qk else 0),
-            "v_folded": len(v_pairs), "layers": layers})
-
-    @staticmethod
-    def _v_pair(qm, attn: fx.Node) -> tuple[fx.Node, fx.Node]:
-        """(v_proj, o_proj) of one attention op, checked for an exact per-head fold."""
-        v_lin = skip_transparent(attn.args[2])
-        o_lins = [n for n in qm.linears() if activation_input(n) is attn]
-        fix = "use rotate:v=false"
-        if not (is_op(v_lin, ops.LINEAR) and _single_path(v_lin, attn.args[2])):
-            raise PtqcError(f"rotate: the value input of {_where(attn)} is not a v_proj output used only there; {fix}")
-        if len(o_lins) != 1 or not _single_path(attn, o_lins[0].args[0]):
-            raise PtqcError(f"rotate: the output of {_where(attn)} does not go to one o_proj "
-                            f"through shape ops only; {fix}")
-        heads, heads_kv, d = attn.args[0].meta["shape"][1], attn.args[2].meta["shape"][1], attn.args[2].meta["shape"][3]
-        v_out = qm.store.spec(v_lin.args[1].target)[0][0]
-        o_in = qm.store.spec(o_lins[0].args[1].target)[0][1]
-        if v_out != heads_kv * d or o_in != heads * d:
-            raise PtqcError(f"rotate: {_where(v_lin)} / {_where(o_lins[0])} widths {v_out} / {o_in} do not match "
-                            f"{heads_kv} KV heads / {heads} heads of {d}; {fix}")
-        return v_lin, o_lins[0]
+            "transforms_inserted": len(downs) + 2 * len(qk_dims),
+            "v_folded": len(v_folds), "layers": layers})

@@ -46,7 +46,7 @@ ROLE_TABLE = {
     "query_key_value": "qkv", "dense": "o", "dense_h_to_4h": "up", "dense_4h_to_h": "down",
     "fc1": "up", "fc2": "down", "ln_attn": "input_norm", "ln_mlp": "post_attention_norm",
     "pre_feedforward_layernorm": "pre_feedforward_norm", "post_feedforward_layernorm": "post_feedforward_norm",
-}
+    "qkv_proj": "qkv", "gate_up_proj": "gate_up"}  # the last two: Phi-3's fused projections
 ROLE_TABLE.update(mla.ROLES)  # DeepSeek MLA: q_a_proj -> "q_a", kv_b_proj -> "kv_b", ...
 FINAL_NORM_NAMES = ("norm", "final_layernorm", "ln_f", "final_layer_norm")
 _LAYER_RE = re.compile(r"\.(\d+)(?:\.|$)")

@@ -77,7 +77,7 @@ def _linear_probes(g: fx.Graph, order: dict) -> list[Probe]:
             y = users[0]  # static path, int_bias=false: the float bias added after dequantization
         if y is logits:
             continue
-        if m.get("role") == "gate_up" and mod.endswith(".gate_up_proj"):
+        if m.get("role") == "gate_up" and any(u.target == npu.SWIGLU_QUANT for u in users):  # fused here
             base = mod.removesuffix(".gate_up_proj")
             add(f"{base}.gate_proj", "gate", layer, chunk_name(y.name, 0, 2), order[n.name])
             add(f"{base}.up_proj", "up", layer, chunk_name(y.name, 1, 2), order[n.name])

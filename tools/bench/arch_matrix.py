@@ -152,7 +152,7 @@ def check_export(fam: Family, fmt: str) -> str:
     out = fam.work / f"export-{fmt}"
     serving = {"dtype": "bfloat16"} if fmt == "ascend" else {}  # the dtype vllm-ascend serves in
     backend.export(artifact.load(src, trust_remote_code=fam.remote), out, fmt, force=True, **serving)
-    problems = backends.export_dir_kind(out).check(out)
+    problems = backends.export_dir_kind(out).check(out, trust_remote_code=fam.remote)
     _check(not problems, "check-export: " + "; ".join(problems))
     return "check-export passes"
 
