@@ -9,19 +9,22 @@ a. Norm fusion: each RMSNorm's ``offset + w`` into the columns of the linears it
    rows and biases minus their mean), so each LayerNorm equals an RMSNorm plus its bias; the norm
    becomes ``ptqc.rms_norm`` and its bias ``b`` moves into the readers' biases (``c + W b``).
 b. Residual rotation (``residual=hadamard``: randomized Hadamard from ``seed``; ``orthogonal``:
-   a random QR, for sizes without a Hadamard factorization): embeddings and readers (q, k, v,
-   gate, up, lm_head) ``W <- W Q``; writers (o_proj, down_proj) ``W <- Q^T W``, ``b <- b Q``.
+   a random QR, for sizes without a Hadamard factorization): embeddings and readers (q, k, v, fused
+   qkv / gate_up, gate, up, MLA's q_a / kv_a, MoE routers and shared-expert gates, lm_head)
+   ``W <- W Q``; writers (o_proj, down_proj) ``W <- Q^T W``, ``b <- b Q``. An MoE expert op reads
+   (gate/up stacks [E, I, H] ``W <- W Q``) and writes (down stacks ``W <- Q^T W``).
    lm_head is untied from the embedding (both are saved).
 c. ``online_down``: ``ptqc.transform`` by the intermediate-size Hadamard on down_proj's input,
    folded into its weight.
 d. ``qk``: the head_dim Hadamard online on attention's q and k after RoPE (scores unchanged, the
    K cache the ``kv`` pass quantizes has no outlier channels).
-e. ``v``: a per-head Hadamard folded into v_proj's rows (and bias) and o_proj's columns (exact
-   with grouped-query attention too).
+e. ``v``: a per-head Hadamard folded into the value rows (and bias) and o_proj's columns (exact
+   with grouped-query attention too): v_proj's, or the rows of a fused qkv / MLA kv_b that make
+   each value head (:mod:`ptqc.passes.rotate_heads`).
 
 Everything is checked before any weight changes: the residual stream is followed from the
-embedding through adds, scalar multiplies and shape ops, and any other reader (a norm feeding a
-non-linear, Gemma-2's post-norms, a MoE router...) is refused with the node named, as is a size
+embedding through adds, scalar (or per-token) multiplies and shape ops, and any other reader (a norm
+feeding a non-linear, Gemma-2's post-norms...) is refused with the node named, as is a size
 without a Hadamard factorization (naming the option that avoids it). Weights are edited in
 float64 and written once.
 """
