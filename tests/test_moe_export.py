@@ -16,7 +16,8 @@ from ptqc.lowering.ascend import export as ax
 from ptqc.pipeline import PassContext, PassManager, parse_pipeline
 
 RECIPES = {"W8A8_DYNAMIC": "int8", "W4A8_DYNAMIC": "w4a8",
-           "W4A8_DYNAMIC-experts": "int8:exclude=lm_head|router|shared_expert_gate|experts,w4a8:include=experts"}
+           "W4A8_DYNAMIC-experts": "int8:exclude=lm_head|router|shared_expert_gate|experts,w4a8:include=experts",
+           "W4A16": "rtn:bits=4,group=32,sym=true,include=experts"}
 BLOCK = "model.layers.0.mlp.experts"
 E, H, I = 8, 64, 32
 
@@ -101,6 +102,46 @@ def test_w4a8_experts_pack_along_out_with_scale_bias(exports, kind, group):
     assert desc[q] == ("W4A8_DYNAMIC" if group else "W8A8_DYNAMIC")
 
 
+def test_w4a16_experts_are_llm_compressor_packed_with_the_description_group(exports):
+    """MoE W4A16 (vllm-ascend reads llm-compressor's layout): weight_packed int32 [out, in / 8] holding
+    code + 8 per nibble, weight_scale [out, in / 32] in the model dtype, zero weight_offset, weight_shape."""
+    from ptqc.lowering.compressed_tensors import unpack_int32
+
+    d, qm = exports["W4A16"]
+    t, desc = _files(d)
+    assert ax.check(d) == [] and desc["group_size"] == 32 and desc["model_quant_type"] == "W4A16"
+    assert desc[f"{BLOCK}.weight"] == "W4A16"
+    for proj, (out, k) in (("gate", (I, H)), ("up", (I, H)), ("down", (H, I))):
+        codes, scale = _stack(qm, proj)
+        for e in range(E):
+            base = f"{BLOCK}.{e}.{proj}_proj"
+            p = t[f"{base}.weight_packed"]
+            assert p.dtype == torch.int32 and p.shape == (out, k // 8) and f"{base}.weight" not in t
+            assert torch.equal(unpack_int32(p, 4, [out, k]), codes[e].to(torch.int8))
+            assert torch.equal((p[:, 0] & 0xF) - 8, codes[e][:, 0].to(torch.int32))  # element 0 in the low nibble
+            assert torch.equal(t[f"{base}.weight_scale"], scale[e].reshape(out, k // 32).to(torch.bfloat16))
+            assert torch.equal(t[f"{base}.weight_offset"], torch.zeros(out, k // 32, dtype=torch.bfloat16))
+            assert t[f"{base}.weight_shape"].tolist() == [out, k]
+            assert {desc[f"{base}.{s}"] for s in ("weight_packed", "weight_scale", "weight_shape")} == {"W4A16"}
+
+
+@pytest.mark.parametrize("edit,problem", [
+    (lambda t: t.__setitem__(f"{BLOCK}.1.up_proj.weight_scale", torch.ones(I, 1, dtype=torch.bfloat16)),
+     f"{BLOCK}.1.up_proj.weight_scale: expected F16/BF16/F32 [{I}, {H // 32}], found BF16 [{I}, 1]"),
+    (lambda t: t.pop(f"{BLOCK}.2.down_proj.weight_shape"),
+     f"{BLOCK}.2.down_proj: MoE W4A16 needs {BLOCK}.2.down_proj.weight_shape, which is missing"),
+    (lambda t: t.__setitem__(f"{BLOCK}.0.gate_proj.weight_packed", torch.zeros(I, H // 2, dtype=torch.int8)),
+     f"{BLOCK}.0.gate_proj.weight_packed: expected I32 [out, in / 8], found I8 [{I}, {H // 2}]"),
+])
+def test_check_export_catches_broken_w4a16_experts(exports, tmp_path, edit, problem):
+    def apply(t, desc):
+        edit(t)
+        desc.update({n: "W4A16" for n in t if n.startswith(BLOCK)})
+        for n in [n for n in desc if n.startswith(f"{BLOCK}.") and n not in t and n != f"{BLOCK}.weight"]:
+            del desc[n]
+    assert problem in _broken(exports, "W4A16", tmp_path, apply)
+
+
 def test_float_experts_are_written_per_expert_in_the_serving_dtype(base, tmp_path):
     qm = _compile(base, "int8:exclude=lm_head|router|shared_expert_gate|experts")
     ax.export(qm, tmp_path / "x", dtype="float16")
@@ -116,7 +157,11 @@ def test_float_experts_are_written_per_expert_in_the_serving_dtype(base, tmp_pat
     ("int8:exclude=lm_head", r"model\.layers\.0\.mlp\.gate: the MoE router is quantized, but vllm-ascend loads "
                                     r"routers float"),
     ("w8a16", r"mlp\.experts: W8A16 experts have no vllm-ascend MoE scheme ptqc writes \(W8A8_DYNAMIC, "
-              r"W4A8_DYNAMIC: .*compile int8 or w4a8"),
+              r"W4A8_DYNAMIC, W4A16: .*compile int8, w4a8 or rtn:bits=4,group=G for them"),
+    ("rtn:bits=4,group=32,include=experts", r"mlp\.experts: W4A16 experts need symmetric per-group weights"),
+    ("rtn:bits=4,group=32,sym=true,include=experts|q_proj", r"q_proj: W4A16g32 has no dense linear in vllm-ascend"),
+    ("w4a8:w_group=64,exclude=experts|lm_head|router|shared_expert_gate,rtn:bits=4,group=32,sym=true,include=experts",
+     r"^the description has one group_size: W4A8 uses 64, the W4A16 experts 32; compile them with one group$"),
 ])
 def test_unservable_moe_is_refused_in_one_line(base, tmp_path, text, match):
     qm = _compile(base, text)

@@ -43,8 +43,10 @@ DTYPES = ("float16", "bfloat16")
 # MoE experts (8 experts, fused by vllm-ascend into w13_* / w2_*): W8A8_DYNAMIC, W4A8_DYNAMIC under the
 # dense linears' group_size, and msModelSlim's per-channel layout (group_size 0, dense W8A8_DYNAMIC)
 MOE_RECIPES = {"W8A8_DYNAMIC": "int8", "W4A8_DYNAMIC": "w4a8",
-               "W4A8_DYNAMIC-experts": "int8:exclude=lm_head|router|shared_expert_gate|experts,w4a8:include=experts"}
-MOE_SERVINGS = {"W8A8_DYNAMIC": (None, "float16"), "W4A8_DYNAMIC": (None,), "W4A8_DYNAMIC-experts": ("float16",)}
+               "W4A8_DYNAMIC-experts": "int8:exclude=lm_head|router|shared_expert_gate|experts,w4a8:include=experts",
+               "W4A16": "rtn:bits=4,group=32,sym=true,include=experts"}  # llm-compressor's packed experts
+MOE_SERVINGS = {"W8A8_DYNAMIC": (None, "float16"), "W4A8_DYNAMIC": (None,), "W4A8_DYNAMIC-experts": ("float16",),
+                "W4A16": (None, "float16")}
 # family -> (artifact dtype, recipes, serving dtypes: None = the artifact's): every type on Qwen3 in
 # both serving dtypes; Qwen2 and Llama add their model classes (Qwen2's q/k/v bias, Llama's MHA) on
 # static W8A8; the float32 artifact is served only through --dtype
@@ -334,6 +336,8 @@ def test_moe_experts_load_once_each_with_the_artifacts_codes_and_scales(moe_run)
     assert {(k.split("-")[0], dt) for _, k, dt in moe_run} == {(k, dt) for k in MOE_SERVINGS for dt in DTYPES
                                                                  if "-" not in k}  # each type in fp16 and bf16
     for (family, kind, dtype), (d, qm, rep) in moe_run.items():
+        if kind == "W4A16":  # its own parameters: test_moe_w4a16_experts_load_as_packed_int4_with_their_scales
+            continue
         where = f"{kind} {dtype}"
         params, tensors, loaded = rep["params"], _tensors(d), load_file(rep["saved"]["loaded"])
         block = "model.layers.0.mlp.experts"
@@ -358,6 +362,37 @@ def test_moe_experts_load_once_each_with_the_artifacts_codes_and_scales(moe_run)
                 assert torch.equal(w, codes[e].to(torch.int8)), f"{where}: {name}"
                 got = _expert_rows(loaded, f"{name}.weight_scale", tensors)
                 assert torch.equal(got, scale[e].reshape(got.shape).to(got.dtype)), f"{where}: {name}"
+
+
+def _nibbles(words: torch.Tensor) -> torch.Tensor:
+    """int32 words [..., n] -> the signed int4 codes [..., 8n], code j of a word in bits [4j, 4j + 4)."""
+    u = (words.to(torch.int64) & 0xFFFFFFFF).unsqueeze(-1) >> (4 * torch.arange(8))
+    c = (u & 0xF).reshape(*words.shape[:-1], -1)
+    return torch.where(c >= 8, c - 16, c)
+
+
+def test_moe_w4a16_experts_load_as_packed_int4_with_their_scales(moe_run):
+    """vllm-ascend's MoE W4A16 (llm-compressor's layout): w13/w2 weight_packed, weight_scale, weight_shape and
+    the zero weight_offset filled once per expert shard; the packed words unpack (code + 8) to the artifact's
+    codes, the scales are the artifact's in the serving dtype; after process_weights_after_loading the
+    weights are the codes transposed [E, in, out] in int4 pairs."""
+    cases = {k: v for k, v in moe_run.items() if k[1] == "W4A16"}
+    assert {dt for _, _, dt in cases} == set(DTYPES)
+    for (family, kind, dtype), (d, qm, rep) in cases.items():
+        params, loaded = rep["params"], load_file(rep["saved"]["loaded"])
+        processed, block, st = load_file(rep["saved"]["processed"]), "model.layers.0.mlp.experts", _stacks(qm)
+        assert not rep["unfilled"] and not rep["refilled"], (dtype, rep["unfilled"], rep["refilled"])
+        for w, projs in (("w13", ("gate", "up")), ("w2", ("down",))):
+            for suffix in ("weight_packed", "weight_scale", "weight_shape", "weight_offset"):
+                assert len(params[f"{block}.{w}_{suffix}"]["calls"]) == 8 * len(projs), (dtype, w, suffix)
+            codes = torch.cat([st[p][0] for p in projs], 1).to(torch.int8)  # [E, out, in]
+            got = _nibbles(loaded[f"{block}.{w}_weight_packed"]) % 16 - 8  # stored as code + 8
+            assert torch.equal(got.to(torch.int8), codes), (dtype, w)
+            scale = torch.cat([st[p][1] for p in projs], 1)
+            assert torch.equal(loaded[f"{block}.{w}_weight_scale"], scale.reshape(8, codes.shape[1], -1).to(
+                getattr(torch, dtype))), (dtype, w)
+            assert torch.equal(_nibbles(processed[f"{block}.{w}_weight_packed"]).to(torch.int8),
+                               codes.transpose(1, 2)), (dtype, w)
 
 
 def test_moe_w4a8_post_processing_serves_the_artifacts_scales_and_scale_bias(moe_run):

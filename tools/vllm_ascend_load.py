@@ -55,7 +55,8 @@ QUANT_SUFFIXES = ("weight", "weight_scale", "weight_offset", "input_scale", "inp
                   "weight_scale_second", "weight_offset_second", "scale_bias", "weight_packed", "left_trans",
                   "right_trans", "clip_ratio")
 MOE_SUFFIXES = tuple(f"{w}_{s}" for w in ("w13", "w2") for s in ("weight", "weight_scale", "weight_offset",
-                     "weight_scale_second", "weight_offset_second", "scale_bias"))  # fused-MoE parameters
+                     "weight_scale_second", "weight_offset_second", "scale_bias", "weight_packed",
+                     "weight_shape"))  # fused-MoE parameters (the last two: MoE W4A16)
 
 
 def install_torch_npu_stub() -> None:

@@ -256,11 +256,15 @@ def export(qm: QModel, out, *, force: bool = False, dtype: str | None = None) ->
     moe_plan = export_moe.plan(qm)
     w4a8 = [lin for lin, kind in plan if kind == "W4A8_DYNAMIC"]
     group = w4a8_group(qm, w4a8, moe_plan) if w4a8 or any(k == "W4A8_DYNAMIC" for _, k in moe_plan) else 0
+    g16 = export_moe.w4a16_group(moe_plan)
+    if g16 is not None and group and g16 != group:
+        raise PtqcError(f"the description has one group_size: W4A8 uses {group}, the W4A16 experts {g16}; "
+                        "compile them with one group")
     tensors, desc, kinds, handled = {}, {}, {}, set()
     experts, blocks = {}, {}
     for node, kind in moe_plan:
         experts[kind] = experts.get(kind, 0) + 1
-        t, d, done = export_moe.tensors(qm, node, kind, group, _w4a8_tensors)
+        t, d, done = export_moe.tensors(qm, node, kind, group, _w4a8_tensors, serving)
         tensors |= {n: (v.to(serving) if kind == "FLOAT" else v).contiguous() for n, v in t.items()}
         desc |= d
         blocks[export_moe.block_key(node)] = kind
@@ -286,7 +290,8 @@ def export(qm: QModel, out, *, force: bool = False, dtype: str | None = None) ->
     main = max(quantized_experts, key=quantized_experts.get) if quantized_experts else \
         max(kinds, key=kinds.get) if kinds else "FLOAT"
     w4 = w4a8 or "W4A8_DYNAMIC" in experts
-    head = {"model_quant_type": main, "version": "1.0.0", **({"group_size": group} if w4 else {}),
+    group = group if w4 else g16
+    head = {"model_quant_type": main, "version": "1.0.0", **({"group_size": group} if group is not None else {}),
             **({"kv_cache_type": "C8", "kv_quant_type": "C8"} if c8 else {}),  # msModelSlim writes both
             "metadata": {"producer": "ptqc", "linears": kinds, **({"moe_blocks": experts} if experts else {}),
                          "dtype": str(serving).removeprefix("torch.")},

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from ptqc.lowering.ascend.layout import (C8_MODEL_TYPES, C8_SUFFIXES, DESCRIPTION, EXPERT, META_KEYS, MOE_LOADABLE, MOE_ONLY,
-                                         OPTIONAL, REQUIRED, ROUTERS, SCALE_BIAS_CHUNKS, SUFFIX_RULES, TYPES,
+                                         MOE_W4A16_GROUP, OPTIONAL, REQUIRED, ROUTERS, SCALE_BIAS_CHUNKS, SUFFIX_RULES, TYPES,
                                          W4A8_GROUP, row_parallel)
 from ptqc.lowering.ascend import export_types
 from ptqc.model import tensor_specs
@@ -118,6 +118,36 @@ def _linear_problems(types: dict, meta: dict, desc: dict, serving: str | None, m
     return problems
 
 
+def _packed_expert_problems(types: dict, meta: dict, desc: dict) -> list[str]:
+    """MoE W4A16 experts (llm-compressor's layout, what vllm-ascend's MoE W4A16 loads): weight_packed int32
+    [out, in / 8], weight_shape int [2], weight_scale float [out, in / group_size] in the model dtype, and
+    weight_offset like the scale where present (vllm-ascend's scheme makes it zero; ptqc writes the zeros)."""
+    problems, group = [], desc.get("group_size") or MOE_W4A16_GROUP
+    for w in sorted(n for n, t in types.items() if n.endswith(".weight_packed") and n in meta):
+        base, (shape, dtype) = w.removesuffix(".weight_packed"), meta[w]
+        if types[w] != "W4A16" or not EXPERT.match(w):
+            problems.append(f"{w}: packed int32 weights are read for MoE W4A16 experts only, found {types[w]}")
+            continue
+        if dtype != "I32" or len(shape) != 2:
+            problems.append(f"{w}: expected I32 [out, in / 8], found {dtype} {list(shape)}")
+            continue
+        want = {"weight_shape": (("I32", "I64"), [(2,)]), "weight_scale": (("F16", "BF16", "F32"),
+                                                                          [(shape[0], shape[1] * 8 // group)])}
+        if shape[1] * 8 % group:
+            problems.append(f"{w}: {shape[1] * 8} inputs are not a multiple of group_size {group}")
+        want["weight_offset"] = want["weight_scale"]
+        for suffix, (dtypes, shapes) in want.items():
+            got = meta.get(f"{base}.{suffix}")
+            if got is None and suffix == "weight_offset":
+                continue
+            if got is None:
+                problems.append(f"{base}: MoE W4A16 needs {base}.{suffix}, which is missing")
+            elif got[1] not in dtypes or tuple(got[0]) not in shapes:
+                problems.append(f"{base}.{suffix}: expected {'/'.join(dtypes)} {list(shapes[0])}, found "
+                                f"{got[1]} {list(got[0])}")
+    return problems
+
+
 def _c8_problems(desc: dict, types: dict, meta: dict, model_type: str | None) -> list[str]:
     """C8: kv_cache_type says so, the model class loads it, and both k_proj and v_proj of every attention
     have their vectors."""
@@ -209,8 +239,8 @@ def check(path, serving: bool = True) -> list[str]:
                  if n.removesuffix(".weight") not in blocks]
     problems += [f"{n} is in the weight files but not in {DESCRIPTION}" for n in sorted(set(meta) - set(types))]
     linears = _linear_problems(types, meta, desc, cfg.get("torch_dtype") or cfg.get("dtype"), MOE_ONLY if serving else ())
-    return problems + linears + _c8_problems(desc, types, meta, cfg.get("model_type") if serving else None) + \
-        _moe_problems(types)
+    return problems + linears + _packed_expert_problems(types, meta, desc) + \
+        _c8_problems(desc, types, meta, cfg.get("model_type") if serving else None) + _moe_problems(types)
 
 
 def _config(path: Path) -> dict:

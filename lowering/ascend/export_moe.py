@@ -13,6 +13,11 @@ vllm-ascend fuses a block's experts into ``w13_weight`` [E, 2I, H] / ``w2_weight
                    [out, 1] for gate/up and [out, 16] for down (its input in 16 chunks); with the
                    description's group_size > 0 (needed when dense linears are W4A8 too) also
                    .weight_scale_second / .weight_offset_second f32 [out, in / group_size]
+    W4A16          int4 symmetric per-group weights, float inputs, in llm-compressor's packed layout (what
+                   vllm-ascend's MoE W4A16 reads): .weight_packed int32 [out, in / 8] (code + 8 in bits
+                   [4j, 4j + 4) of word j / 8), .weight_scale model dtype [out, in / group_size],
+                   .weight_offset zeros like the scale, .weight_shape int32 [out, in]; the description's
+                   group_size (default 32) is the group
     FLOAT          float experts: each expert's float weights
 
 Routers (``mlp.gate``, ``shared_expert_gate``) stay FLOAT: vllm-ascend builds them unquantized
@@ -27,6 +32,7 @@ from ptqc.errors import PtqcError
 from ptqc.ir import QModel, info, is_op
 from ptqc.lowering import checkpoint
 from ptqc.lowering.ascend.layout import MOE_TYPES, SCALE_BIAS_CHUNKS
+from ptqc.lowering.compressed_tensors.packing import pack_int32
 
 PROJS = ("gate", "up", "down")
 
@@ -47,6 +53,11 @@ def classify(node) -> str:
                         "all three alike (found " + ", ".join("float" if w is None else f"W{w['bits']}g{w['group']}"
                                                              for w in wqs) + ")")
     w, a = wqs[0], node.args[0]
+    if not is_op(a, ops.QUANTIZE_ACT) and not node.kwargs.get("down_act_bits", 0) and w["bits"] == 4:
+        if w["sym"] and w["group"] > 0:
+            return "W4A16"
+        raise PtqcError(f"{mod}: W4A16 experts need symmetric per-group weights (vllm-ascend builds zero offsets and "
+                        "reads one group_size for the model); compile rtn/gptq with sym=true and a group")
     dynamic8 = is_op(a, ops.QUANTIZE_ACT) and a.args[1] is None and a.args[3:6] == (8, 0, True)
     if dynamic8 and node.kwargs.get("down_act_bits", 0) == 8 and w["sym"]:
         if w["bits"] == 8 and w["group"] == 0:
@@ -56,8 +67,8 @@ def classify(node) -> str:
     acts = f"A{a.args[3]}" if is_op(a, ops.QUANTIZE_ACT) else "A16"
     raise PtqcError(f"{mod}: W{w['bits']}{'g' + str(w['group']) if w['group'] else ''}{acts} experts have no "
                     f"vllm-ascend MoE scheme ptqc writes ({', '.join(MOE_TYPES)}: symmetric weights, dynamic "
-                    "per-token int8 inputs of gate/up and down); compile int8 or w4a8 for them, or export "
-                    "--format compressed-tensors")
+                    "per-token int8 inputs of gate/up and down, or float inputs for grouped int4); compile int8, "
+                    "w4a8 or rtn:bits=4,group=G for them, or export --format compressed-tensors")
 
 
 def plan(qm: QModel) -> list[tuple]:
@@ -79,6 +90,22 @@ def stack_name(node, i: int) -> str:
     if is_op(a, ops.DEQUANTIZE_WEIGHT):
         a = a.args[0].args[0] if is_op(a.args[0], ops.UNPACK_INT4) else a.args[0]
     return a.target
+
+
+def w4a16_group(moe_plan: list) -> int | None:
+    """The one group of every W4A16 expert stack (the description's group_size), None without any."""
+    gs = {_weight_quant(node, i)["group"] for node, kind in moe_plan if kind == "W4A16" for i in range(3)}
+    if len(gs) > 1:
+        raise PtqcError(f"MoE W4A16 experts share the description's one group_size; found groups {sorted(gs)}")
+    return gs.pop() if gs else None
+
+
+def _w4a16(codes: torch.Tensor, scale: torch.Tensor, serving: torch.dtype) -> dict:
+    """One expert's W4A16 tensors (llm-compressor's packed layout, plus the zero weight_offset vllm-ascend's
+    scheme creates: written, so every parameter of the layer is filled from the checkpoint)."""
+    return {"weight_packed": pack_int32(codes.to(torch.int8), 4), "weight_scale": scale.to(serving),
+            "weight_offset": torch.zeros(scale.shape, dtype=serving),
+            "weight_shape": torch.tensor(list(codes.shape), dtype=torch.int32)}
 
 
 def groups(qm: QModel, moe_plan: list) -> tuple[list[int], list[int]]:
@@ -104,7 +131,7 @@ def _quantized(qm: QModel, node, i: int) -> tuple[torch.Tensor, torch.Tensor, to
     return codes, scale, off, checkpoint.store_inputs(dq, dq.args[0])
 
 
-def tensors(qm: QModel, node, kind: str, group: int, w4a8) -> tuple[dict, dict, set]:
+def tensors(qm: QModel, node, kind: str, group: int, w4a8, serving: torch.dtype) -> tuple[dict, dict, set]:
     """({per-expert tensor name: tensor}, {name: type}, store names replaced) of one block;
     ``w4a8(base, codes, scale, group, chunks)`` writes one expert's W4A8 tensors."""
     out, handled = {}, set()
@@ -121,6 +148,8 @@ def tensors(qm: QModel, node, kind: str, group: int, w4a8) -> tuple[dict, dict, 
             base = moe.expert_name(stack, e).removesuffix(".weight")
             if kind == "W4A8_DYNAMIC":
                 t = w4a8(base, codes[e], scale[e], group, SCALE_BIAS_CHUNKS if proj == "down" else 1)
+            elif kind == "W4A16":
+                t = _w4a16(codes[e], scale[e], serving)
             else:
                 t = {"weight": codes[e].to(torch.int8), "weight_scale": scale[e], "weight_offset": off[e]}
             out |= {f"{base}.{s}": v for s, v in t.items()}

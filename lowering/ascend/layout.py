@@ -14,10 +14,12 @@ TYPES = ("W8A8", "W8A8_DYNAMIC", "W8A16", "W4A8_DYNAMIC", "W4A16", "C8", "FLOAT"
 W4A8_GROUP = 256  # vllm-ascend's group_size when the description has none
 ROW_PARALLEL = (".o_proj", ".down_proj")  # vLLM RowParallelLinear: W4A8 scale_bias [out, 16], else [out, 1]
 SCALE_BIAS_CHUNKS = 16
-MOE_TYPES = ("W8A8_DYNAMIC", "W4A8_DYNAMIC")  # the fused-MoE schemes ptqc writes
+MOE_TYPES = ("W8A8_DYNAMIC", "W4A8_DYNAMIC", "W4A16")  # the fused-MoE schemes ptqc writes
+MOE_W4A16_GROUP = 32  # vllm-ascend's MoE W4A16 group_size when the description has none
 # vllm-ascend 0.23.0's fused-MoE schemes among TYPES (its registry: W8A8 static and W8A16 are linear-only)
 MOE_LOADABLE = ("W8A8_DYNAMIC", "W4A8_DYNAMIC", "W4A16", "FLOAT")
-EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.([^.]+)\.weight$")  # block prefix, expert index, projection
+# block prefix, expert index, projection of an expert's weight (MoE W4A16: llm-compressor's packed int32 weight)
+EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.([^.]+)\.weight(?:_packed)?$")
 EXPERT_DOWN = ("down_proj", "w2")  # row-parallel expert projections (scale_bias [out, 16])
 ROUTERS = (".mlp.gate.weight", ".block_sparse_moe.gate.weight", ".shared_expert_gate.weight")  # FLOAT in vllm-ascend
 C8_MODEL_TYPES = ("qwen3", "glm4_moe", "minimax_m2")  # vllm-ascend 0.23.0 patches their load_weights for C8
