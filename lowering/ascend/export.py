@@ -44,8 +44,9 @@ Refused (one line, nothing written), where vllm-ascend 0.23.0's loader cannot ta
 <=4-bit weight-only linears (it has W4A16 for MoE experts only: a dense W4A16 linear raises
 NotImplementedError when built), and C8 for a model class whose load_weights has no C8 patch
 (only Qwen3, Glm4Moe and MiniMaxM2; Qwen2/Llama fail with a KeyError on ``qkv_proj.kv_cache_offset``).
-The checker and :func:`load` still read W4A16 (packed two per int8 byte along the input
-dimension, low nibble first [out, in / 2]; scales [out, in / group_size]) written by others.
+The checker and :func:`load` still read dense W4A16 written by others (msModelSlim 1.0.0: two codes
+per int8 byte, low nibble first, along the output dimension [out / 2, in] when the scales have several
+columns [out, in / group_size], along the input dimension [out, in / 2] with one column).
 The description has ``version`` "1.0.0" (msModelSlim's) and ``group_size`` only with W4A8_DYNAMIC
 (vllm-ascend reads it only for W4A8 / MoE W4A16).
 

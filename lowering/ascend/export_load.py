@@ -67,6 +67,14 @@ def load(path, dtype: str = "float32", trust_remote_code: bool = False) -> QMode
     return qm
 
 
+def _deq_scale(t: torch.Tensor) -> torch.Tensor:
+    """W8A8's deq_scale (input_scale x weight_scale) as float32: int64 holding float32 bits (float16
+    serving) or float32 (bfloat16 serving)."""
+    if t.dtype == torch.int64:
+        return (t & 0xFFFFFFFF).to(torch.int32).view(torch.float32)
+    return t.float()
+
+
 def _written_dtype(path: Path) -> str | None:
     try:
         cfg = json.loads((path / "config.json").read_text())
@@ -79,6 +87,10 @@ def _written_dtype(path: Path) -> str | None:
 def _weight(qm: QModel, base: str, kind: str, desc: dict) -> tuple:
     """(QuantSpec, int codes [out, in], scale, zero point or None) of one exported linear."""
     codes = qm.store[f"{base}.weight"]
+    if f"{base}.weight_scale" not in qm.store and kind in ("W8A8", "W8A8_MIX"):  # msModelSlim's iter_smooth
+        scale = _deq_scale(qm.store[f"{base}.deq_scale"]) / qm.store[f"{base}.input_scale"].float().reshape(())
+        scale, offset = scale.reshape(-1, 1), torch.zeros(scale.numel(), 1)
+        return quant.QuantSpec(8, 0, True), codes, scale, None
     scale = qm.store[f"{base}.weight_scale"].float()
     offset = qm.store[f"{base}.weight_offset"].float()
     zp = None if not offset.any() else torch.round(-offset).to(torch.int8)
@@ -89,8 +101,9 @@ def _weight(qm: QModel, base: str, kind: str, desc: dict) -> tuple:
         second = qm.store[f"{base}.weight_scale_second"].float()
         per_channel = bool((second == 1).all())
         return quant.QuantSpec(4, 0 if per_channel else group, True), codes, scale if per_channel else scale * second, None
-    if kind == "W4A16":
-        codes = quant.unpack_int4(codes)
+    if kind == "W4A16":  # msModelSlim 1.0.0: along the output dimension per group, along the input per channel
+        along_out = desc.get("version") == "1.0.0" and scale.shape[1] > 1
+        codes = quant.unpack_int4(codes.t().contiguous()).t().contiguous() if along_out else quant.unpack_int4(codes)
     group = group if kind == "W4A16" and scale.shape[1] > 1 else 0
     return quant.QuantSpec(4 if kind == "W4A16" else 8, group, zp is None), codes, scale, zp
 
