@@ -180,6 +180,13 @@ def _file_weight(t: dict, base: str, kind: str) -> torch.Tensor:
         deq = (deq & 0xFFFFFFFF).to(torch.int32).view(torch.float32) if deq.dtype == torch.int64 else deq.float()
         return t[f"{base}.weight"].float() * (deq / t[f"{base}.input_scale"].float())[:, None]
     w, s, o = t[f"{base}.weight"], t[f"{base}.weight_scale"].float(), t[f"{base}.weight_offset"].float()
+    if kind == "W4A8_DYNAMIC":  # 1.0.0: pairs along the output dimension; per group: scale x scale_second
+        lo, hi = (w.to(torch.int16) << 12 >> 12), (w.to(torch.int16) << 8 >> 12)
+        w = torch.stack([lo, hi], 1).reshape(-1, w.shape[1])
+        second = t.get(f"{base}.weight_scale_second")
+        if second is not None and not bool((second == 1).all()):
+            s = s * second.float()
+        o = torch.zeros_like(s)  # symmetric
     if kind == "W4A16":
         lo, hi = (w.to(torch.int16) << 12 >> 12), (w.to(torch.int16) << 8 >> 12)  # sign-extended nibbles
         if s.shape[1] > 1:
@@ -190,7 +197,7 @@ def _file_weight(t: dict, base: str, kind: str) -> torch.Tensor:
     return ((w.float().reshape(w.shape[0], -1, g) + o[..., None]) * s[..., None]).reshape(w.shape)
 
 
-@pytest.mark.parametrize("sample", [s for s in SAMPLES if "w4a8" not in s])
+@pytest.mark.parametrize("sample", SAMPLES)
 def test_ptqc_reads_each_sample_back_to_its_stored_weights(sample):
     """ptqc's reader (``ptqc eval`` / ``diff`` of the directory): every quantized linear computes with
     exactly the weights the sample stores; the model runs to finite logits."""

@@ -35,8 +35,9 @@ def _w4a16(base: str, shape, meta: dict, desc: dict) -> tuple[dict, list[str]]:
     return {"out": out, "cols": k // group if group else 1}, bad
 
 
-def _geometry(kind: str, base: str, shape, meta: dict, desc: dict) -> tuple[dict, list[str]]:
-    """(out, cols, groups, bias_cols of a linear from its int8 weight's shape, problems of that shape)."""
+def _geometry(kind: str, base: str, shape, meta: dict, desc: dict, serving: bool = True) -> tuple[dict, list[str]]:
+    """(out, cols, groups, bias_cols of a linear from its int8 weight's shape, problems of that shape);
+    ``serving=False``: per-channel dense W4A8 (group_size 0) is read, not refused."""
     if kind == "W4A16":
         return _w4a16(base, shape, meta, desc)
     if kind != "W4A8_DYNAMIC":
@@ -49,7 +50,7 @@ def _geometry(kind: str, base: str, shape, meta: dict, desc: dict) -> tuple[dict
     g = {"out": out, "cols": 1, "groups": k // group if group else 0,
          "bias_cols": SCALE_BIAS_CHUNKS if row_parallel(base) else 1}
     bad = []
-    if not group and EXPERT.match(f"{base}.weight"):  # group_size 0: vllm-ascend's per-channel MoE layout
+    if not group and (EXPERT.match(f"{base}.weight") or not serving):  # group_size 0: per channel (vllm-ascend: MoE)
         group = k
     if tuple(shape) != ((out // 2, k) if packed else (out, k)):
         bad.append(f"{base}.weight: W4A8_DYNAMIC " + ("version 1.0.0 packs two int4 per byte along the output "
@@ -112,7 +113,7 @@ def _linear_problems(types: dict, meta: dict, desc: dict, serving: str | None, m
         if dtype != "I8":
             problems.append(f"{w}: {kind} weight must be int8, found {dtype}")
             continue
-        g, bad = _geometry(kind, base, shape, meta, desc)
+        g, bad = _geometry(kind, base, shape, meta, desc, bool(moe_only))
         rules, optional = _rules(kind, desc, serving)
         problems += bad + _tensor_problems(kind, base, rules, g, types, meta, optional)
     return problems

@@ -98,7 +98,8 @@ def _weight(qm: QModel, base: str, kind: str, desc: dict) -> tuple:
     if kind == "W4A8_DYNAMIC":  # scale x scale_second; version 1.0.0 packs along the output dimension
         if desc.get("version") == "1.0.0":
             codes = quant.unpack_int4(codes.t().contiguous()).t().contiguous()
-        second = qm.store[f"{base}.weight_scale_second"].float()
+        second_name = f"{base}.weight_scale_second"  # absent in the per-channel layout (group_size 0)
+        second = qm.store[second_name].float() if second_name in qm.store else torch.ones(1)
         per_channel = bool((second == 1).all())
         return quant.QuantSpec(4, 0 if per_channel else group, True), codes, scale if per_channel else scale * second, None
     if kind == "W4A16":  # msModelSlim 1.0.0: along the output dimension per group, along the input per channel
