@@ -82,10 +82,7 @@ def test_refusals_name_the_module_and_the_reason(loaded, ids):
     low = qm.clone()
     rec = _run(low, "ascend:fallback=true")
     assert len(rec[0]["summary"]["refused"]) == 14 and npu.WEIGHT_QUANT_BATCHMATMUL not in _targets(low)
-    w4a8 = loaded("qwen2")  # (W4A4 lowers now: tests/test_ascend_w4a4.py)
-    _run(w4a8, "w4a8")
-    with pytest.raises(PtqcError, match="W4A8 .*no documented npu_quant_matmul combination"):
-        _run(w4a8, "ascend")
+    # (W4A4 lowers now: tests/test_ascend_w4a4.py; W4A8 as weight-only: test_ascend_rules.test_w4a8_weight_only)
 
 
 def test_lowered_artifact_round_trip_and_eval(models, tmp_path):

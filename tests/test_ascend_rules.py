@@ -229,15 +229,32 @@ def test_w8a8_dynamic():
     assert lower(qm).fired == {"w8a8_dynamic": 1}
     assert targets(qm).count(npu.DYNAMIC_QUANT) == 1 and targets(qm).count(npu.QUANT_MATMUL) == 2  # shared
     assert rel(t.run(qm), ref) < 1e-5
-    t = Tiny()
+    t = Tiny()  # int4 and int8 weights behind one int8 quantizer: no kernel combination takes the int4 one
     x = t.input("x", 2, 5, 32)
+    q = t.act(x)
     with pytest.raises(PtqcError, match=r"W4A8 \(int8 activations x int4 weights\)"):
-        lower(t.model(t.linear(t.act(x), "proj", 16, 32, bits=4)))
+        lower(t.model(t.op(aten.add.Tensor, t.linear(q, "k", 16, 32, bits=4), t.linear(q, "v", 16, 32))))
     t = Tiny()
     x = t.input("x", 2, 5, 32)
     lw = lower(t.model(t.op(ops.LINEAR, t.act(x), t.const("w", torch.randn(16, 32)), None, role="proj")),
                fallback=True)
     assert lw.refused == ["layers.0.act_quant: its weight is float"]
+
+
+def test_w4a8_weight_only():
+    """Dense W4A8 as vllm-ascend serves it: the int8 quantizer dropped, the int4 weights on the weight-only kernel;
+    equal to the fake-quant graph without the activation quantizer."""
+    def build(act):
+        t = Tiny()
+        x = t.input("x", 2, 5, 64)
+        q = t.act(x) if act else x
+        return t, t.model(t.op(aten.add.Tensor, t.linear(q, "k", 16, 64, bits=4, group=32),
+                                t.linear(q, "v", 16, 64, bits=4, group=32)))
+    t, qm = build(True)
+    ref = build(False)[0].run(build(False)[1])
+    assert lower(qm).fired == {"w4a8_weight_only": 1, "weight_only": 2}
+    assert npu.DYNAMIC_QUANT not in targets(qm) and targets(qm).count(npu.WEIGHT_QUANT_BATCHMATMUL) == 2
+    assert rel(t.run(qm), ref) < 1e-6
 
 
 def test_w8a8_static():

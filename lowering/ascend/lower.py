@@ -86,6 +86,8 @@ RULES = (  # phase, name, doc, kernels, pattern, rewrite, check, when
          L.INT4_TRANSFORM, L.rewrite_int4, L.check_int4, L.transform_fits),
     Rule("act_quant", "w4a4_dynamic", "W4A4: int4 per-token quantization, int4 matmuls (weights packed 8 per int32)",
          ("npu_dynamic_quant", QMM), L.INT4_DYNAMIC, L.rewrite_int4, L.check_int4),
+    Rule("act_quant", "w4a8_weight_only", "W4A8 dynamic as vllm-ascend serves it: float activations, int4 weights "
+         "left to weight_only", (), L.INT8_DYNAMIC, L.rewrite_w4a8_weight_only, None, L.is_w4a8),
     Rule("act_quant", "w8a8_dynamic_smooth", "W8A8 dynamic of x * c (smooth:fold=false): c is the kernel's "
          "smooth_scales", ("npu_dynamic_quant", QMM), L.INT8_DYNAMIC_SMOOTH, L.rewrite_int8_dynamic, L.check_int8,
          FUSE),

@@ -102,6 +102,23 @@ def _linear_reason(lw, lin: fx.Node, a_bits: int) -> str | None:
     return npu.check_quant_matmul(k, n)
 
 
+def is_w4a8(lw, m) -> bool:
+    """Every linear the quantizer feeds has int4 weights (W4A8_DYNAMIC)."""
+    lins = _linears(m["q"])
+    return bool(lins) and all(weight_parts(lin) is not None and
+                              info(lin).get("quant", {}).get("weight", {}).get("bits") == 4 for lin in lins)
+
+
+def rewrite_w4a8_weight_only(lw, m) -> None:
+    """Dense W4A8_DYNAMIC as vllm-ascend 0.23 serves it (npu_weight_quant_batchmatmul on float activations):
+    the linears read the quantizer's input; the weight_only rule then takes their int4 weights."""
+    q = m["q"]
+    for lin in _linears(q):
+        lin.replace_input_with(q, q.args[0])
+    if not q.users:
+        lw.g.erase_node(q)
+
+
 def check_int8(lw, m) -> str | None:
     return next((w for w in (_linear_reason(lw, lin, 8) for lin in _linears(m["q"])) if w), None)
 
