@@ -244,6 +244,19 @@ def _write_config(qm: QModel, out: Path, serving: torch.dtype) -> None:
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
 
 
+def description_group(qm: QModel, plan: list, moe_plan: list) -> tuple[int, int | None]:
+    """(the W4A8 group, 0 without W4A8; the description's group_size: W4A8's, else the W4A16 experts',
+    None without either). One group_size per model: a clash is refused."""
+    w4a8 = [lin for lin, kind in plan if kind == "W4A8_DYNAMIC"]
+    any_w4a8 = bool(w4a8) or any(k == "W4A8_DYNAMIC" for _, k in moe_plan)
+    group = w4a8_group(qm, w4a8, moe_plan) if any_w4a8 else 0
+    g16 = export_moe.w4a16_group(moe_plan)
+    if g16 is not None and any_w4a8 and g16 != group:
+        raise PtqcError(f"the description has one group_size: W4A8 uses {group}, the W4A16 experts {g16}; "
+                        "compile them with one group")
+    return group, group if any_w4a8 else g16
+
+
 def export(qm: QModel, out, *, force: bool = False, dtype: str | None = None) -> dict:
     """Write ``qm`` (a fake-quant ptqc graph) in the Ascend deployment format for serving in ``dtype``
     (float16 / bfloat16; default: the artifact's dtype); returns the description."""
@@ -255,12 +268,7 @@ def export(qm: QModel, out, *, force: bool = False, dtype: str | None = None) ->
                            if is_op(lin.args[1], ops.DEQUANTIZE_WEIGHT) else None)) for lin in qm.linears()]
     export_moe.check_routers(qm)
     moe_plan = export_moe.plan(qm)
-    w4a8 = [lin for lin, kind in plan if kind == "W4A8_DYNAMIC"]
-    group = w4a8_group(qm, w4a8, moe_plan) if w4a8 or any(k == "W4A8_DYNAMIC" for _, k in moe_plan) else 0
-    g16 = export_moe.w4a16_group(moe_plan)
-    if g16 is not None and group and g16 != group:
-        raise PtqcError(f"the description has one group_size: W4A8 uses {group}, the W4A16 experts {g16}; "
-                        "compile them with one group")
+    group, desc_group = description_group(qm, plan, moe_plan)
     tensors, desc, kinds, handled = {}, {}, {}, set()
     experts, blocks = {}, {}
     for node, kind in moe_plan:
@@ -290,9 +298,7 @@ def export(qm: QModel, out, *, force: bool = False, dtype: str | None = None) ->
     quantized_experts = {k: v for k, v in experts.items() if k != "FLOAT"}
     main = max(quantized_experts, key=quantized_experts.get) if quantized_experts else \
         max(kinds, key=kinds.get) if kinds else "FLOAT"
-    w4 = w4a8 or "W4A8_DYNAMIC" in experts
-    group = group if w4 else g16
-    head = {"model_quant_type": main, "version": "1.0.0", **({"group_size": group} if group is not None else {}),
+    head = {"model_quant_type": main, "version": "1.0.0", **({"group_size": desc_group} if desc_group is not None else {}),
             **({"kv_cache_type": "C8", "kv_quant_type": "C8"} if c8 else {}),  # msModelSlim writes both
             "metadata": {"producer": "ptqc", "linears": kinds, **({"moe_blocks": experts} if experts else {}),
                          "dtype": str(serving).removeprefix("torch.")},
