@@ -41,6 +41,7 @@ from ptqc.errors import PtqcError
 from ptqc.ir import info, is_op
 from ptqc.norms import is_norm
 from ptqc.passes import rotate_heads
+from ptqc.patterns import TRANSPARENT
 from ptqc.pipeline import Pass, PassResult, _short, register
 
 aten = torch.ops.aten
@@ -48,10 +49,8 @@ aten = torch.ops.aten
 READERS = ("q", "k", "v", "qkv", "gate", "up", "gate_up", "lm_head", "q_a", "kv_a",  # reading the residual
            "router", "shared_expert_gate")  # stream (W <- W Q); MoE expert stacks: gate/up read, down writes
 WRITERS = ("o", "down")  # linears adding to it (W <- Q^T W)
-# shape ops that keep each row of the last dimension intact (checked on the recorded shapes)
-ROW_OPS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.clone.default,
-           aten.contiguous.default, aten._to_copy.default, aten.unsqueeze.default, aten.squeeze.dim,
-           aten.expand.default, aten.transpose.int, aten.permute.default}
+# shape ops that may keep each row of the last dimension intact (checked on the recorded shapes)
+ROW_OPS = TRANSPARENT
 
 
 # ---- which nodes carry the residual stream ----------------------------------------------------
@@ -65,8 +64,7 @@ class ResidualPlan:
     writers: list[fx.Node] = field(default_factory=list)
 
 
-def _where(n: fx.Node) -> str:
-    return f"{info(n).get('module') or n.name} ({_short(n.target)})"
+_where = rotate_heads.where
 
 
 def _keeps_rows(n: fx.Node, hidden: int) -> bool:

@@ -18,19 +18,17 @@ import torch.fx as fx
 from ptqc import ops
 from ptqc.errors import PtqcError
 from ptqc.ir import info, is_op
-from ptqc.patterns import activation_input
+from ptqc.patterns import TRANSPARENT, activation_input
 from ptqc.pipeline import _short
 
 aten = torch.ops.aten
-SHAPE_OPS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.clone.default,
-             aten.contiguous.default, aten._to_copy.default, aten.unsqueeze.default, aten.squeeze.dim,
-             aten.transpose.int, aten.permute.default}
 SELECT_OPS = {aten.slice.Tensor, aten.split.Tensor, aten.split_with_sizes.default, aten.narrow.default,
               operator.getitem}
 FIX = "use rotate:v=false"
 
 
-def _where(n: fx.Node) -> str:
+def where(n: fx.Node) -> str:
+    """A node as rotate's messages name it: its module (or name) and op."""
     return f"{info(n).get('module') or n.name} ({_short(n.target)})"
 
 
@@ -38,13 +36,13 @@ def _chain(attn: fx.Node) -> list[fx.Node]:
     """[linear, ..., value input] of ``attn``: shape and select ops only, back to a linear."""
     out, cur = [], attn.args[2]
     while isinstance(cur, fx.Node) and not is_op(cur, ops.LINEAR):
-        if cur.op != "call_function" or cur.target not in SHAPE_OPS | SELECT_OPS:
-            raise PtqcError(f"rotate: the value input of {_where(attn)} comes from {_where(cur)}, not from a "
+        if cur.op != "call_function" or cur.target not in TRANSPARENT | SELECT_OPS:
+            raise PtqcError(f"rotate: the value input of {where(attn)} comes from {where(cur)}, not from a "
                             f"linear through shape ops and one slice or split; {FIX}")
         out.append(cur)
         cur = cur.args[0]
     if not isinstance(cur, fx.Node):
-        raise PtqcError(f"rotate: the value input of {_where(attn)} does not come from a linear; {FIX}")
+        raise PtqcError(f"rotate: the value input of {where(attn)} does not come from a linear; {FIX}")
     return [cur, *reversed(out)]
 
 
@@ -59,7 +57,7 @@ def _run(n: fx.Node, env: dict):
                 return env[a]
             if a.op == "call_function" and "sym_size" in str(a.target):
                 return 1
-            raise PtqcError(f"rotate: {_where(n)} has a shape computed by {_where(a)}; {FIX}")
+            raise PtqcError(f"rotate: {where(n)} has a shape computed by {where(a)}; {FIX}")
         if isinstance(a, (list, tuple)):
             return type(a)(arg(x) for x in a)
         return a
@@ -78,25 +76,25 @@ def v_rows(qm, attn: fx.Node) -> tuple[fx.Node, torch.Tensor]:
         selects += n.target in SELECT_OPS and n.target is not operator.getitem
         others = [u for u in prev.users if u is not n]
         if others and not (n.target in SELECT_OPS):
-            raise PtqcError(f"rotate: {_where(prev)} on the value path of {_where(attn)} has other readers; {FIX}")
+            raise PtqcError(f"rotate: {where(prev)} on the value path of {where(attn)} has other readers; {FIX}")
         for u in others:  # siblings of the selection: they must read other rows only
             if u.target not in SELECT_OPS:
-                raise PtqcError(f"rotate: {_where(u)} reads the rows of {_where(lin)} that make the values of "
-                                f"{_where(attn)}; {FIX}")
+                raise PtqcError(f"rotate: {where(u)} reads the rows of {where(lin)} that make the values of "
+                                f"{where(attn)}; {FIX}")
             env[u] = _run(u, env)
     if len(chain[-1].users) != 1:
-        raise PtqcError(f"rotate: the value input of {_where(attn)} has other readers; {FIX}")
+        raise PtqcError(f"rotate: the value input of {where(attn)} has other readers; {FIX}")
     if selects > 1:
-        raise PtqcError(f"rotate: the value input of {_where(attn)} selects from {_where(lin)} more than once; {FIX}")
+        raise PtqcError(f"rotate: the value input of {where(attn)} selects from {where(lin)} more than once; {FIX}")
     v = env[chain[-1]]
     if v.dim() != 4 or v.shape[0] != 1 or v.shape[2] != 1:
-        raise PtqcError(f"rotate: cannot read the value heads of {_where(attn)}; {FIX}")
+        raise PtqcError(f"rotate: cannot read the value heads of {where(attn)}; {FIX}")
     rows = v[0, :, 0, :].long()
     mine = set(rows.flatten().tolist())
     for u, t in env.items():
         if u not in chain and isinstance(t, torch.Tensor) and mine & set(t.flatten().long().tolist()):
-            raise PtqcError(f"rotate: {_where(u)} reads rows of {_where(lin)} that make the values of "
-                            f"{_where(attn)}; {FIX}")
+            raise PtqcError(f"rotate: {where(u)} reads rows of {where(lin)} that make the values of "
+                            f"{where(attn)}; {FIX}")
     return lin, rows
 
 
@@ -105,14 +103,14 @@ def v_fold(qm, attn: fx.Node) -> tuple[fx.Node, torch.Tensor, fx.Node]:
     exact per-head fold: the rows are distinct, the output reaches one o_proj through shape ops only."""
     lin, rows = v_rows(qm, attn)
     if len(set(rows.flatten().tolist())) != rows.numel():
-        raise PtqcError(f"rotate: the value heads of {_where(attn)} repeat rows of {_where(lin)}; {FIX}")
+        raise PtqcError(f"rotate: the value heads of {where(attn)} repeat rows of {where(lin)}; {FIX}")
     o_lins = [n for n in qm.linears() if activation_input(n) is attn]
     if len(o_lins) != 1 or not _only_shape_ops(attn, o_lins[0].args[0]):
-        raise PtqcError(f"rotate: the output of {_where(attn)} does not go to one o_proj through shape ops only; {FIX}")
+        raise PtqcError(f"rotate: the output of {where(attn)} does not go to one o_proj through shape ops only; {FIX}")
     heads, d = attn.meta["shape"][1], attn.meta["shape"][3]
     o_in = qm.store.spec(o_lins[0].args[1].target)[0][1]
     if d != rows.shape[1] or o_in != heads * d:
-        raise PtqcError(f"rotate: {_where(o_lins[0])} input width {o_in} does not match {heads} heads of "
+        raise PtqcError(f"rotate: {where(o_lins[0])} input width {o_in} does not match {heads} heads of "
                         f"{rows.shape[1]} values; {FIX}")
     return lin, rows, o_lins[0]
 
@@ -120,7 +118,7 @@ def v_fold(qm, attn: fx.Node) -> tuple[fx.Node, torch.Tensor, fx.Node]:
 def _only_shape_ops(src: fx.Node, dst: fx.Node) -> bool:
     cur = dst
     while cur is not src:
-        if not (isinstance(cur, fx.Node) and cur.op == "call_function" and cur.target in SHAPE_OPS
+        if not (isinstance(cur, fx.Node) and cur.op == "call_function" and cur.target in TRANSPARENT
                 and len(cur.users) == 1):
             return False
         cur = cur.args[0]

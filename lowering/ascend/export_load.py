@@ -12,6 +12,7 @@ from ptqc.ir import QModel, info, is_op
 from ptqc.lowering.ascend import export_types
 from ptqc.lowering.ascend.export_check import check
 from ptqc.lowering.ascend.layout import DESCRIPTION, EXPERT, kv_shape
+from ptqc.lowering.ascend.ops_quant import deq_scale_value
 
 
 def load(path, dtype: str = "float32", trust_remote_code: bool = False) -> QModel:
@@ -67,14 +68,6 @@ def load(path, dtype: str = "float32", trust_remote_code: bool = False) -> QMode
     return qm
 
 
-def _deq_scale(t: torch.Tensor) -> torch.Tensor:
-    """W8A8's deq_scale (input_scale x weight_scale) as float32: int64 holding float32 bits (float16
-    serving) or float32 (bfloat16 serving)."""
-    if t.dtype == torch.int64:
-        return (t & 0xFFFFFFFF).to(torch.int32).view(torch.float32)
-    return t.float()
-
-
 def _written_dtype(path: Path) -> str | None:
     try:
         cfg = json.loads((path / "config.json").read_text())
@@ -88,9 +81,9 @@ def _weight(qm: QModel, base: str, kind: str, desc: dict) -> tuple:
     """(QuantSpec, int codes [out, in], scale, zero point or None) of one exported linear."""
     codes = qm.store[f"{base}.weight"]
     if f"{base}.weight_scale" not in qm.store and kind in ("W8A8", "W8A8_MIX"):  # msModelSlim's iter_smooth
-        scale = _deq_scale(qm.store[f"{base}.deq_scale"]) / qm.store[f"{base}.input_scale"].float().reshape(())
-        scale, offset = scale.reshape(-1, 1), torch.zeros(scale.numel(), 1)
-        return quant.QuantSpec(8, 0, True), codes, scale, None
+        deq = qm.store[f"{base}.deq_scale"]  # int64 float32 bits (float16 serving) or float32 (bfloat16)
+        deq = deq_scale_value(deq) if deq.dtype == torch.int64 else deq.float()
+        return quant.QuantSpec(8, 0, True), codes, (deq / qm.store[f"{base}.input_scale"].float()).reshape(-1, 1), None
     scale = qm.store[f"{base}.weight_scale"].float()
     offset = qm.store[f"{base}.weight_offset"].float()
     zp = None if not offset.any() else torch.round(-offset).to(torch.int8)

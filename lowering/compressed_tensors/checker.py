@@ -134,11 +134,13 @@ def _linear_tensors(name: str, g: dict, fmt: str, k: int, n_out: int, bias: bool
 
 
 class _Expected:
-    """The tensors an export needs (name -> why), checked against the files' ``meta`` (by the model's
-    names; ``shown`` gives the files' name of each, for messages)."""
+    """The tensors an export needs (name -> why), checked against the files' ``meta`` under the model's
+    names (``to_model``: file name -> model name where they differ); messages use the files' names."""
 
-    def __init__(self, meta: dict, problems: list[str]):
-        self.meta, self.why, self.problems, self.shown = meta, {}, problems, {}
+    def __init__(self, meta: dict, to_model: dict, problems: list[str]):
+        self.meta = {to_model.get(n, n): v for n, v in meta.items()}
+        self.shown = {to_model[n]: n for n in meta if n in to_model}
+        self.why, self.problems = {}, problems
 
     def want(self, model_name: str, dtypes, shapes, why: str) -> None:
         self.why[model_name] = why
@@ -181,14 +183,12 @@ def check(path, trust_remote_code: bool = False) -> list[str]:
         return [str(e)]
     meta = tensor_specs(sorted(set(files.values())))
     missing = [f"{n} is in the index but in no weight file" for n in sorted(set(files) - set(meta))]
-    ex = _Expected(meta, missing)
     try:
         to_model = families.model_names(meta, load_config(path, trust_remote_code))  # checkpoint names -> the model's
-        ex.meta = {to_model.get(n, n): v for n, v in meta.items()}
-        ex.shown = {to_model[n]: n for n in meta if n in to_model}
         linears, params = _modules(path, trust_remote_code)
     except PtqcError as e:
-        return ex.problems + [f"cannot build the model of {CONFIG}: {e}"]
+        return missing + [f"cannot build the model of {CONFIG}: {e}"]
+    ex = _Expected(meta, to_model, missing)
     schemes = {name: scheme_of(name, m[0], q) for name, m in linears.items()}
     quantized = {name: g for name, g in schemes.items() if g is not None}
     for name, g in quantized.items():
