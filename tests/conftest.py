@@ -41,6 +41,21 @@ def _private_cache(tmp_path_factory):
         os.environ["PTQC_CACHE"] = old
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_hf_modules(tmp_path_factory):
+    """transformers' dynamic-module cache (the code of remote-code models) in a temporary directory per
+    test process, not ~/.cache/huggingface/modules: processes importing one model's code at once there
+    collide (ModuleNotFoundError transformers_modules.<name>)."""
+    import transformers.dynamic_module_utils as dm
+
+    mp = pytest.MonkeyPatch()
+    d = str(tmp_path_factory.mktemp("hf_modules"))
+    mp.setenv("HF_MODULES_CACHE", d)
+    mp.setattr(dm, "HF_MODULES_CACHE", d)
+    yield
+    mp.undo()
+
+
 SHARED_TRACE_DIRS = {p.resolve() for p in EXAMPLES.iterdir() if p.is_dir()}  # + the `models` fixture's dirs
 _TRACES: dict = {}
 

@@ -21,20 +21,7 @@ CALIB = torch.randint(0, 300, (2, 32), generator=torch.Generator().manual_seed(1
 
 
 @pytest.fixture(scope="module")
-def hf_modules(tmp_path_factory):
-    """transformers' dynamic-module cache (remote code) in a temporary directory."""
-    import transformers.dynamic_module_utils as dm
-
-    mp = pytest.MonkeyPatch()
-    d = str(tmp_path_factory.mktemp("hf_modules"))
-    mp.setenv("HF_MODULES_CACHE", d)
-    mp.setattr(dm, "HF_MODULES_CACHE", d)
-    yield d
-    mp.undo()
-
-
-@pytest.fixture(scope="module")
-def fam(tmp_path_factory, hf_modules):
+def fam(tmp_path_factory):
     root = tmp_path_factory.mktemp("families")
     paths = {a: make_model(root / a, a, layers=2, hidden=64, intermediate=128, seed=i) for i, a in enumerate(FAMILIES)}
     paths["pangu"] = make_remote_code_model(root / "pangu")
