@@ -10,6 +10,7 @@ the next run; finished cells are never recomputed unless their key changes.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -22,9 +23,34 @@ VERSION = 1
 OUTPUTS = ("results.json", "results.csv", "results.md", "cells", "digests.json")
 
 
+NONFINITE = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
+
+
+def to_json(obj):
+    """Strict JSON: a non-finite float (an overflowing PPL, a mean over one) becomes "inf", "-inf" or "nan"."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    if isinstance(obj, dict):
+        return {k: to_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_json(v) for v in obj]
+    return obj
+
+
+def from_json(obj):
+    """:func:`to_json` undone: "inf", "-inf" and "nan" strings are floats again."""
+    if isinstance(obj, str):
+        return NONFINITE.get(obj, obj)
+    if isinstance(obj, dict):
+        return {k: from_json(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [from_json(v) for v in obj]
+    return obj
+
+
 def _write_json(path: Path, obj) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, allow_nan=True, default=str))
+    tmp.write_text(json.dumps(to_json(obj), indent=1, allow_nan=False, default=str))
     os.replace(tmp, path)
 
 
@@ -39,7 +65,7 @@ class CellStore:
             rec = json.loads((self.root / f"{key}.json").read_text())
         except (OSError, json.JSONDecodeError):
             return None
-        return rec.get("result")
+        return from_json(rec.get("result"))
 
     def put(self, cell: dict, result: dict) -> None:
         self.root.mkdir(parents=True, exist_ok=True)

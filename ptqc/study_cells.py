@@ -2,7 +2,8 @@
 
 A cell's key is the SHA-256 of what its numbers depend on: the model directory's files, the
 pipeline (every pass with all its options, as ``repr``; plugin files), the seed, the calibration
-data and settings, the evaluation texts and settings, the dtype and the ptqc version. Labels
+data and settings, the evaluation texts and settings, the dtype, and the ptqc version with a digest
+of its code (the ``ptqc`` and ``ptqc.passes`` sources: an edited checkout recomputes). Labels
 (model and pipeline names, method, bits) are not part of it: renaming reuses the cached cell.
 File contents are hashed once and remembered by (path, size, mtime) in ``DIR/digests.json``.
 """
@@ -60,6 +61,19 @@ class Digests:
             os.replace(tmp, self.path)
 
 
+def code_digest(dig: Digests) -> str:
+    """SHA-256 (16 hex) of the ``.py`` sources of ``ptqc`` and ``ptqc.passes`` as installed."""
+    import ptqc
+    import ptqc.passes
+
+    h = hashlib.sha256()
+    for pkg in (ptqc, ptqc.passes):
+        root = Path(pkg.__file__).parent
+        for f in sorted(root.glob("*.py")):
+            h.update(f"{pkg.__name__}/{f.name}\0{dig.file(f)}\0".encode())
+    return h.hexdigest()[:16]
+
+
 def pipeline_repr(p: Pipeline) -> list[str]:
     """Every pass of the pipeline with all its options (what the key hashes); [] for the float model."""
     from ptqc import pipeline
@@ -105,13 +119,12 @@ def cell_key(ingredients: dict) -> str:
     return hashlib.sha256(json.dumps(ingredients, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
-def _cell(study, name, model_dir, p, seed, reprs, files, dig, plugins) -> dict:
-    import ptqc
-
+def _cell(study, name, model_dir, p, seed, reprs, files, dig, code: dict) -> dict:
+    """``code``: the ptqc version, its code digest and the plugin files' digests."""
     calib, texts = files
     calibration = None if p.is_float else {**study.calibration, "path": calib}
-    ingredients = {"format": KEY_FORMAT, "ptqc": ptqc.__version__, "model": dig.tree(model_dir),
-                   "dtype": study.dtype, "pipeline": reprs, "plugins": plugins, "seed": seed,
+    ingredients = {"format": KEY_FORMAT, **code, "model": dig.tree(model_dir),
+                   "dtype": study.dtype, "pipeline": reprs, "seed": seed,
                    "calibration": None if calibration is None else {**calibration, "path": dig.tree(Path(calib))},
                    "evaluation": _eval_key(study.evaluation, texts, dig, p.is_float)}
     return {"key": cell_key(ingredients), "model": name, "model_path": str(model_dir), "pipeline": p.name,
@@ -124,17 +137,18 @@ def _cell(study, name, model_dir, p, seed, reprs, files, dig, plugins) -> dict:
 
 def cells(study: Study, dig: Digests) -> list[dict]:
     """Every cell of the study in table order (model, pipeline, seed); the float model once per model."""
+    import ptqc
     from ptqc.cli_common import load_plugins
 
     load_plugins(study.plugins)
     reprs = {p.name: _checked_repr(study, p) for p in study.pipelines}
-    plugins = [dig.file(x) for x in study.plugins]
+    code = {"ptqc": ptqc.__version__, "code": code_digest(dig), "plugins": [dig.file(x) for x in study.plugins]}
     out = []
     for name, model_dir in study.models.items():
         files = model_files(study, model_dir)
         for p in study.pipelines:
             for seed in ([None] if p.is_float else study.seeds):
-                out.append(_cell(study, name, model_dir, p, seed, reprs[p.name], files, dig, plugins))
+                out.append(_cell(study, name, model_dir, p, seed, reprs[p.name], files, dig, code))
     return out
 
 
@@ -150,7 +164,8 @@ def protocol(study: Study, all_cells: list[dict]) -> dict:
                                           "calibration_data": None})
         if c["calibration"]:
             per_model[c["model"]]["calibration_data"] = c["calibration"]["path"]
-    return {"ptqc": ptqc.__version__, "torch": torch.__version__, "dtype": study.dtype, "seeds": study.seeds,
+    return {"ptqc": ptqc.__version__, "code": all_cells[0]["ingredients"]["code"] if all_cells else None,
+            "torch": torch.__version__, "dtype": study.dtype, "seeds": study.seeds,
             "calibration": {k: v for k, v in study.calibration.items() if k != "path"},
             "evaluation": study.evaluation, "models": per_model,
             "notes": ["a seed draws the same calibration windows for every pipeline of a model "

@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 
 from ptqc.errors import PtqcError
+from ptqc.study import from_json
 from ptqc.study_table import flags, fmt
 
 
@@ -18,7 +19,7 @@ def load(path) -> dict:
     p = Path(path)
     f = p / "results.json" if p.is_dir() else p
     try:
-        res = json.loads(f.read_text())
+        res = from_json(json.loads(f.read_text()))
     except FileNotFoundError:
         raise PtqcError(f"{f} does not exist (give a study directory or its results.json)") from None
     except (OSError, json.JSONDecodeError) as e:
@@ -31,7 +32,7 @@ def load(path) -> dict:
 def _protocol_changes(a: dict, b: dict) -> list[str]:
     pa, pb = a.get("protocol", {}), b.get("protocol", {})
     return [f"protocol {k}: {json.dumps(pa.get(k), default=str)} -> {json.dumps(pb.get(k), default=str)}"
-            for k in ("ptqc", "torch", "dtype", "seeds", "calibration", "evaluation") if pa.get(k) != pb.get(k)]
+            for k in ("ptqc", "code", "torch", "dtype", "seeds", "calibration", "evaluation") if pa.get(k) != pb.get(k)]
 
 
 def _moved(x, y, tol: float) -> bool:

@@ -5,6 +5,7 @@ import json
 import math
 import shutil
 import statistics
+import sys
 
 import pytest
 import yaml
@@ -64,12 +65,8 @@ def test_bad_spec_one_line_nothing_written(models, tmp_path, over, msg):
     assert not (tmp_path / "out").exists()
 
 
-def test_tasks_without_lm_eval_one_line(models, tmp_path):
-    try:
-        import lm_eval  # noqa: F401
-        pytest.skip("lm-eval is installed")
-    except ImportError:
-        pass
+def test_tasks_without_lm_eval_one_line(models, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if not installed
     spec = write_spec(tmp_path / "s.yaml", models["qwen2"], evaluation={"tasks": {"names": "arc_easy"}})
     r = CliRunner().invoke(main, ["study", str(spec), "-o", str(tmp_path / "out")])
     assert r.exit_code == 2 and r.output.startswith("error: lm-eval is not installed") and not (tmp_path / "out").exists()
@@ -245,3 +242,71 @@ def test_shipped_study_parses_and_select(tmp_path):
         "GPTQ W8", "GPTQ W4", "GPTQ W3", "GPTQ W2"]
     r = CliRunner().invoke(main, ["study", str(s.path), "-o", str(tmp_path / "o"), "--select", "nope"])
     assert r.exit_code == 2 and "--select nope matches no cell" in r.output and not (tmp_path / "o").exists()
+
+
+def test_nonfinite_numbers_strict_json_round_trip(base, tmp_path, monkeypatch):
+    """An overflowing PPL is written as "inf" (strict JSON, no Infinity token) and read back as a float."""
+    spec, out, first = base
+    d = tmp_path / "out"
+    _copy_without(out, d, [by(first, "RTN W4", 1)])
+    real = study_worker.measure
+
+    def overflow(cell):
+        res = real(cell)
+        if cell["pipeline"] == "RTN W4" and cell["seed"] == 1:
+            res["ppl"]["ppl"] = math.inf
+        return res
+
+    monkeypatch.setattr(study_worker, "measure", overflow)
+    res = study.run(spec, d)
+
+    def strict(text):
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+
+    on_disk = strict((d / "results.json").read_text())
+    assert by(on_disk, "RTN W4", 1)["ppl"]["ppl"] == "inf"
+    assert by(res, "RTN W4", 1)["ppl"]["ppl"] == math.inf
+    cached = study.run(spec, d)  # from the cell store: a float again, and the mean is over the finite seed
+    assert cached["computed"] == 0 and by(cached, "RTN W4", 1)["ppl"]["ppl"] == math.inf
+    assert entry(cached, "RTN W4")["metrics"]["ppl"]["n"] == 1
+    assert entry(cached, "RTN W4")["metrics"]["ppl"]["mean"] == by(first, "RTN W4", 0)["ppl"]["ppl"]
+
+
+def test_code_digest_is_in_every_key(base, tmp_path, monkeypatch):
+    """An edited ptqc (same version, other sources) recomputes every cell; the digest covers the passes."""
+    from ptqc import study_cells
+
+    dig = study_cells.Digests()
+    before = study_cells.code_digest(dig)
+    real = dig.file
+    monkeypatch.setattr(dig, "file", lambda p: "edited" if p.name == "rtn.py" else real(p))
+    assert study_cells.code_digest(dig) != before
+    spec, out, first = base
+    d = tmp_path / "out"
+    shutil.copytree(out, d)
+    monkeypatch.setattr(study_cells, "code_digest", lambda dig: "another-checkout")
+    res = study.run(spec, d)
+    assert res["computed"] == 5 and res["protocol"]["code"] == "another-checkout"
+    assert [c["ppl"] for c in res["cells"]] == [c["ppl"] for c in first["cells"]]
+
+
+def test_study_lm_eval_tasks_offline(models, loaded, tmp_path, monkeypatch):
+    """Offline lm-eval tasks as a study evaluation: the float cell's numbers are the adapter's on the
+    float model, and the quantized row's delta is in points."""
+    pytest.importorskip("lm_eval")
+    from conftest import ROOT
+    from ptqc import evaluate, lm_eval_adapter
+
+    monkeypatch.chdir(ROOT)  # the task YAMLs name their data relative to the repository root
+    tasks = {"names": ["ptqc_tiny_mc"], "limit": 6, "include_path": str(ROOT / "tests/data/lmeval_task")}
+    spec = write_spec(tmp_path / "s.yaml", models["qwen2"], seeds=[0], pipelines=PIPELINES[:2],
+                      evaluation={"ppl": False, "collapse": False, "tasks": tasks})
+    res = study.run(spec, tmp_path / "out")
+    assert [c["status"] for c in res["cells"]] == ["ok", "ok"], res["cells"]
+    ref = lm_eval_adapter.run_tasks(loaded("qwen2"), evaluate.load_tokenizer(models["qwen2"]), ["ptqc_tiny_mc"],
+                                    6, include_path=[tasks["include_path"]])
+    assert by(res, "FP", None)["tasks"] == pytest.approx(ref)
+    acc = "ptqc_tiny_mc/acc"
+    fp, rtn = entry(res, "FP")["metrics"][acc]["mean"], entry(res, "RTN W4")["metrics"][acc]["mean"]
+    assert entry(res, "RTN W4")["delta"][acc] == pytest.approx(rtn - fp)
+    assert "ptqc_tiny_mc/acc" in (tmp_path / "out" / "results.md").read_text()
