@@ -83,3 +83,45 @@ def rule_mla_key(node: fx.Node) -> bool:
     new.meta.update(node.meta)
     node.replace_all_uses_with(new)
     return True
+
+
+def cache_points(attn: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+    """What an MLA attention caches: (the latent as ``kv_a_layernorm`` writes it, the rope key before
+    it is broadcast to the heads), or None when ``attn`` is not MLA (its key is not cat(k_nope, rope key)
+    with k_nope computed by ``kv_b_proj``). Quantizers already on either are looked through."""
+    from ptqc import ops
+    from ptqc.patterns import is_transparent
+
+    def through(n, stop=lambda n: False):
+        while isinstance(n, fx.Node) and (n.target == ops.QUANTIZE_ACT or is_transparent(n) and not stop(n)):
+            n = n.args[0]
+        return n
+
+    k = attn.args[1]
+    if not (isinstance(k, fx.Node) and k.target == aten.cat.default and len(k.args[0]) == 2):
+        return None
+    nope, rope = k.args[0]
+    for _ in range(8):  # k_nope = split(view(kv_b_proj(latent)))[0], through getitem / split / transpose / view
+        if not isinstance(nope, fx.Node) or nope.op != "call_function":
+            return None
+        if nope.target == ops.LINEAR:
+            break
+        nope = nope.args[0]
+    if nope.target != ops.LINEAR or nope.meta.get("ptqc", {}).get("role") != "kv_b":
+        return None
+    latent = through(nope.args[0])
+    if latent.meta.get("ptqc", {}).get("role") != "kv_a_norm":
+        return None
+    rope = through(rope, stop=lambda n: n.meta.get("shape", [0, 0])[1] == 1)
+    shape = getattr(rope, "meta", {}).get("shape")
+    if not shape or len(shape) != 4 or shape[1] != 1:
+        return None
+    return latent, rope
+
+
+def is_cache_quantized(n: fx.Node) -> bool:
+    """Does a kv-cache quantizer (role ``*_cache_quant``) read ``n``?"""
+    from ptqc import ops
+
+    return any(u.op == "call_function" and u.target == ops.QUANTIZE_ACT
+               and str(u.meta.get("ptqc", {}).get("role", "")).endswith("_cache_quant") for u in n.users)

@@ -12,7 +12,7 @@ import dataclasses
 import time
 from collections import Counter
 
-from ptqc import ops
+from ptqc import mla, ops
 from ptqc.errors import PtqcError
 from ptqc.ir import is_op, propagate
 from ptqc.pipeline import PASSES, Pass, PassContext, PassResult, load_builtin_passes
@@ -62,8 +62,10 @@ def _reads_float_input(qm, p) -> list:
 
 
 def _float_cache(qm, p) -> list:
-    return [n for n, _, _ in plan(qm, p, qm.nodes(ops.ATTENTION))
-            if not all(is_op(a, ops.QUANTIZE_ACT) for a in n.args[1:3])]
+    def quantized(att):
+        pts = mla.cache_points(att)  # MLA caches its latent (and rope key, optionally quantized), not K and V
+        return mla.is_cache_quantized(pts[0]) if pts else all(is_op(a, ops.QUANTIZE_ACT) for a in att.args[1:3])
+    return [n for n, _, _ in plan(qm, p, qm.nodes(ops.ATTENTION)) if not quantized(n)]
 
 
 # property -> (nodes of the pass's selection that break it, what is wrong with them)

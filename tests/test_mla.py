@@ -172,3 +172,70 @@ def test_ascend_lowers_linears_and_keeps_mla_attention_float(mla_loaded, calib, 
     assert targets.count(ops.ATTENTION) == 2 and npu.FUSED_INFER_ATTENTION_SCORE not in targets
     assert targets.count(npu.QUANT_MATMUL) >= 14  # q_a/kv_a, q_b, kv_b, o, mlp (gate|up fused)...
     assert rel(low(x), ref) < 5e-3  # integer kernels vs fake-quant: rounding-flip noise only
+
+
+def _hf_with_cache_quantizers(path, qm, rope_key: bool):
+    """transformers' model with ptqc's stored cache quantizers applied where transformers writes its MLA
+    cache (``cache.update(kv_nope, k_rot)``): after kv_a_layernorm, and after the rope of the key."""
+    import transformers.models.deepseek_v3.modeling_deepseek_v3 as hf
+
+    ref = AutoModelForCausalLM.from_pretrained(path).eval()
+    layer = [0]
+
+    def fq(which, x):
+        i = layer[0]
+        base = f"model.layers.{i}.self_attn.{which}"
+        s = qm.store[f"{base}_scale"] if f"{base}_scale" in qm.store else None
+        return ops.QUANTIZE_ACT(x, s, None, 8, 0, True, 1.0)
+
+    for i, block in enumerate(ref.model.layers):
+        def pre(mod, args, i=i):
+            layer[0] = i
+        block.self_attn.register_forward_pre_hook(pre)
+        block.self_attn.kv_a_layernorm.register_forward_hook(lambda mod, args, out: fq("latent", out))
+    def quantized(rope):
+        def apply(q, k, cos, sin, **kw):
+            q, k = rope(q, k, cos, sin, **kw)
+            return q, (fq("rope_key", k) if rope_key else k)
+        return apply
+    return ref, {name: quantized(getattr(hf, name)) for name in ("apply_rotary_pos_emb",
+                                                                 "apply_rotary_pos_emb_interleave")}
+
+
+@pytest.mark.parametrize("k, rope_key", [("tensor", False), ("channel", True), ("head", True)])
+def test_kv_quantizes_what_mla_caches(mla_models, mla_loaded, calib, ids, monkeypatch, k, rope_key):
+    """kv on MLA quantizes the latent and the rope key (what transformers and vLLM cache), not the
+    decompressed K/V: the graph equals transformers with the same quantizers at its cache.update."""
+    import transformers.models.deepseek_v3.modeling_deepseek_v3 as hf
+
+    qm = mla_loaded()
+    rec = run(qm, f"kv:bits=8,k={k},rope_key={str(rope_key).lower()}", calib)[0]["summary"]
+    assert rec["mla_attention_ops"] == 2
+    roles = [n.meta["ptqc"]["role"] for n in qm.nodes(ops.QUANTIZE_ACT)]
+    assert roles == ["latent_cache_quant", *(["rope_key_cache_quant"] if rope_key else [])] * 2
+    for att in qm.nodes(ops.ATTENTION):  # K and V themselves stay float
+        assert not any(a.target == ops.QUANTIZE_ACT for a in att.args[1:3])
+    shapes = {"tensor": [1], "channel": [16], "head": None}
+    assert qm.quant["model.layers.0.self_attn"]["latent_cache"].get("scale_shape") == shapes[k]
+    ref, ropes = _hf_with_cache_quantizers(mla_models["deepseek_v3"], qm, rope_key)
+    for name, fn in ropes.items():
+        monkeypatch.setattr(hf, name, fn)
+    x = ids(2, 17)
+    with torch.no_grad():
+        want = ref(x).logits
+    torch.testing.assert_close(qm(x), want, atol=1e-5, rtol=1e-5)
+    assert run(qm, "kv", calib)[0]["summary"]["attention_ops"] == 0  # already quantized: nothing to do
+
+
+def test_mla_latent_scale_is_the_calibrated_absmax(mla_models, mla_loaded, calib):
+    """Layer 0's per-tensor latent scale is max|kv_a_layernorm output| / 127 over the calibration windows."""
+    qm = mla_loaded()
+    run(qm, "kv:k=tensor,rope_key=false", calib)
+    ref = AutoModelForCausalLM.from_pretrained(mla_models["deepseek_v3"]).eval()
+    seen = []
+    ref.model.layers[0].self_attn.kv_a_layernorm.register_forward_hook(lambda m, a, out: seen.append(out.abs().max()))
+    with torch.no_grad():
+        for row in calib:
+            ref(row[None])
+    scale = qm.store["model.layers.0.self_attn.latent_scale"]
+    torch.testing.assert_close(scale, (max(seen) / 127).reshape(1), rtol=1e-6, atol=0)

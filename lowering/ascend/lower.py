@@ -36,7 +36,8 @@ MOE_KERNELS = {npu.MOE_GATING_TOP_K_SOFTMAX: "moe_gating", npu.MOE_GATING_TOP_K:
                npu.MOE_INIT_ROUTING_V2: "moe_init_routing", npu.GROUPED_MATMUL: "grouped_matmul",
                npu.MOE_FINALIZE_ROUTING: "moe_finalize"}
 MOE_COUNTS = ("moe_gating", "moe_init_routing", "grouped_matmul", "moe_dynamic_quant", "moe_finalize")  # MoE layers
-ROLE_COUNTED = {"k_cache_quant": "cache_quant", "v_cache_quant": "cache_quant",  # quantization kernels by role
+ROLE_COUNTED = {**dict.fromkeys(("k_cache_quant", "v_cache_quant", "latent_cache_quant", "rope_key_cache_quant"),
+                                 "cache_quant"),  # quantization kernels by role
                 "moe_dynamic_quant": "moe_dynamic_quant"}
 COUNTED = {**dict.fromkeys(QUANT_KERNELS + INT4_QUANT_KERNELS, "standalone_quant"),  # kernel -> kernel_counts key
            **dict.fromkeys(FUSED_QUANT + TRANSFORM_QUANT, "fused_quant"),
