@@ -131,13 +131,13 @@ class KV(Pass):
     def _insert(qm, attn, arg: int, spec: quant.QuantSpec, scale=None, zero_point=None, which=None):
         which = which or ("k" if arg == 1 else "v")
         with qm.graph.inserting_before(attn):
-            q = _quantizer(qm, attn, attn.args[arg], spec, scale, zero_point, which)
+            q = cache_quantizer(qm, attn, attn.args[arg], spec, scale, zero_point, which)
         args = list(attn.args)
         args[arg] = q
         attn.args = tuple(args)
 
 
-def _quantizer(qm, attn, src, spec: quant.QuantSpec, scale, zero_point, which: str):
+def cache_quantizer(qm, attn, src, spec: quant.QuantSpec, scale, zero_point, which: str):
     """A ``quantize_act`` of ``src`` (at the graph's insertion point) for ``attn``'s ``which`` cache,
     with its scale tensors stored as ``<attention>.<which>_scale`` / ``_zero_point``."""
     g, m = qm.graph, info(attn)
@@ -162,6 +162,14 @@ def _quantizer(qm, attn, src, spec: quant.QuantSpec, scale, zero_point, which: s
     return q
 
 
+def quantize_after(qm, attn, src, spec: quant.QuantSpec, scale, zero_point, which: str):
+    """:func:`cache_quantizer` right after ``src``, read by everything that read ``src``."""
+    with qm.graph.inserting_before(src.next):
+        q = cache_quantizer(qm, attn, src, spec, scale, zero_point, which)
+    src.replace_all_uses_with(q, delete_user_cb=lambda u: u is not q)
+    return q
+
+
 class MLACache:
     """The kv pass on MLA attention ops ``[(attn, options, (latent, rope key))]``: quantizers after the
     cached latent and rope key, dynamic (``k=head``) or static from calibration, layer by layer."""
@@ -175,10 +183,7 @@ class MLACache:
         return [("latent", latent)] + ([("rope_key", rope)] if mo.rope_key else [])
 
     def insert(self, attn, src, mo, which, scale=None, zero_point=None):
-        g = self.qm.graph
-        with g.inserting_before(src.next):
-            q = _quantizer(self.qm, attn, src, quant.QuantSpec(mo.bits, 0, mo.sym, mo.clip), scale, zero_point, which)
-        src.replace_all_uses_with(q, delete_user_cb=lambda u: u is not q)
+        quantize_after(self.qm, attn, src, quant.QuantSpec(mo.bits, 0, mo.sym, mo.clip), scale, zero_point, which)
 
     def run(self) -> dict:
         static = {}

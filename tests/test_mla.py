@@ -239,3 +239,66 @@ def test_mla_latent_scale_is_the_calibrated_absmax(mla_models, mla_loaded, calib
             ref(row[None])
     scale = qm.store["model.layers.0.self_attn.latent_scale"]
     torch.testing.assert_close(scale, (max(seen) / 127).reshape(1), rtol=1e-6, atol=0)
+
+
+def _fa_export(mla_models, calib, tmp_path, kv):
+    from ptqc.lowering.ascend import export as ax
+
+    qm = frontend.load(mla_models["deepseek_v3"], "bfloat16")
+    run(qm, f"int8:exclude=experts|lm_head|router,{kv}", calib)
+    out = tmp_path / "exp"
+    head = ax.export(qm, out)
+    return qm, out, head, json.loads((out / "quant_model_description.json").read_text())
+
+
+def test_fakquant_export_writes_checks_and_reads_back(mla_models, calib, ids, tmp_path):
+    """kv:k=tensor,rope_key=false exports as vllm-ascend's FAKQuant: fa_k/fa_v .scale [1, 1] = the latent
+    scale and int8 zero offsets per MLA attention, fa_quant_type, typed FAQuant; it checks, and reads back
+    to a graph with the same latent quantizers and the artifact's logits."""
+    from safetensors import safe_open
+
+    from ptqc import artifact
+    from ptqc.lowering.ascend import export as ax
+
+    qm, out, head, desc = _fa_export(mla_models, calib, tmp_path, "kv:k=tensor,rope_key=false")
+    assert head["fa_quant_type"] == "FAKQuant" and head["optional"]["kv_cache"] == "FAKQuant"
+    assert ax.check(out) == []
+    with safe_open(str(out / "quant_model_weights-00001-of-00001.safetensors"), "pt") as f:
+        names = set(f.keys())
+        for i in range(2):
+            base = f"model.layers.{i}.self_attn"
+            latent = qm.store[f"{base}.latent_scale"].float()
+            for which in ("fa_k", "fa_v"):
+                assert desc[f"{base}.{which}.scale"] == desc[f"{base}.{which}.offset"] == "FAQuant"
+                assert f.get_tensor(f"{base}.{which}.scale").tolist() == [[latent.item()]]
+                assert f.get_tensor(f"{base}.{which}.offset").dtype == torch.int8
+    assert not any(n.endswith(("latent_scale", "rope_key_scale")) for n in names)  # never as FLOAT tensors
+    back = artifact.load_any(out)
+    assert [n.meta["ptqc"]["role"] for n in back.nodes(ops.QUANTIZE_ACT)].count("latent_cache_quant") == 2
+    x = ids(2, 12)
+    assert rel(back(x).float(), qm(x).float()) < 2e-2  # bf16 scales and weights as written
+
+
+@pytest.mark.parametrize("kv, why", [
+    ("kv:k=tensor", "keeps the rope key in the model dtype (compile kv:rope_key=false)"),
+    ("kv:k=channel,rope_key=false", "one static symmetric int8 latent scale per layer"),
+])
+def test_fakquant_not_exported_says_why_and_writes_no_cache_scales(mla_models, calib, tmp_path, kv, why):
+    from ptqc.lowering.ascend import export as ax
+
+    _, out, head, desc = _fa_export(mla_models, calib, tmp_path, kv)
+    assert "fa_quant_type" not in head and why in head["optional"]["kv_cache"]
+    assert head["optional"]["kv_cache"].startswith("not exported (model.layers.0.self_attn: FAKQuant")
+    assert not any("latent" in n or "rope_key" in n or ".fa_" in n for n in desc)
+    assert ax.check(out) == []
+
+
+def test_fakquant_checker_names_what_is_wrong(mla_models, calib, tmp_path):
+    from ptqc.lowering.ascend import export as ax
+
+    _, out, _, desc = _fa_export(mla_models, calib, tmp_path, "kv:k=tensor,rope_key=false")
+    d = dict(desc)
+    del d["fa_quant_type"]
+    (out / "quant_model_description.json").write_text(json.dumps(d))
+    assert ax.check(out) == ['model.layers.0.self_attn.fa_k.offset is FAQuant but quant_model_description.json '
+                             'has no fa_quant_type "FAKQuant"']

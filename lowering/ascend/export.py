@@ -77,9 +77,9 @@ from ptqc.lowering import checkpoint
 from ptqc.lowering.ascend import export_types
 from ptqc.lowering.ascend.export_check import check  # noqa: F401  (ptqc.lowering.ascend.export.check)
 from ptqc.lowering.ascend.export_load import load  # noqa: F401  (ptqc.lowering.ascend.export.load)
-from ptqc.lowering.ascend import export_moe
-from ptqc.lowering.ascend.layout import (C8_MODEL_TYPES, DESCRIPTION, INDEX, SCALE_BIAS_CHUNKS, SERVING_DTYPES,
-                                         W4A8_GROUP, WEIGHTS, kv_shape, row_parallel)
+from ptqc.lowering.ascend import export_cache, export_moe
+from ptqc.lowering.ascend.layout import (DESCRIPTION, INDEX, SCALE_BIAS_CHUNKS, SERVING_DTYPES,
+                                         W4A8_GROUP, WEIGHTS, row_parallel)
 
 
 def classify(lin, wq: dict | None) -> str:
@@ -90,7 +90,7 @@ def classify(lin, wq: dict | None) -> str:
     kind = export_types.classify(lin, wq, a)
     if kind:
         return kind
-    if is_op(a, ops.QUANTIZE_ACT):
+    if is_op(a, ops.QUANTIZE_ACT) and not str(info(a).get("role", "")).endswith("_cache_quant"):
         bits, group, sym = a.args[3], a.args[4], a.args[5]
         dynamic = a.args[1] is None and group == 0 and sym
         if bits == 8 and wq["bits"] == 4 and dynamic:
@@ -152,36 +152,6 @@ def _w4a8_tensors(base: str, codes: torch.Tensor, scale: torch.Tensor, group: in
     if second is not None:
         t |= {"weight_scale_second": second, "weight_offset_second": torch.zeros_like(second)}
     return t | {"scale_bias": 8 * w.reshape(out, chunks, k // chunks).sum(-1)}
-
-
-def _c8_tensors(qm: QModel) -> tuple[dict, str | None]:
-    """C8 tensors of every attention's static int8 K/V quantizers, or ({}, why not)."""
-    out: dict = {}
-    atts = [n for n in qm.graph.nodes if is_op(n, ops.ATTENTION)]
-    quantized = [a for a in atts if any(is_op(x, ops.QUANTIZE_ACT) for x in a.args[1:3])]
-    if not quantized:
-        return {}, None
-    hkv, d = kv_shape(qm)
-    for a in atts:
-        base = info(a)["module"]
-        for which, arg in (("k", 1), ("v", 2)):
-            q = a.args[arg]
-            if not is_op(q, ops.QUANTIZE_ACT):
-                return {}, f"{base}: {which} is not quantized; C8 quantizes K and V of every layer"
-            if q.args[1] is None or q.args[3] != 8:
-                return {}, (f"{base}: C8 needs static int8 K and V scales (kv:k=channel,v=channel), "
-                            f"found {'dynamic' if q.args[1] is None else str(q.args[3]) + '-bit'} {which}")
-            scale = qm.store[q.args[1].target].float().expand(hkv, 1, d).reshape(-1)
-            zp = q.args[2]
-            off = torch.zeros_like(scale) if zp is None else qm.store[zp.target].float().expand(hkv, 1, d).reshape(-1)
-            proj = f"{base}.{which}_proj"
-            out[f"{proj}.kv_cache_scale"] = scale.contiguous()
-            out[f"{proj}.kv_cache_offset"] = off.contiguous()
-    mtype = getattr(qm.config, "model_type", None)
-    if mtype not in C8_MODEL_TYPES:
-        raise PtqcError(f"C8 (static int8 KV cache) does not load for model_type {mtype!r} in vllm-ascend 0.23 "
-                        f"(its C8 weights load only for {', '.join(C8_MODEL_TYPES)}); compile without the kv pass")
-    return out, None
 
 
 def _static_tensors(qm: QModel, lin, codes: torch.Tensor, scale: torch.Tensor, serving: torch.dtype) -> dict:
@@ -288,21 +258,19 @@ def export(qm: QModel, out, *, force: bool = False, dtype: str | None = None) ->
         for suffix, v in t.items():
             tensors[f"{base}.{suffix}"] = v.contiguous()
             desc[f"{base}.{suffix}"] = kind
-    c8, why = _c8_tensors(qm)
-    tensors |= c8
-    desc |= dict.fromkeys(c8, "C8")
-    if c8:  # the K/V quantizers' own scale tensors are replaced by the C8 ones
-        handled |= checkpoint.store_inputs(*(q for q in qm.nodes(ops.QUANTIZE_ACT)
-                                             if str(info(q).get("role", "")).endswith("_cache_quant")))
+    cache = export_cache.tensors(qm)
+    tensors |= cache["tensors"]
+    desc |= cache["desc"]
+    handled |= cache["handled"]
     desc |= dict.fromkeys(checkpoint.unchanged(qm, handled | set(tensors))[0], "FLOAT")
     quantized_experts = {k: v for k, v in experts.items() if k != "FLOAT"}
     main = max(quantized_experts, key=quantized_experts.get) if quantized_experts else \
         max(kinds, key=kinds.get) if kinds else "FLOAT"
     head = {"model_quant_type": main, "version": "1.0.0", **({"group_size": desc_group} if desc_group is not None else {}),
-            **({"kv_cache_type": "C8", "kv_quant_type": "C8"} if c8 else {}),  # msModelSlim writes both
+            **cache["head"],
             "metadata": {"producer": "ptqc", "linears": kinds, **({"moe_blocks": experts} if experts else {}),
                          "dtype": str(serving).removeprefix("torch.")},
-            "optional": {"kv_cache": "C8" if c8 else f"not exported ({why})" if why else "none"}}
+            "optional": {"kv_cache": cache["optional"]}}
     names = sorted(desc)
     with AtomicDir(out, force) as tmp:
         checkpoint.copy_source_files(qm, tmp)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ptqc.lowering.ascend.layout import (C8_MODEL_TYPES, C8_SUFFIXES, DESCRIPTION, EXPERT, META_KEYS, MOE_LOADABLE, MOE_ONLY,
+from ptqc.lowering.ascend.layout import (C8_MODEL_TYPES, C8_SUFFIXES, DESCRIPTION, EXPERT, FA_SUFFIXES, META_KEYS, MOE_LOADABLE, MOE_ONLY,
                                          MOE_W4A16_GROUP, OPTIONAL, REQUIRED, ROUTERS, SCALE_BIAS_CHUNKS, SUFFIX_RULES, TYPES,
                                          W4A8_GROUP, row_parallel)
 from ptqc.lowering.ascend import export_types
@@ -183,6 +183,34 @@ def _c8_problems(desc: dict, types: dict, meta: dict, model_type: str | None) ->
     return problems
 
 
+def _fa_problems(desc: dict, types: dict, meta: dict, cfg: dict) -> list[str]:
+    """FAKQuant: fa_quant_type says so, the model is MLA (kv_lora_rank), and every attention with an
+    ``fa_k.scale`` has the four [1, 1] tensors (float scales, int8 offsets)."""
+    fa = sorted(n for n, t in types.items() if t == "FAQuant")
+    if not fa and desc.get("fa_quant_type") != "FAKQuant":
+        return []
+    problems = []
+    if fa and desc.get("fa_quant_type") != "FAKQuant":
+        problems.append(f"{fa[0]} is FAQuant but {DESCRIPTION} has no fa_quant_type \"FAKQuant\"")
+    if not fa:
+        problems.append('fa_quant_type is "FAKQuant" but no tensor is typed FAQuant (vllm-ascend quantizes the '
+                        "layers that have an fa_k.scale)")
+    if cfg and not cfg.get("kv_lora_rank"):
+        problems.append(f"FAKQuant is MLA attention quantization, but config.json has no kv_lora_rank "
+                        f"(model_type {cfg.get('model_type')!r})")
+    for base in sorted({n.rsplit(".", 2)[0] for n in fa}):
+        for suffix in FA_SUFFIXES:
+            name = f"{base}.{suffix}"
+            got = meta.get(name)
+            want = ("I8",) if suffix.endswith("offset") else ("F32", "F16", "BF16")
+            if got is None:
+                problems.append(f"{base}: FAKQuant needs {name}, which is missing")
+            elif tuple(got[0]) != (1, 1) or got[1] not in want:
+                problems.append(f"{name}: expected {'int8' if want == ('I8',) else 'float'} [1, 1], found "
+                                f"{got[1]} {list(got[0])}")
+    return problems
+
+
 def _moe_problems(types: dict) -> list[str]:
     """Routers FLOAT; per MoE block (``X.experts``, read by vllm-ascend from expert 0's type or from
     the block's own ``X.experts.weight`` entry) every expert with its projections, all of one
@@ -241,7 +269,8 @@ def check(path, serving: bool = True) -> list[str]:
     problems += [f"{n} is in the weight files but not in {DESCRIPTION}" for n in sorted(set(meta) - set(types))]
     linears = _linear_problems(types, meta, desc, cfg.get("torch_dtype") or cfg.get("dtype"), MOE_ONLY if serving else ())
     return problems + linears + _packed_expert_problems(types, meta, desc) + \
-        _c8_problems(desc, types, meta, cfg.get("model_type") if serving else None) + _moe_problems(types)
+        _c8_problems(desc, types, meta, cfg.get("model_type") if serving else None) + \
+        _fa_problems(desc, types, meta, cfg) + _moe_problems(types)
 
 
 def _config(path: Path) -> dict:

@@ -35,6 +35,8 @@ def load(path, dtype: str = "float32", trust_remote_code: bool = False) -> QMode
                         f"({experts[0]} is {desc[experts[0]]}); evaluate the artifact instead")
     qm = frontend.load(path, _written_dtype(path) or dtype, trust_remote_code, shapes=False)
     qm.store.cast = False
+    for n in qm.store.keep_dtype:  # float32 routers, written in the serving dtype as vllm-ascend loads them
+        qm.store.overlay[n] = qm.store[n].float()
     acts: dict = {}
     for lin in qm.linears():
         w = lin.args[1].target
@@ -65,6 +67,9 @@ def load(path, dtype: str = "float32", trust_remote_code: bool = False) -> QMode
         _load_c8(qm)
     qm.properties |= {"weight_quant"} | ({"act_quant"} if acts else set())
     propagate(qm.graph, qm.store)
+    if desc.get("fa_quant_type") == "FAKQuant":  # MLA's cache points are found by their shapes
+        _load_fa(qm)
+        propagate(qm.graph, qm.store)
     return qm
 
 
@@ -115,3 +120,15 @@ def _load_c8(qm: QModel) -> None:
             off = qm.store[f"{proj}.kv_cache_offset"].float().reshape(hkv, 1, d)
             zp = torch.round(off).to(torch.int8) if off.any() else None
             KV._insert(qm, a, arg, quant.QuantSpec(8, 0, zp is None), scale, zp, which)
+
+
+def _load_fa(qm: QModel) -> None:
+    """FAKQuant: a static per-tensor int8 quantizer on the latent of every MLA attention with an fa_k.scale."""
+    from ptqc import mla
+    from ptqc.passes.kv import quantize_after
+
+    for a in [n for n in qm.graph.nodes if is_op(n, ops.ATTENTION)]:
+        name, pts = f"{info(a)['module']}.fa_k.scale", mla.cache_points(a)
+        if pts is not None and name in qm.store:
+            quantize_after(qm, a, pts[0], quant.QuantSpec(8, 0, True), qm.store[name].float().reshape(1), None,
+                           "latent")

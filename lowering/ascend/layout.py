@@ -9,7 +9,7 @@ DESCRIPTION = "quant_model_description.json"
 WEIGHTS = "quant_model_weights-00001-of-00001.safetensors"
 INDEX = "quant_model_weights.safetensors.index.json"
 SERVING_DTYPES = ("float16", "bfloat16")
-TYPES = ("W8A8", "W8A8_DYNAMIC", "W8A16", "W4A8_DYNAMIC", "W4A16", "C8", "FLOAT", "W8A8_MIX", "W4A4_DYNAMIC",
+TYPES = ("W8A8", "W8A8_DYNAMIC", "W8A16", "W4A8_DYNAMIC", "W4A16", "C8", "FAQuant", "FLOAT", "W8A8_MIX", "W4A4_DYNAMIC",
          "W4A4_FLATQUANT_DYNAMIC", "W8A8_MXFP8", "W4A4_MXFP4")  # the last five: export_types
 W4A8_GROUP = 256  # vllm-ascend's group_size when the description has none
 ROW_PARALLEL = (".o_proj", ".down_proj")  # vLLM RowParallelLinear: W4A8 scale_bias [out, 16], else [out, 1]
@@ -24,7 +24,9 @@ EXPERT_DOWN = ("down_proj", "w2")  # row-parallel expert projections (scale_bias
 ROUTERS = (".mlp.gate.weight", ".block_sparse_moe.gate.weight", ".shared_expert_gate.weight")  # FLOAT in vllm-ascend
 C8_MODEL_TYPES = ("qwen3", "glm4_moe", "minimax_m2")  # vllm-ascend 0.23.0 patches their load_weights for C8
 C8_SUFFIXES = ("kv_cache_scale", "kv_cache_offset")
-META_KEYS = ("model_quant_type", "version", "group_size", "kv_cache_type", "kv_quant_type", "metadata", "optional")
+FA_SUFFIXES = ("fa_k.scale", "fa_k.offset", "fa_v.scale", "fa_v.offset")  # FAKQuant (MLA), per attention: [1, 1]
+META_KEYS = ("model_quant_type", "version", "group_size", "kv_cache_type", "kv_quant_type", "fa_quant_type", "metadata",
+             "optional")
 # suffixes every linear of a type must have (besides .weight): the parameters vllm-ascend 0.23.0's scheme of
 # that type creates and reads (methods/<type>.py: get_weight / get_*_param, apply, process_weights_after_loading)
 REQUIRED = {
