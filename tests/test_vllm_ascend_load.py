@@ -492,3 +492,31 @@ def test_new_types_post_process_to_what_their_kernels_take(new_run):
             assert torch.equal(processed[f"{layer}.weight_scale"], s.reshape(s.shape[0], -1, 2).transpose(0, 1)), kind
         if kind == "W4A4_FLATQUANT_DYNAMIC":
             assert torch.equal(processed[f"{layer}.left_trans"], loaded[f"{layer}.left_trans"].t())
+
+
+def test_mla_fakquant_export_loads_its_latent_scales(peer, tmp_path):
+    """DeepSeek-V3 (MLA) W8A8_DYNAMIC + FAKQuant: vllm-ascend's loader (its MLA modules, its DeepSeek
+    fa_* name patch) puts each layer's fa_k / fa_v scale and offset into mla_attn.mla_attn.fa_*, once,
+    as written; fa_q stays empty (not written: vllm-ascend quantizes the query itself or not at all).
+    Post-processing stops at the NPU kernels MLA absorbs kv_b_proj with."""
+    src = make_model(tmp_path / "dsv3", "deepseek_v3", layers=2, hidden=64, intermediate=128)
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**cfg, "topk_method": "noaux_tc"}))  # as DeepSeek-V3 ships it
+    qm = frontend.load(src, "bfloat16")
+    pipeline.PassManager(pipeline.parse_pipeline("int8:exclude=experts|lm_head|router,kv:k=tensor,rope_key=false")).run(
+        qm, pipeline.PassContext(quiet=True, calib=torch.randint(0, 300, (2, 16))))
+    out = tmp_path / "exp"
+    assert ax.export(qm, out)["fa_quant_type"] == "FAKQuant"
+    (_, _, rep), = _load(peer, tmp_path, {"mla": (out, qm)}).values()
+    assert rep.get("ok"), rep.get("error")
+    assert "npu" in rep["process_error"]
+    written = load_file(str(out / "quant_model_weights-00001-of-00001.safetensors"))
+    for i in range(2):
+        for which in ("fa_k", "fa_v"):
+            for part in ("scale", "offset"):
+                calls = rep["params"][f"model.layers.{i}.self_attn.mla_attn.mla_attn.{which}.{part}"]["calls"]
+                t = written[f"model.layers.{i}.self_attn.{which}.{part}"]
+                assert [(c["shape"], c["sha256"]) for c in calls] == [([1, 1], hashlib.sha256(
+                    t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest())]
+    assert sorted(rep["unfilled"]) == sorted(f"model.layers.{i}.self_attn.mla_attn.mla_attn.fa_q.{p}"
+                                             for i in range(2) for p in ("scale", "offset"))

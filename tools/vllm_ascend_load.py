@@ -29,6 +29,9 @@ one JSON object per directory (``{"dirs": {DIR: report}}``):
                     ``processed``: the same after process_weights_after_loading;
                     ``--save PREFIX`` also writes both as safetensors (``saved``)
 
+MLA models (DeepSeek-V2/V3) load with vllm-ascend's MLA modules; their post-processing absorbs
+``kv_b_proj`` with NPU kernels, so it stops there and the report says so in ``process_error``.
+
 Setup (CPU, no NPU): a stub ``torch_npu`` (``Tensor.npu()`` returns the tensor: W4A8's
 post-processing moves its scale there; ``npu_format_cast`` to NZ returns it), ``VLLM_PLUGINS=none``,
 vLLM's CPU platform, the Ascend config, no NZ format, a gloo world of one process on loopback.
@@ -121,6 +124,45 @@ def setup_cpu() -> None:
     vllm_ascend.utils._should_trans_nz = lambda *a, **k: False
     _load_c8_patch()
     _use_ascend_fused_moe()
+    _mla_on_cpu()
+
+
+def _mla_on_cpu() -> None:
+    """Build MLA attention (DeepSeek-V2/V3) as on the NPU: vLLM's CPU platform refuses MLA, so its
+    attention backend is vllm-ascend's ``AscendMLABackend`` (constructed, never run) and the MLA
+    wrapper vllm-ascend's ``AscendMultiHeadLatentAttention``; vLLM's flash-attn prefill backend gets
+    a placeholder kernel (construction only); vllm-ascend's DeepSeek weight-name patch maps
+    ``<attn>.fa_k.scale`` to ``<attn>.mla_attn.mla_attn.fa_k.scale``. Modules the MLA backend imports
+    but never uses here (structured output, scipy) are stubbed when absent."""
+    from vllm.platforms.cpu import CpuPlatform
+
+    for name in ("llguidance", "llguidance.hf", "llguidance.torch", "xgrammar", "scipy"):
+        if name.split(".")[0] not in sys.modules and importlib.util.find_spec(name.split(".")[0]) is None:
+            stub = types.ModuleType(name)
+            stub.__getattr__ = lambda attr: type(attr, (), {})
+            sys.modules[name] = stub
+    cpu_backend = CpuPlatform.get_attn_backend_cls.__func__
+
+    def backend(cls, selected_backend, attn_selector_config, num_heads=None):
+        if attn_selector_config.use_mla and not attn_selector_config.use_sparse:
+            return "vllm_ascend.attention.mla_v1.AscendMLABackend"
+        return cpu_backend(cls, selected_backend, attn_selector_config, num_heads)
+
+    CpuPlatform.get_attn_backend_cls = classmethod(backend)
+    import vllm.v1.attention.backends.mla.prefill.flash_attn as prefill
+    from vllm.model_executor.custom_op import CustomOp
+    from vllm_ascend.ops.mla import AscendMultiHeadLatentAttention
+
+    prefill.flash_attn_varlen_func = _npu_only("flash_attn_varlen_func")
+    CustomOp.register_oot(_decorated_op_cls=AscendMultiHeadLatentAttention, name="MultiHeadLatentAttentionWrapper")
+    import vllm.model_executor.models.deepseek_v2  # noqa: F401  (the patch below edits it)
+    import vllm_ascend
+
+    path = os.path.join(os.path.dirname(vllm_ascend.__file__), "patch", "worker", "patch_weight_utils.py")
+    spec = importlib.util.spec_from_file_location("vllm_ascend_patch_weight_utils", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.ImportPatchDecorator.apply_patches()
 
 
 def _use_ascend_fused_moe() -> None:
@@ -261,9 +303,15 @@ def load_one(path: str, dtype: str, save: str | None = None) -> dict:
         rec = Recorder(model)
         loader.load_weights(model, cfg.model_config)
         loaded = quant_state(model)
-        process_weights_after_loading(model, cfg.model_config, torch.device("cpu"))
+        try:
+            process_weights_after_loading(model, cfg.model_config, torch.device("cpu"))
+            process_error = None
+        except (AttributeError, NotImplementedError) as e:
+            if not cfg.model_config.use_mla:
+                raise
+            process_error = f"{type(e).__name__}: {e}"  # MLA absorbs kv_b_proj with NPU kernels
         processed = quant_state(model)
-    out = summarize(rec)
+    out = summarize(rec) | ({"process_error": process_error} if process_error else {})
     if save:
         from safetensors.torch import save_file
 
