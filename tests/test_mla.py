@@ -302,3 +302,19 @@ def test_fakquant_checker_names_what_is_wrong(mla_models, calib, tmp_path):
     (out / "quant_model_description.json").write_text(json.dumps(d))
     assert ax.check(out) == ['model.layers.0.self_attn.fa_k.offset is FAQuant but quant_model_description.json '
                              'has no fa_quant_type "FAKQuant"']
+
+
+@pytest.mark.parametrize("kv", ["kv:k=tensor,rope_key=false", "kv:k=channel", "kv:k=head"])
+def test_ascend_lowers_with_mla_cache_quantizers(mla_loaded, calib, ids, kv):
+    """With MLA attention kept float, its cache quantizers stay as they are (the fake-quant op), the
+    linears around them lower, and the graph stays within int8 rounding-flip noise of the fake-quant one."""
+    qm = mla_loaded()
+    run(qm, f"int8:exclude=experts|lm_head|router,{kv}", calib)
+    x = ids(2, 16)
+    ref = qm(x)
+    s = run(qm, "ascend", calib)[-1]["summary"]
+    assert not s["refused"]
+    kept = [n.meta["ptqc"]["role"] for n in qm.nodes(ops.QUANTIZE_ACT)]
+    assert kept == ["latent_cache_quant", *([] if "rope_key=false" in kv else ["rope_key_cache_quant"])] * 2
+    assert sum(c["quant_matmul"] for c in s["kernels"].values()) == 14
+    assert rel(qm(x), ref) < 5e-3
