@@ -226,9 +226,13 @@ def test_check_export_catches_mixed_expert_types_and_a_missing_expert(exports, t
     assert f"{BLOCK}.6: expert 6 has no up_proj weight" in problems
 
 
-def test_reading_quantized_experts_back_is_refused(exports):
-    with pytest.raises(PtqcError, match=r"reading quantized MoE experts back from an Ascend export is not supported"):
-        ax.load(exports["W8A8_DYNAMIC"][0])
+def test_reading_int4_experts_back_is_refused_and_int8_ones_read_back(exports, ids):
+    for kind in ("W4A8_DYNAMIC", "W4A16"):
+        with pytest.raises(PtqcError, match=rf"reading {kind} MoE experts back from an Ascend export is not supported"):
+            ax.load(exports[kind][0])
+    d, qm = exports["W8A8_DYNAMIC"]
+    x = ids(2, 9)
+    assert torch.equal(ax.load(d)(x), qm(x))
 
 
 @pytest.mark.parametrize("text,fmt", [("int8", "int-quantized"), ("rtn:bits=4,group=32", "pack-quantized")])

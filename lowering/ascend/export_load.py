@@ -29,10 +29,10 @@ def load(path, dtype: str = "float32", trust_remote_code: bool = False) -> QMode
     if problems:
         raise PtqcError(f"{path} is not a valid Ascend export: {problems[0]} (run ptqc check-export)")
     desc = json.loads((path / DESCRIPTION).read_text())
-    experts = sorted(n for n, t in desc.items() if EXPERT.match(n) and t != "FLOAT")
+    experts = sorted(n for n, t in desc.items() if EXPERT.match(n) and t not in ("FLOAT", "W8A8_DYNAMIC"))
     if experts:
-        raise PtqcError(f"{path}: reading quantized MoE experts back from an Ascend export is not supported yet "
-                        f"({experts[0]} is {desc[experts[0]]}); evaluate the artifact instead")
+        raise PtqcError(f"{path}: reading {desc[experts[0]]} MoE experts back from an Ascend export is not supported "
+                        f"yet ({experts[0]}; W8A8_DYNAMIC experts are); evaluate the artifact instead")
     qm = frontend.load(path, _written_dtype(path) or dtype, trust_remote_code, shapes=False)
     qm.store.cast = False
     for n in qm.store.keep_dtype:  # float32 routers, written in the serving dtype as vllm-ascend loads them
@@ -63,6 +63,7 @@ def load(path, dtype: str = "float32", trust_remote_code: bool = False) -> QMode
         zp = torch.round(off).to(torch.int8) if off.any() else None
         insert_quantizer(qm, src, lins, quant.QuantSpec(8, -1, zp is None), scale=s, zero_point=zp,
                          method="static-export")
+    _load_experts(qm, desc)
     if desc.get("kv_cache_type") == "C8":
         _load_c8(qm)
     qm.properties |= {"weight_quant"} | ({"act_quant"} if acts else set())
@@ -132,3 +133,23 @@ def _load_fa(qm: QModel) -> None:
         if pts is not None and name in qm.store:
             quantize_after(qm, a, pts[0], quant.QuantSpec(8, 0, True), qm.store[name].float().reshape(1), None,
                            "latent")
+
+
+def _load_experts(qm: QModel, desc: dict) -> None:
+    """W8A8_DYNAMIC expert blocks: int8 stacks [E, out, in] with their per-channel scales [E, out, 1]
+    (each expert's ``weight_scale``), and the dynamic per-token int8 inputs of gate/up and down."""
+    from ptqc import experts as ex
+    from ptqc import moe
+    from ptqc.weights import set_quantized_weight, weight_node
+
+    for node in list(qm.nodes(ops.MOE_EXPERTS)):
+        sites = [ex.ExpertSite(node, p) for p in ex.PROJS]
+        stacks = [weight_node(s).target for s in sites]
+        if desc.get(moe.expert_name(stacks[0], 0), "FLOAT") != "W8A8_DYNAMIC":
+            continue
+        for site, stack in zip(sites, stacks):
+            codes = qm.store[stack]
+            scale = torch.stack([qm.store[moe.expert_name(stack, e).removesuffix(".weight") + ".weight_scale"].float()
+                                 for e in range(codes.shape[0])])
+            set_quantized_weight(qm, site, quant.QuantSpec(8, 0, True), codes, scale, None, "ascend-export")
+        ex.quantize_inputs(qm, node, quant.QuantSpec(8, 0, True))
