@@ -102,13 +102,14 @@ def test_remote_code_export_checks_only_when_trusted(root):
     assert torch.allclose(artifact.load_any(out, trust_remote_code=True)(x), qm(x), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
-def test_moe_w8a8_dynamic_ascend_export_reads_back_exactly(root, arch):
-    """W8A8_DYNAMIC experts (int8 per expert under the checkpoint's names: Mixtral's w1/w3/w2) read back
-    into int8 stacks with their dynamic inputs: the export's logits equal the artifact's in its dtype."""
+@pytest.mark.parametrize("arch, recipe", [("qwen3_moe", "int8"), ("mixtral", "int8"),
+                                          ("mixtral", "w4a8:include=experts")])
+def test_moe_ascend_export_reads_back_exactly(root, arch, recipe):
+    """W8A8_DYNAMIC / W4A8_DYNAMIC experts (per expert under the checkpoint's names: Mixtral's w1/w3/w2)
+    read back into stacks with their dynamic int8 inputs: the export's logits equal the artifact's."""
     src = make_model(root / f"{arch}-rb", arch, layers=2, hidden=64, intermediate=128, seed=3)
-    qm = _compile(src, "int8", "bfloat16")
-    out = root / f"{arch}-rb-as"
+    qm = _compile(src, recipe, "bfloat16")
+    out = root / f"{arch}-{recipe.split(':')[0]}-rb-as"
     ax.export(qm, out)
     back = artifact.load_any(out)
     x = torch.randint(0, 300, (2, 12))
@@ -120,10 +121,10 @@ def test_moe_w8a8_dynamic_ascend_export_reads_back_exactly(root, arch):
     assert r.exit_code == 0, r.output
 
 
-def test_moe_w4a8_ascend_export_readback_refused_in_one_line(root):
-    src = make_model(root / "q3-w4a8", "qwen3_moe", layers=1, hidden=64, intermediate=128)
-    out = root / "q3-w4a8-as"
-    ax.export(_compile(src, "w4a8:include=experts", "bfloat16"), out)
-    with pytest.raises(Exception, match=r"reading W4A8_DYNAMIC MoE experts back .* W8A8_DYNAMIC experts are\); "
-                                        r"evaluate the artifact instead$"):
+def test_moe_w4a16_ascend_export_readback_refused_in_one_line(root):
+    src = make_model(root / "q3-w4a16", "qwen3_moe", layers=1, hidden=64, intermediate=128)
+    out = root / "q3-w4a16-as"
+    ax.export(_compile(src, "rtn:bits=4,group=32,sym=true,include=experts", "bfloat16"), out)
+    with pytest.raises(Exception, match=r"^[^\n]*reading W4A16 MoE experts back .* W8A8_DYNAMIC and W4A8_DYNAMIC "
+                                        r"experts are\); evaluate the artifact instead$"):
         artifact.load_any(out)

@@ -29,10 +29,10 @@ def load(path, dtype: str = "float32", trust_remote_code: bool = False) -> QMode
     if problems:
         raise PtqcError(f"{path} is not a valid Ascend export: {problems[0]} (run ptqc check-export)")
     desc = json.loads((path / DESCRIPTION).read_text())
-    experts = sorted(n for n, t in desc.items() if EXPERT.match(n) and t not in ("FLOAT", "W8A8_DYNAMIC"))
+    experts = sorted(n for n, t in desc.items() if EXPERT.match(n) and t not in ("FLOAT", *EXPERTS_READ))
     if experts:
         raise PtqcError(f"{path}: reading {desc[experts[0]]} MoE experts back from an Ascend export is not supported "
-                        f"yet ({experts[0]}; W8A8_DYNAMIC experts are); evaluate the artifact instead")
+                        f"yet ({experts[0]}; {' and '.join(EXPERTS_READ)} experts are); evaluate the artifact instead")
     qm = frontend.load(path, _written_dtype(path) or dtype, trust_remote_code, shapes=False)
     qm.store.cast = False
     for n in qm.store.keep_dtype:  # float32 routers, written in the serving dtype as vllm-ascend loads them
@@ -72,6 +72,9 @@ def load(path, dtype: str = "float32", trust_remote_code: bool = False) -> QMode
         _load_fa(qm)
         propagate(qm.graph, qm.store)
     return qm
+
+
+EXPERTS_READ = ("W8A8_DYNAMIC", "W4A8_DYNAMIC")  # expert types read back (W4A16's packed int32 layout is not)
 
 
 def _written_dtype(path: Path) -> str | None:
@@ -136,8 +139,8 @@ def _load_fa(qm: QModel) -> None:
 
 
 def _load_experts(qm: QModel, desc: dict) -> None:
-    """W8A8_DYNAMIC expert blocks: int8 stacks [E, out, in] with their per-channel scales [E, out, 1]
-    (each expert's ``weight_scale``), and the dynamic per-token int8 inputs of gate/up and down."""
+    """W8A8_DYNAMIC / W4A8_DYNAMIC expert blocks: each expert read as a linear of its type is (:func:`_weight`),
+    stacked [E, out, in] with its scales, and the dynamic per-token int8 inputs of gate/up and down."""
     from ptqc import experts as ex
     from ptqc import moe
     from ptqc.weights import set_quantized_weight, weight_node
@@ -145,11 +148,12 @@ def _load_experts(qm: QModel, desc: dict) -> None:
     for node in list(qm.nodes(ops.MOE_EXPERTS)):
         sites = [ex.ExpertSite(node, p) for p in ex.PROJS]
         stacks = [weight_node(s).target for s in sites]
-        if desc.get(moe.expert_name(stacks[0], 0), "FLOAT") != "W8A8_DYNAMIC":
+        kind = desc.get(moe.expert_name(stacks[0], 0), "FLOAT")
+        if kind not in EXPERTS_READ:
             continue
         for site, stack in zip(sites, stacks):
-            codes = qm.store[stack]
-            scale = torch.stack([qm.store[moe.expert_name(stack, e).removesuffix(".weight") + ".weight_scale"].float()
-                                 for e in range(codes.shape[0])])
-            set_quantized_weight(qm, site, quant.QuantSpec(8, 0, True), codes, scale, None, "ascend-export")
+            n = len(qm.store.stacks[stack]) if stack in qm.store.stacks else qm.store.spec(stack)[0][0]
+            parts = [_weight(qm, moe.expert_name(stack, e).removesuffix(".weight"), kind, desc) for e in range(n)]
+            codes, scale = torch.stack([p[1] for p in parts]), torch.stack([p[2] for p in parts])
+            set_quantized_weight(qm, site, parts[0][0], codes, scale, None, "ascend-export")
         ex.quantize_inputs(qm, node, quant.QuantSpec(8, 0, True))
