@@ -43,6 +43,12 @@ def is_op(node: fx.Node, op) -> bool:
     return isinstance(node, fx.Node) and node.op == "call_function" and node.target == op
 
 
+def is_cache_quantizer(node) -> bool:
+    """A KV-cache quantizer the kv pass inserted (``quantize_act`` with a ``*_cache_quant`` role: k, v, and
+    MLA's latent and rope key), as opposed to a linear's activation quantizer."""
+    return is_op(node, ops.QUANTIZE_ACT) and str(info(node).get("role", "")).endswith("_cache_quant")
+
+
 @dataclass
 class QModel:
     """A model being compiled: canonical graph + weights + what has been done to it."""

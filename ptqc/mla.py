@@ -121,7 +121,6 @@ def cache_points(attn: fx.Node) -> tuple[fx.Node, fx.Node] | None:
 
 def is_cache_quantized(n: fx.Node) -> bool:
     """Does a kv-cache quantizer (role ``*_cache_quant``) read ``n``?"""
-    from ptqc import ops
+    from ptqc.ir import is_cache_quantizer
 
-    return any(u.op == "call_function" and u.target == ops.QUANTIZE_ACT
-               and str(u.meta.get("ptqc", {}).get("role", "")).endswith("_cache_quant") for u in n.users)
+    return any(map(is_cache_quantizer, n.users))

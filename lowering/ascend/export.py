@@ -72,7 +72,7 @@ import torch
 from ptqc import ops, quant
 from ptqc.artifact import AtomicDir
 from ptqc.errors import PtqcError
-from ptqc.ir import QModel, info, is_op
+from ptqc.ir import QModel, info, is_cache_quantizer, is_op
 from ptqc.lowering import checkpoint
 from ptqc.lowering.ascend import export_types
 from ptqc.lowering.ascend.export_check import check  # noqa: F401  (ptqc.lowering.ascend.export.check)
@@ -90,7 +90,7 @@ def classify(lin, wq: dict | None) -> str:
     kind = export_types.classify(lin, wq, a)
     if kind:
         return kind
-    if is_op(a, ops.QUANTIZE_ACT) and not str(info(a).get("role", "")).endswith("_cache_quant"):
+    if is_op(a, ops.QUANTIZE_ACT) and not is_cache_quantizer(a):
         bits, group, sym = a.args[3], a.args[4], a.args[5]
         dynamic = a.args[1] is None and group == 0 and sym
         if bits == 8 and wq["bits"] == 4 and dynamic:

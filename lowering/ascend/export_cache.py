@@ -17,13 +17,9 @@ import torch
 
 from ptqc import mla, ops
 from ptqc.errors import PtqcError
-from ptqc.ir import QModel, info, is_op
+from ptqc.ir import QModel, info, is_cache_quantizer, is_op
 from ptqc.lowering import checkpoint
 from ptqc.lowering.ascend.layout import C8_MODEL_TYPES, kv_shape
-
-
-def _cache_quantizers(qm: QModel) -> list:
-    return [q for q in qm.nodes(ops.QUANTIZE_ACT) if str(info(q).get("role", "")).endswith("_cache_quant")]
 
 
 def _c8_tensors(qm: QModel) -> tuple[dict, str | None]:
@@ -64,8 +60,7 @@ def _fa_tensors(qm: QModel) -> tuple[dict, str | None]:
         pts = mla.cache_points(att)
         if pts is None:
             continue
-        qs = {info(u)["role"]: u for p in pts for u in p.users
-              if is_op(u, ops.QUANTIZE_ACT) and str(info(u).get("role", "")).endswith("_cache_quant")}
+        qs = {info(u)["role"]: u for p in pts for u in p.users if is_cache_quantizer(u)}
         q, base = qs.get("latent_cache_quant"), info(att)["module"]
         if q is None:
             continue
@@ -91,6 +86,6 @@ def tensors(qm: QModel) -> dict:
     done = " + ".join(k for k, v in (("C8", c8), ("FAKQuant", fa)) if v)
     whys = "; ".join(w for w in (why, fa_why) if w)
     return {"tensors": c8 | fa, "desc": dict.fromkeys(c8, "C8") | dict.fromkeys(fa, "FAQuant"),
-            "handled": checkpoint.store_inputs(*_cache_quantizers(qm)), "head": head,
+            "handled": checkpoint.store_inputs(*filter(is_cache_quantizer, qm.nodes(ops.QUANTIZE_ACT))), "head": head,
             "optional": f"{done or 'none'}{f' (not exported: {whys})' if whys else ''}"
             if done or not whys else f"not exported ({whys})"}

@@ -10,7 +10,7 @@ import torch
 from ptqc import families, moe, ops
 from ptqc.artifact import AtomicDir
 from ptqc.errors import PtqcError
-from ptqc.ir import QModel, info, is_op
+from ptqc.ir import QModel, info, is_cache_quantizer, is_op
 from ptqc.lowering import checkpoint
 from ptqc.lowering.compressed_tensors.config import CONFIG, QUANT_METHOD, VERSION, WEIGHTS, quant_args
 from ptqc.lowering.compressed_tensors.packing import pack_int32
@@ -18,7 +18,7 @@ from ptqc.lowering.compressed_tensors.packing import pack_int32
 
 def _kv_scheme(qm: QModel) -> tuple[dict | None, dict, set]:
     """(kv_cache_scheme, its tensors, the store names they replace) of the graph's KV quantizers."""
-    nodes = [n for n in qm.nodes(ops.QUANTIZE_ACT) if str(info(n).get("role", "")).endswith("_cache_quant")]
+    nodes = [n for n in qm.nodes(ops.QUANTIZE_ACT) if is_cache_quantizer(n)]
     if not nodes:
         return None, {}, set()
     attn = {n for a in qm.nodes(ops.ATTENTION) for n in a.args[1:3] if is_op(n, ops.QUANTIZE_ACT)}
