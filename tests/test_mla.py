@@ -318,3 +318,14 @@ def test_ascend_lowers_with_mla_cache_quantizers(mla_loaded, calib, ids, kv):
     assert kept == ["latent_cache_quant", *([] if "rope_key=false" in kv else ["rope_key_cache_quant"])] * 2
     assert sum(c["quant_matmul"] for c in s["kernels"].values()) == 14
     assert rel(qm(x), ref) < 5e-3
+
+
+def test_compressed_tensors_refuses_mla_cache_quantizers_naming_the_ascend_form(mla_loaded, calib, tmp_path):
+    from ptqc.lowering import compressed_tensors as ct
+
+    qm = mla_loaded()
+    run(qm, "int8:exclude=experts|lm_head|router,kv:k=tensor,rope_key=false", calib)
+    with pytest.raises(PtqcError, match=r"^model\.layers\.0\.self_attn: MLA's cache quantizers \(latent, rope key\) have no "
+                                        r"compressed-tensors form .*export --format ascend \(FAKQuant") as e:
+        ct.export(qm, tmp_path / "ct")
+    assert "\n" not in str(e.value) and not (tmp_path / "ct").exists()

@@ -24,6 +24,10 @@ def _kv_scheme(qm: QModel) -> tuple[dict | None, dict, set]:
     attn = {n for a in qm.nodes(ops.ATTENTION) for n in a.args[1:3] if is_op(n, ops.QUANTIZE_ACT)}
     specs, tensors, handled = set(), {}, set()
     for n in nodes:
+        if info(n).get("role") in ("latent_cache_quant", "rope_key_cache_quant"):
+            raise PtqcError(f"{info(n).get('module')}: MLA's cache quantizers (latent, rope key) have no "
+                            "compressed-tensors form (kv_cache_scheme scales K and V); export --format ascend (FAKQuant, from "
+                            "kv:k=tensor,rope_key=false) or compile without kv")
         _, s, z, bits, _, sym, _ = (list(n.args) + [1.0])[:7]
         if s is None or z is not None or not sym or qm.store.spec(s.target)[0] not in ((1,), ()) or n not in attn:
             raise PtqcError(f"{info(n).get('module')}: only static per-tensor symmetric KV-cache quantizers "
