@@ -38,6 +38,7 @@ import torch
 import torch.fx as fx
 
 from ptqc import distributed, resume
+from ptqc.activations import Batches
 from ptqc.errors import PtqcError
 from ptqc.interpreter import Interpreter
 from ptqc.ir import QModel
@@ -180,6 +181,16 @@ class LayerRunner:
         self.check_finite = check_finite
         self._frozen: dict[str, Segment] | None = None
 
+    @property
+    def state(self) -> Batches:
+        return self._state
+
+    @state.setter
+    def state(self, items) -> None:
+        """Per-batch values, spilled to the store's offload directory beyond its activation budget."""
+        store = self.qm.store
+        self._state = Batches(items, getattr(store, "activation_bytes", None), getattr(store, "offload_dir", None))
+
     def segments(self) -> dict[str, Segment]:
         return self._frozen if self._frozen is not None else {s.key: s for s in split(self.qm.graph)}
 
@@ -226,27 +237,31 @@ class LayerRunner:
         """Run segment ``key`` once (committed), pausing before each stage's observed nodes
         ({node: {name: observer}}, ``where="input"``): they are fed for every batch, then the
         stage's callback may rewrite those nodes' weights and execution continues with the new
-        ones. Every node runs once per batch; all batches' live values are kept between stages."""
+        ones. Every node runs once per batch; all batches' live values are kept between stages (in
+        ``state``, so they spill to disk like it)."""
         seg = self.segments()[key]
         order = {n.name: i for i, n in enumerate(seg.nodes)}
         it = _SegmentInterpreter(self, seg)
-        envs = [dict(st) for st in self.state]
+        envs = self.state
         pos = 0
         for obs, callback in sorted(stages, key=lambda st: min(order[n.name] for n in st[0])):
             stop = min(order[n.name] for n in obs)
-            for env in envs:
+            for b in range(len(envs)):
+                env = dict(envs[b])
                 it.run(env, seg.nodes[pos:stop])
                 for n, named in obs.items():
                     for o in named.values():
                         self.observe(n, o, fx.node.map_arg(n.args, lambda a: env[a.name] if a.name in env
                                                            else it.missing(a)) if o.where == "call"
                                      else env[n.args[getattr(o, "arg", 0)].name])
+                envs[b] = env
             pos = stop
             callback()
             it.consts.clear()  # weights may have been rewritten
-        for b, env in enumerate(envs):
+        for b in range(len(envs)):
+            env = dict(envs[b])
             it.run(env, seg.nodes[pos:])
-            self.state[b] = {k: env[k] for k in seg.keep if k in env}
+            envs[b] = {k: env[k] for k in seg.keep if k in env}
         self.qm.store.release(seg.weights)
 
     # ---- conveniences --------------------------------------------------------------------------

@@ -56,7 +56,8 @@ def _write_diagnostics(model, qm, ctx, cfg, report_dir, dtype, dev, trust_remote
 
 @contextlib.contextmanager
 def _offloaded(qm, out: Path, offload_mb):
-    """Pass outputs beyond the budget go to a temporary directory beside ``out``, removed at the end."""
+    """Pass outputs and calibration activations beyond their budgets go to a temporary directory beside
+    ``out``, removed at the end."""
     out.parent.mkdir(parents=True, exist_ok=True)
     qm.store.configure_offload(Path(tempfile.mkdtemp(prefix=f".{out.name}.offload-", dir=out.parent)),
                                None if offload_mb is None else offload_mb << 20)
@@ -135,9 +136,10 @@ def _join(dev: str, resume: bool) -> int:
 @click.option("--calib-seed", type=int, default=None, help="Seed of the window sampling [0].")
 @click.option("--calib-field", default=None, help="Text field/column of JSONL or dataset data [text].")
 @click.option("--calib-batch-size", type=int, default=None, help="Windows per forward batch [8].")
-@click.option("--offload-mb", type=int, default=None,
-              help="Keep at most this many MB of pass outputs in memory; the rest goes to a temporary file "
-                   "[5% of the model, 16..1024].")
+@click.option("--offload-mb", type=click.IntRange(min=0), default=None,
+              help="Keep at most this many MB of pass outputs, and as many of calibration activations, in "
+                   "memory; the rest goes to temporary files beside OUT [outputs: 5% of the model, 16..1024; "
+                   "activations: a quarter of RAM].")
 @click.option("--report", type=click.Path(path_type=Path), default=None,
               help="Also compare the result with the float model on the calibration data and write the "
                    "diagnostics (as `ptqc diagnose`) into this directory.")

@@ -188,7 +188,9 @@ class WeightStore:
 
     Offloading: with ``offload_dir`` set, once the overlay (tensors written by passes) holds more
     than ``offload_bytes`` it is written to a safetensors file there and read back lazily, so a
-    pass that quantizes a model larger than RAM never holds all its outputs.
+    pass that quantizes a model larger than RAM never holds all its outputs. The calibration
+    activations get their own budget, ``activation_bytes``, and spill into the same directory
+    (:mod:`ptqc.activations`).
     """
 
     def __init__(self, files: dict[str, Path] | None = None, dtype: torch.dtype = torch.float32,
@@ -206,6 +208,7 @@ class WeightStore:
         self._handles: dict[Path, SafetensorsFile] = {}
         self.offload_dir: Path | None = None
         self.offload_bytes = 256 << 20
+        self.activation_bytes: int | None = None
         self._overlay_bytes = 0
         self.written: dict[str, int] = {}  # name -> number of writes (what a pass changed)
 
@@ -266,7 +269,11 @@ class WeightStore:
 
     def configure_offload(self, directory: Path, budget_bytes: int | None = None) -> None:
         """Offload pass outputs to ``directory`` beyond ``budget_bytes`` in memory (default: 5 % of
-        the checkpoint's files, within 16 MiB..1 GiB)."""
+        the checkpoint's files, within 16 MiB..1 GiB), and calibration activations beyond
+        ``budget_bytes`` too (default: a quarter of the machine's memory)."""
+        from ptqc.activations import default_budget
+
+        self.activation_bytes = default_budget() if budget_bytes is None else budget_bytes
         if budget_bytes is None:
             size = sum(f.stat().st_size for f in set(self.files.values()))
             budget_bytes = min(max(size // 20, 16 << 20), 1 << 30)

@@ -97,7 +97,7 @@ class Checkpoints:
         self._create()
         _atomic_save([(names, {n.name: {k: vars(o) for k, o in named.items()} for n, named in obs.items()})
                       for names, obs in stats], self._path(loop, layer, "stats"))
-        _atomic_save(state, self._path(loop, layer, "acts"))
+        _atomic_save(list(state), self._path(loop, layer, "acts"))  # spilled batches read (mapped) one by one
         if layer > 0:
             self._path(loop, layer - 1, "acts").unlink(missing_ok=True)
 
@@ -105,7 +105,7 @@ class Checkpoints:
         return torch.load(self._path(loop, layer, "stats"), weights_only=False)
 
     def acts(self, loop: int, layer: int) -> list:
-        return torch.load(self._path(loop, layer, "acts"), weights_only=False)
+        return torch.load(self._path(loop, layer, "acts"), mmap=True, weights_only=False)
 
     def loop_done(self, loop: int, layers: int) -> None:
         self._create()

@@ -53,9 +53,20 @@ def _wait_for(path: Path, proc, timeout=600):
         time.sleep(0.01)
 
 
-def test_kill_then_resume_is_byte_identical(models, reference, tmp_path, monkeypatch):
+def test_activations_on_disk_same_bytes(models, reference, tmp_path):
+    """--offload-mb 0: every calibration batch and pass output goes through a file; nothing changes."""
+    assert cli(*_args(models["qwen2"], tmp_path / "d"), "--offload-mb", "0").exit_code == 0
+    a, b = files(reference), files(tmp_path / "d")
+    assert sorted(a) == sorted(b) and [k for k in a if a[k] != b[k]] == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]  # the offload directory is gone
+    r = cli(*_args(models["qwen2"], tmp_path / "e"), "--offload-mb", "-1")
+    assert r.exit_code == 2 and "--offload-mb" in r.output and not (tmp_path / "e").exists()
+
+
+@pytest.mark.parametrize("extra", [[], ["--offload-mb", "0"]], ids=["memory", "offloaded"])
+def test_kill_then_resume_is_byte_identical(models, reference, tmp_path, monkeypatch, extra):
     model, out = models["qwen2"], tmp_path / "c"
-    cmd = [sys.executable, "-c", "from ptqc.cli import main; main()", *_args(model, out)]
+    cmd = [sys.executable, "-c", "from ptqc.cli import main; main()", *_args(model, out), *extra]
     env = {**os.environ, "PYTHONHASHSEED": "random"}
     proc = subprocess.Popen(cmd, env=env)
     ck = resume.checkpoint_dir(out)
@@ -72,7 +83,7 @@ def test_kill_then_resume_is_byte_identical(models, reference, tmp_path, monkeyp
     assert r.exit_code == 2 and "ptqc_version" in r.output
     monkeypatch.undo()
 
-    done = subprocess.run([*cmd[:-1], "--resume"], env=env, capture_output=True, text=True)  # without -q
+    done = subprocess.run([c for c in cmd if c != "-q"] + ["--resume"], env=env, capture_output=True, text=True)
     assert done.returncode == 0 and f"resuming from {ck}" in done.stderr
     a, b = files(reference), files(out)
     assert sorted(a) == sorted(b) and [k for k in a if a[k] != b[k]] == []
