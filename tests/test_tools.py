@@ -31,3 +31,29 @@ def test_outlier_model_preserves_function_and_has_outliers(models, tmp_path):
     assert x[ch].min() > 10 * x[others].median()  # outlier input channels for q/k/v
     w = b.model.layers[0].self_attn.q_proj.weight.abs().amax(0)
     assert w[ch].max() < w[others].median()  # and tiny weight columns
+
+
+def test_shaped_checkpoint_and_its_view(tmp_path):
+    """tools/make_shaped_checkpoint.py: a Llama checkpoint transformers loads, one layer per shard;
+    a view of its first layers equals the same model cut to that depth (the scale bench's depths)."""
+    import make_shaped_checkpoint as msc
+
+    from ptqc import frontend
+
+    msc.write(tmp_path / "t3", "tiny", 3, seed=1)
+    msc.view(tmp_path / "t3", tmp_path / "t1", 1)
+    idx = json.loads((tmp_path / "t3" / "model.safetensors.index.json").read_text())["weight_map"]
+    assert len(set(idx.values())) == 5 and idx["model.layers.2.mlp.down_proj.weight"] == "model-00004-of-00005.safetensors"
+    full = AutoModelForCausalLM.from_pretrained(tmp_path / "t3", dtype=torch.float32).eval()
+    w = full.model.layers[0].mlp.down_proj.weight
+    assert full.config.num_hidden_layers == 3 and w.shape == (256, 512) and 0.5 < w.std().item() * 512 ** 0.5 < 2
+    cut = AutoModelForCausalLM.from_pretrained(tmp_path / "t1", dtype=torch.float32).eval()
+    full.model.layers = full.model.layers[:1]
+    full.config.num_hidden_layers = 1
+    ids = torch.randint(0, 300, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(cut(ids).logits, full(ids).logits)
+    qm = frontend.load(tmp_path / "t1", "float32")
+    assert (qm(ids) - cut(ids).logits).abs().max() < 1e-4
+    assert not any(p.is_symlink() for p in (tmp_path / "t3").iterdir())
+    assert {p.name for p in (tmp_path / "t1").iterdir() if p.is_symlink()} >= {"model-00001-of-00005.safetensors"}
