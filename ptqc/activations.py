@@ -89,10 +89,8 @@ class Batches:
             self._root.mkdir(parents=True, exist_ok=True)
             self._dir = Path(tempfile.mkdtemp(prefix=f"acts-{os.getpid()}-", dir=self._root))
             weakref.finalize(self, shutil.rmtree, self._dir, True)
-        path = self._dir / f"batch-{b:06d}.pt"
-        tmp = path.with_name(path.name + ".part")
-        torch.save(values, tmp)
-        os.replace(tmp, path)
+        path = self._dir / f"batch-{b:06d}.pt"  # private to this process: no atomic rename needed
+        torch.save(values, path)
         return path
 
     def in_memory(self) -> int:

@@ -42,6 +42,15 @@ def config(shape: str, layers: int) -> dict:
             "bos_token_id": 0, "eos_token_id": 0, "ptqc_shape": shape}
 
 
+def _matrix(rows: int, cols: int, gen: torch.Generator, std: float) -> torch.Tensor:
+    """A bf16 N(0, std²) matrix, drawn in float32 chunks of 2048 rows (bf16 randn is slow here and a
+    whole float32 copy of a 70B-shape matrix is 1 GB)."""
+    w = torch.empty(rows, cols, dtype=torch.bfloat16)
+    for r in range(0, rows, 2048):
+        w[r: r + 2048] = torch.randn(min(2048, rows - r), cols, generator=gen).mul_(std)
+    return w
+
+
 def layer_tensors(cfg: dict, i: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
     h, inter, heads = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_attention_heads"]
     hd = h // heads
@@ -49,22 +58,12 @@ def layer_tensors(cfg: dict, i: int, gen: torch.Generator) -> dict[str, torch.Te
     shapes = {"self_attn.q_proj": (h, h), "self_attn.k_proj": (kvd, h), "self_attn.v_proj": (kvd, h),
               "self_attn.o_proj": (h, h), "mlp.gate_proj": (inter, h), "mlp.up_proj": (inter, h),
               "mlp.down_proj": (h, inter)}
-    out = {}
-    for name, (o, n) in shapes.items():
-        w = torch.empty(o, n, dtype=torch.bfloat16)
-        for r in range(0, o, 2048):  # in float32 chunks: bf16 randn is slow and one fp32 copy is 1 GB
-            w[r: r + 2048] = torch.randn(min(2048, o - r), n, generator=gen).mul_(n ** -0.5)
-        out[f"model.layers.{i}.{name}.weight"] = w
+    out = {f"model.layers.{i}.{name}.weight": _matrix(o, n, gen, n ** -0.5) for name, (o, n) in shapes.items()}
     for name in ("input_layernorm", "post_attention_layernorm"):
         out[f"model.layers.{i}.{name}.weight"] = torch.ones(h, dtype=torch.bfloat16)
     return out
 
 
-def _matrix(rows: int, cols: int, gen: torch.Generator, std: float) -> torch.Tensor:
-    w = torch.empty(rows, cols, dtype=torch.bfloat16)
-    for r in range(0, rows, 8192):
-        w[r: r + 8192] = torch.randn(min(8192, rows - r), cols, generator=gen).mul_(std)
-    return w
 
 
 def write(out: Path, shape: str, layers: int, seed: int = 0) -> None:

@@ -99,7 +99,7 @@ def main(argv=None) -> None:
     a.work.mkdir(parents=True, exist_ok=True)
     models = checkpoint(a.work, a.shape, a.depths)
     res = {"shape": a.shape, "depths": a.depths, "calibration": [a.calib_samples, a.calib_seqlen],
-           "checkpoint_gib": {d: round(du(models[max(a.depths)]) / 2**30, 2) for d in [max(a.depths)]},
+           "checkpoint_gib": round(du(models[max(a.depths)]) / 2**30, 2),
            "runs": {}, "model": {}}
     for passes in a.passes:
         runs = {}
