@@ -28,7 +28,8 @@ import torch
 
 from ptqc.errors import PtqcError
 from ptqc.ir import info
-from ptqc.gptq_core import SingularHessian, drop_dead_inputs, error_feedback, inverse_cholesky, output_error
+from ptqc.gptq_core import (SingularHessian, error_feedback, inverse_cholesky, ordered_weight, output_error,
+                             visiting_order)
 from ptqc.options import Selection
 from ptqc.passes.gptq import calibrate_hessians
 from ptqc.pipeline import Pass, PassResult, register
@@ -146,8 +147,8 @@ def billm_quantize(w: torch.Tensor, h: torch.Tensor, *, block: int = 128, damp: 
     """BiLLM one weight matrix [out, in] with Hessian [in, in].
 
     Returns (binarized float weight [out, in], number of salient columns, damp used)."""
-    W, H, _ = drop_dead_inputs(w, h)
-    U, used = inverse_cholesky(H, damp, retries)
+    U, used = inverse_cholesky(h, damp, retries)
+    W = ordered_weight(w, h, visiting_order(h, act_order=False))
     blocks: list[tuple[int, BlockParams]] = []  # (first column, parameters) of each block so far
 
     def start(c, W1):

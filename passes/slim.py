@@ -28,7 +28,7 @@ import torch
 
 from ptqc import quant
 from ptqc.errors import PtqcError
-from ptqc.gptq_core import SingularHessian, inverse_cholesky, output_error, quantize_groups
+from ptqc.gptq_core import SingularHessian, inverse_cholesky, output_error, quantize_groups, visiting_order
 from ptqc.options import WeightOptions
 from ptqc.passes.gptq import calibrate_hessians
 from ptqc.pipeline import Pass, PassResult, register
@@ -108,11 +108,8 @@ def rtn_errors(w: torch.Tensor, h: torch.Tensor, cands: list[list[int]], group: 
 # ---- GPTQ with per-group grids -------------------------------------------------------------------
 def hinv_diag(h: torch.Tensor, damp: float, retries: int, act_order: bool) -> torch.Tensor:
     """U_jj per original column, U the Cholesky factor of H^-1 in GPTQ's column order."""
-    H = h.float().clone()
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(H.shape[0], device=H.device)
-    U, _ = inverse_cholesky(H[perm][:, perm], damp, retries)
+    perm = visiting_order(h, act_order)
+    U, _ = inverse_cholesky(h, damp, retries, perm)
     d = torch.empty_like(torch.diag(U))
     d[perm] = torch.diag(U)
     return d

@@ -23,30 +23,59 @@ class SingularHessian(PtqcError):
     pass
 
 
-def inverse_cholesky(h: torch.Tensor, damp: float, retries: int) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, growing damp on failure."""
-    mean_diag = torch.diag(h).mean().item()
-    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+def visiting_order(h: torch.Tensor, act_order: bool) -> torch.Tensor:
+    """Column order: by decreasing diag(H) (dead inputs counted as 1) with ``act_order``, else as is."""
+    d = torch.diag(h).float().clone()
+    d[d == 0] = 1
+    return torch.argsort(d, descending=True) if act_order else torch.arange(d.numel(), device=h.device)
+
+
+def damped(h: torch.Tensor, damp: float, perm: torch.Tensor) -> torch.Tensor:
+    """A new float32 H[perm][:, perm] (filled in row blocks: no second [n, n] temporary) with
+    inputs that were always zero made harmless (H_jj = 1) and damp x mean(diag H) added to the
+    diagonal."""
+    n = h.shape[0]
+    H = torch.empty(n, n, dtype=torch.float32, device=h.device)
+    for r in range(0, n, 1024):
+        H[r:r + 1024] = h[perm[r:r + 1024]][:, perm]
+    d = H.diagonal()
+    d[d == 0] = 1
+    d.add_(damp * torch.diag(H).mean().item())  # the mean of a contiguous copy: the same sum order as before
+    return H
+
+
+def inverse_cholesky(h: torch.Tensor, damp: float, retries: int,
+                     perm: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+    """U, the upper Cholesky factor of (H + damp * mean(diag H) * I)^-1 with H = h[perm][:, perm]
+    (:func:`damped`), growing damp 10x per failed factorization; and the damp used.
+
+    The three factorizations run in place in one [n, n] buffer (at 70B widths one is 3.3 GB):
+    LAPACK works on column-major matrices, so the buffer is used through its transpose and U is
+    returned as a column-major view."""
+    perm = torch.arange(h.shape[0], device=h.device) if perm is None else perm
+    info = torch.empty((), dtype=torch.int32, device=h.device)
     for _ in range(retries + 1):
-        lower, info = torch.linalg.cholesky_ex(h + damp * mean_diag * eye)
+        A = damped(h, damp, perm).mT  # symmetric: the same matrix, column-major
+        torch.linalg.cholesky_ex(A, out=(A, info))
         if info.item() == 0:
-            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+            torch.cholesky_inverse(A, out=A)
+            torch.linalg.cholesky_ex(A, upper=True, out=(A, info))
             if info.item() == 0:
-                return upper, damp
+                return A, damp
         damp *= 10
     raise SingularHessian(f"Hessian is not positive definite even with damp={damp / 10:g}")
 
 
-def drop_dead_inputs(w: torch.Tensor, h: torch.Tensor):
-    """Float32 copies of ``w`` [out, in] and ``h`` [in, in] with inputs that were always zero
-    (diag(H) == 0) made harmless: H_jj = 1 and W[:, j] = 0 (their weights don't matter).
-    Returns (W, H, dead mask)."""
-    W = w.float().clone()
-    H = h.float().clone()
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
-    return W, H, dead
+def dead_inputs(h: torch.Tensor) -> torch.Tensor:
+    """Inputs that were always zero (diag(H) == 0): their weights don't matter and are set to 0."""
+    return torch.diag(h) == 0
+
+
+def ordered_weight(w: torch.Tensor, h: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """A new float32 W[:, perm] with the dead inputs' columns zeroed."""
+    W = w[:, perm].float()
+    W[:, dead_inputs(h)[perm]] = 0
+    return W
 
 
 def output_error(w: torch.Tensor, wq: torch.Tensor, h: torch.Tensor) -> float:
@@ -66,9 +95,10 @@ def error_feedback(W: torch.Tensor, U: torch.Tensor, column: Column, *, block: i
     error-corrected weights w [rows, 1]; ``ahead(k)`` gives the error-corrected columns c..c+k-1
     (a group's grid fitted when its first column is reached). ``start(c, block)`` sees each
     block's error-corrected columns before any is rounded. With P (GPTAQ) every update also
-    subtracts w P[c, c:]. Returns the rounded W."""
+    subtracts w P[c, c:]. Returns W, overwritten column by column with the rounded weights (a
+    column is not read once its block is copied out, so no second [rows, n] buffer is needed)."""
     n = W.shape[1]
-    Q = torch.empty_like(W)
+    Q = W
     for i1 in range(0, n, block):
         i2 = min(i1 + block, n)
         W1 = W[:, i1:i2].clone()
@@ -79,7 +109,7 @@ def error_feedback(W: torch.Tensor, U: torch.Tensor, column: Column, *, block: i
             start(i1, W1)
         for i in range(i2 - i1):
             wc = W1[:, i:i + 1]
-            q = column(i1 + i, wc, lambda k: torch.cat([W1[:, i:], W[:, i2:]], 1)[:, :k])
+            q = column(i1 + i, wc, lambda k: torch.cat([W1[:, i:], W[:, i2:i2 + k]], 1)[:, :k])
             Q[:, i1 + i] = q[:, 0]
             err = (wc - q)[:, 0] / U1[i, i]
             upd = err[:, None] * U1[i, i:][None, :]
@@ -117,11 +147,11 @@ def quantize_groups(w: torch.Tensor, h: torch.Tensor, group_bits: list[int], gro
 
     Returns (codes int8 [out, in], scale [out, groups], zero_point or None, the dequantized
     weight, damp used)."""
-    W, H, dead = drop_dead_inputs(w, h)
-    rows, n = W.shape
+    rows, n = w.shape
     g = group or n
-    scale = torch.ones(rows, n // g, device=W.device)
-    zp = None if sym else torch.zeros(rows, n // g, dtype=torch.int8, device=W.device)
+    dead = dead_inputs(h)
+    scale = torch.ones(rows, n // g, device=w.device)
+    zp = None if sym else torch.zeros(rows, n // g, dtype=torch.int8, device=w.device)
 
     def fit(gi, x):
         s, z = qparams(x, group_bits[gi], sym)
@@ -131,10 +161,11 @@ def quantize_groups(w: torch.Tensor, h: torch.Tensor, group_bits: list[int], gro
 
     if act_order:
         for gi in range(n // g):
-            fit(gi, W[:, gi * g:(gi + 1) * g])
-    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(n, device=W.device)
-    W, H = W[:, perm], H[perm][:, perm]
-    U, used = inverse_cholesky(H, damp, retries)
+            cols = slice(gi * g, (gi + 1) * g)
+            fit(gi, w[:, cols].float().masked_fill(dead[cols], 0))
+    perm = visiting_order(h, act_order)
+    U, used = inverse_cholesky(h, damp, retries, perm)
+    W = ordered_weight(w, h, perm)
     P = None
     if dxxt is not None:
         dxxt = dxxt.float().clone()
@@ -153,5 +184,6 @@ def quantize_groups(w: torch.Tensor, h: torch.Tensor, group_bits: list[int], gro
         return quant.dequantize(q, s, z, 0)
 
     Q = error_feedback(W, U, column, block=block, P=P)
+    del U, P, W  # before the reordered copy of Q
     inv = torch.argsort(perm)
     return codes[:, inv], scale, zp, Q[:, inv], used

@@ -80,7 +80,7 @@ def test_gptq_pass_beats_rtn_on_every_linear(loaded, ids):
 
 
 def test_gptq_singular_hessian_names_module_or_falls_back(loaded, ids, monkeypatch):
-    def boom(h, damp, retries):
+    def boom(h, damp, retries, perm=None):
         raise gptq.SingularHessian("Hessian is not positive definite even with damp=100")
     monkeypatch.setattr(gptq_core, "inverse_cholesky", boom)
     with pytest.raises(PtqcError, match=r"model\.layers\.0\.self_attn\.q_proj.*fallback=rtn"):
@@ -200,3 +200,34 @@ def test_error_feedback_loop_and_its_callbacks():
         gptq_core.error_feedback(torch.tensor([[0.3, 0.0]]), U, lambda c, w, a: seen.append(w.clone()) or 0 * w,
                                  block=block)
         torch.testing.assert_close(seen[1], torch.tensor([[-0.15]]))  # column 0's error 0.3 times U[0, 1]
+
+
+def test_inverse_cholesky_in_place_equals_the_textbook_formula():
+    """One buffer, factorized in place through its column-major view, gives exactly
+    U = chol_upper(chol_inverse(chol(H[perm][:, perm] + damp mean(diag) I))), dead inputs' H_jj = 1,
+    and a retry with 10x the damp when the first factorization fails."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(300, 64, generator=g) * torch.rand(64, generator=g)
+    x[:, 7] = 0  # a dead input
+    h = x.t() @ x * (2 / 300)
+    for perm, damp in ((None, 0.01), (gptq_core.visiting_order(h, True), 0.01)):
+        p = torch.arange(64) if perm is None else perm
+        H = h[p][:, p].clone()
+        H[H.diagonal() == 0, H.diagonal() == 0] = 1
+        L = torch.linalg.cholesky(H + damp * torch.diag(H).mean().item() * torch.eye(64))
+        ref = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+        U, used = gptq_core.inverse_cholesky(h, damp, 0, perm)
+        assert torch.equal(U, ref) and used == damp
+    indefinite = -torch.eye(4)
+    indefinite[0, 0] = 30.0  # mean(diag) = 6.75: damp 0.01 leaves it indefinite, 1.0 does not
+    assert gptq_core.inverse_cholesky(indefinite, 0.01, 2)[1] == pytest.approx(1.0)
+    with pytest.raises(gptq.SingularHessian):
+        gptq_core.inverse_cholesky(indefinite, 0.01, 1)
+
+
+def test_hessian_is_scaled_in_place_once():
+    from ptqc.observers import Hessian
+    o, x = Hessian(), torch.randn(10, 4)
+    o.update(x)
+    h = o.result()
+    assert o.result() is h and torch.allclose(h, 2 * x.t() @ x / 10)
