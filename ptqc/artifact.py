@@ -5,7 +5,10 @@
                                             (quantized: int8 codes + .weight_scale/.weight_zero_point);
                                             MoE expert stacks one tensor per expert, as checkpoints
                                             hold them (ptqc.moe)
-                                            sharded with an index above --shard-size
+                                            sharded with an index above --shard-size;
+                                            a float tensor no pass wrote keeps its checkpoint
+                                            dtype (bf16 embeddings stay bf16: half the bytes),
+                                            listed in the manifest and widened again on load
     OUT/graph.json                          the ptqc graph (see ptqc.ir.graph_to_json)
     OUT/ptqc.json                           the manifest: versions, source, passes and options,
                                             per-module quantization parameters
@@ -37,7 +40,7 @@ from ptqc.model import WeightStore, other_files, parse_dtype, weight_files, writ
 MANIFEST = "ptqc.json"
 RUN = "run.json"
 GRAPH = "graph.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: untouched float tensors in their checkpoint dtype (weights.as_checkpoint)
 
 
 def is_artifact(path) -> bool:
@@ -130,16 +133,19 @@ def _save_weights(qm: QModel, tmp: Path, shard_bytes: int) -> dict:
     order = sorted(entries, key=lambda o: (entries[o][0], entries[o][1] or 0))  # a stack's experts in a row
     held: dict[str, torch.Tensor] = {}  # the stack being split
 
+    narrow = {src: dt for src in {s for s, _ in entries.values()} if (dt := qm.store.checkpoint_dtype(src))}
+
     def spec(out):
         src, e = entries[out]
         shape, dtype = qm.store.spec(src)
-        return (shape if e is None else shape[1:]), dtype
+        return (shape if e is None else shape[1:]), narrow.get(src, dtype)
 
     def get(out):
         src, e = entries[out]
         if src not in held:
             held.clear()
-            held[src] = qm.store[src]
+            t = qm.store[src]
+            held[src] = t.to(narrow[src]) if src in narrow else t  # back to the checkpoint's dtype: exact
             if src not in qm.store.overlay:
                 qm.store.release([src])
         return held[src] if e is None else held[src][e]
@@ -164,7 +170,8 @@ def _save_weights(qm: QModel, tmp: Path, shard_bytes: int) -> dict:
     if len(shards) > 1:
         (tmp / "model.safetensors.index.json").write_text(json.dumps(
             {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
-    return {"files": files, "tensors": len(entries), "bytes": total, "aliases": aliases}
+    as_checkpoint = sorted(o for o, (src, _) in entries.items() if src in narrow)  # widened again on load
+    return {"files": files, "tensors": len(entries), "bytes": total, "aliases": aliases, "as_checkpoint": as_checkpoint}
 
 
 def save(qm: QModel, out, *, force: bool = False, extra: dict | None = None, dumps: dict | None = None,
@@ -247,7 +254,8 @@ def load(path, trust_remote_code: bool = False) -> QModel:
         raise PtqcError(f"cannot read {path / GRAPH}: {e}") from None
     dtype = parse_dtype(manifest["dtype"])
     store = WeightStore(weight_files(path), dtype=dtype)
-    store.cast = False  # artifact tensors are stored exactly as compiled
+    store.cast = False  # artifact tensors are stored exactly as compiled, ...
+    store.widen = set(manifest.get("weights", {}).get("as_checkpoint", ()))  # ... or as in the checkpoint
     store.aliases.update(manifest.get("weights", {}).get("aliases", {}))
     moe.register_stacks(graph, store)
     return QModel(graph=graph, store=store, config=config, dtype=dtype, source=str(path.resolve()),

@@ -200,6 +200,7 @@ class WeightStore:
         self.aliases = dict(aliases or {})
         self.cache = cache
         self.cast = True  # cast float tensors from files to `dtype` (False for artifacts)
+        self.widen: set[str] = set()  # cast even so: an artifact's tensors kept as in their checkpoint
         self.overlay: dict[str, torch.Tensor] = {}
         self.stacks: dict[str, list[str]] = {}  # never mutated in place: clones share it
         self.slices: dict[str, tuple[str, int, int]] = {}  # likewise
@@ -245,10 +246,26 @@ class WeightStore:
         t = self._handle(self.files[n]).read(n)
         if not self._is_spilled(n):
             check_finite(n, t)
-        if self.cast and t.is_floating_point() and t.dtype != self.dtype and not self._is_spilled(n) \
-                and n not in self.keep_dtype:
+        if self._casts(n) and t.is_floating_point() and t.dtype != self.dtype:
             t = t.to(self.dtype)
         return t
+
+    def _casts(self, n: str) -> bool:
+        return (self.cast or n in self.widen) and not self._is_spilled(n) and n not in self.keep_dtype
+
+    def checkpoint_dtype(self, name: str) -> torch.dtype | None:
+        """The narrower float dtype a tensor no pass has written has in its checkpoint (bfloat16
+        when a bfloat16 model is compiled in float32), else None: an artifact stores it so."""
+        n = self._resolve(name)
+        parts = self.stacks.get(n) or [self.slices[n][0] if n in self.slices else n]
+        dtypes = set()
+        for p in [n, *map(self._resolve, parts)]:
+            if p in self.overlay or (p not in self.files and p != n) or (p in self.files and not self._casts(p)):
+                return None
+            if p in self.files:
+                dtypes.add(self._handle(self.files[p]).spec(p)[1])
+        dt = dtypes.pop() if len(dtypes) == 1 else None
+        return dt if dt is not None and dt.is_floating_point and dt.itemsize < self.dtype.itemsize else None
 
     def _read_stack(self, n: str) -> torch.Tensor:
         """The stack of ``stacks[n]``, read part by part into one tensor (one part extra in memory)."""
@@ -302,7 +319,7 @@ class WeightStore:
         if n not in self.files:
             raise PtqcError(f"weight {name!r} is missing from the checkpoint")
         shape, dtype = self._handle(self.files[n]).spec(n)
-        if self.cast and dtype.is_floating_point and not self._is_spilled(n) and n not in self.keep_dtype:
+        if self._casts(n) and dtype.is_floating_point:
             dtype = self.dtype
         return shape, dtype
 

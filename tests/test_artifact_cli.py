@@ -57,6 +57,35 @@ def test_bf16_artifact_keeps_float32_scales(loaded, ids, tmp_path):
     assert torch.equal(back(x), qm(x))
 
 
+def test_untouched_tensors_keep_the_checkpoint_dtype(tmp_path, ids):
+    """A bf16 checkpoint compiled in float32: the tensors no pass wrote (embeddings, norms, the
+    float lm_head) are stored in bf16, half the bytes, listed in the manifest and widened again on
+    load, so the artifact computes exactly what was compiled, also after a second save; what the
+    passes wrote (codes, float32 scales, smooth's folded norms) is stored as written."""
+    from safetensors import safe_open
+    from make_tiny_model import make_model  # tools/ (conftest puts it on sys.path)
+
+    src = make_model(tmp_path / "m", "qwen2", layers=2, dtype="bfloat16")
+    (src / "calib.txt").write_text(" ".join(f"w{i * 7 % 97}" for i in range(2000)))
+    qm = _compile(frontend.load(src, "float32"), "smooth,rtn:bits=4,group=64")
+    out = artifact.save(qm, tmp_path / "o")
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+    kept = set(artifact.read_manifest(out)["weights"]["as_checkpoint"])
+    assert kept == {k for k, d in dtypes.items() if d == "BF16"}
+    assert "model.embed_tokens.weight" in kept and "model.norm.weight" in kept
+    assert "model.layers.0.input_layernorm.weight" not in kept  # smooth folded its scales into it
+    assert dtypes["model.layers.0.input_layernorm.weight"] == "F32"
+    assert dtypes["model.layers.0.mlp.up_proj.weight_scale"] == "F32"
+    x = ids(2, 13)
+    back = artifact.load(out)
+    assert back.store["model.embed_tokens.weight"].dtype == torch.float32
+    assert torch.equal(back(x), qm(x))
+    again = artifact.save(back, tmp_path / "o2")
+    assert artifact.read_manifest(again)["weights"]["as_checkpoint"] == sorted(kept)
+    assert torch.equal(artifact.load(again)(x), qm(x))
+
+
 def test_atomic_dir_leaves_nothing_on_failure(tmp_path):
     with pytest.raises(RuntimeError):
         with artifact.AtomicDir(tmp_path / "out") as tmp:
