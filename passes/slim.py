@@ -201,7 +201,7 @@ class SliM(Pass):
             for i in tried:
                 out = slim_quantize(w, h, cands[i], mo.group, sym=mo.sym, block=mo.block, damp=mo.damp,
                                     act_order=mo.act_order, retries=mo.retries, one_bit=mo.one_bit)
-                runs.append((output_error(w, out[3], h), i, out))
+                runs.append((output_error(w, out[3], h, max_rows=None), i, out))  # decides: exact
         except SingularHessian as e:
             raise PtqcError(f"{module}: {e}; raise damp or give more calibration data") from None
         e_slim, best, (codes, scale, zp, _, used) = min(runs, key=lambda r: (r[0], r[1]))

@@ -78,8 +78,22 @@ def ordered_weight(w: torch.Tensor, h: torch.Tensor, perm: torch.Tensor) -> torc
     return W
 
 
-def output_error(w: torch.Tensor, wq: torch.Tensor, h: torch.Tensor) -> float:
-    """Relative output error on the calibration data: tr(dW H dW^T) / tr(W H W^T)."""
+ERROR_ROWS = 1024
+
+
+def sample_rows(w: torch.Tensor, max_rows: int = ERROR_ROWS) -> torch.Tensor:
+    """Every k-th row of w, k the smallest that leaves at most ``max_rows``."""
+    return w[::-(-w.shape[0] // max_rows)]
+
+
+def output_error(w: torch.Tensor, wq: torch.Tensor, h: torch.Tensor, max_rows: int | None = ERROR_ROWS) -> float:
+    """Relative output error on the calibration data: tr(dW H dW^T) / tr(W H W^T).
+
+    Exact costs 2 rows n^2 flops, as much as GPTQ's own error feedback (at 70B's down_proj, 8192 x
+    28672, 13 TFLOP for one call): beyond ``max_rows`` rows it is estimated on every k-th row (the
+    rows of a linear are alike; a diagnostic, not a decision: pass None to compare candidates)."""
+    if max_rows is not None:
+        w, wq = sample_rows(w, max_rows), sample_rows(wq, max_rows)
     d = wq - w
     return ((d @ h) * d).sum().item() / max(((w @ h) * w).sum().item(), 1e-30)
 
