@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from ptqc import ops
-from ptqc.observers import Samples
+from ptqc.observers import Samples, add_gram, mirrored
 
 
 def source(count: int, all_experts: bool, min_tokens: int, few_tokens: str) -> str:
@@ -26,8 +26,7 @@ def source(count: int, all_experts: bool, min_tokens: int, few_tokens: str) -> s
 
 
 def _add(sums: list, e: int, x: torch.Tensor) -> None:
-    x = x.float()
-    sums[e] = x.t() @ x if sums[e] is None else sums[e].addmm_(x.t(), x)
+    sums[e] = add_gram(sums[e], x.float())
 
 
 class ExpertHessians:
@@ -63,7 +62,7 @@ class ExpertHessians:
             s, n = (self.all_in[0] if proj != "down" else self.all_down[e]), self.tokens
         else:
             s, n = (self.h_in[e] if proj != "down" else self.h_down[e]), int(self.counts[e])
-        return None if s is None else s * (2.0 / max(n, 1))
+        return None if s is None else mirrored(s) * (2.0 / max(n, 1))
 
 
 class _Acts:

@@ -242,3 +242,22 @@ def test_output_error_beyond_1024_rows_reads_every_kth_row():
     assert gptq_core.output_error(w[:1024], wq[:1024], h) == gptq_core.output_error(w[:1024], wq[:1024], h, None)
     exact = gptq_core.output_error(w, wq, h, max_rows=None)
     assert gptq_core.output_error(w, wq, h) == pytest.approx(exact, rel=0.1)
+
+
+def test_hessian_past_1024_inputs_accumulates_the_upper_triangle_and_mirrors_it():
+    from ptqc.moe_calib import ExpertHessians
+    from ptqc.observers import GRAM_BLOCK, Hessian
+
+    g = torch.Generator().manual_seed(5)
+    xs = [torch.randn(300, 2 * GRAM_BLOCK + 77, generator=g, dtype=torch.float64) for _ in range(3)]
+    o = Hessian(dtype=torch.float64)
+    for x in xs:
+        o.update(x)
+    h, ref = o.result(), 2 * sum(x.t() @ x for x in xs) / 900
+    assert torch.equal(h, h.t()) and torch.allclose(h, ref, rtol=1e-12, atol=1e-12)
+    e = ExpertHessians(2)
+    x = torch.randn(8, GRAM_BLOCK + 5, generator=g)
+    gate, up = torch.randn(2, 3, x.shape[1], generator=g), torch.randn(2, 3, x.shape[1], generator=g)
+    e.update((x, None, torch.tensor([[0], [1]] * 4), gate, up))  # tokens 0, 2, 4, 6 go to expert 0
+    h0 = e.hessian("gate", 0)
+    assert torch.equal(h0, h0.t()) and torch.allclose(h0, 2 * x[0::2].t() @ x[0::2] / 4, rtol=1e-5, atol=1e-5)

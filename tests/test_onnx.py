@@ -307,7 +307,8 @@ def test_eval_target_onnx_matches_torch(loaded, models, tmp_path):
         assert r.exit_code == 0, r.output
         out = json.loads(r.output.strip().splitlines()[-1])
         assert out["windows"] == 4 and out["tokens"] == ref["tokens"]
-        assert math.isclose(out["ppl"], ref["ppl"], rel_tol=1e-5 if target == "onnx" else 1e-3), (target, out, ref)
+        # int8 activations: a last-ulp difference in a per-token scale flips a rounding (1.5e-5 seen)
+        assert math.isclose(out["ppl"], ref["ppl"], rel_tol=1e-4 if target == "onnx" else 1e-3), (target, out, ref)
     r = cli("eval", art, "--target", "onnx", "--generate")
     assert r.exit_code == 2 and "perplexity only" in r.output
 
