@@ -8,7 +8,7 @@ sequential": q/k/v, then o_proj on their quantized outputs, then gate/up, then d
 per layer), ``quantized`` (the layer observed, quantized, then re-run: llm-compressor's pipeline)
 or ``float``. Per linear the manifest records the dampening and the relative output error
 tr(dW H dW^T) / tr(W H W^T) of GPTQ and of RTN with the same scheme (``err_gptq``, ``err_rtn``;
-estimated on at most 1024 evenly spaced rows, see :func:`ptqc.gptq_core.output_error`).
+estimated on at most 256 evenly spaced rows, see :func:`ptqc.gptq_core.output_error`).
 """
 from __future__ import annotations
 

@@ -11,6 +11,7 @@ bit width per group) or binarization with per-block parameters (billm).
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
@@ -78,7 +79,7 @@ def ordered_weight(w: torch.Tensor, h: torch.Tensor, perm: torch.Tensor) -> torc
     return W
 
 
-ERROR_ROWS = 1024
+ERROR_ROWS = 256
 
 
 def sample_rows(w: torch.Tensor, max_rows: int = ERROR_ROWS) -> torch.Tensor:
@@ -101,18 +102,28 @@ def output_error(w: torch.Tensor, wq: torch.Tensor, h: torch.Tensor, max_rows: i
 Column = Callable[[int, torch.Tensor, Callable[[int], torch.Tensor]], torch.Tensor]
 
 
+INNER = 16  # columns per rank-1 sub-block inside a block
+
+
 def error_feedback(W: torch.Tensor, U: torch.Tensor, column: Column, *, block: int = 128,
                    P: torch.Tensor | None = None,
                    start: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
     """Quantize W [rows, n] column by column (columns and U already in visiting order),
     updating W in place. ``column(c, w, ahead)`` returns column c rounded [rows, 1] from its
     error-corrected weights w [rows, 1]; ``ahead(k)`` gives the error-corrected columns c..c+k-1
-    (a group's grid fitted when its first column is reached). ``start(c, block)`` sees each
-    block's error-corrected columns before any is rounded. With P (GPTAQ) every update also
-    subtracts w P[c, c:]. Returns W, overwritten column by column with the rounded weights (a
-    column is not read once its block is copied out, so no second [rows, n] buffer is needed)."""
+    of the block, then the columns after it (a group's grid fitted when its first column is
+    reached). ``start(c, block)`` sees each block's error-corrected columns before any is rounded.
+    With P (GPTAQ) every update also subtracts w P[c, c:]. Returns W, overwritten column by column
+    with the rounded weights (a column is not read once its block is copied out, so no second
+    [rows, n] buffer is needed).
+
+    Updates are lazy at two levels: a column's error reaches the columns of its ``INNER`` sub-block
+    at once (rank 1), the rest of the block after the sub-block and the columns after the block
+    after the block (matrix products in place): the same sums as column by column, in another
+    order, with 8x less memory traffic than rank-1 updates over the whole block."""
     n = W.shape[1]
     Q = W
+    inner = INNER if P is None else block  # GPTAQ's w P term stays column by column
     for i1 in range(0, n, block):
         i2 = min(i1 + block, n)
         W1 = W[:, i1:i2].clone()
@@ -121,27 +132,43 @@ def error_feedback(W: torch.Tensor, U: torch.Tensor, column: Column, *, block: i
         P1 = P[i1:i2, i1:i2] if P is not None else None
         if start is not None:
             start(i1, W1)
-        for i in range(i2 - i1):
-            wc = W1[:, i:i + 1]
-            q = column(i1 + i, wc, lambda k: torch.cat([W1[:, i:], W[:, i2:i2 + k]], 1)[:, :k])
-            Q[:, i1 + i] = q[:, 0]
-            err = (wc - q)[:, 0] / U1[i, i]
-            upd = err[:, None] * U1[i, i:][None, :]
-            if P1 is not None:  # GPTAQ: w (before this column's update) times P
-                upd = upd - wc * P1[i, i:][None, :]
-            W1[:, i:] -= upd
-            E1[:, i] = err
-        W[:, i2:] -= E1 @ U[i1:i2, i2:] if P is None else E1 @ U[i1:i2, i2:] - W1 @ P[i1:i2, i2:]
+        for j1 in range(0, i2 - i1, inner):
+            j2 = min(j1 + inner, i2 - i1)
+            for i in range(j1, j2):
+                wc = W1[:, i:i + 1]
+
+                def ahead(k, i=i, j1=j1, j2=j2):
+                    later = W1[:, j2:] - E1[:, j1:i] @ U1[j1:i, j2:]  # the sub-block's pending updates
+                    return torch.cat([W1[:, i:j2], later, W[:, i2:i2 + k]], 1)[:, :k]
+                q = column(i1 + i, wc, ahead)
+                Q[:, i1 + i] = q[:, 0]
+                err = (wc - q)[:, 0] / U1[i, i]
+                if P1 is not None:  # GPTAQ: w (before this column's update) times P
+                    W1[:, i:].sub_(err[:, None] * U1[i, i:][None, :] - wc * P1[i, i:][None, :])
+                else:
+                    W1[:, i:j2].addr_(err, U1[i, i:j2], alpha=-1)
+                E1[:, i] = err
+            if P1 is None and j2 < i2 - i1:
+                W1[:, j2:].addmm_(E1[:, j1:j2], U1[j1:j2, j2:], alpha=-1)
+        if P is None:
+            W[:, i2:].addmm_(E1, U[i1:i2, i2:], alpha=-1)
+        else:
+            W[:, i2:] -= E1 @ U[i1:i2, i2:] - W1 @ P[i1:i2, i2:]
     return Q
+
+
+@functools.lru_cache(maxsize=None)
+def _spec(bits: int, sym: bool) -> quant.QuantSpec:
+    return quant.QuantSpec(bits, 0, sym)  # made once: the column loop asks for it n times
 
 
 def uniform_qparams(x: torch.Tensor, bits: int, sym: bool):
     """Scale and zero point [rows, 1] of columns x on ``ptqc.quant``'s ``bits`` grid."""
-    return quant.compute_qparams(x, quant.QuantSpec(bits, 0, sym))
+    return quant.compute_qparams(x, _spec(bits, sym))
 
 
 def uniform_codes(x: torch.Tensor, scale, zp, bits: int, sym: bool) -> torch.Tensor:
-    return quant.quantize(x, scale, zp, quant.QuantSpec(bits, 0, sym))
+    return quant.quantize(x, scale, zp, _spec(bits, sym))
 
 
 def quantize_groups(w: torch.Tensor, h: torch.Tensor, group_bits: list[int], group: int, *, sym: bool = False,
@@ -186,9 +213,10 @@ def quantize_groups(w: torch.Tensor, h: torch.Tensor, group_bits: list[int], gro
         dxxt[:, dead] = 0
         P = alpha * (dxxt[perm][:, perm] @ U.t()).triu_(1) @ U
     codes = torch.empty(rows, n, dtype=torch.int8, device=W.device)
+    group_of = (perm // g).tolist()
 
     def column(c, wc, ahead):
-        gi = int(perm[c]) // g
+        gi = group_of[c]
         if not act_order and c % g == 0:
             fit(gi, ahead(g))
         s = scale[:, gi:gi + 1]

@@ -140,11 +140,10 @@ def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | No
     xg = _grouped(x, spec.group_size)
     if spec.kind == "mx":
         return round_fp(xg / scale.unsqueeze(-1), spec.bits).reshape(x.shape).to(torch.float8_e4m3fn)
-    q = torch.round(xg / scale.unsqueeze(-1))
+    q = torch.div(xg, scale.unsqueeze(-1)).round_()
     if zero_point is not None:
-        q = q + zero_point.float().unsqueeze(-1)
-    q = torch.clamp(q, spec.qmin, spec.qmax)
-    return q.reshape(x.shape).to(torch.int8)
+        q.add_(zero_point.unsqueeze(-1))
+    return q.clamp_(spec.qmin, spec.qmax).reshape(x.shape).to(torch.int8)
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,

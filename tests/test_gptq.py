@@ -233,13 +233,15 @@ def test_hessian_is_scaled_in_place_once():
     assert o.result() is h and torch.allclose(h, 2 * x.t() @ x / 10)
 
 
-def test_output_error_beyond_1024_rows_reads_every_kth_row():
+def test_output_error_beyond_max_rows_reads_every_kth_row():
     g = torch.Generator().manual_seed(4)
     x = torch.randn(200, 32, generator=g)
     h, w = x.t() @ x, torch.randn(3000, 32, generator=g)
     wq = w + 0.1 * torch.randn(3000, 32, generator=g)
-    assert gptq_core.output_error(w, wq, h) == gptq_core.output_error(w[::3], wq[::3], h, max_rows=None)
-    assert gptq_core.output_error(w[:1024], wq[:1024], h) == gptq_core.output_error(w[:1024], wq[:1024], h, None)
+    k = -(-3000 // gptq_core.ERROR_ROWS)
+    assert gptq_core.output_error(w, wq, h) == gptq_core.output_error(w[::k], wq[::k], h, max_rows=None)
+    few = slice(0, gptq_core.ERROR_ROWS)
+    assert gptq_core.output_error(w[few], wq[few], h) == gptq_core.output_error(w[few], wq[few], h, None)
     exact = gptq_core.output_error(w, wq, h, max_rows=None)
     assert gptq_core.output_error(w, wq, h) == pytest.approx(exact, rel=0.1)
 
