@@ -57,3 +57,16 @@ def test_shaped_checkpoint_and_its_view(tmp_path):
     assert (qm(ids) - cut(ids).logits).abs().max() < 1e-4
     assert not any(p.is_symlink() for p in (tmp_path / "t3").iterdir())
     assert {p.name for p in (tmp_path / "t1").iterdir() if p.is_symlink()} >= {"model-00001-of-00005.safetensors"}
+
+
+def test_scale_cost_model_from_two_depths_and_from_one():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools" / "bench"))
+    import scale
+
+    r1 = {"wall_s": 100.0, "pass_s": {"gptq": 60.0}, "artifact_gib": 5.0, "peak_rss_gib": 6.0}
+    r2 = {"wall_s": 170.0, "pass_s": {"gptq": 120.0}, "artifact_gib": 5.5, "peak_rss_gib": 6.5}
+    two = scale.cost_model({1: r1, 2: r2}, 80)
+    assert two["per_layer_s"] == 60.0 and two["fixed_s"] == 40.0 and two["peak_rss_gib"] == 6.5
+    assert two["wall_80_layers_h"] == round((40 + 60 * 80) / 3600, 2) and two["artifact_80_layers_gib"] == 44.5
+    one = scale.cost_model({1: r1}, 80)
+    assert one["per_layer_s_upper_bound"] == 60.0 and one["fixed_s"] == 40.0 and "artifact_80_layers_gib" not in one

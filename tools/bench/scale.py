@@ -7,6 +7,9 @@ and the two extrapolate to the real depth (80 layers) and to N ranks.
     python tools/bench/scale.py --work /tmp/scale [--shape llama-70b] [--depths 1 2] \\
         [--passes rtn:bits=4 gptq:bits=4] [--calib-samples 16 --calib-seqlen 256] [--json out.json]
 
+With one depth (``--depths 1``, for a pass too slow to run twice) all of the passes' time counts as
+layer time: an upper bound.
+
 Every compile runs alone in its own process (time it on a quiet machine); its peak RSS is the
 largest resident set of that process and its children. The checkpoint is written once
 (tools/make_shaped_checkpoint.py, shard by shard) at the largest depth; smaller depths are views
@@ -74,10 +77,19 @@ def cost_model(runs: dict[int, dict], layers: int) -> dict:
     between the two depths (the wall clock's growth also carries page-cache luck in reading the
     1 GB embedding); the fixed cost is the rest of the wall time at the smaller depth."""
     (d0, r0), (d1, r1) = sorted(runs.items())[0], sorted(runs.items())[-1]
-    per = (sum(r1["pass_s"].values()) - sum(r0["pass_s"].values())) / (d1 - d0)
+    if d0 == d1:  # one depth: all of the passes' time counted as layer time (an upper bound), no artifact slope
+        per, art = sum(r0["pass_s"].values()) / d0, None
+        per_wall = None
+    else:
+        per = (sum(r1["pass_s"].values()) - sum(r0["pass_s"].values())) / (d1 - d0)
+        art = (r1["artifact_gib"] - r0["artifact_gib"]) / (d1 - d0)
+        per_wall = round((r1["wall_s"] - r0["wall_s"]) / (d1 - d0), 1)
     fixed = r0["wall_s"] - per * d0
-    art = (r1["artifact_gib"] - r0["artifact_gib"]) / (d1 - d0)
-    return {"per_layer_s": round(per, 1), "per_layer_wall_s": round((r1["wall_s"] - r0["wall_s"]) / (d1 - d0), 1),
+    if art is None:
+        return {"per_layer_s_upper_bound": round(per, 1), "fixed_s": round(fixed, 1),
+                f"wall_{layers}_layers_h": round((fixed + per * layers) / 3600, 2),
+                "peak_rss_gib": r0["peak_rss_gib"]}
+    return {"per_layer_s": round(per, 1), "per_layer_wall_s": per_wall,
             "fixed_s": round(fixed, 1), f"wall_{layers}_layers_h": round(
         (fixed + per * layers) / 3600, 2), "artifact_per_layer_gib": round(art, 3),
         f"artifact_{layers}_layers_gib": round(r0["artifact_gib"] + art * (layers - d0), 1),
@@ -88,7 +100,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, required=True, help="directory for the checkpoint and the artifacts")
     ap.add_argument("--shape", default="llama-70b")
-    ap.add_argument("--depths", type=int, nargs=2, default=[1, 2])
+    ap.add_argument("--depths", type=int, nargs="+", default=[1, 2],
+                    help="one or two depths (one: the per-layer time is an upper bound)")
     ap.add_argument("--real-layers", type=int, default=80, help="depth to extrapolate to")
     ap.add_argument("--passes", nargs="+", default=["rtn:bits=4", "gptq:bits=4"])
     ap.add_argument("--calib", type=Path, default=ROOT / "examples" / "tiny-qwen2" / "calib.txt")
