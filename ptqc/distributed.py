@@ -55,10 +55,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(rank: int, nproc: int, port: int, fn, args) -> None:
+def _rank_main(rank: int, nproc: int, port: int, threads: int | None, fn, args) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if threads:
+        torch.set_num_threads(threads)
     fn(*args)
+
+
+def rank_threads(nproc: int) -> int | None:
+    """Threads per spawned rank: this process's share of the cores (N ranks of all the cores each
+    would oversubscribe them), unless OMP_NUM_THREADS says how many per process (torchrun's
+    convention)."""
+    return None if "OMP_NUM_THREADS" in os.environ else max(1, torch.get_num_threads() // nproc)
 
 
 def spawn(nproc: int, fn, *args) -> int:
@@ -66,8 +75,8 @@ def spawn(nproc: int, fn, *args) -> int:
     code of a rank (its error was printed by the rank), else 0."""
     import torch.multiprocessing as mp
 
-    ctx = mp.start_processes(_rank_main, args=(nproc, _free_port(), fn, args), nprocs=nproc,
-                             join=False, start_method="spawn")
+    ctx = mp.start_processes(_rank_main, args=(nproc, _free_port(), rank_threads(nproc), fn, args),
+                             nprocs=nproc, join=False, start_method="spawn")
     try:
         while not ctx.join():
             pass

@@ -60,3 +60,13 @@ def test_gptq_on_two_ranks_within_reduction_order(models, tmp_path):
 def test_resume_with_nproc_refused(models, tmp_path):
     r = cli("compile", models["qwen2"], "-o", tmp_path / "x", "--passes", "rtn", "--nproc", 2, "--resume", "-q")
     assert r.exit_code == 2 and r.output.count("\n") == 1 and "--resume does not work with --nproc" in r.output
+
+
+def test_spawned_ranks_share_the_cores_unless_omp_num_threads_is_set(monkeypatch):
+    import torch
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
+    assert distributed.rank_threads(2) == 4 and distributed.rank_threads(16) == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert distributed.rank_threads(2) is None
