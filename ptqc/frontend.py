@@ -16,6 +16,7 @@ No code here names an architecture: anything with the common decoder-only layout
 from __future__ import annotations
 
 import re
+import sys
 import warnings
 from pathlib import Path
 
@@ -247,8 +248,7 @@ def _role_of(path: str) -> str | None:
 
 
 def resolve_tied(g: fx.Graph, store, tied: dict[str, set[str]], files, path) -> None:
-    """Point every weight the checkpoint lacks at a tied parameter it has (lm_head ->
-    embed_tokens); a weight with neither is an error naming it."""
+    """Point every weight the checkpoint lacks at a tied parameter it has (lm_head -> embed_tokens)."""
     for n in g.nodes:
         if n.op == "get_attr" and n.target not in store:
             src = [t for t in sorted(tied.get(n.target, ())) if t in files]
@@ -403,7 +403,6 @@ def _trace_in_child(path: Path, dtype: torch.dtype, trust_remote_code: bool):
     streams a large model should not carry that."""
     import json
     import subprocess
-    import sys
     import tempfile
 
     from safetensors.torch import load_file
@@ -428,7 +427,6 @@ def _trace_in_child(path: Path, dtype: torch.dtype, trust_remote_code: bool):
 
 def _child_main(argv) -> None:
     import json
-    import sys
 
     from safetensors.torch import save_file
 
@@ -451,13 +449,15 @@ ISOLATE_BYTES = 1 << 30  # trace in a child process for checkpoints larger than 
 
 
 def load(model_dir, dtype: str | torch.dtype = "float32", trust_remote_code: bool = False,
-         progress: bool = False, isolate: bool | str = False, shapes: bool = True) -> QModel:
+         progress: bool = False, isolate: bool | str = False, shapes: bool = True,
+         supply: dict[str, torch.Tensor] | None = None) -> QModel:
     """Trace a Hugging Face causal LM directory into a canonical :class:`QModel`.
 
     Weights are not read: they stay in the safetensors files until a pass or a run needs them.
     ``isolate=True`` traces in a child process (``"auto"``: for checkpoints over 1 GiB), so
     the tracer's memory is returned to the system before any weight is read. ``shapes=False``
-    skips shape propagation (for loaders that rewrite quantized checkpoints first)."""
+    skips shape propagation (for loaders that rewrite quantized checkpoints first); ``supply``
+    gives stand-ins for tensors the directory lacks (an export reader replaces them)."""
     from ptqc.progress import bar as progress_bar
 
     path = Path(model_dir)
@@ -476,7 +476,7 @@ def load(model_dir, dtype: str | torch.dtype = "float32", trust_remote_code: boo
     else:
         g, buffers, tied = trace(path, config, dt, trust_remote_code, bar)
     store = WeightStore(files, dt)
-    for name, b in buffers.items():
+    for name, b in {**(supply or {}), **buffers}.items():
         if name not in files:
             store.overlay[name] = b
     moe.register_stacks(g, store)
@@ -495,6 +495,4 @@ def load(model_dir, dtype: str | torch.dtype = "float32", trust_remote_code: boo
 
 
 if __name__ == "__main__":  # the child of load(isolate=True)
-    import sys
-
     _child_main(sys.argv[1:])

@@ -79,10 +79,11 @@ def shared_traces():
 
     real = frontend.load
 
-    def load(model_dir, dtype="float32", trust_remote_code=False, progress=False, isolate=False, shapes=True):
+    def load(model_dir, dtype="float32", trust_remote_code=False, progress=False, isolate=False, shapes=True,
+             supply=None):
         path = Path(model_dir).resolve()
-        if isolate is True or path not in SHARED_TRACE_DIRS:
-            return real(model_dir, dtype, trust_remote_code, progress, isolate, shapes)
+        if isolate is True or path not in SHARED_TRACE_DIRS or supply:
+            return real(model_dir, dtype, trust_remote_code, progress, isolate, shapes, supply)
         key = _trace_key(path, dtype, trust_remote_code, shapes)
         if key not in _TRACES:
             _TRACES[key] = real(model_dir, dtype, trust_remote_code, progress, isolate, shapes)

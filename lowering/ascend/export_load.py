@@ -13,6 +13,7 @@ from ptqc.lowering.ascend import export_types
 from ptqc.lowering.ascend.export_check import check
 from ptqc.lowering.ascend.layout import DESCRIPTION, EXPERT, kv_shape
 from ptqc.lowering.ascend.ops_quant import deq_scale_value
+from ptqc.lowering.compressed_tensors.packing import unpack_int32
 
 
 def load(path, dtype: str = "float32", trust_remote_code: bool = False) -> QModel:
@@ -32,8 +33,9 @@ def load(path, dtype: str = "float32", trust_remote_code: bool = False) -> QMode
     experts = sorted(n for n, t in desc.items() if EXPERT.match(n) and t not in ("FLOAT", *EXPERTS_READ))
     if experts:
         raise PtqcError(f"{path}: reading {desc[experts[0]]} MoE experts back from an Ascend export is not supported "
-                        f"yet ({experts[0]}; {' and '.join(EXPERTS_READ)} experts are); evaluate the artifact instead")
-    qm = frontend.load(path, _written_dtype(path) or dtype, trust_remote_code, shapes=False)
+                        f"yet ({experts[0]}; {', '.join(EXPERTS_READ)} experts are); evaluate the artifact instead")
+    dt = _written_dtype(path) or dtype
+    qm = frontend.load(path, dt, trust_remote_code, shapes=False, supply=_packed_stand_ins(path, desc, dt))
     qm.store.cast = False
     for n in qm.store.keep_dtype:  # float32 routers, written in the serving dtype as vllm-ascend loads them
         qm.store.overlay[n] = qm.store[n].float()
@@ -74,7 +76,27 @@ def load(path, dtype: str = "float32", trust_remote_code: bool = False) -> QMode
     return qm
 
 
-EXPERTS_READ = ("W8A8_DYNAMIC", "W4A8_DYNAMIC")  # expert types read back (W4A16's packed int32 layout is not)
+EXPERTS_READ = ("W8A8_DYNAMIC", "W4A8_DYNAMIC", "W4A16")  # expert types read back
+
+
+def _packed_stand_ins(path: Path, desc: dict, dtype: str) -> dict:
+    """W4A16 experts store no ``.weight`` (llm-compressor's ``weight_packed`` instead): a zero stand-in
+    of the weight's shape per expert (one element, expanded), so the graph traces; :func:`_load_experts`
+    replaces the stacks by the unpacked codes before anything reads them."""
+    from safetensors import safe_open
+
+    from ptqc.model import parse_dtype, weight_files
+
+    names = [n.removesuffix("_packed") for n, t in desc.items() if t == "W4A16" and EXPERT.match(n)
+             and n.endswith(".weight_packed")]
+    if not names:
+        return {}
+    files, zero = weight_files(path), torch.zeros((), dtype=parse_dtype(dtype))
+    out = {}
+    for n in names:
+        with safe_open(str(files[f"{n}_shape"]), "pt") as f:
+            out[n] = zero.expand(*[int(x) for x in f.get_tensor(f"{n}_shape")])
+    return out
 
 
 def _written_dtype(path: Path) -> str | None:
@@ -104,6 +126,9 @@ def _weight(qm: QModel, base: str, kind: str, desc: dict) -> tuple:
         second = qm.store[second_name].float() if second_name in qm.store else torch.ones(1)
         per_channel = bool((second == 1).all())
         return quant.QuantSpec(4, 0 if per_channel else group, True), codes, scale if per_channel else scale * second, None
+    if kind == "W4A16" and f"{base}.weight_packed" in qm.store:  # MoE experts: llm-compressor's packed int32
+        shape = [int(x) for x in qm.store[f"{base}.weight_shape"]]
+        return quant.QuantSpec(4, group, True), unpack_int32(qm.store[f"{base}.weight_packed"], 4, shape), scale, None
     if kind == "W4A16":  # msModelSlim 1.0.0: along the output dimension per group, along the input per channel
         along_out = desc.get("version") == "1.0.0" and scale.shape[1] > 1
         codes = quant.unpack_int4(codes.t().contiguous()).t().contiguous() if along_out else quant.unpack_int4(codes)
@@ -139,8 +164,9 @@ def _load_fa(qm: QModel) -> None:
 
 
 def _load_experts(qm: QModel, desc: dict) -> None:
-    """W8A8_DYNAMIC / W4A8_DYNAMIC expert blocks: each expert read as a linear of its type is (:func:`_weight`),
-    stacked [E, out, in] with its scales, and the dynamic per-token int8 inputs of gate/up and down."""
+    """W8A8_DYNAMIC / W4A8_DYNAMIC / W4A16 expert blocks: each expert read as a linear of its type is
+    (:func:`_weight`), stacked [E, out, in] with its scales, and (but for W4A16) the dynamic per-token
+    int8 inputs of gate/up and down."""
     from ptqc import experts as ex
     from ptqc import moe
     from ptqc.weights import set_quantized_weight, weight_node
@@ -148,7 +174,8 @@ def _load_experts(qm: QModel, desc: dict) -> None:
     for node in list(qm.nodes(ops.MOE_EXPERTS)):
         sites = [ex.ExpertSite(node, p) for p in ex.PROJS]
         stacks = [weight_node(s).target for s in sites]
-        kind = desc.get(moe.expert_name(stacks[0], 0), "FLOAT")
+        first = moe.expert_name(stacks[0], 0)
+        kind = desc.get(first, desc.get(f"{first}_packed", "FLOAT"))
         if kind not in EXPERTS_READ:
             continue
         for site, stack in zip(sites, stacks):
@@ -156,4 +183,5 @@ def _load_experts(qm: QModel, desc: dict) -> None:
             parts = [_weight(qm, moe.expert_name(stack, e).removesuffix(".weight"), kind, desc) for e in range(n)]
             codes, scale = torch.stack([p[1] for p in parts]), torch.stack([p[2] for p in parts])
             set_quantized_weight(qm, site, parts[0][0], codes, scale, None, "ascend-export")
-        ex.quantize_inputs(qm, node, quant.QuantSpec(8, 0, True))
+        if kind != "W4A16":
+            ex.quantize_inputs(qm, node, quant.QuantSpec(8, 0, True))
