@@ -48,14 +48,15 @@ class _Counting(Interpreter):
 def test_hooks_freeing_and_values_computed_once():
     g = _graph()
     x = torch.randn(2, 4)
-    ref = (x @ torch.full((4, 3), 0.5)) * 7.0
-    assert torch.equal(execute(g, {"w": torch.full((3, 4), 0.5)}, {"input_ids": x}), ref)
+    ref = (x @ torch.full((3, 4), 0.5).t()) * 7.0
+    same = lambda a: torch.allclose(a, ref, rtol=1e-6, atol=1e-6)  # noqa: E731 - MKL's path may vary with alignment
+    assert same(execute(g, {"w": torch.full((3, 4), 0.5)}, {"input_ids": x}))
     calls = [n for n in g.nodes if n.op == "call_function"]
     const = {calls[0].name, calls[1].name}  # sum, add: from the weight only
     it = _Counting(calls + [next(iter(g.find_nodes(op="output")))], const=const)
     for _ in range(2):
         env = {"input_ids": x}
-        assert torch.equal(it.run(env), ref)
+        assert same(it.run(env))
         assert list(env) == [calls[-1].name]  # the rest was freed after its last use, the input included
     # the weight and the weight-only nodes ran once; the others once per run, each seen by after_node
     assert it.calls == ["w", calls[0].name, calls[1].name] + [n.name for n in calls[2:]] * 2
