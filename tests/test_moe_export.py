@@ -278,3 +278,38 @@ def test_compressed_tensors_check_catches_a_quantized_router_and_a_missing_exper
     assert "model.layers.0.mlp.gate.weight: expected I8 [8, 64], found BF16 [8, 64]" in problems
     assert f"{BLOCK}.4.down_proj.weight_scale: int-quantized channel W8 needs it, but it is in no weight file" \
         in problems
+
+
+def test_a_stack_with_experts_kept_wider_exports_at_its_widest_bits_or_says_why(base, ids, tmp_path):
+    """sensitive:unit=expert keeps an expert at int8: W4A8 experts become a W8A8_DYNAMIC block, exactly
+    (the int4 codes fit int8 with their own scales); grouped W4A16 ones have no W8 scheme: refused, saying why."""
+    qm = _compile(base, "sensitive:unit=expert,top=1,keep=8,w_group=32,w4a8")
+    assert any(q.get("weight", {}).get("expert_bits") for q in qm.quant.values())  # one expert kept at int8
+    ax.export(qm, tmp_path / "w8")
+    t, desc = _files(tmp_path / "w8")
+    assert desc[f"{BLOCK}.weight"] == "W8A8_DYNAMIC" and ax.check(tmp_path / "w8") == []
+    x = ids(2, 9)
+    assert torch.equal(ax.load(tmp_path / "w8")(x), qm(x))
+    qm = _compile(base, "sensitive:unit=expert,top=1,keep=8,w_group=32,rtn:bits=4,group=32,sym=true,include=experts")
+    with pytest.raises(PtqcError, match=r"^[^\n]*W8g32A16 experts \(the widest of a stack of int4 experts where "
+                                        r"sensitive:unit=expert kept \d+: int8\) have no vllm-ascend MoE scheme"):
+        ax.export(qm, tmp_path / "w4")
+    assert not (tmp_path / "w4").exists()
+
+
+def test_compressed_tensors_writes_a_stack_with_experts_kept_wider_at_its_widest_bits(base, tmp_path):
+    from ptqc.lowering import compressed_tensors as ct
+
+    qm = _compile(base, "sensitive:unit=expert,top=1,keep=8,w_group=32,rtn:bits=4,group=32,sym=true,include=experts")
+    ct.export(qm, tmp_path / "ct")
+    assert ct.check(tmp_path / "ct") == []
+    q = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    assert {g["weights"]["num_bits"] for g in q["config_groups"].values()} == {8}  # int4 codes fit 8 bits
+    t = load_file(str(tmp_path / "ct" / ct.WEIGHTS))
+    for proj in ("gate", "up", "down"):
+        codes, scale = _stack(qm, proj)
+        for e in range(E):
+            base_ = f"{BLOCK}.{e}.{proj}_proj"
+            got = ct.unpack_int32(t[f"{base_}.weight_packed"], 8, t[f"{base_}.weight_shape"].tolist())
+            assert torch.equal(got, codes[e].to(torch.int8)), base_
+            assert torch.equal(t[f"{base_}.weight_scale"], scale[e].to(torch.bfloat16)), base_

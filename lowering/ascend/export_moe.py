@@ -65,10 +65,19 @@ def classify(node) -> str:
         if w["bits"] == 4:
             return "W4A8_DYNAMIC"
     acts = f"A{a.args[3]}" if is_op(a, ops.QUANTIZE_ACT) else "A16"
-    raise PtqcError(f"{mod}: W{w['bits']}{'g' + str(w['group']) if w['group'] else ''}{acts} experts have no "
+    raise PtqcError(f"{mod}: W{w['bits']}{'g' + str(w['group']) if w['group'] else ''}{acts} experts{_mixed(w)} have no "
                     f"vllm-ascend MoE scheme ptqc writes ({', '.join(MOE_TYPES)}: symmetric weights, dynamic "
                     "per-token int8 inputs of gate/up and down, or float inputs for grouped int4); compile int8, "
                     "w4a8 or rtn:bits=4,group=G for them, or export --format compressed-tensors")
+
+
+def _mixed(w: dict) -> str:
+    """Why a stack is at its bits when ``sensitive:unit=expert`` kept some experts wider: a block is
+    served in one scheme, so the stack is exported at its widest bits (exact: narrower codes fit)."""
+    if not w.get("expert_bits"):
+        return ""
+    kept = ", ".join(f"{e}: int{b}" for e, b in sorted(w["expert_bits"].items(), key=lambda kv: int(kv[0])))
+    return f" (the widest of a stack of int{w['base_bits']} experts where sensitive:unit=expert kept {kept})"
 
 
 def plan(qm: QModel) -> list[tuple]:
