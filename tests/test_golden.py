@@ -34,3 +34,6 @@ def test_another_machine_compares_by_sums_within_tolerance():
            {"m p": {"w": "torch.int8[2, 3]:aa 100 1000", "graph.json": "g1 s2"}}]  # graph structure
     for got in far:
         assert golden.check(exp, {golden.MACHINE: {"kernels": "k2"}, **got})[1], got
+    unsummed = {"m p": {"w": "torch.int8[6]:aa"}}  # digests of an older file: no sums to compare
+    assert golden.check({golden.MACHINE: {"kernels": "k1"}, **unsummed},
+                        {golden.MACHINE: {"kernels": "k2"}, "m p": {"w": "torch.int8[6]:bb"}})[1]
