@@ -77,19 +77,15 @@ def cost_model(runs: dict[int, dict], layers: int) -> dict:
     between the two depths (the wall clock's growth also carries page-cache luck in reading the
     1 GB embedding); the fixed cost is the rest of the wall time at the smaller depth."""
     (d0, r0), (d1, r1) = sorted(runs.items())[0], sorted(runs.items())[-1]
-    if d0 == d1:  # one depth: all of the passes' time counted as layer time (an upper bound), no artifact slope
-        per, art = sum(r0["pass_s"].values()) / d0, None
-        per_wall = None
-    else:
-        per = (sum(r1["pass_s"].values()) - sum(r0["pass_s"].values())) / (d1 - d0)
-        art = (r1["artifact_gib"] - r0["artifact_gib"]) / (d1 - d0)
-        per_wall = round((r1["wall_s"] - r0["wall_s"]) / (d1 - d0), 1)
-    fixed = r0["wall_s"] - per * d0
-    if art is None:
+    if d0 == d1:  # one depth: all of the passes' time counted as layer time (an upper bound), no slopes
+        per = sum(r0["pass_s"].values()) / d0
+        fixed = r0["wall_s"] - per * d0
         return {"per_layer_s_upper_bound": round(per, 1), "fixed_s": round(fixed, 1),
-                f"wall_{layers}_layers_h": round((fixed + per * layers) / 3600, 2),
-                "peak_rss_gib": r0["peak_rss_gib"]}
-    return {"per_layer_s": round(per, 1), "per_layer_wall_s": per_wall,
+                f"wall_{layers}_layers_h": round((fixed + per * layers) / 3600, 2), "peak_rss_gib": r0["peak_rss_gib"]}
+    per = (sum(r1["pass_s"].values()) - sum(r0["pass_s"].values())) / (d1 - d0)
+    fixed = r0["wall_s"] - per * d0
+    art = (r1["artifact_gib"] - r0["artifact_gib"]) / (d1 - d0)
+    return {"per_layer_s": round(per, 1), "per_layer_wall_s": round((r1["wall_s"] - r0["wall_s"]) / (d1 - d0), 1),
             "fixed_s": round(fixed, 1), f"wall_{layers}_layers_h": round(
         (fixed + per * layers) / 3600, 2), "artifact_per_layer_gib": round(art, 3),
         f"artifact_{layers}_layers_gib": round(r0["artifact_gib"] + art * (layers - d0), 1),
