@@ -92,10 +92,13 @@ def _packed_stand_ins(path: Path, desc: dict, dtype: str) -> dict:
     if not names:
         return {}
     files, zero = weight_files(path), torch.zeros((), dtype=parse_dtype(dtype))
+    by_file: dict = {}
+    for n in names:  # each shard opened once: a 671B MoE has ~44k expert projections
+        by_file.setdefault(files[f"{n}_shape"], []).append(n)
     out = {}
-    for n in names:
-        with safe_open(str(files[f"{n}_shape"]), "pt") as f:
-            out[n] = zero.expand(*[int(x) for x in f.get_tensor(f"{n}_shape")])
+    for f, ns in by_file.items():
+        with safe_open(str(f), "pt") as sf:
+            out |= {n: zero.expand(*[int(x) for x in sf.get_tensor(f"{n}_shape")]) for n in ns}
     return out
 
 
