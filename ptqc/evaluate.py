@@ -142,6 +142,16 @@ def perplexity(qm: QModel, ids: torch.Tensor, seqlen: int, *, batch_size: int = 
             "seqlen": seqlen, "tokens": count, "layers": n_layers}
 
 
+def unigram_perplexity(w: torch.Tensor) -> float:
+    """PPL on windows ``w`` [n, seqlen] of the context-free predictor that knows the frequencies of
+    the tokens it is scored on (the targets ``w[:, 1:]``): the best a model ignoring context can do
+    on these windows, the "random" end for a near-random verdict (:mod:`ptqc.study_table`)."""
+    t = w[:, 1:].reshape(-1)
+    counts = torch.bincount(t).double()
+    p = counts[counts > 0] / t.numel()
+    return math.exp(-(counts[counts > 0] * p.log()).sum().item() / t.numel())
+
+
 def perplexity_on(qm: QModel, ids: torch.Tensor, seqlen: int, target: str = "torch", *, batch_size: int = 8,
                   device=None, max_windows: int | None = None, progress=None, log=print) -> dict:
     """:func:`perplexity` computed by ``target``: torch (the ptqc graph), or a backend offering it

@@ -2,7 +2,7 @@
 
 ``ppl_vs_bits.png``: one panel per model, one line per method over its pipelines' numeric bits
 (mean with std error bars, log scale), the float model as a dashed line; a seed set that was
-non-finite or collapsed is marked with a red x. ``delta_heatmap.png``: rows model / method,
+non-finite, collapsed or near random is marked with a red x. ``delta_heatmap.png``: rows model / method,
 columns bits, the PPL delta vs the float model in percent (log-scaled colour), non-finite
 cells shown as "inf". Only the first PPL text is plotted.
 """
@@ -61,7 +61,7 @@ def _panel(ax, model: str, es: list[dict], name: str) -> None:
         if ok:
             ax.errorbar([e["bits"] for e in ok], [e["metrics"][name]["mean"] for e in ok],
                         yerr=[e["metrics"][name]["std"] or 0 for e in ok], capsize=3, label=method, **_style(i))
-        bad = [e for e in ok if e["nonfinite"] or e["collapsed"]]
+        bad = [e for e in ok if e["nonfinite"] or e["collapsed"] or e.get("near_random")]
         if bad:
             ax.scatter([e["bits"] for e in bad], [e["metrics"][name]["mean"] for e in bad], marker="x", s=80,
                        color="red", zorder=5)

@@ -2,9 +2,12 @@
 
 :func:`summarize` groups the cells by (model, pipeline). Means and standard deviations (sample
 std, n-1; none for one seed) are taken over the seeds whose value is finite; a seed with
-non-finite logits, a collapsed generation or a failure is counted in the row's flags
-(``non-finite 1/3``). Deltas: PPL in percent of the float model's, task metrics in points
-(mean - float mean). :func:`markdown` and :func:`write_csv` render them.
+non-finite logits, a collapsed generation, a near-random PPL or a failure is counted in the row's
+flags (``non-finite 1/3``). Near random: the seed's PPL keeps less than :data:`NEAR_RANDOM_KEEP` of
+the float model's gain over the context-free (unigram) PPL of the same windows, in log PPL (nats per
+token), i.e. the model has fallen most of the way to knowing only token frequencies. Deltas: PPL in
+percent of the float model's, task metrics in points (mean - float mean). :func:`markdown` and
+:func:`write_csv` render them.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import math
 import statistics
 
 LABELS = ("model", "pipeline", "method", "bits")
+NEAR_RANDOM_KEEP = 0.2
 CSV_HEAD = ("model", "pipeline", "method", "bits", "seed", "status", "error", "nonfinite", "collapsed",
             "seconds", "cached", "key")
 
@@ -59,15 +63,33 @@ def _delta(name: str, mean, ref):
     return mean - ref
 
 
+def kept_gain(ppl, unigram, fp) -> float | None:
+    """The share of the float model's log-PPL gain over the unigram PPL that ``ppl`` keeps (1: as
+    good as float, 0: no better than token frequencies); None where it is undefined."""
+    if None in (ppl, unigram, fp) or not (math.isfinite(ppl) and unigram > fp > 0):
+        return None
+    return (math.log(unigram) - math.log(ppl)) / (math.log(unigram) - math.log(fp))
+
+
+def _near_random(r: dict, fp: dict) -> bool:
+    uni = r.get("unigram_ppl") or {}
+    keeps = [kept_gain(v, uni.get(k), fp["metrics"].get(k, {}).get("mean")) for k, v in (r.get("ppl") or {}).items()]
+    return any(k is not None and k < NEAR_RANDOM_KEEP for k in keeps)
+
+
 def summarize(rows: list[dict]) -> list[dict]:
-    """One entry per (model, pipeline) in table order, with ``delta`` against the model's float row."""
-    out = [_entry(rs) for rs in _group(rows).values()]
+    """One entry per (model, pipeline) in table order, with ``delta`` against the model's float row
+    and ``near_random``, the seeds whose PPL is near random (:func:`kept_gain`)."""
+    groups = _group(rows)
+    out = [_entry(rs) for rs in groups.values()]
     ref = {e["model"]: e for e in out if e["float"]}
-    for e in out:
+    for e, rs in zip(out, groups.values()):
         fp = ref.get(e["model"])
         e["delta"] = {k: (None if fp is None or e is fp else
                           _delta(k, s["mean"], fp["metrics"].get(k, {}).get("mean")))
                       for k, s in e["metrics"].items()}
+        e["near_random"] = 0 if fp is None or e is fp else sum(
+            _near_random(r, fp) for r in rs if r.get("status") == "ok")
     return out
 
 
@@ -95,7 +117,8 @@ def _dval(name: str, d) -> str:
 def flags(e: dict) -> str:
     n = len(e["seeds"])
     out = [f"{what} {e[key]}/{n}" for what, key in (("non-finite", "nonfinite"), ("collapsed", "collapsed"),
-                                                     ("failed", "failed")) if e[key]]
+                                                     ("near random", "near_random"), ("failed", "failed"))
+           if e.get(key)]
     out += [x[:120] for x in e["errors"][:1]]
     return "; ".join(out)
 

@@ -66,12 +66,13 @@ def _ppl(qm, tok, cell: dict, out: dict) -> None:
     from ptqc import evaluate
 
     e = cell["evaluation"]["ppl"]
-    out["ppl"], out["eval_windows"] = {}, {}
+    out["ppl"], out["eval_windows"], out["unigram_ppl"] = {}, {}, {}
     for text in cell["texts"]:
         label = metric_label(text, cell["texts"])
         ids = evaluate.tokenize(tok, evaluate.read_text(text))
         w = evaluate.windows(ids, e["seqlen"])[: e["max_windows"] or None]
         out["eval_windows"][label] = ids_digest(w)
+        out["unigram_ppl"][label] = evaluate.unigram_perplexity(w)
         try:
             r = evaluate.perplexity(qm, w.reshape(-1), e["seqlen"], batch_size=e["batch_size"])
             out["ppl"][label] = r["ppl"]

@@ -114,6 +114,37 @@ def test_table_mean_std_delta_by_hand(base):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
 
 
+def test_unigram_ppl_by_hand(base):
+    """The unigram PPL of windows [[5, 1, 1, 2], [7, 1, 2, 2]]: targets 1 1 2 1 2 2, p = 1/2 each."""
+    import torch
+
+    from ptqc import evaluate
+
+    assert evaluate.unigram_perplexity(torch.tensor([[5, 1, 1, 2], [7, 1, 2, 2]])) == pytest.approx(2.0, rel=1e-12)
+    w = torch.tensor([[0, 3, 3, 3, 4]])  # p(3) = 3/4, p(4) = 1/4
+    assert evaluate.unigram_perplexity(w) == pytest.approx(math.exp(-(3 * math.log(0.75) + math.log(0.25)) / 4))
+    _, _, res = base
+    assert {by(res, "FP", None)["unigram_ppl"]["ppl"]} == {c["unigram_ppl"]["ppl"] for c in res["cells"]}  # same windows
+
+
+def test_near_random_flag_by_hand():
+    """FP 10, unigram 100: a seed keeps (ln 100 - ln p) / (ln 100 - ln 10) of the gain; < 0.2 is near random."""
+    from ptqc import study_table
+
+    def row(pipeline, seed, ppl):
+        return {"model": "m", "pipeline": pipeline, "method": pipeline, "bits": None if pipeline == "FP" else 2,
+                "seed": seed, "status": "ok", "pipeline_repr": [] if pipeline == "FP" else ["x"],
+                "ppl": {"ppl": ppl}, "unigram_ppl": {"ppl": 100.0}}
+
+    edge = 100 / 10 ** 0.2  # keeps exactly 0.2
+    rows = [row("FP", None, 10.0), *(row("W2", s, p) for s, p in enumerate([edge * 1.01, edge * 0.99, math.inf]))]
+    e = study_table.summarize(rows)[1]
+    assert study_table.kept_gain(edge, 100.0, 10.0) == pytest.approx(0.2)
+    assert e["near_random"] == 1  # the non-finite seed is counted as non-finite elsewhere, not here
+    assert "near random 1/3" in study_table.flags(e) and "near random" not in study_table.flags(study_table.summarize(rows)[0])
+    assert study_table.kept_gain(50.0, 10.0, 20.0) is None  # a float model worse than unigram: no verdict
+
+
 def test_rerun_all_cached_and_changed_option_recomputes_its_cells(base, tmp_path):
     spec, out, first = base
     d = tmp_path / "out"
@@ -237,7 +268,7 @@ def test_shipped_study_parses_and_select(tmp_path):
 
     s = study_spec.load(ROOT / "studies" / "case-study-map.yaml")
     cells = study_cells.cells(s, study_cells.Digests())
-    assert len(s.pipelines) == 25 and len(cells) == 2 * (1 + 24 * 3)
+    assert len(s.pipelines) == 25 and len(cells) == 3 * (1 + 24 * 3)
     assert [c["pipeline"] for c in study.selected(cells, ["tiny-qwen2/GPTQ W*/0"])] == [
         "GPTQ W8", "GPTQ W4", "GPTQ W3", "GPTQ W2"]
     r = CliRunner().invoke(main, ["study", str(s.path), "-o", str(tmp_path / "o"), "--select", "nope"])
