@@ -148,8 +148,8 @@ def unigram_perplexity(w: torch.Tensor) -> float:
     on these windows, the "random" end for a near-random verdict (:mod:`ptqc.study_table`)."""
     t = w[:, 1:].reshape(-1)
     counts = torch.bincount(t).double()
-    p = counts[counts > 0] / t.numel()
-    return math.exp(-(counts[counts > 0] * p.log()).sum().item() / t.numel())
+    counts = counts[counts > 0]
+    return math.exp(-(counts * (counts / t.numel()).log()).sum().item() / t.numel())
 
 
 def perplexity_on(qm: QModel, ids: torch.Tensor, seqlen: int, target: str = "torch", *, batch_size: int = 8,
