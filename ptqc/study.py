@@ -20,8 +20,6 @@ from ptqc.errors import PtqcError
 
 FORMAT = "ptqc-study"
 VERSION = 1
-OUTPUTS = ("results.json", "results.csv", "results.md", "cells", "digests.json")
-
 
 NONFINITE = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
 
