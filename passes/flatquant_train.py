@@ -1,6 +1,10 @@
 """flatquant's training: decoder layer by decoder layer on the float model's layer inputs, AdamW
 (clips at 10x lr, cosine schedule to lr/1000) on the MSE between the quantized layer's output and
-the float layer's output (see :mod:`ptqc.passes.flatquant`)."""
+the float layer's output (see :mod:`ptqc.passes.flatquant`).
+
+The layer's inputs are the runner's batches, read (and cast to float32) one at a time, and its
+float targets go to an :class:`ptqc.activations.Batches` with what is left of the activation
+budget, so both stay on disk past ``--offload-mb`` as the calibration activations do."""
 from __future__ import annotations
 
 import time
@@ -8,6 +12,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from ptqc.activations import Batches
 from ptqc.calib import LayerRunner, split
 from ptqc.errors import PtqcError
 from ptqc.passes.flatquant_model import EagerLayer, LayerModel, f32, layer_weights
@@ -21,10 +26,31 @@ def _r(v: float) -> float:
     return float(f"{v:.6g}")
 
 
-def float_targets(model: LayerModel, states) -> tuple[list, dict]:
-    """Float outputs (targets) of the layer and the per-channel max |x| of each scaled group's input."""
+class Float32:
+    """Batches of values as float32, cast as each is read (a spilled batch is read from disk)."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        return ({k: f32(v) for k, v in st.items()} for st in self.batches)
+
+
+def _store_like(qm, states) -> dict:
+    """Where the targets go: the activation budget left after ``states``, in the offload directory."""
+    budget = getattr(qm.store, "activation_bytes", None)
+    used = states.in_memory() if hasattr(states, "in_memory") else 0
+    return {"budget": None if budget is None else max(0, budget - used),
+            "directory": getattr(qm.store, "offload_dir", None)}
+
+
+def float_targets(model: LayerModel, states, **store) -> tuple[Batches, dict]:
+    """Float outputs (targets) of the layer, in a :class:`Batches` (``store``: its budget and
+    directory), and the per-channel max |x| of each scaled group's input."""
     stats: dict = {}
-    targets = []
     srcs = {g.src.name: g.gid for g in model.plan.groups if g.prev is not None}
 
     def record(n, y):
@@ -33,11 +59,13 @@ def float_targets(model: LayerModel, states) -> tuple[list, dict]:
             gid = srcs[n.name]
             stats[gid] = m if gid not in stats else torch.maximum(stats[gid], m)
 
+    def outputs(st):
+        env = dict(st)
+        EagerLayer(model, hook=record).run(env)
+        return {k: env[k].detach() for k in model.outputs}
+
     with torch.no_grad():
-        for st in states:
-            env = dict(st)
-            EagerLayer(model, hook=record).run(env)
-            targets.append({k: env[k].detach() for k in model.outputs})
+        targets = Batches((outputs(st) for st in states), **store)
     return targets, stats
 
 
@@ -75,8 +103,9 @@ def train_layer(qm, ctx, plan, seg, states, *, epochs: int, options) -> tuple[di
     o, lo = options, plan.opts
     dev = ctx.device
     weights = layer_weights(qm, seg, dev)
-    states = [{k: f32(v) for k, v in st.items()} for st in states]
-    targets, stats = float_targets(LayerModel(qm, plan, seg, weights, dev, params={}), states)
+    store = _store_like(qm, states)
+    states = Float32(states)
+    targets, stats = float_targets(LayerModel(qm, plan, seg, weights, dev, params={}), states, **store)
     model = LayerModel(qm, plan, seg, weights, dev, seed=o.seed, stats=stats, kv_bits=o.kv_bits, kv_sym=o.kv_sym)
     t0 = time.perf_counter()
     power = sum(sum(t[k].float().pow(2).mean().item() for k in t) / max(len(t), 1) for t in targets) / len(targets)

@@ -76,3 +76,29 @@ def test_calibration_with_spilled_activations_is_bit_identical(loaded, ids, tmp_
     names = sorted(ref.store.overlay)
     assert names == sorted(qm.store.overlay) and names
     assert all(torch.equal(ref.store[n], qm.store[n]) for n in names)
+
+
+def test_flatquant_training_with_spilled_activations_is_bit_identical(loaded, ids, tmp_path, monkeypatch):
+    """flatquant reads its layer inputs from the runner's batches and keeps its float targets in a
+    Batches with the budget left: both spill, and the trained and rewritten weights are the same bits."""
+    from ptqc.passes import flatquant_train
+
+    ref, qm = loaded("qwen2"), loaded("qwen2")
+    qm.store.offload_dir, qm.store.activation_bytes = tmp_path, 4096
+    spilled, orig = [], flatquant_train.float_targets
+
+    def float_targets(model, states, **store):
+        targets, stats = orig(model, states, **store)
+        spilled.append((store["directory"] is not None, targets.spilled, len(targets)))
+        return targets, stats
+
+    monkeypatch.setattr(flatquant_train, "float_targets", float_targets)
+    x = ids(24, 32)  # 3 batches of 8
+    for m in (ref, qm):
+        ctx = pipeline.PassContext(quiet=True, calib=x)
+        pipeline.PassManager(pipeline.parse_pipeline("flatquant:epochs=1")).run(m, ctx)
+    assert {s for off, s, _ in spilled if not off} == {0}
+    assert [s for off, s, n in spilled if off] == [n for off, _, n in spilled if off] and any(o for o, *_ in spilled)
+    names = sorted(ref.store.overlay)
+    assert names == sorted(qm.store.overlay) and names
+    assert all(torch.equal(ref.store[n], qm.store[n]) for n in names)
