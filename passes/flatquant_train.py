@@ -39,17 +39,9 @@ class Float32:
         return ({k: f32(v) for k, v in st.items()} for st in self.batches)
 
 
-def _store_like(qm, states) -> dict:
-    """Where the targets go: the activation budget left after ``states``, in the offload directory."""
-    budget = getattr(qm.store, "activation_bytes", None)
-    used = states.in_memory() if hasattr(states, "in_memory") else 0
-    return {"budget": None if budget is None else max(0, budget - used),
-            "directory": getattr(qm.store, "offload_dir", None)}
-
-
-def float_targets(model: LayerModel, states, **store) -> tuple[Batches, dict]:
-    """Float outputs (targets) of the layer, in a :class:`Batches` (``store``: its budget and
-    directory), and the per-channel max |x| of each scaled group's input."""
+def float_targets(model: LayerModel, states, store, reserved: int = 0) -> tuple[Batches, dict]:
+    """Float outputs (targets) of the layer, in :meth:`Batches.for_store` of ``store`` (its activation
+    budget less ``reserved``), and the per-channel max |x| of each scaled group's input."""
     stats: dict = {}
     srcs = {g.src.name: g.gid for g in model.plan.groups if g.prev is not None}
 
@@ -65,7 +57,7 @@ def float_targets(model: LayerModel, states, **store) -> tuple[Batches, dict]:
         return {k: env[k].detach() for k in model.outputs}
 
     with torch.no_grad():
-        targets = Batches((outputs(st) for st in states), **store)
+        targets = Batches.for_store(store, (outputs(st) for st in states), reserved)
     return targets, stats
 
 
@@ -103,9 +95,9 @@ def train_layer(qm, ctx, plan, seg, states, *, epochs: int, options) -> tuple[di
     o, lo = options, plan.opts
     dev = ctx.device
     weights = layer_weights(qm, seg, dev)
-    store = _store_like(qm, states)
+    held = states.in_memory()
     states = Float32(states)
-    targets, stats = float_targets(LayerModel(qm, plan, seg, weights, dev, params={}), states, **store)
+    targets, stats = float_targets(LayerModel(qm, plan, seg, weights, dev, params={}), states, qm.store, held)
     model = LayerModel(qm, plan, seg, weights, dev, seed=o.seed, stats=stats, kv_bits=o.kv_bits, kv_sym=o.kv_sym)
     t0 = time.perf_counter()
     power = sum(sum(t[k].float().pow(2).mean().item() for k in t) / max(len(t), 1) for t in targets) / len(targets)

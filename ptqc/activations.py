@@ -51,6 +51,13 @@ class Batches:
             self._len = b + 1
             self[b] = values
 
+    @classmethod
+    def for_store(cls, store, items=(), reserved: int = 0) -> "Batches":
+        """Batches under ``store``'s activation budget less ``reserved`` bytes held elsewhere,
+        spilling to its offload directory (a store without them: all in memory)."""
+        budget = getattr(store, "activation_bytes", None)
+        return cls(items, None if budget is None else max(0, budget - reserved), getattr(store, "offload_dir", None))
+
     def __len__(self) -> int:
         return self._len
 

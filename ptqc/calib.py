@@ -188,8 +188,7 @@ class LayerRunner:
     @state.setter
     def state(self, items) -> None:
         """Per-batch values, spilled to the store's offload directory beyond its activation budget."""
-        store = self.qm.store
-        self._state = Batches(items, getattr(store, "activation_bytes", None), getattr(store, "offload_dir", None))
+        self._state = Batches.for_store(self.qm.store, items)
 
     def segments(self) -> dict[str, Segment]:
         return self._frozen if self._frozen is not None else {s.key: s for s in split(self.qm.graph)}

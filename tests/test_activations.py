@@ -87,9 +87,9 @@ def test_flatquant_training_with_spilled_activations_is_bit_identical(loaded, id
     qm.store.offload_dir, qm.store.activation_bytes = tmp_path, 4096
     spilled, orig = [], flatquant_train.float_targets
 
-    def float_targets(model, states, **store):
-        targets, stats = orig(model, states, **store)
-        spilled.append((store["directory"] is not None, targets.spilled, len(targets)))
+    def float_targets(model, states, store, reserved=0):
+        targets, stats = orig(model, states, store, reserved)
+        spilled.append((store.offload_dir is not None, targets.spilled, len(targets)))
         return targets, stats
 
     monkeypatch.setattr(flatquant_train, "float_targets", float_targets)
